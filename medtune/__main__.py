@@ -1,0 +1,7 @@
+"""``python -m medtune`` and ``accelerate launch -m medtune``."""
+
+import sys
+
+from medtune.cli import main
+
+sys.exit(main())

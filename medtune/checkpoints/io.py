@@ -1,0 +1,154 @@
+"""Safe weight files: atomic safetensors/JSON writes and checked loading.
+
+Every weight file medtune writes is safetensors, written to a temporary file in the
+target folder, fsynced, then renamed over the target, so a crash never leaves a
+half-written file and never damages the file that was there before. Pickles are read
+only from a ``.pt``/``.pth`` path the user names, with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from medtune.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)``, fsync it, then rename it onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def save_json(obj: Any, path: str | Path) -> Path:
+    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def load_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+
+
+def save_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write ``tensors`` atomically; shared or non-contiguous storage is copied first."""
+    plain = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    return atomic_write(path, lambda tmp: save_file(plain, str(tmp), metadata=meta or None))
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a weight file by its suffix: .safetensors, .pt/.pth (weights only), .npz."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weight file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            return load_file(str(path))
+        if suffix in (".pt", ".pth", ".bin"):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            for key in ("state_dict", "model", "module"):
+                if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+                    obj = obj[key]
+            if not isinstance(obj, dict):
+                raise CheckpointError(f"{path}: holds no state dict")
+            return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if suffix == ".npz":
+            import numpy as np
+
+            with np.load(str(path)) as archive:
+                return {k: torch.from_numpy(archive[k]) for k in archive.files}
+    except CheckpointError:
+        raise
+    except (SafetensorError, RuntimeError, OSError, ValueError, EOFError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: cannot read weights ({first})") from None
+    raise CheckpointError(f"{path}: unknown weight format '{suffix}' (use .safetensors, .pt, .pth, .npz)")
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_state` matched; ``missing`` and ``unexpected`` are key names."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"loaded {len(self.loaded)} tensors, {len(self.missing)} missing, "
+            f"{len(self.unexpected)} unexpected"
+        )
+
+
+def load_state(
+    module: torch.nn.Module,
+    state: Mapping[str, torch.Tensor],
+    *,
+    strict: bool = True,
+    source: str | Path = "<state>",
+) -> LoadReport:
+    """Load ``state`` into ``module``; a shape mismatch is always an error naming the tensor.
+
+    With ``strict`` any missing or unexpected key is an error too; without it they are
+    reported (logged and returned) so the caller can decide.
+    """
+    own = module.state_dict()
+    report = LoadReport()
+    for name, tensor in state.items():
+        if name not in own:
+            report.unexpected.append(name)
+            continue
+        if tuple(own[name].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{source}: tensor '{name}' has shape {tuple(tensor.shape)}, "
+                f"the model expects {tuple(own[name].shape)} (checkpoint of another architecture?)"
+            )
+        report.loaded.append(name)
+    report.missing = [name for name in own if name not in state]
+    if strict and (report.missing or report.unexpected):
+        parts = []
+        if report.missing:
+            parts.append(f"missing {len(report.missing)} keys (first: '{report.missing[0]}')")
+        if report.unexpected:
+            parts.append(f"unexpected {len(report.unexpected)} keys (first: '{report.unexpected[0]}')")
+        raise CheckpointError(f"{source}: {'; '.join(parts)} (checkpoint of another architecture?)")
+    module.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
+    log.info("%s: %s", source, report.summary())
+    return report

@@ -1,0 +1,67 @@
+"""The ``medtune`` command: a thin layer over library functions.
+
+Each subcommand lives next to the code it drives, in a module that exposes
+``add_arguments(parser)`` and ``run(args) -> int``; this file only lists them.
+Any :class:`~medtune.errors.MedtuneError` becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from medtune.errors import MedtuneError
+
+# name -> (module holding add_arguments/run, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("medtune.data.cli", "generate (synth) or verify (check) a dataset"),
+    "pretrain": ("medtune.pretrain.cli", "self-supervised pretraining: FreMAE, MAE, SimMIM, MFM"),
+    "finetune": ("medtune.finetune.cli", "finetune a backbone (adapters, LoRA, ...) on labeled data"),
+    "predict": ("medtune.finetune.predict_cli", "predict label maps / masks / answers with a run"),
+    "evaluate": ("medtune.finetune.evaluate_cli", "score predicted label maps against ground truth"),
+    "export": ("medtune.checkpoints.export_cli", "export a run's weights as safetensors"),
+    "params": ("medtune.checkpoints.params_cli", "compare methods by parameters, size and FLOPs"),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medtune", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        # Only the chosen command's module is imported, so `medtune data ...` stays light.
+        if only is None or only == name:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sp)
+            sp.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in argv if a in COMMANDS), None)
+    try:
+        parser = build_parser(only=chosen)
+    except ModuleNotFoundError as exc:  # a command whose module is not built yet
+        print(f"medtune: error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args._module.run(args) or 0)
+    except MedtuneError as exc:
+        print(f"medtune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medtune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

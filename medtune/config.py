@@ -1,0 +1,148 @@
+"""Configs as dataclasses, loaded from YAML with strict keys.
+
+Every run is described by a dataclass tree (see e.g. ``medtune.pretrain.config``).
+``load_config`` reads a YAML file, applies ``--set a.b=value`` overrides to the raw
+mapping, then builds the dataclasses; a key that no dataclass declares is an error that
+names the key's full path, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, TypeVar, Union
+
+import yaml
+
+from medtune.errors import ConfigError
+
+C = TypeVar("C")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.max_steps=5"`` -> ``(["train", "max_steps"], 5)``; the value is YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key.path=value")
+    key, raw = text.split("=", 1)
+    path = [part for part in key.strip().split(".") if part]
+    if not path:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from None
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set each ``a.b=value`` in the nested mapping ``data`` (in place, returned)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _strip_optional(tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    if value is None:
+        return None
+    tp = _strip_optional(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key '{where}' must be a section, got {value!r}")
+        return from_dict(tp, value, where)
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{where}' must be a list, got {value!r}")
+        args = typing.get_args(tp)
+        item_tp = args[0] if args else Any
+        items = [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp):
+        if tp is str and isinstance(value, (int, float)):
+            return str(value)
+        raise ConfigError(
+            f"config key '{where}' must be {tp.__name__}, got {value!r} ({type(value).__name__})"
+        )
+    return value
+
+
+def from_dict(cls: type[C], data: Mapping[str, Any], where: str = "") -> C:
+    """Build dataclass ``cls`` from a mapping; unknown keys raise :class:`ConfigError`."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        full = ", ".join(f"{where}.{k}" if where else str(k) for k in unknown)
+        raise ConfigError(f"unknown config key '{full}' (known: {', '.join(fields)})")
+    kwargs = {
+        name: _convert(value, hints[name], f"{where}.{name}" if where else name)
+        for name, value in data.items()
+    }
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        raise ConfigError(f"config section '{where or cls.__name__}': {exc}") from None
+    except ValueError as exc:  # __post_init__ validation
+        raise ConfigError(f"config section '{where or cls.__name__}': {exc}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain-data mapping of a config dataclass (tuples become lists, for JSON/YAML)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | None = None) -> C:
+    """Read YAML ``path`` (or start from defaults), apply overrides, build ``cls``."""
+    data = read_yaml(path) if path is not None else {}
+    apply_overrides(data, list(overrides or []))
+    try:
+        return from_dict(cls, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
