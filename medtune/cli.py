@@ -32,8 +32,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
-        # Only the chosen command's module is imported, so `medtune data ...` stays light.
-        if only is None or only == name:
+        # Only the chosen command's module is imported, so `medtune --help` and
+        # `medtune data ...` stay light.
+        if only == name:
             module = importlib.import_module(module_name)
             module.add_arguments(sp)
             sp.set_defaults(_module=module)

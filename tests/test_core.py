@@ -1,0 +1,130 @@
+"""The shared core: strict configs, registries, atomic weight files, CLI error lines."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from medtune.checkpoints.io import (
+    atomic_write,
+    load_json,
+    load_state,
+    load_weights,
+    save_json,
+    save_safetensors,
+)
+from medtune.config import apply_overrides, from_dict, load_config, to_dict
+from medtune.errors import CheckpointError, ConfigError
+from medtune.registry import Registry
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class Outer:
+    name: str = "fremae"
+    steps: int = 10
+    path: str | None = None
+    inner: Inner = field(default_factory=Inner)
+    tags: list[str] = field(default_factory=list)
+
+
+def test_from_dict_builds_nested_and_converts_types():
+    cfg = from_dict(Outer, {"steps": 5.0, "inner": {"lr": 1, "betas": [0.5, 0.6]}, "tags": ["a"]})
+    assert cfg.steps == 5 and isinstance(cfg.steps, int)
+    assert cfg.inner.lr == 1.0 and isinstance(cfg.inner.lr, float)
+    assert cfg.inner.betas == (0.5, 0.6)
+    assert to_dict(cfg)["inner"]["betas"] == [0.5, 0.6]
+
+
+def test_unknown_key_names_its_full_path():
+    with pytest.raises(ConfigError, match=r"inner\.lrr"):
+        from_dict(Outer, {"inner": {"lrr": 1}})
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match=r"'steps'"):
+        from_dict(Outer, {"steps": "many"})
+
+
+def test_overrides_apply_yaml_values(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: mae\ninner:\n  lr: 0.5\n")
+    cfg = load_config(Outer, path, ["inner.lr=0.25", "steps=7", "path=null", "tags=[x, y]"])
+    assert (cfg.name, cfg.steps, cfg.inner.lr, cfg.path, cfg.tags) == ("mae", 7, 0.25, None, ["x", "y"])
+    with pytest.raises(ConfigError, match="c.yaml"):
+        load_config(Outer, path, ["inner.nope=1"])
+    with pytest.raises(ConfigError, match="not of the form"):
+        apply_overrides({}, ["steps"])
+
+
+def test_registry_exact_and_pattern():
+    reg: Registry[int] = Registry("thing")
+    reg.register("vit_*")(1)
+    reg.register("vit_tiny")(2)
+    assert reg.get("vit_tiny") == 2 and reg.get("vit_base") == 1
+    assert "vit_x" in reg and "swin" not in reg
+    with pytest.raises(ConfigError, match="unknown thing 'swin'"):
+        reg.get("swin")
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path):
+    target = tmp_path / "w.json"
+    save_json({"a": 1}, target)
+
+    def broken(tmp: Path) -> None:
+        tmp.write_text("partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, broken)
+    assert load_json(target) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["w.json"]  # no temp file left behind
+
+
+def test_safetensors_round_trip_and_shared_storage(tmp_path: Path):
+    base = torch.arange(6.0)
+    tensors = {"a": base, "b": base.view(2, 3)[:, :2]}  # shared, non-contiguous
+    path = save_safetensors(tensors, tmp_path / "m.safetensors", metadata={"step": 3})
+    back = load_weights(path)
+    assert torch.equal(back["a"], base) and torch.equal(back["b"], base.view(2, 3)[:, :2])
+
+
+def test_load_weights_errors_name_the_file(tmp_path: Path):
+    with pytest.raises(CheckpointError, match="missing.safetensors"):
+        load_weights(tmp_path / "missing.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="bad.safetensors"):
+        load_weights(bad)
+    pt = tmp_path / "w.pth"
+    torch.save({"state_dict": {"x": torch.ones(2)}}, pt)
+    assert torch.equal(load_weights(pt)["x"], torch.ones(2))
+
+
+def test_load_state_reports_and_refuses_shape_mismatch():
+    model = nn.Linear(3, 2)
+    report = load_state(model, {"weight": torch.zeros(2, 3), "extra": torch.ones(1)}, strict=False)
+    assert report.loaded == ["weight"] and report.missing == ["bias"] and report.unexpected == ["extra"]
+    assert torch.equal(model.weight, torch.zeros(2, 3))
+    with pytest.raises(CheckpointError, match="'weight'.*\\(4, 3\\)"):
+        load_state(model, {"weight": torch.zeros(4, 3), "bias": torch.zeros(2)}, source="x")
+    with pytest.raises(CheckpointError, match="missing 1 keys"):
+        load_state(model, {"weight": torch.zeros(2, 3)}, strict=True)
+
+
+def test_cli_unknown_command_exits_nonzero(capsys):
+    from medtune.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["no-such-command"])
+    assert info.value.code == 2
