@@ -1,0 +1,248 @@
+"""Segmentation decoders over a backbone's stage features, for any ``spatial_dims``.
+
+- :class:`UperNetDecoder` (UperNet: pyramid pooling on the deepest map + FPN top-down
+  path + fusion of all levels). For a plain ViT, whose blocks 3/6/9/12 all have stride
+  16, the features are first resampled into a pyramid of strides 4/8/16/32 (transposed
+  convs up, max-pool down), as in the BEiT/MAE segmentation recipes.
+- :class:`UNetDecoder` (U-Net style: from the deepest stage up, upsample x2, concatenate
+  the skip of the next-shallower stage, two conv blocks) for hierarchical backbones
+  (Swin, ConvNeXt, SwinUNETR).
+
+Both take ``features = [(B, C_i, *S_i), ...]`` (shallow -> deep, as
+``Backbone.forward_stages`` returns them) and the input's spatial size, and return
+logits ``(B, K, *S)`` at the input resolution. Made by name through :data:`DECODERS`::
+
+    decoder = create_decoder("auto", in_channels=(192,) * 4, in_strides=(16,) * 4,
+                             num_classes=4, spatial_dims=2)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medtune.errors import ConfigError
+from medtune.registry import Registry
+
+DECODERS: Registry = Registry("decoder")
+
+
+def _conv(spatial_dims: int) -> type[nn.Module]:
+    return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
+
+
+def _conv_transpose(spatial_dims: int) -> type[nn.Module]:
+    return {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[spatial_dims]
+
+
+def _norm(spatial_dims: int, norm: str, channels: int) -> nn.Module:
+    if norm == "batch":
+        return {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[spatial_dims](channels)
+    if norm == "instance":
+        return {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[spatial_dims](
+            channels, affine=True
+        )
+    if norm == "group":
+        return nn.GroupNorm(math.gcd(channels, 8), channels)
+    raise ConfigError(f"decoder norm must be 'batch', 'instance' or 'group', got '{norm}'")
+
+
+def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Linear resize of ``(B, C, *S)`` to ``size`` (bilinear in 2D, trilinear in 3D)."""
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[x.dim() - 2]
+    return F.interpolate(x, size=tuple(size), mode=mode, align_corners=False)
+
+
+class ConvNormAct(nn.Sequential):
+    """Conv (no bias) -> norm -> ReLU; ``(B, C_in, *S) -> (B, C_out, *S)``."""
+
+    def __init__(self, spatial_dims: int, in_ch: int, out_ch: int, kernel_size: int = 3, norm: str = "batch"):
+        super().__init__(
+            _conv(spatial_dims)(in_ch, out_ch, kernel_size, padding=kernel_size // 2, bias=False),
+            _norm(spatial_dims, norm, out_ch),
+            nn.ReLU(inplace=True),
+        )
+
+
+def _rescale(spatial_dims: int, channels: int, factor: float, norm: str) -> nn.Module:
+    """Change a map's resolution by ``factor`` (a power of 2): transposed convs up, max-pool down."""
+    if factor == 1:
+        return nn.Identity()
+    steps = int(round(math.log2(factor)))
+    if 2**steps != factor and 2.0**steps != factor:
+        raise ConfigError(f"decoder can only rescale by powers of 2, got {factor}")
+    if steps < 0:
+        pool = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}[spatial_dims]
+        return pool(kernel_size=2 ** (-steps), stride=2 ** (-steps))
+    layers: list[nn.Module] = []
+    for i in range(steps):
+        layers.append(_conv_transpose(spatial_dims)(channels, channels, kernel_size=2, stride=2))
+        if i < steps - 1:
+            layers += [_norm(spatial_dims, norm, channels), nn.GELU()]
+    return nn.Sequential(*layers)
+
+
+class PyramidPooling(nn.Module):
+    """PSP module: average-pool to each scale, 1x1 conv, upsample, concat with the input, fuse."""
+
+    def __init__(self, spatial_dims: int, in_ch: int, channels: int, scales: Sequence[int], norm: str):
+        super().__init__()
+        self.spatial_dims = spatial_dims
+        self.scales = tuple(scales)
+        self.branches = nn.ModuleList(
+            ConvNormAct(spatial_dims, in_ch, channels, kernel_size=1, norm=norm) for _ in self.scales
+        )
+        self.fuse = ConvNormAct(spatial_dims, in_ch + channels * len(self.scales), channels, norm=norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[self.spatial_dims]
+        size = x.shape[2:]
+        pooled = [_resize(branch(pool(x, scale)), size) for scale, branch in zip(self.scales, self.branches)]
+        return self.fuse(torch.cat([x, *pooled], dim=1))
+
+
+class UperNetDecoder(nn.Module):
+    """UperNet over N stage features; plain-ViT features are made a pyramid first.
+
+    Args:
+        in_channels: channels of each input feature (shallow -> deep).
+        in_strides: stride of each feature w.r.t. the input. If they are all equal
+            (plain ViT), feature i is resampled to stride ``s * 2**(i - N + 2)``
+            (4/8/16/32 for four stride-16 maps).
+        num_classes: K output channels.
+        spatial_dims: 2 for slices, 3 for volumes.
+        channels: width of the decoder.
+        pool_scales: output sizes of the pyramid pooling module.
+        dropout: dropout before the classifier.
+        norm: "batch", "instance" or "group".
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        in_strides: Sequence[int],
+        num_classes: int,
+        spatial_dims: int = 2,
+        channels: int = 128,
+        pool_scales: Sequence[int] = (1, 2, 3, 6),
+        dropout: float = 0.1,
+        norm: str = "batch",
+    ) -> None:
+        super().__init__()
+        if len(in_channels) != len(in_strides) or not in_channels:
+            raise ConfigError("decoder needs one stride per feature channel count (and at least one)")
+        n = len(in_channels)
+        if len(set(in_strides)) == 1:
+            base = in_strides[0]
+            self.strides = tuple(base * 2.0 ** (i - n + 2) for i in range(n))
+            self.rescale = nn.ModuleList(
+                _rescale(spatial_dims, c, base / s, norm) for c, s in zip(in_channels, self.strides)
+            )
+        else:
+            self.strides = tuple(float(s) for s in in_strides)
+            self.rescale = nn.ModuleList(nn.Identity() for _ in in_channels)
+        self.ppm = PyramidPooling(spatial_dims, in_channels[-1], channels, pool_scales, norm)
+        self.lateral = nn.ModuleList(
+            ConvNormAct(spatial_dims, c, channels, kernel_size=1, norm=norm) for c in in_channels[:-1]
+        )
+        self.fpn = nn.ModuleList(ConvNormAct(spatial_dims, channels, channels, norm=norm) for _ in in_channels[:-1])
+        self.fuse = ConvNormAct(spatial_dims, channels * n, channels, norm=norm)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.classifier = _conv(spatial_dims)(channels, num_classes, kernel_size=1)
+
+    def forward(self, features: Sequence[torch.Tensor], out_size: Sequence[int]) -> torch.Tensor:
+        """``features [(B, C_i, *S_i)]`` -> logits ``(B, K, *out_size)``."""
+        pyramid = [rescale(f) for rescale, f in zip(self.rescale, features)]
+        levels = [lat(f) for lat, f in zip(self.lateral, pyramid[:-1])] + [self.ppm(pyramid[-1])]
+        for i in range(len(levels) - 1, 0, -1):  # top-down: deep -> shallow
+            levels[i - 1] = levels[i - 1] + _resize(levels[i], levels[i - 1].shape[2:])
+        outs = [conv(level) for conv, level in zip(self.fpn, levels[:-1])] + [levels[-1]]
+        size = outs[0].shape[2:]
+        fused = self.fuse(torch.cat([_resize(o, size) for o in outs], dim=1))  # (B, C, *S/4)
+        return _resize(self.classifier(self.dropout(fused)), out_size)
+
+
+class UNetDecoder(nn.Module):
+    """U-Net-style decoder for hierarchical features (strides increasing, e.g. 4/8/16/32).
+
+    From the deepest feature up: upsample to the next-shallower feature's size,
+    concatenate it, two 3x3 conv blocks. The shallowest level is then upsampled to the
+    input size, refined by a conv block, and classified.
+
+    Args:
+        in_channels: channels of each feature (shallow -> deep).
+        in_strides: stride of each feature (only checked to increase).
+        num_classes: K output channels.
+        spatial_dims: 2 or 3.
+        channels: decoder widths per level, shallow -> deep (default: min(C_i, 256)).
+        norm: "batch", "instance" or "group".
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        in_strides: Sequence[int],
+        num_classes: int,
+        spatial_dims: int = 2,
+        channels: Sequence[int] | None = None,
+        norm: str = "batch",
+    ) -> None:
+        super().__init__()
+        if len(in_channels) != len(in_strides) or not in_channels:
+            raise ConfigError("decoder needs one stride per feature channel count (and at least one)")
+        if any(b < a for a, b in zip(in_strides, in_strides[1:])):
+            raise ConfigError(f"UNet decoder needs strides shallow -> deep, got {tuple(in_strides)}")
+        widths = list(channels) if channels is not None else [min(c, 256) for c in in_channels]
+        if len(widths) != len(in_channels):
+            raise ConfigError("decoder 'channels' needs one width per backbone stage")
+        self.bottleneck = ConvNormAct(spatial_dims, in_channels[-1], widths[-1], norm=norm)
+        self.up_blocks = nn.ModuleList()
+        for i in range(len(in_channels) - 2, -1, -1):
+            self.up_blocks.append(
+                nn.Sequential(
+                    ConvNormAct(spatial_dims, widths[i + 1] + in_channels[i], widths[i], norm=norm),
+                    ConvNormAct(spatial_dims, widths[i], widths[i], norm=norm),
+                )
+            )
+        self.head = ConvNormAct(spatial_dims, widths[0], widths[0], norm=norm)
+        self.classifier = _conv(spatial_dims)(widths[0], num_classes, kernel_size=1)
+
+    def forward(self, features: Sequence[torch.Tensor], out_size: Sequence[int]) -> torch.Tensor:
+        """``features [(B, C_i, *S_i)]`` -> logits ``(B, K, *out_size)``."""
+        x = self.bottleneck(features[-1])
+        for block, skip in zip(self.up_blocks, reversed(features[:-1])):
+            x = block(torch.cat([_resize(x, skip.shape[2:]), skip], dim=1))
+        return self.classifier(self.head(_resize(x, out_size)))
+
+
+@DECODERS.register("upernet")
+def build_upernet(in_channels, in_strides, num_classes, spatial_dims=2, **options) -> nn.Module:
+    return UperNetDecoder(in_channels, in_strides, num_classes, spatial_dims, **options)
+
+
+@DECODERS.register("unet")
+def build_unet(in_channels, in_strides, num_classes, spatial_dims=2, **options) -> nn.Module:
+    return UNetDecoder(in_channels, in_strides, num_classes, spatial_dims, **options)
+
+
+def create_decoder(
+    name: str,
+    in_channels: Sequence[int],
+    in_strides: Sequence[int],
+    num_classes: int,
+    spatial_dims: int = 2,
+    **options,
+) -> nn.Module:
+    """Decoder by registry name; ``"auto"`` = UperNet for equal strides (plain ViT), else U-Net."""
+    if name == "auto":
+        name = "upernet" if len(set(in_strides)) == 1 else "unet"
+    try:
+        return DECODERS.get(name)(tuple(in_channels), tuple(in_strides), num_classes, spatial_dims, **options)
+    except TypeError as exc:
+        raise ConfigError(f"decoder '{name}': bad option ({exc})") from None
