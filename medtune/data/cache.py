@@ -1,0 +1,274 @@
+"""Preprocess each case once; read it back as memory-mapped ``.npy`` every epoch.
+
+Decoding a gzipped BraTS volume costs about a second; an epoch of slices touches every
+volume many times. :class:`VolumeCache` z-scores and crops each case once and stores::
+
+    <cache_dir>/<case_id>/image.npy        (M, h, w, d) float32, z-scored, cropped
+    <cache_dir>/<case_id>/foreground.npy   (h, w, d) bool, all modalities nonzero
+    <cache_dir>/<case_id>/label.npy        (h, w, d) uint8 raw values (labeled cases)
+    <cache_dir>/<case_id>/label_locations.npy  (K, 3) int32 sample of label>0 voxels
+    <cache_dir>/<case_id>/meta.json        sources (size, mtime), bbox, original shape, affine
+
+Arrays are read with ``np.load(mmap_mode="r")``, so later epochs never decode NIfTI
+and DataLoader workers share the page cache. A case is rebuilt when a source file's
+size or mtime changes. Every file is written to a temporary name and renamed, and
+``meta.json`` is written last, so two processes (Accelerate ranks) building the same
+cache at once never leave a half-written case behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from medtune.data.cases import Case
+from medtune.data.labels import LabelSpec
+from medtune.data.preprocess import BBox, crop_to_bbox, foreground_mask, nonzero_bbox, zscore_nonzero
+from medtune.data.volume import load_case
+from medtune.errors import DataError
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+MAX_LABEL_LOCATIONS = 10_000
+
+
+@dataclass
+class CachedVolume:
+    """One cached case, arrays memory-mapped read-only.
+
+    Attributes:
+        image: ``(M, h, w, d)`` float32 z-scored, cropped to ``bbox``.
+        foreground: ``(h, w, d)`` bool, voxels nonzero in all modalities.
+        label: ``(h, w, d)`` uint8 raw label values, or None.
+        label_locations: ``(K, 3)`` int32 voxel coordinates with label > 0 (a random
+            sample, for foreground oversampling), or None.
+        meta: the case's ``meta.json`` (``bbox``, ``original_shape``, ``affine``, ...).
+    """
+
+    image: np.ndarray
+    foreground: np.ndarray
+    label: np.ndarray | None
+    label_locations: np.ndarray | None
+    meta: dict
+
+
+def _safe_name(case_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", case_id)
+
+
+def _source_stamp(path: Path) -> dict:
+    stat = path.stat()
+    return {"path": str(Path(path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _atomic_save(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename onto ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.save(handle, np.ascontiguousarray(array))
+
+    _atomic_save(path, write)
+
+
+class VolumeCache:
+    """Preprocessed, memory-mapped copies of a list of cases.
+
+    Args:
+        cases: the cases to cache (from :func:`~medtune.data.find_cases`).
+        cache_dir: where the ``.npy`` files go; shared between runs on the same data.
+        normalize: z-score each modality over its nonzero voxels.
+        crop: crop to the box of voxels nonzero in any modality.
+        label_spec: if given, label values outside it are a :class:`DataError` at
+            build time (naming the case and file).
+        with_labels: cache the labels of labeled cases.
+        show_progress: tqdm bar while building (pass False on non-main processes).
+    """
+
+    def __init__(
+        self,
+        cases: Sequence[Case],
+        cache_dir: str | Path,
+        normalize: bool = True,
+        crop: bool = True,
+        label_spec: LabelSpec | None = None,
+        with_labels: bool = True,
+        show_progress: bool = True,
+    ) -> None:
+        if not cases:
+            raise DataError(f"no cases to cache in {cache_dir}")
+        self.cases = list(cases)
+        self.cache_dir = Path(cache_dir)
+        self.normalize = normalize
+        self.crop = crop
+        self.label_spec = label_spec
+        self.with_labels = with_labels
+        self._handles: dict[int, CachedVolume] = {}
+        self._metas: list[dict] = self.build(show_progress)
+
+    # ------------------------------------------------------------------ building
+
+    def _settings(self) -> dict:
+        return {
+            "version": CACHE_VERSION,
+            "normalize": self.normalize,
+            "crop": self.crop,
+            "with_labels": self.with_labels,
+        }
+
+    def case_dir(self, index: int) -> Path:
+        return self.cache_dir / _safe_name(self.cases[index].case_id)
+
+    def _sources(self, case: Case) -> list[dict]:
+        files = case.images + ([case.label] if self.with_labels and case.label is not None else [])
+        try:
+            return [_source_stamp(f) for f in files]
+        except FileNotFoundError as exc:
+            raise DataError(f"case {case.case_id}: file not found: {exc.filename}") from None
+
+    def _valid_meta(self, index: int, sources: list[dict]) -> dict | None:
+        folder = self.case_dir(index)
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if meta.get("settings") != self._settings() or meta.get("sources") != sources:
+            return None
+        if any(not (folder / name).is_file() for name in meta.get("arrays", [])):
+            return None
+        return meta
+
+    def build(self, show_progress: bool = True) -> list[dict]:
+        """Build every missing or stale case; returns each case's meta."""
+        metas: list[dict | None] = []
+        stale = []
+        for i, case in enumerate(self.cases):
+            meta = self._valid_meta(i, self._sources(case))
+            metas.append(meta)
+            if meta is None:
+                stale.append(i)
+        if stale:
+            log.info("caching %d of %d cases in %s", len(stale), len(self.cases), self.cache_dir)
+            iterator: Any = stale
+            if show_progress:
+                from tqdm.auto import tqdm
+
+                iterator = tqdm(stale, desc="cache", unit="case")
+            for i in iterator:
+                metas[i] = self._build_case(i)
+        return [m for m in metas if m is not None]
+
+    def _build_case(self, index: int) -> dict:
+        case = self.cases[index]
+        sources = self._sources(case)
+        volume = load_case(case, with_label=self.with_labels)
+        image = volume.image
+        label = volume.label
+        if label is not None and self.label_spec is not None:
+            self.label_spec.check(label, f"case {case.case_id}: label {case.label}")
+        original_shape = list(image.shape[1:])
+        bbox: BBox = tuple((0, n) for n in original_shape)
+        if self.crop:
+            bbox = nonzero_bbox(foreground_mask(image, "any"))
+            image = crop_to_bbox(image, bbox)
+            label = crop_to_bbox(label, bbox) if label is not None else None
+        foreground = foreground_mask(image, "all")
+        if self.normalize:
+            image = zscore_nonzero(image)
+        folder = self.case_dir(index)
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays = {"image.npy": image.astype(np.float32, copy=False), "foreground.npy": foreground}
+        if label is not None:
+            arrays["label.npy"] = label
+            locations = np.argwhere(label > 0).astype(np.int32)
+            if len(locations) > MAX_LABEL_LOCATIONS:
+                rng = np.random.default_rng(0)
+                keep = np.sort(rng.choice(len(locations), MAX_LABEL_LOCATIONS, replace=False))
+                locations = locations[keep]
+            arrays["label_locations.npy"] = locations
+        for name, array in arrays.items():
+            _save_npy(folder / name, array)
+        meta = {
+            "case_id": case.case_id,
+            "settings": self._settings(),
+            "sources": sources,
+            "arrays": sorted(arrays),
+            "original_shape": original_shape,
+            "bbox": [list(b) for b in bbox],
+            "shape": list(image.shape),
+            "affine": np.asarray(volume.affine).tolist(),
+            "spacing": list(volume.spacing),
+        }
+        text = json.dumps(meta, indent=1)
+        _atomic_save(folder / "meta.json", lambda tmp: tmp.write_text(text))
+        return meta
+
+    # ------------------------------------------------------------------ reading
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    @property
+    def case_ids(self) -> list[str]:
+        return [c.case_id for c in self.cases]
+
+    def meta(self, index: int) -> dict:
+        """The case's meta: ``bbox`` [[start, stop]] x 3, ``original_shape``, ``shape``
+        ``[M, h, w, d]``, ``affine``, ``spacing``, ``sources``."""
+        return self._metas[index]
+
+    def spatial_shape(self, index: int) -> tuple[int, ...]:
+        """``(h, w, d)`` of the cached (cropped) case."""
+        return tuple(self._metas[index]["shape"][1:])
+
+    @property
+    def num_modalities(self) -> int:
+        return int(self._metas[0]["shape"][0])
+
+    def has_label(self, index: int) -> bool:
+        return "label.npy" in self._metas[index]["arrays"]
+
+    def load(self, index: int) -> CachedVolume:
+        """Memory-mapped arrays of case ``index`` (opened once per process)."""
+        cached = self._handles.get(index)
+        if cached is None:
+            folder = self.case_dir(index)
+            has_label = self.has_label(index)
+
+            def open_array(name: str) -> np.ndarray:
+                return np.load(folder / name, mmap_mode="r")
+
+            cached = CachedVolume(
+                image=open_array("image.npy"),
+                foreground=open_array("foreground.npy"),
+                label=open_array("label.npy") if has_label else None,
+                label_locations=open_array("label_locations.npy") if has_label else None,
+                meta=self._metas[index],
+            )
+            self._handles[index] = cached
+        return cached
+
+    def __getstate__(self) -> dict:
+        # Memory maps are reopened in each DataLoader worker, never pickled as copies.
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state

@@ -1,0 +1,251 @@
+"""Torch datasets over a :class:`~medtune.data.cache.VolumeCache`.
+
+- :class:`SliceDataset`: 2D slices, one item per (case, slice) pair, so a shuffled
+  DataLoader spreads a volume's slices over many batches (the FreMAE recipe).
+- :class:`CropDataset`: 3D random crops, with nnU-Net-style oversampling of labeled
+  foreground.
+- :class:`VolumeDataset`: whole cached volumes (validation, sliding-window inference).
+
+Random crop positions come from a generator seeded by ``(seed, epoch, index)``: an
+item is the same in every run and every worker layout, and changes with
+:meth:`set_epoch`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from medtune.data.cache import VolumeCache
+from medtune.data.labels import LabelSpec
+
+
+def read_window(array: np.ndarray, starts: Sequence[int], size: Sequence[int], fill: float = 0) -> np.ndarray:
+    """Copy the box ``[start, start + size)`` of the last ``len(size)`` axes of ``array``.
+
+    Starts may be negative and boxes may run past the end: the part outside ``array``
+    is ``fill``. Only the part inside is read, so a memory-mapped array is touched only
+    where needed.
+
+    Args:
+        array: ``(..., *S)``.
+    Returns:
+        ``(..., *size)``, a new array of ``array``'s dtype.
+    """
+    lead = array.shape[: array.ndim - len(size)]
+    spatial = array.shape[array.ndim - len(size):]
+    out = np.full(lead + tuple(size), fill, dtype=array.dtype)
+    source, target = [], []
+    for start, length, extent in zip(starts, size, spatial):
+        low, high = max(start, 0), min(start + length, extent)
+        if high <= low:
+            return out
+        source.append(slice(low, high))
+        target.append(slice(low - start, high - start))
+    out[(Ellipsis, *target)] = array[(Ellipsis, *source)]
+    return out
+
+
+def random_starts(rng: np.random.Generator, extent: Sequence[int], size: Sequence[int]) -> list[int]:
+    """Uniform crop starts; where the volume is smaller than the crop, it is placed at a
+    random offset inside the crop (negative start) and the rest padded."""
+    starts = []
+    for n, s in zip(extent, size):
+        starts.append(int(rng.integers(0, n - s + 1)) if n >= s else -int(rng.integers(0, s - n + 1)))
+    return starts
+
+
+class _CacheDataset(Dataset):
+    def __init__(self, cache: VolumeCache, with_label: bool, label_spec: LabelSpec | None, seed: int) -> None:
+        self.cache = cache
+        self.with_label = with_label
+        self.label_spec = label_spec or LabelSpec()
+        self.seed = int(seed)
+        self.epoch = 0
+        if with_label:
+            unlabeled = [cache.case_ids[i] for i in range(len(cache)) if not cache.has_label(i)]
+            if unlabeled:
+                from medtune.errors import DataError
+
+                raise DataError(f"with_label=True but case {unlabeled[0]} has no label")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw new crop positions for epoch ``epoch`` (call before each epoch)."""
+        self.epoch = int(epoch)
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+    def _label_index(self, label: np.ndarray, case_index: int) -> torch.Tensor:
+        where = f"case {self.cache.case_ids[case_index]}: label"
+        return torch.from_numpy(self.label_spec.to_index(label, where))
+
+
+class SliceDataset(_CacheDataset):
+    """2D slices of cached volumes, cropped or padded to ``img_size``.
+
+    Args:
+        cache: the preprocessed volumes.
+        img_size: side ``s`` of the square slices returned (int or ``(h, w)``).
+        axis: spatial axis the slices are cut along (-1: the last, axial for BraTS).
+        min_foreground: keep only slices whose fraction of foreground pixels (all
+            modalities nonzero) is at least this.
+        with_label: add ``"label"`` (class indices via ``label_spec``).
+        label_spec: label values -> class indices (default BraTS 0, 1, 2, 4).
+        seed: base seed of crop positions.
+
+    Items: ``{"image": (M, s, s) float32, "foreground": (s, s) bool}`` and, with labels,
+    ``"label": (s, s) int64``. :attr:`pairs` ``(N, 2)`` lists (case, slice) per item.
+    """
+
+    def __init__(
+        self,
+        cache: VolumeCache,
+        img_size: int | Sequence[int],
+        axis: int = -1,
+        min_foreground: float = 0.0,
+        with_label: bool = False,
+        label_spec: LabelSpec | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(cache, with_label, label_spec, seed)
+        self.img_size = (int(img_size),) * 2 if isinstance(img_size, int) else tuple(int(s) for s in img_size)
+        if not -3 <= axis <= 2:
+            raise ValueError(f"slice axis must be a spatial axis in -3..2, got {axis}")
+        self.axis = axis % 3
+        self.min_foreground = float(min_foreground)
+        pairs = []
+        for case_index in range(len(cache)):
+            depth = cache.spatial_shape(case_index)[self.axis]
+            if self.min_foreground > 0:
+                foreground = cache.load(case_index).foreground
+                other = tuple(a for a in range(3) if a != self.axis)
+                fraction = np.asarray(foreground).mean(axis=other)
+                slices = np.flatnonzero(fraction >= self.min_foreground)
+            else:
+                slices = np.arange(depth)
+            pairs.append(np.stack([np.full_like(slices, case_index), slices], axis=1))
+        self.pairs = np.concatenate(pairs).astype(np.int64) if pairs else np.zeros((0, 2), np.int64)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        case_index, slice_index = (int(v) for v in self.pairs[index])
+        volume = self.cache.load(case_index)
+        in_plane = [n for a, n in enumerate(self.cache.spatial_shape(case_index)) if a != self.axis]
+        starts = random_starts(self._rng(index), in_plane, self.img_size)
+
+        def cut(array: np.ndarray) -> np.ndarray:  # (..., H, W, D) -> (..., h, w) at slice_index
+            plane = np.take(array, slice_index, axis=array.ndim - 3 + self.axis)
+            return read_window(plane, starts, self.img_size)
+
+        item = {
+            "image": torch.from_numpy(cut(volume.image)),
+            "foreground": torch.from_numpy(cut(volume.foreground)),
+        }
+        if self.with_label:
+            item["label"] = self._label_index(cut(volume.label), case_index)
+        return item
+
+
+class CropDataset(_CacheDataset):
+    """3D random crops of cached volumes.
+
+    Args:
+        cache: the preprocessed volumes.
+        crop_size: ``(h, w, d)``; volumes smaller than the crop are padded with 0.
+        samples_per_volume: crops per case per epoch.
+        with_label: add ``"label"`` (class indices via ``label_spec``).
+        foreground_oversample: probability that a crop is centred on a labeled
+            foreground voxel (label > 0) instead of placed uniformly; used only for
+            cases with a label that has foreground.
+        label_spec: label values -> class indices (default BraTS 0, 1, 2, 4).
+        seed: base seed of crop positions.
+
+    Items: ``{"image": (M, h, w, d) float32, "foreground": (h, w, d) bool}`` and, with
+    labels, ``"label": (h, w, d) int64``.
+    """
+
+    def __init__(
+        self,
+        cache: VolumeCache,
+        crop_size: Sequence[int],
+        samples_per_volume: int = 1,
+        with_label: bool = False,
+        foreground_oversample: float = 0.33,
+        label_spec: LabelSpec | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(cache, with_label, label_spec, seed)
+        self.crop_size = tuple(int(s) for s in crop_size)
+        if len(self.crop_size) != 3:
+            raise ValueError(f"crop_size must have 3 sizes, got {self.crop_size}")
+        if samples_per_volume < 1:
+            raise ValueError(f"samples_per_volume must be >= 1, got {samples_per_volume}")
+        self.samples_per_volume = int(samples_per_volume)
+        self.foreground_oversample = float(foreground_oversample)
+
+    def __len__(self) -> int:
+        return len(self.cache) * self.samples_per_volume
+
+    def _starts(self, rng: np.random.Generator, case_index: int) -> list[int]:
+        extent = self.cache.spatial_shape(case_index)
+        volume = self.cache.load(case_index)
+        locations = volume.label_locations
+        if (
+            locations is not None
+            and len(locations) > 0
+            and rng.random() < self.foreground_oversample
+        ):
+            centre = locations[int(rng.integers(0, len(locations)))]
+            starts = []
+            for c, n, s in zip(centre, extent, self.crop_size):
+                # centre the crop on the voxel, shifted to stay inside when the volume allows
+                start = int(c) - s // 2
+                start = min(max(start, 0), n - s) if n >= s else min(max(start, n - s), 0)
+                starts.append(start)
+            return starts
+        return random_starts(rng, extent, self.crop_size)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        case_index = index // self.samples_per_volume
+        volume = self.cache.load(case_index)
+        starts = self._starts(self._rng(index), case_index)
+        item = {
+            "image": torch.from_numpy(read_window(volume.image, starts, self.crop_size)),
+            "foreground": torch.from_numpy(read_window(volume.foreground, starts, self.crop_size)),
+        }
+        if self.with_label:
+            item["label"] = self._label_index(read_window(volume.label, starts, self.crop_size), case_index)
+        return item
+
+
+class VolumeDataset(_CacheDataset):
+    """Whole cached volumes, one item per case (validation, sliding-window inference).
+
+    Items: ``{"image": (M, h, w, d) float32, "foreground": (h, w, d) bool,
+    "case_index": () int64}`` and, with labels, ``"label": (h, w, d) int64``. Volumes
+    differ in size, so use ``batch_size=1``; ``cache.meta(case_index)`` gives the bbox
+    and original shape to paste a prediction back (:func:`paste_from_bbox`).
+    """
+
+    def __init__(self, cache: VolumeCache, with_label: bool = False, label_spec: LabelSpec | None = None) -> None:
+        super().__init__(cache, with_label, label_spec, seed=0)
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        volume = self.cache.load(index)
+        item = {
+            "image": torch.from_numpy(np.array(volume.image)),
+            "foreground": torch.from_numpy(np.array(volume.foreground)),
+            "case_index": torch.tensor(index, dtype=torch.int64),
+        }
+        if self.with_label:
+            item["label"] = self._label_index(np.array(volume.label), index)
+        return item

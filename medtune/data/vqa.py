@@ -1,0 +1,450 @@
+"""Medical visual question answering data: VQA-RAD, SLAKE, VQA-Med-2019 and a generated set.
+
+Every loader turns a dataset's own files into a list of :class:`VQARecord` (image path,
+question, normalised answer, answer type ``"closed"``/``"open"``); the rest of medtune
+only sees records::
+
+    records = load_vqa_records("slake", "/data/Slake1.0", split="train")
+    vocab = AnswerVocab.from_records(records)          # answers of the TRAINING split
+    dataset = VQADataset(records, vocab, tokenize, img_size=224, in_chans=3)
+
+Layouts read (field names as the datasets ship them):
+
+- ``vqa_rad``: either MEVF-style ``trainset.json`` / ``testset.json`` next to an image
+  folder, or the original ``VQA_RAD Dataset Public.json`` whose ``phrase_type``
+  (``freeform``/``para`` vs ``test_freeform``/``test_para``) gives the split. Records
+  have ``image_name``, ``question``, ``answer``, ``answer_type`` (``CLOSED``/``OPEN``).
+  Images in ``images/``, ``VQA_RAD Image Folder/`` or the root.
+- ``slake``: ``train.json`` / ``validate.json`` / ``test.json`` with ``img_name``
+  (e.g. ``xmlab102/source.jpg``, relative to ``imgs/``), ``question``, ``answer``,
+  ``answer_type``, ``q_lang`` (``en``/``zh``; English only by default).
+- ``vqa_med_2019``: the ImageCLEF release is pipe-separated text, not JSON:
+  ``<image id>|<question>|<answer>`` (train/validation ``All_QA_Pairs_*.txt``) or
+  ``<image id>|<category>|<question>|<answer>`` (test), images ``<image id>.jpg`` in the
+  split's image folder. It has no answer types; yes/no answers count as closed.
+- ``generated``: :func:`synthesize_vqa` writes a small VQA-RAD-style set of brain-like
+  slices whose answers depend on the image (presence, count, side and size of lesions).
+
+Images are read with PIL, resized to ``img_size`` and cached as ``uint8`` arrays (one
+decode per image, however many questions it has); items are z-scored over their
+nonzero pixels like the volumetric preprocessing, so a backbone pretrained on BraTS
+slices sees familiar statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from medtune.errors import DataError
+from medtune.registry import Registry
+
+log = logging.getLogger(__name__)
+
+CLOSED = "closed"
+OPEN = "open"
+YES_NO = frozenset({"yes", "no"})
+
+
+@dataclass(frozen=True)
+class VQARecord:
+    """One question about one image.
+
+    ``source`` names the record for error messages: ``<file>#<qid or index>``.
+    """
+
+    image: Path
+    question: str
+    answer: str
+    answer_type: str  # CLOSED or OPEN
+    source: str
+
+
+def normalize_answer(answer: object) -> str:
+    """Lower case, single spaces, no trailing full stop: ``" Yes. "`` -> ``"yes"``."""
+    text = re.sub(r"\s+", " ", str(answer).strip().lower())
+    return text.rstrip(".").strip()
+
+
+def _answer_type(raw: object, answer: str, where: str) -> str:
+    if raw is None or str(raw).strip() == "":
+        return CLOSED if answer in YES_NO else OPEN
+    kind = str(raw).strip().lower()
+    if kind not in (CLOSED, OPEN):
+        raise DataError(f"{where}: answer_type {raw!r} is neither CLOSED nor OPEN")
+    return kind
+
+
+def _read_json_list(path: Path) -> list[dict]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: cannot read VQA records ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of question records")
+    return data
+
+
+def _field(entry: dict, key: str, where: str) -> object:
+    if not isinstance(entry, dict) or key not in entry:
+        raise DataError(f"{where}: record has no field '{key}'")
+    return entry[key]
+
+
+def _records_from_json(
+    entries: Iterable[tuple[int, dict]], path: Path, image_dir: Path, image_key: str
+) -> list[VQARecord]:
+    records = []
+    for index, entry in entries:
+        where = f"{path}#{entry.get('qid', index) if isinstance(entry, dict) else index}"
+        answer = normalize_answer(_field(entry, "answer", where))
+        records.append(
+            VQARecord(
+                image=image_dir / str(_field(entry, image_key, where)),
+                question=str(_field(entry, "question", where)).strip(),
+                answer=answer,
+                answer_type=_answer_type(entry.get("answer_type"), answer, where),
+                source=where,
+            )
+        )
+    return records
+
+
+VQA_FORMATS: Registry[Callable[..., list[VQARecord]]] = Registry("vqa dataset format")
+
+_VQA_RAD_SPLIT_FILES = {"train": "trainset.json", "test": "testset.json"}
+_VQA_RAD_PUBLIC_FILE = "VQA_RAD Dataset Public.json"
+
+
+def _first_dir(root: Path, names: Sequence[str]) -> Path:
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    return root
+
+
+@VQA_FORMATS.register("vqa_rad")
+def load_vqa_rad(root: str | Path, split: str = "train", image_dir: str | None = None) -> list[VQARecord]:
+    """VQA-RAD records of ``split`` (``train`` or ``test``); see the module docstring."""
+    root = Path(root)
+    if split not in _VQA_RAD_SPLIT_FILES:
+        raise DataError(f"{root}: VQA-RAD has splits train/test, not '{split}'")
+    images = Path(image_dir) if image_dir else _first_dir(root, ("images", "VQA_RAD Image Folder"))
+    split_file = root / _VQA_RAD_SPLIT_FILES[split]
+    if split_file.is_file():
+        return _records_from_json(enumerate(_read_json_list(split_file)), split_file, images, "image_name")
+    public = root / _VQA_RAD_PUBLIC_FILE
+    if not public.is_file():
+        raise DataError(f"{root}: neither {split_file.name} nor '{_VQA_RAD_PUBLIC_FILE}' found (VQA-RAD)")
+    entries = _read_json_list(public)
+
+    def is_test(entry: dict) -> bool:
+        return str(entry.get("phrase_type", "")).startswith("test")
+
+    chosen = [(i, e) for i, e in enumerate(entries) if is_test(e) == (split == "test")]
+    return _records_from_json(chosen, public, images, "image_name")
+
+
+_SLAKE_SPLIT_FILES = {"train": "train.json", "validate": "validate.json", "val": "validate.json", "test": "test.json"}
+
+
+@VQA_FORMATS.register("slake")
+def load_slake(
+    root: str | Path, split: str = "train", image_dir: str | None = None, languages: Sequence[str] = ("en",)
+) -> list[VQARecord]:
+    """SLAKE records of ``split`` (``train``/``validate``/``test``), questions in ``languages``."""
+    root = Path(root)
+    if split not in _SLAKE_SPLIT_FILES:
+        raise DataError(f"{root}: SLAKE has splits train/validate/test, not '{split}'")
+    path = root / _SLAKE_SPLIT_FILES[split]
+    if not path.is_file():
+        raise DataError(f"{path}: SLAKE split file not found")
+    images = Path(image_dir) if image_dir else _first_dir(root, ("imgs",))
+    wanted = set(languages)
+    chosen = [(i, e) for i, e in enumerate(_read_json_list(path)) if e.get("q_lang", "en") in wanted]
+    return _records_from_json(chosen, path, images, "img_name")
+
+
+# split -> (QA text file pattern, image folder pattern), searched recursively under root
+_VQA_MED_2019_SPLITS = {
+    "train": ("All_QA_Pairs_train*.txt", "Train_images"),
+    "validation": ("All_QA_Pairs_val*.txt", "Val_images"),
+    "test": ("VQAMed2019_Test_Questions_w_Ref_Answers*.txt", "VQAMed2019_Test_Images"),
+}
+
+
+@VQA_FORMATS.register("vqa_med_2019")
+def load_vqa_med_2019(root: str | Path, split: str = "train", image_dir: str | None = None) -> list[VQARecord]:
+    """ImageCLEF VQA-Med 2019 records of ``split`` (``train``/``validation``/``test``)."""
+    root = Path(root)
+    if split not in _VQA_MED_2019_SPLITS:
+        raise DataError(f"{root}: VQA-Med-2019 has splits train/validation/test, not '{split}'")
+    qa_pattern, image_pattern = _VQA_MED_2019_SPLITS[split]
+    qa_files = sorted(root.rglob(qa_pattern))
+    if not qa_files:
+        raise DataError(f"{root}: no '{qa_pattern}' found (VQA-Med-2019 {split} split)")
+    path = qa_files[0]
+    if image_dir:
+        images = Path(image_dir)
+    else:
+        found = sorted(p for p in root.rglob(image_pattern) if p.is_dir())
+        images = found[0] if found else path.parent
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("|")
+        where = f"{path}:{number}"
+        if len(fields) == 3:
+            image_id, question, answer = fields
+        elif len(fields) == 4:
+            image_id, _category, question, answer = fields
+        else:
+            raise DataError(f"{where}: expected 'image|question|answer', got {len(fields)} fields")
+        answer = normalize_answer(answer)
+        records.append(
+            VQARecord(images / f"{image_id.strip()}.jpg", question.strip(), answer, _answer_type(None, answer, where), where)
+        )
+    return records
+
+
+def load_vqa_records(fmt: str, root: str | Path, split: str, **options: object) -> list[VQARecord]:
+    """Records of dataset format ``fmt`` (``vqa_rad``, ``slake``, ``vqa_med_2019``)."""
+    if not Path(root).is_dir():
+        raise DataError(f"VQA dataset folder not found: {root}")
+    records = VQA_FORMATS.get(fmt)(root, split, **options)
+    if not records:
+        raise DataError(f"{root}: the {fmt} '{split}' split holds no questions")
+    return records
+
+
+def check_images(records: Sequence[VQARecord]) -> None:
+    """Raise :class:`DataError` naming the first record whose image file is missing."""
+    seen: dict[Path, bool] = {}
+    for record in records:
+        exists = seen.setdefault(record.image, record.image.is_file())
+        if not exists:
+            raise DataError(f"{record.source}: image not found: {record.image}")
+
+
+class AnswerVocab:
+    """Answers as classes, closed and open together; built from the training split.
+
+    ``encode`` gives ``-1`` for an answer it does not know (an evaluation answer never
+    seen in training): the metric counts it wrong, it never crashes.
+    """
+
+    UNKNOWN = -1
+
+    def __init__(self, answers: Sequence[str]) -> None:
+        self.answers = list(answers)
+        self.index = {answer: i for i, answer in enumerate(self.answers)}
+        if len(self.index) != len(self.answers):
+            raise DataError("answer vocabulary holds an answer twice")
+
+    @classmethod
+    def from_records(cls, records: Sequence[VQARecord], min_count: int = 1) -> "AnswerVocab":
+        """Answers seen at least ``min_count`` times, most frequent first (ties by name)."""
+        counts = Counter(record.answer for record in records)
+        kept = sorted((a for a, n in counts.items() if n >= min_count), key=lambda a: (-counts[a], a))
+        return cls(kept)
+
+    def __len__(self) -> int:
+        return len(self.answers)
+
+    def encode(self, answer: str) -> int:
+        return self.index.get(normalize_answer(answer), self.UNKNOWN)
+
+    def decode(self, index: int) -> str:
+        return self.answers[index]
+
+
+def load_image(path: Path, img_size: int, in_chans: int, source: str = "") -> np.ndarray:
+    """Read an image as ``uint8 (C, img_size, img_size)``; C = 3 for RGB, else grey repeated.
+
+    Medical images are grey; a backbone with ``in_chans`` other than 3 (e.g. 4 BraTS
+    modalities) sees the grey image in every channel.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB" if in_chans == 3 else "L")
+            image = image.resize((img_size, img_size), Image.BILINEAR)
+            array = np.asarray(image, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DataError(f"{source or path}: cannot read image {path} ({str(exc).splitlines()[0]})") from None
+    if array.ndim == 2:
+        return np.repeat(array[None], in_chans, axis=0)
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def zscore_nonzero(image: torch.Tensor) -> torch.Tensor:
+    """``(C, H, W)`` -> z-scored per channel over nonzero pixels; background stays 0."""
+    image = image.float()
+    foreground = image != 0
+    count = foreground.sum(dim=(-2, -1), keepdim=True).clamp_min(1)
+    mean = (image * foreground).sum(dim=(-2, -1), keepdim=True) / count
+    var = (((image - mean) * foreground) ** 2).sum(dim=(-2, -1), keepdim=True) / count
+    return torch.where(foreground, (image - mean) / var.sqrt().clamp_min(1e-6), torch.zeros_like(image))
+
+
+# tokenize(questions) -> (ids (N, L) long, mask (N, L) bool); see medtune.models.text
+Tokenize = Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor]]
+
+
+class VQADataset(Dataset):
+    """Items ``{"image": (C, s, s) float32, "question_ids": (L,) long, "question_mask": (L,)
+    bool, "answer": () long (-1 = not in the vocabulary), "closed": () bool, "index": () long}``.
+
+    Questions are tokenized once, here; images are decoded once per file, lazily.
+    """
+
+    def __init__(
+        self, records: Sequence[VQARecord], vocab: AnswerVocab, tokenize: Tokenize, img_size: int, in_chans: int
+    ) -> None:
+        check_images(records)
+        self.records = list(records)
+        self.vocab = vocab
+        self.img_size = img_size
+        self.in_chans = in_chans
+        self.question_ids, self.question_mask = tokenize([r.question for r in self.records])
+        self.answers = torch.tensor([vocab.encode(r.answer) for r in self.records], dtype=torch.long)
+        self.closed = torch.tensor([r.answer_type == CLOSED for r in self.records])
+        self._images: dict[Path, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def image(self, index: int) -> torch.Tensor:
+        record = self.records[index]
+        array = self._images.get(record.image)
+        if array is None:
+            array = self._images[record.image] = load_image(record.image, self.img_size, self.in_chans, record.source)
+        return zscore_nonzero(torch.from_numpy(array))
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {
+            "image": self.image(index),
+            "question_ids": self.question_ids[index],
+            "question_mask": self.question_mask[index],
+            "answer": self.answers[index],
+            "closed": self.closed[index],
+            "index": torch.tensor(index),
+        }
+
+
+# ---------------------------------------------------------------------------------------
+# Generated data: brain-like slices whose answers depend on the image
+
+
+@dataclass(frozen=True)
+class GeneratedQuestion:
+    """A question template of the generated set and its answer type."""
+
+    kind: str
+    text: str
+    answer_type: str
+
+
+GENERATED_QUESTIONS = (
+    GeneratedQuestion("presence", "is there a lesion in the brain?", CLOSED),
+    GeneratedQuestion("count", "how many lesions are there?", OPEN),
+    GeneratedQuestion("side", "which side of the image is the lesion on?", OPEN),
+    GeneratedQuestion("size", "is the lesion large or small?", CLOSED),
+)
+
+
+def draw_brain_slices(
+    count: int, img_size: int, rng: np.random.Generator, max_lesions: int = 2
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Draw ``count`` grey brain-like slices with 0..``max_lesions`` bright round lesions.
+
+    All lesions of a slice lie on one side (``"left"`` = left half of the image as
+    displayed) and share one size class, so "which side" and "large or small" have one
+    answer. Returns ``images uint8 (N, s, s)`` and per-slice facts ``lesions (N,)``,
+    ``side (N,)`` (0 left, 1 right), ``large (N,)`` bool.
+    """
+    s = img_size
+    yy, xx = np.meshgrid(np.linspace(-1, 1, s), np.linspace(-1, 1, s), indexing="ij")  # (s, s)
+    # brain: an ellipse with a wobbly boundary and smooth texture; background exactly 0
+    angle = np.arctan2(yy, xx)[None]  # (1, s, s)
+    phase = rng.uniform(0, 2 * np.pi, (count, 1, 1))
+    wobble = 1 + 0.05 * np.sin(3 * angle + phase)
+    axes = rng.uniform(0.75, 0.85, (count, 2, 1, 1))
+    brain = ((yy / axes[:, 0]) ** 2 + (xx / axes[:, 1]) ** 2) < wobble**2  # (N, s, s)
+    coarse = rng.normal(0, 1, (count, 4, 4))
+    texture = np.kron(coarse, np.ones((s // 4 + 1, s // 4 + 1)))[:, :s, :s]  # (N, s, s)
+    tissue = 0.45 + 0.05 * texture + 0.03 * rng.normal(0, 1, (count, s, s))
+
+    lesions = rng.integers(0, max_lesions + 1, count)
+    side = rng.integers(0, 2, count)
+    large = rng.random(count) < 0.5
+    radius = np.where(large, 0.22, 0.1)[:, None]  # (N, 1)
+    # lesion centres: x inside the chosen half, y spread so two lesions do not overlap
+    x_sign = np.where(side == 0, -1.0, 1.0)[:, None]
+    centre_x = x_sign * rng.uniform(0.3, 0.45, (count, max_lesions))
+    slots = (np.arange(max_lesions) + 0.5) / max_lesions * 1.1 - 0.55  # (K,)
+    centre_y = slots[None] + rng.uniform(-0.05, 0.05, (count, max_lesions))
+    dist = np.hypot(yy[None, None] - centre_y[..., None, None], xx[None, None] - centre_x[..., None, None])
+    present = np.arange(max_lesions)[None] < lesions[:, None]  # (N, K)
+    lesion_mask = ((dist < radius[..., None, None]) & present[..., None, None]).any(axis=1)  # (N, s, s)
+    image = np.where(lesion_mask, 0.95, tissue) * brain
+    images = np.clip(image * 255, 0, 255).astype(np.uint8)
+    return images, {"lesions": lesions, "side": side, "large": large}
+
+
+def _generated_answers(lesions: int, side: int, large: bool) -> list[tuple[GeneratedQuestion, str]]:
+    presence, count, side_q, size_q = GENERATED_QUESTIONS
+    pairs = [(presence, "yes" if lesions else "no"), (count, str(lesions))]
+    if lesions:
+        pairs += [(side_q, "left" if side == 0 else "right"), (size_q, "large" if large else "small")]
+    return pairs
+
+
+def synthesize_vqa(
+    out_dir: str | Path, images: int = 200, img_size: int = 64, seed: int = 0, test_fraction: float = 0.25
+) -> Path:
+    """Write a generated VQA set in VQA-RAD's layout (read it with format ``vqa_rad``).
+
+    ``out_dir/images/synth_XXXX.png`` plus ``trainset.json`` and ``testset.json`` whose
+    records carry VQA-RAD's fields (``qid``, ``image_name``, ``question``, ``answer``,
+    ``answer_type`` CLOSED/OPEN, and ``question_type`` = the question's kind). Images
+    are split (not questions), so test images are unseen. Returns ``out_dir``.
+    """
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    slices, facts = draw_brain_slices(images, img_size, rng)
+    test_count = int(round(images * test_fraction))
+    splits: dict[str, list[dict]] = {"trainset.json": [], "testset.json": []}
+    for i in range(images):
+        name = f"synth_{i:04d}.png"
+        Image.fromarray(slices[i]).save(out_dir / "images" / name)
+        split = "testset.json" if i >= images - test_count else "trainset.json"
+        for question, answer in _generated_answers(int(facts["lesions"][i]), int(facts["side"][i]), bool(facts["large"][i])):
+            splits[split].append(
+                {
+                    "qid": len(splits["trainset.json"]) + len(splits["testset.json"]),
+                    "image_name": name,
+                    "question": question.text,
+                    "answer": answer,
+                    "answer_type": question.answer_type.upper(),
+                    "question_type": question.kind,
+                }
+            )
+    for name, entries in splits.items():
+        (out_dir / name).write_text(json.dumps(entries, indent=1) + "\n")
+    log.info("wrote a generated VQA set of %d images to %s", images, out_dir)
+    return out_dir
