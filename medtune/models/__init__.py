@@ -12,6 +12,7 @@ from medtune.models.backbones import (
     create_backbone,
     vit_stage_indices,
 )
+from medtune.models.weights import adapt_state_dict, load_pretrained, resolve_weight_path
 
 __all__ = [
     "BACKBONES",
@@ -21,7 +22,10 @@ __all__ = [
     "SwinUNETROptions",
     "TimmBackbone",
     "TimmViTBackbone",
+    "adapt_state_dict",
     "backbone_family",
     "create_backbone",
+    "load_pretrained",
+    "resolve_weight_path",
     "vit_stage_indices",
 ]
