@@ -95,8 +95,10 @@ class PyramidPooling(nn.Module):
         super().__init__()
         self.spatial_dims = spatial_dims
         self.scales = tuple(scales)
+        # No normalisation on the pooled maps: a 1x1 map of batch 1 has no batch statistics.
         self.branches = nn.ModuleList(
-            ConvNormAct(spatial_dims, in_ch, channels, kernel_size=1, norm=norm) for _ in self.scales
+            nn.Sequential(_conv(spatial_dims)(in_ch, channels, kernel_size=1), nn.ReLU(inplace=True))
+            for _ in self.scales
         )
         self.fuse = ConvNormAct(spatial_dims, in_ch + channels * len(self.scales), channels, norm=norm)
 
