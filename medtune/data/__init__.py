@@ -9,6 +9,8 @@ Typical use::
 
 from medtune.data.cache import CachedVolume, VolumeCache
 from medtune.data.cases import BRATS_MODALITIES, Case, detect_layout, find_cases, scan_cases
+from medtune.data.check import check_dataset
+from medtune.data.config import DataConfig, build_labeled_dataset, build_pretrain_dataset, split_cases
 from medtune.data.datasets import CropDataset, SliceDataset, VolumeDataset, read_window
 from medtune.data.labels import LabelSpec, brats_regions
 from medtune.data.preprocess import (
@@ -29,12 +31,16 @@ __all__ = [
     "Case",
     "CachedVolume",
     "CropDataset",
+    "DataConfig",
     "LabelSpec",
     "SliceDataset",
     "Volume",
     "VolumeCache",
     "VolumeDataset",
     "brats_regions",
+    "build_labeled_dataset",
+    "build_pretrain_dataset",
+    "check_dataset",
     "crop_foreground",
     "crop_to_bbox",
     "detect_layout",
@@ -47,6 +53,7 @@ __all__ = [
     "preprocess",
     "read_window",
     "scan_cases",
+    "split_cases",
     "synthesize_brats",
     "zscore_nonzero",
 ]

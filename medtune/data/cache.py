@@ -100,7 +100,8 @@ class VolumeCache:
         crop: crop to the box of voxels nonzero in any modality.
         label_spec: if given, label values outside it are a :class:`DataError` at
             build time (naming the case and file).
-        with_labels: cache the labels of labeled cases.
+        with_labels: cache the labels of labeled cases (a case cached without its
+            label is rebuilt when later asked for it with ``with_labels=True``).
         show_progress: tqdm bar while building (pass False on non-main processes).
     """
 
@@ -128,30 +129,31 @@ class VolumeCache:
     # ------------------------------------------------------------------ building
 
     def _settings(self) -> dict:
-        return {
-            "version": CACHE_VERSION,
-            "normalize": self.normalize,
-            "crop": self.crop,
-            "with_labels": self.with_labels,
-        }
+        return {"version": CACHE_VERSION, "normalize": self.normalize, "crop": self.crop}
 
     def case_dir(self, index: int) -> Path:
         return self.cache_dir / _safe_name(self.cases[index].case_id)
 
-    def _sources(self, case: Case) -> list[dict]:
-        files = case.images + ([case.label] if self.with_labels and case.label is not None else [])
+    def _sources(self, case: Case) -> tuple[list[dict], dict | None]:
+        """Size/mtime stamps of the image files and of the label (if it is cached)."""
         try:
-            return [_source_stamp(f) for f in files]
+            images = [_source_stamp(f) for f in case.images]
+            label = _source_stamp(case.label) if self.with_labels and case.label is not None else None
         except FileNotFoundError as exc:
             raise DataError(f"case {case.case_id}: file not found: {exc.filename}") from None
+        return images, label
 
-    def _valid_meta(self, index: int, sources: list[dict]) -> dict | None:
+    def _valid_meta(self, index: int, sources: tuple[list[dict], dict | None]) -> dict | None:
         folder = self.case_dir(index)
         try:
             meta = json.loads((folder / "meta.json").read_text())
         except (OSError, json.JSONDecodeError):
             return None
-        if meta.get("settings") != self._settings() or meta.get("sources") != sources:
+        image_sources, label_source = sources
+        if meta.get("settings") != self._settings() or meta.get("sources") != image_sources:
+            return None
+        # A cache built with labels also serves label-free use; not the other way round.
+        if label_source is not None and meta.get("label_source") != label_source:
             return None
         if any(not (folder / name).is_file() for name in meta.get("arrays", [])):
             return None
@@ -179,7 +181,7 @@ class VolumeCache:
 
     def _build_case(self, index: int) -> dict:
         case = self.cases[index]
-        sources = self._sources(case)
+        image_sources, label_source = self._sources(case)
         volume = load_case(case, with_label=self.with_labels)
         image = volume.image
         label = volume.label
@@ -210,7 +212,8 @@ class VolumeCache:
         meta = {
             "case_id": case.case_id,
             "settings": self._settings(),
-            "sources": sources,
+            "sources": image_sources,
+            "label_source": label_source if label is not None else None,
             "arrays": sorted(arrays),
             "original_shape": original_shape,
             "bbox": [list(b) for b in bbox],
@@ -245,7 +248,7 @@ class VolumeCache:
         return int(self._metas[0]["shape"][0])
 
     def has_label(self, index: int) -> bool:
-        return "label.npy" in self._metas[index]["arrays"]
+        return self.with_labels and "label.npy" in self._metas[index]["arrays"]
 
     def load(self, index: int) -> CachedVolume:
         """Memory-mapped arrays of case ``index`` (opened once per process)."""
