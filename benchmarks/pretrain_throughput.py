@@ -1,0 +1,170 @@
+"""Pretraining throughput: what FreMAE's frequency targets cost, measured side by side.
+
+One run, one backbone, one batch size. Each variant is a full training step (forward,
+backward, Adam step) of a pretraining objective:
+
+- ``fremae``: FreMAE as configured (focal frequency loss on high/low bands);
+- ``fremae-pixel``: the same model and decoder with a plain pixel MSE on the same
+  predictions (``objective.loss=pixel``); the ratio to ``fremae`` isolates the cost of
+  the FFT targets and the focal frequency loss (target: at most 5 %);
+- ``mae``, ``simmim``, ``mfm``: the baselines, for context.
+
+Variants are timed in interleaved rounds (every round runs each variant once, in a
+rotated order), so drifting machine load hits all of them alike; the reported ratio is
+the median over rounds of the per-round ratios. The achieved GFLOP/s of the FreMAE step
+(FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode``) is compared with this
+machine's measured float32 matmul GFLOP/s.
+
+    python benchmarks/pretrain_throughput.py            # ~1-2 min on 2 cores
+    python benchmarks/pretrain_throughput.py --backbone swinunetr --img-size 64 --batch 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from medtune.errors import MedtuneError
+from medtune.models import BackboneConfig, create_backbone
+from medtune.pretrain.objectives import ObjectiveConfig, build_objective
+
+VARIANTS: dict[str, dict] = {
+    "fremae": {"name": "fremae"},
+    "fremae-pixel": {"name": "fremae", "loss": "pixel"},
+    "mae": {"name": "mae"},
+    "simmim": {"name": "simmim", "mask_block": 16},
+    "mfm": {"name": "mfm"},
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="vit_tiny_patch16_224", help="backbone registry name")
+    parser.add_argument("--img-size", type=int, default=64, help="slice side (default 64)")
+    parser.add_argument("--depth", type=int, default=4, help="ViT depth (timm ViTs only, default 4)")
+    parser.add_argument("--feature-size", type=int, default=12, help="SwinUNETR feature_size (default 12)")
+    parser.add_argument("--modalities", type=int, default=4, help="input channels (default 4)")
+    parser.add_argument("--batch", type=int, default=16, help="slices per step (default 16)")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per variant per round (default 6)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    return parser.parse_args()
+
+
+def backbone_config(args: argparse.Namespace) -> BackboneConfig:
+    if args.backbone == "swinunetr":
+        options = {"feature_size": args.feature_size}
+    elif args.backbone.startswith(("vit_", "deit")):
+        options = {"depth": args.depth}
+    else:
+        options = {}
+    return BackboneConfig(
+        name=args.backbone, in_chans=args.modalities, img_size=args.img_size, spatial_dims=2, options=options
+    )
+
+
+def make_batch(args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    """Brain-like slices: a zero background around a disc of noisy tissue."""
+    g = torch.Generator().manual_seed(0)
+    side = args.img_size
+    yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    disc = ((yy - side / 2) ** 2 + (xx - side / 2) ** 2) < (0.4 * side) ** 2  # (H, W)
+    image = torch.randn(args.batch, args.modalities, side, side, generator=g) * disc
+    return {"image": image, "foreground": disc.expand(args.batch, side, side).clone()}
+
+
+def make_step(objective: torch.nn.Module, batch: dict) -> Callable[[], float]:
+    params = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-4)
+
+    def step() -> float:
+        loss = objective(batch)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step
+
+
+def matmul_gflops(size: int = 1024, seconds: float = 2.0) -> float:
+    """float32 GFLOP/s of square matmuls on this machine (best of a few timings)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = max(best, 4 * 2 * size**3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def step_flops(step: Callable[[], float]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batch = make_batch(args)
+
+    steps: dict[str, Callable[[], float]] = {}
+    for variant in args.variants:
+        torch.manual_seed(0)
+        try:
+            objective = build_objective(ObjectiveConfig(**VARIANTS[variant]), create_backbone(backbone_config(args)))
+        except (MedtuneError, ImportError, ValueError) as exc:
+            print(f"{variant:>13}: skipped ({str(exc).splitlines()[0]})")
+            continue
+        objective.train()
+        steps[variant] = make_step(objective, batch)
+        steps[variant]()  # warm-up (allocations, first-call costs)
+    if "fremae" not in steps:
+        raise SystemExit("fremae could not be built; nothing to compare")
+
+    print(
+        f"backbone {args.backbone} at {args.img_size}px, batch {args.batch} x {args.modalities} modalities, "
+        f"{torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps"
+    )
+    rates: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for round_index in range(args.rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:  # rotate the order every round
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                steps[name]()
+            rates[name].append(args.steps * args.batch / (time.perf_counter() - start))
+
+    print(f"{'variant':>13}  {'slices/s':>9}  {'vs fremae':>9}")
+    for name in names:
+        ratio = statistics.median(r / f for r, f in zip(rates[name], rates["fremae"]))
+        print(f"{name:>13}  {statistics.median(rates[name]):9.1f}  {ratio:9.3f}")
+    if "fremae-pixel" in rates:
+        cost = statistics.median(p / f for p, f in zip(rates["fremae-pixel"], rates["fremae"])) - 1.0
+        verdict = "within" if cost <= 0.05 else "ABOVE"
+        print(f"frequency-target cost: fremae is {100 * cost:.1f}% slower than fremae-pixel ({verdict} the 5% target)")
+
+    flops = step_flops(steps["fremae"])
+    seconds_per_step = args.batch / statistics.median(rates["fremae"])
+    achieved = flops / seconds_per_step / 1e9
+    peak = matmul_gflops()
+    print(
+        f"fremae step: {flops / 1e9:.2f} GFLOP, {achieved:.1f} GFLOP/s achieved vs {peak:.1f} GFLOP/s "
+        f"float32 matmul on this machine ({100 * achieved / peak:.0f}%)"
+    )
+
+
+if __name__ == "__main__":
+    main()
