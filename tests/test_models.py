@@ -36,6 +36,16 @@ def stage_shapes(backbone, x):
     return [tuple(stage.shape) for stage in backbone.forward_stages(x)]
 
 
+def save_weights(state, name, fmt="safetensors"):
+    if fmt == "safetensors":
+        return save_safetensors(state, f"{name}.safetensors")
+    if fmt == "pth":
+        torch.save({"state_dict": state}, f"{name}.pth")
+        return f"{name}.pth"
+    np.savez(f"{name}.npz", **{k: v.numpy() for k, v in state.items()})
+    return f"{name}.npz"
+
+
 def expected_shapes(backbone, batch, spatial):
     return [
         (batch, channels, *(side // stride for side in spatial))
@@ -44,8 +54,9 @@ def expected_shapes(backbone, batch, spatial):
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_tmp(tmp_path, monkeypatch):
     torch.manual_seed(0)
+    monkeypatch.chdir(tmp_path)  # weight files are written to the working directory
 
 
 def test_vit_stage_indices_are_last_block_of_each_quarter():
@@ -64,7 +75,10 @@ def test_vit_stages_are_block_outputs_as_maps():
     assert backbone.out_indices == (0, 1, 2, 3)
 
     block_tokens = []
-    hooks = [b.register_forward_hook(lambda m, i, o: block_tokens.append(o)) for b in backbone.model.blocks]
+    hooks = [
+        block.register_forward_hook(lambda module, args, out: block_tokens.append(out))
+        for block in backbone.model.blocks
+    ]
     x = torch.randn(2, 4, 64, 64)
     with torch.no_grad():
         stages = backbone(x)
@@ -78,12 +92,16 @@ def test_vit_stages_are_block_outputs_as_maps():
 
 
 def test_vit_out_indices_option():
-    cfg = BackboneConfig(name="vit_tiny_patch16_224", img_size=32, options={"depth": 4, "out_indices": [1, -1]})
-    backbone = create_backbone(cfg)
+    def vit(out_indices):
+        options = {"depth": 4, "out_indices": out_indices}
+        cfg = BackboneConfig(name="vit_tiny_patch16_224", img_size=32, options=options)
+        return create_backbone(cfg)
+
+    backbone = vit([1, -1])
     assert backbone.out_indices == (1, 3)
     assert stage_shapes(backbone, torch.randn(1, 4, 32, 32)) == [(1, 192, 2, 2)] * 2
     with pytest.raises(ConfigError, match="out_indices"):
-        create_backbone(BackboneConfig(name="vit_tiny_patch16_224", img_size=32, options={"depth": 4, "out_indices": [4]}))
+        vit([4])
 
 
 @pytest.mark.parametrize(
@@ -106,7 +124,8 @@ def test_hierarchical_timm_stages(kwargs, family, channels, strides):
 def test_swinunetr_encoder_matches_monai(spatial_dims, side):
     from monai.networks.nets import SwinUNETR
 
-    cfg = BackboneConfig(name="swinunetr", img_size=side, spatial_dims=spatial_dims, options={"feature_size": 12})
+    options = {"feature_size": 12}
+    cfg = BackboneConfig("swinunetr", img_size=side, spatial_dims=spatial_dims, options=options)
     backbone = create_backbone(cfg).eval()
     assert backbone_family(backbone) == "monai_swin"
     assert backbone.feature_channels == (12, 24, 48, 96, 192)
@@ -115,10 +134,10 @@ def test_swinunetr_encoder_matches_monai(spatial_dims, side):
     assert stage_shapes(backbone, x) == expected_shapes(backbone, 1, (side,) * spatial_dims)
 
     # the whole SwinUNETR checkpoint loads: only swinViT.* is taken, and outputs agree
-    reference = SwinUNETR(in_channels=4, out_channels=3, feature_size=12, spatial_dims=spatial_dims).eval()
+    reference = SwinUNETR(4, 3, feature_size=12, spatial_dims=spatial_dims).eval()
     own_keys = {key.removeprefix("model.") for key in backbone.state_dict()}
     assert own_keys == set(reference.swinViT.state_dict())
-    report = load_pretrained(backbone, _save(reference.state_dict(), cfg_dir(side, spatial_dims)))
+    report = load_pretrained(backbone, save_weights(reference.state_dict(), f"swinunetr_{spatial_dims}d"))
     assert not report.missing and all(not k.startswith("model.swinViT") for k in report.loaded)
     with torch.no_grad():
         for ours, theirs in zip(backbone(x), reference.swinViT(x, True)):
@@ -160,30 +179,11 @@ def test_config_and_size_errors():
         backbone(torch.randn(1, 3, 64, 64))
 
 
-def cfg_dir(side, dims):
-    return f"swinunetr_{dims}d_{side}"
-
-
-@pytest.fixture(autouse=True)
-def _tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-
-
-def _save(state, name, fmt="safetensors"):
-    if fmt == "safetensors":
-        return save_safetensors(state, f"{name}.safetensors")
-    if fmt == "pth":
-        torch.save({"state_dict": state}, f"{name}.pth")
-        return f"{name}.pth"
-    np.savez(f"{name}.npz", **{k: v.numpy() for k, v in state.items()})
-    return f"{name}.npz"
-
-
 @pytest.mark.parametrize("fmt", ["pth", "npz"])
 def test_rgb_timm_vit_adapts_stem_and_pos_embed(fmt, caplog):
     source = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=4, num_classes=10)
     source_state = source.state_dict()  # 3 channels, 14x14 grid, a 10-class head
-    path = _save(source_state, "timm_vit", fmt)
+    path = save_weights(source_state, "timm_vit", fmt)
 
     with caplog.at_level(logging.INFO, logger="medtune"):
         backbone = create_backbone(BackboneConfig(**TINY_VIT, in_chans=4, pretrained=str(path)))
@@ -196,22 +196,25 @@ def test_rgb_timm_vit_adapts_stem_and_pos_embed(fmt, caplog):
     torch.testing.assert_close(stem, by_hand)
 
     assert own["model.pos_embed"].shape == (1, 1 + 4 * 4, 192)
-    torch.testing.assert_close(
-        own["model.pos_embed"], resample_abs_pos_embed(source_state["pos_embed"], [4, 4], num_prefix_tokens=1)
-    )
-    torch.testing.assert_close(own["model.pos_embed"][:, 0], source_state["pos_embed"][:, 0])  # cls kept
-    torch.testing.assert_close(own["model.blocks.3.mlp.fc2.weight"], source_state["blocks.3.mlp.fc2.weight"])
+    resampled = resample_abs_pos_embed(source_state["pos_embed"], [4, 4], num_prefix_tokens=1)
+    torch.testing.assert_close(own["model.pos_embed"], resampled)
+    cls_position = source_state["pos_embed"][:, 0]
+    torch.testing.assert_close(own["model.pos_embed"][:, 0], cls_position)
+    block_weight = "blocks.3.mlp.fc2.weight"
+    torch.testing.assert_close(own[f"model.{block_weight}"], source_state[block_weight])
     assert "dropping classifier" in caplog.text
 
 
 def test_timm_swin_tables_follow_smaller_windows():
     options = dict(TINY_SWIN["options"])
-    source = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=5, **options)
+    source = timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, num_classes=5, **options
+    )
     backbone = create_backbone(BackboneConfig(**TINY_SWIN, in_chans=4))
     key = "layers.3.blocks.0.attn.relative_position_bias_table"
     assert source.state_dict()[key].shape == (13 * 13, 4)  # window 7 at 224 px
     assert backbone.state_dict()[f"model.{key}"].shape == (3 * 3, 4)  # clamped to 2 at 64 px
-    report = load_pretrained(backbone, _save(source.state_dict(), "timm_swin"))
+    report = load_pretrained(backbone, save_weights(source.state_dict(), "timm_swin"))
     assert not report.missing
     torch.testing.assert_close(
         backbone.state_dict()["model.layers.0.blocks.0.attn.relative_position_bias_table"],
@@ -224,11 +227,11 @@ def test_wrong_shape_is_refused_naming_the_tensor():
     backbone = create_backbone(BackboneConfig(**TINY_VIT))
     state = backbone.state_dict()
     state["model.blocks.1.attn.qkv.weight"] = torch.zeros(10, 192)
-    path = _save(state, "broken")
+    path = save_weights(state, "broken")
     with pytest.raises(CheckpointError, match=r"model\.blocks\.1\.attn\.qkv\.weight"):
         load_pretrained(create_backbone(BackboneConfig(**TINY_VIT)), path)
     with pytest.raises(CheckpointError, match="no tensor matches"):
-        load_pretrained(backbone, _save({"decoder.weight": torch.zeros(3)}, "other"))
+        load_pretrained(backbone, save_weights({"decoder.weight": torch.zeros(3)}, "other"))
     with pytest.raises(CheckpointError, match="has no backbone.safetensors"):
         load_pretrained(backbone, ".")
 

@@ -54,6 +54,11 @@ class BackboneConfig:
             ``timm.create_model`` (``depth``, ``window_size``, ``drop_path_rate``,
             ``dynamic_img_size`` ...), except ``out_indices`` (which blocks/stages become
             feature stages). ``swinunetr`` takes the fields of :class:`SwinUNETROptions`.
+
+    Sizes: every backbone needs ``img_size`` to be a multiple of its deepest stride (ViT:
+    the patch size; Swin, ConvNeXt, swinunetr: 32) so that stage ``i`` is exactly
+    ``img_size / feature_strides[i]``. timm >= 1.0 pads Swin windows and shrinks them on
+    small maps, so ``window_size`` need not divide the feature maps.
     """
 
     name: str = "swinunetr"
@@ -90,6 +95,8 @@ class Backbone(nn.Module):
     """
 
     family: str = "timm"
+    # state-dict key of the first conv's weight (adapted to N channels when loading RGB weights)
+    stem_weight_key: str | None = None
 
     def __init__(
         self,
@@ -109,9 +116,6 @@ class Backbone(nn.Module):
         self.feature_strides = tuple(int(s) for s in feature_strides)
         self.img_size = img_size
         self.config: BackboneConfig | None = None
-
-    # name of the first conv's weight (for N-channel adaptation of pretrained stems)
-    stem_weight_key: str | None = None
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x (B, in_chans, *S) -> [(B, feature_channels[i], *S / feature_strides[i]), ...]."""
@@ -221,6 +225,7 @@ def _create_timm_model(cfg: BackboneConfig, timm_name: str, options: dict) -> nn
             # ViT and Swin are built for one input size; ConvNeXt and CNNs take no img_size.
             if "img_size" in options or "img_size" not in str(exc):
                 raise
+            log.debug("timm model '%s' takes no img_size; built for any input size", timm_name)
             del kwargs["img_size"]
             return timm.create_model(timm_name, **kwargs)
     except TypeError as exc:
@@ -308,8 +313,7 @@ def _build_timm(cfg: BackboneConfig, timm_name: str) -> TimmBackbone:
         indices = [i % num_features for i in indices]
     cls = TimmViTBackbone if family == "vit" else TimmBackbone
     backbone = cls(model, cfg, list(indices))
-    if backbone.img_size is not None:
-        _check_img_size(cfg, max(backbone.feature_strides))
+    _check_img_size(cfg, max(backbone.feature_strides))
     return backbone
 
 

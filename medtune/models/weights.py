@@ -71,7 +71,8 @@ def normalize_keys(state: Mapping[str, torch.Tensor], backbone: Backbone) -> Sta
         if inside:
             others = len(state) - len(inside)
             if others:
-                log.info("taking %d tensors under '%s', ignoring %d others", len(inside), prefix, others)
+                log.info("taking %d tensors under '%s', ignoring %d others",
+                         len(inside), prefix, others)
             state = inside
             break
     if not any(key.startswith("model.") for key in state):
