@@ -1,0 +1,233 @@
+"""FreMAE's multi-stage supervision decoder, for any backbone and for 2D or 3D.
+
+The decoder reads the encoder's stage maps and makes two predictions in image space:
+
+- a **top-down** path (deep -> shallow: upsample, concatenate the skip, conv) that ends
+  at full resolution and predicts the image whose *high* band is supervised;
+- a **bottom-up** path (shallow -> deep: stride-2 convs, concatenate the stage, conv)
+  that ends at the deepest stage, is resized to ``1 / low_pool`` resolution and predicts
+  the image whose *low* band is supervised.
+
+Shallow, high-resolution features carry detail (high frequencies), deep features carry
+semantics (low frequencies); each supervision is attached where its information lives.
+Each path ends with a :class:`~medtune.pretrain.frequency.GlobalFilter` and a 1x1 conv
+to the modality count.
+
+Backbones whose stages all have the same stride (plain ViT: 16) first go through a
+simple feature pyramid (as in ViTDet / UperNet-on-ViT): the last four stage maps are
+resampled to strides ``s/4, s/2, s, 2s`` with transposed convs, identity and max-pool.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from medtune.pretrain.frequency import GlobalFilter
+
+
+def conv_layer(spatial_dims: int) -> type[nn.Module]:
+    return (nn.Conv1d, nn.Conv2d, nn.Conv3d)[spatial_dims - 1]
+
+
+def transposed_conv_layer(spatial_dims: int) -> type[nn.Module]:
+    return (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[spatial_dims - 1]
+
+
+def batch_norm_layer(spatial_dims: int) -> type[nn.Module]:
+    return (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[spatial_dims - 1]
+
+
+def max_pool_layer(spatial_dims: int) -> type[nn.Module]:
+    return (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)[spatial_dims - 1]
+
+
+def _log2_exact(ratio: float, what: str) -> int:
+    steps = round(math.log2(ratio)) if ratio > 0 else -1
+    if steps < 0 or 2**steps != ratio:
+        raise ValueError(f"{what}: stride ratio {ratio} is not a power of two")
+    return steps
+
+
+class ConvNormAct(nn.Sequential):
+    """Conv (kernel ``k``, stride ``s``) -> BatchNorm -> ReLU, for ``spatial_dims`` dims."""
+
+    def __init__(self, spatial_dims: int, cin: int, cout: int, kernel: int = 3, stride: int = 1):
+        super().__init__(
+            conv_layer(spatial_dims)(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False),
+            batch_norm_layer(spatial_dims)(cout),
+            nn.ReLU(inplace=True),
+        )
+
+
+class Upsample2x(nn.Sequential):
+    """Transposed conv, kernel 2 stride 2, then BatchNorm and ReLU: ``(B, C, *S) -> (B, C', *2S)``."""
+
+    def __init__(self, spatial_dims: int, cin: int, cout: int):
+        super().__init__(
+            transposed_conv_layer(spatial_dims)(cin, cout, 2, stride=2, bias=False),
+            batch_norm_layer(spatial_dims)(cout),
+            nn.ReLU(inplace=True),
+        )
+
+
+def resample_stage(spatial_dims: int, cin: int, cout: int, factor: float) -> nn.Module:
+    """Project ``cin -> cout`` and change the resolution by ``factor`` (a power of two):
+    transposed convs to upsample, max-pool to downsample."""
+    if factor >= 1:
+        steps = _log2_exact(factor, "simple pyramid")
+        layers: list[nn.Module] = [ConvNormAct(spatial_dims, cin, cout, kernel=1)]
+        layers += [Upsample2x(spatial_dims, cout, cout) for _ in range(steps)]
+        return nn.Sequential(*layers)
+    steps = _log2_exact(1 / factor, "simple pyramid")
+    return nn.Sequential(
+        max_pool_layer(spatial_dims)(2**steps), ConvNormAct(spatial_dims, cin, cout, kernel=1)
+    )
+
+
+def pyramid_strides(feature_strides: Sequence[int]) -> list[int]:
+    """Strides of the levels the decoder works on.
+
+    Hierarchical backbones: the stage strides themselves (sorted shallow to deep). Plain
+    backbones (all strides ``s`` equal): ``s/4, s/2, s, 2s`` (at least 1).
+    """
+    strides = list(feature_strides)
+    if len(set(strides)) == 1:
+        s = strides[0]
+        return [max(1, s // 4), max(1, s // 2), s, 2 * s]
+    if strides != sorted(strides):
+        raise ValueError(f"backbone feature_strides {strides} are not ordered shallow to deep")
+    return strides
+
+
+class TopDownBlock(nn.Module):
+    """Upsample the deeper map to the skip's resolution, concatenate, fuse with a conv."""
+
+    def __init__(self, spatial_dims: int, width: int, factor: int) -> None:
+        super().__init__()
+        steps = _log2_exact(factor, "top-down path")
+        self.upsample = nn.Sequential(*[Upsample2x(spatial_dims, width, width) for _ in range(steps)])
+        self.fuse = ConvNormAct(spatial_dims, 2 * width, width)
+
+    def forward(self, deep: Tensor, skip: Tensor) -> Tensor:
+        return self.fuse(torch.cat([skip, self.upsample(deep)], dim=1))
+
+
+class BottomUpBlock(nn.Module):
+    """Downsample the shallower map with stride-2 convs, concatenate the stage, fuse."""
+
+    def __init__(self, spatial_dims: int, width: int, factor: int) -> None:
+        super().__init__()
+        steps = _log2_exact(factor, "bottom-up path")
+        self.downsample = nn.Sequential(
+            *[ConvNormAct(spatial_dims, width, width, kernel=3, stride=2) for _ in range(steps)]
+        )
+        self.fuse = ConvNormAct(spatial_dims, 2 * width, width)
+
+    def forward(self, shallow: Tensor, stage: Tensor) -> Tensor:
+        return self.fuse(torch.cat([stage, self.downsample(shallow)], dim=1))
+
+
+class MultiStageDecoder(nn.Module):
+    """Top-down high-band head and bottom-up low-band head over the encoder's stages.
+
+    Args:
+        feature_channels: channels of each encoder stage (shallow to deep).
+        feature_strides: stride of each stage w.r.t. the input.
+        out_channels: ``M``, the modality count (what is reconstructed).
+        image_size: spatial size ``S`` of the input, e.g. ``(128, 128)``.
+        spatial_dims: 2 or 3.
+        width: channels of both paths.
+        low_pool: the low-band prediction has size ``S / low_pool``.
+        filter_per_channel: the global filters hold one transfer function per channel
+            (FreMIM) or one shared by all channels (far fewer parameters for 3D crops).
+
+    Shapes: ``forward(stages)`` with ``stages[i]`` ``(B, C_i, *S/stride_i)`` returns
+    ``(high, low)``: ``(B, M, *S)`` and ``(B, M, *S/low_pool)``.
+    """
+
+    def __init__(
+        self,
+        feature_channels: Sequence[int],
+        feature_strides: Sequence[int],
+        out_channels: int,
+        image_size: Sequence[int],
+        spatial_dims: int,
+        width: int = 32,
+        low_pool: int = 4,
+        filter_per_channel: bool = True,
+    ) -> None:
+        super().__init__()
+        if len(feature_channels) != len(feature_strides):
+            raise ValueError("feature_channels and feature_strides differ in length")
+        self.spatial_dims = spatial_dims
+        self.image_size = tuple(int(s) for s in image_size)
+        self.low_size = tuple(s // low_pool for s in self.image_size)
+        self.plain = len(set(feature_strides)) == 1
+        self.level_strides = pyramid_strides(feature_strides)
+        if self.plain:
+            # The last four maps (the last one repeated if there are fewer) -> s/4 .. 2s.
+            picks = [max(0, len(feature_channels) - 4 + i) for i in range(4)]
+            sources = [(p, feature_strides[p]) for p in picks]
+        else:
+            sources = list(enumerate(feature_strides))
+        self.source_index = [index for index, _ in sources]
+        self.lateral = nn.ModuleList(
+            resample_stage(spatial_dims, feature_channels[index], width, stride / target)
+            for (index, stride), target in zip(sources, self.level_strides)
+        )
+
+        strides = self.level_strides
+        self.top_down = nn.ModuleList(
+            TopDownBlock(spatial_dims, width, strides[i + 1] // strides[i])
+            for i in range(len(strides) - 1)
+        )
+        # From the shallowest level to full resolution.
+        self.to_full_resolution = nn.Sequential(
+            *[
+                nn.Sequential(Upsample2x(spatial_dims, width, width), ConvNormAct(spatial_dims, width, width))
+                for _ in range(_log2_exact(strides[0], "full-resolution upsampling"))
+            ]
+        )
+        filter_channels = width if filter_per_channel else 1
+        self.high_filter = GlobalFilter(filter_channels, self.image_size, spatial_dims)
+        self.high_head = conv_layer(spatial_dims)(width, out_channels, 1)
+
+        self.bottom_up = nn.ModuleList(
+            BottomUpBlock(spatial_dims, width, strides[i + 1] // strides[i])
+            for i in range(len(strides) - 1)
+        )
+        self.low_filter = GlobalFilter(filter_channels, self.low_size, spatial_dims)
+        self.low_head = conv_layer(spatial_dims)(width, out_channels, 1)
+
+    def pyramid(self, stages: Sequence[Tensor]) -> list[Tensor]:
+        """Stage maps -> ``width``-channel maps at :attr:`level_strides`, shallow to deep."""
+        return [lateral(stages[index]) for lateral, index in zip(self.lateral, self.source_index)]
+
+    def forward_top_down(self, levels: list[Tensor]) -> Tensor:
+        """Deep -> shallow -> full resolution; returns ``(B, M, *S)``."""
+        x = levels[-1]
+        for i in range(len(levels) - 2, -1, -1):
+            x = self.top_down[i](x, levels[i])  # (B, width, *S/stride_i)
+        x = self.to_full_resolution(x)  # (B, width, *S)
+        return self.high_head(self.high_filter(x))
+
+    def forward_bottom_up(self, levels: list[Tensor]) -> Tensor:
+        """Shallow -> deep, resized to ``S / low_pool``; returns ``(B, M, *S/low_pool)``."""
+        x = levels[0]
+        for i in range(1, len(levels)):
+            x = self.bottom_up[i - 1](x, levels[i])  # (B, width, *S/stride_i)
+        mode = ("linear", "bilinear", "trilinear")[self.spatial_dims - 1]
+        x = F.interpolate(x, size=self.low_size, mode=mode, align_corners=True)  # (B, width, *S/4)
+        return self.low_head(self.low_filter(x))
+
+    def forward(self, stages: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        levels = self.pyramid(stages)
+        return self.forward_top_down(levels), self.forward_bottom_up(levels)
+
+
+__all__ = ["MultiStageDecoder", "ConvNormAct", "Upsample2x", "pyramid_strides", "conv_layer"]

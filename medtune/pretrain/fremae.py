@@ -1,0 +1,256 @@
+"""FreMAE (published as FreMIM, WACV 2024): masked image modeling with frequency targets.
+
+The steps, named as in the paper:
+
+1. ``mask_input``: replace a fraction (0.25) of each sample's foreground pixels by a
+   learnable per-modality token, then jitter intensities (scale and shift).
+2. ``forward_encoder``: the backbone's stage maps of the masked input.
+3. ``forward_decoder``: the multi-stage supervision decoder; a top-down path predicts a
+   full-resolution image, a bottom-up path a 1/4-resolution image.
+4. ``forward_loss``: focal frequency loss between the *high band* of the full-resolution
+   prediction and of the (unmasked) input, and between the *low band* of the 1/4
+   prediction and of the input average-pooled 4x. Total = 1.0 L_high + 1.3 L_low.
+
+The targets cover the whole image, not only the masked pixels. One implementation
+serves 2D slices ``(B, M, H, W)`` and 3D crops ``(B, M, H, W, D)`` (spectra over all
+spatial axes). ``mask_mode="patch"`` is an MAE-style variant for ViT backbones: whole
+patches are masked and only visible tokens are encoded; mask tokens are filled in
+before the decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from medtune.errors import ConfigError, DataError
+from medtune.pretrain.decoder import MultiStageDecoder
+from medtune.pretrain.frequency import (
+    apply_band,
+    band_mask,
+    focal_frequency_loss,
+    inverse_spectrum,
+    spectrum,
+)
+from medtune.pretrain.mae import fill_mask_tokens, require_vit, vit_forward_visible
+from medtune.pretrain.masking import PatchMask, foreground_of, pixel_masking, random_masking, upsample_mask
+
+if TYPE_CHECKING:
+    from medtune.pretrain.objectives import ObjectiveConfig
+
+
+def backbone_image_size(backbone: nn.Module) -> int:
+    """The input side the backbone is configured for (``BackboneConfig.img_size``)."""
+    config = getattr(backbone, "config", None)
+    size = getattr(config, "img_size", None) or getattr(backbone, "img_size", None)
+    if not size:
+        raise ConfigError("FreMAE needs the backbone's img_size (build it with create_backbone)")
+    return int(size)
+
+
+def average_pool(x: Tensor, factor: int, spatial_dims: int) -> Tensor:
+    """``(B, C, *S) -> (B, C, *S/factor)`` by averaging ``factor``-sided blocks."""
+    if factor == 1:
+        return x
+    return (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[spatial_dims - 1](x, factor, factor)
+
+
+@dataclass
+class MaskedInput:
+    """Output of :meth:`FreMAE.mask_input`.
+
+    Attributes:
+        image: ``(B, M, *S)`` what the encoder sees (patch mode: masked patches zeroed,
+            for display only; the encoder drops their tokens instead).
+        mask: ``(B, *S)`` bool, True at masked pixels.
+        ratio: scalar, fraction of foreground pixels (pixel mode) or of patches (patch
+            mode) that were masked.
+        patch_mask: the :class:`PatchMask` in patch mode, else None.
+    """
+
+    image: Tensor
+    mask: Tensor
+    ratio: Tensor
+    patch_mask: PatchMask | None = None
+
+
+class FreMAE(nn.Module):
+    """FreMAE around a backbone.
+
+    Args:
+        backbone: a :class:`medtune.models.Backbone` (``forward_stages``,
+            ``feature_channels``, ``feature_strides``, ``spatial_dims``, ``in_chans``).
+        cfg: an :class:`~medtune.pretrain.objectives.ObjectiveConfig` (``mask_ratio``,
+            ``mask_mode``, ``mask_scope``, ``jitter``, ``radius``, ``filter_kind``,
+            ``low_pool``, ``high_weight``, ``low_weight``, ``loss``, ``focal_alpha``,
+            ``decoder_width``, ``filter_per_channel``).
+
+    ``forward(batch)``: ``batch["image"]`` ``(B, M, *S)`` and optionally
+    ``batch["foreground"]`` ``(B, *S)`` (default: all modalities nonzero) ->
+    ``{"loss", "loss_high", "loss_low", "mask_ratio"}`` (scalars; ``mask_ratio`` is the
+    fraction of foreground pixels, or of patches, actually masked).
+    """
+
+    def __init__(self, backbone: nn.Module, cfg: "ObjectiveConfig") -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.spatial_dims = int(backbone.spatial_dims)
+        self.modalities = int(backbone.in_chans)
+        self.mask_ratio = cfg.resolved_mask_ratio()
+        self.mask_mode = cfg.mask_mode
+        self.mask_scope = cfg.mask_scope
+        self.jitter = cfg.jitter
+        self.radius = 10.0 if cfg.radius is None else float(cfg.radius)
+        self.filter_kind = cfg.filter_kind or "square"
+        self.low_pool = cfg.low_pool
+        self.high_weight = cfg.high_weight
+        self.low_weight = cfg.low_weight
+        self.loss_kind = cfg.loss
+        self.focal_alpha = cfg.focal_alpha
+
+        size = backbone_image_size(backbone)
+        if size % self.low_pool:
+            raise ConfigError(f"FreMAE: img_size {size} is not divisible by low_pool {self.low_pool}")
+        if self.mask_mode == "pixel":
+            # One learnable value per modality written into masked pixels.
+            self.mask_token = nn.Parameter(torch.zeros(self.modalities))
+        else:
+            vit = require_vit(backbone, "fremae (mask_mode='patch')")
+            self.patch_size = int(vit.patch_embed.patch_size[0])
+            self.grid = tuple(int(g) for g in vit.patch_embed.grid_size)
+            # One learnable token per captured stage, filled in at masked patches.
+            self.stage_mask_tokens = nn.Parameter(torch.zeros(len(backbone.feature_channels), 1, 1, vit.embed_dim))
+            nn.init.normal_(self.stage_mask_tokens, std=0.02)
+        self.decoder = MultiStageDecoder(
+            backbone.feature_channels,
+            backbone.feature_strides,
+            out_channels=self.modalities,
+            image_size=(size,) * self.spatial_dims,
+            spatial_dims=self.spatial_dims,
+            width=cfg.decoder_width,
+            low_pool=self.low_pool,
+            filter_per_channel=cfg.filter_per_channel,
+        )
+
+    # ------------------------------------------------------------------ steps
+
+    def mask_input(self, batch: dict) -> MaskedInput:
+        """Mask the batch's images: per foreground pixel (``mask_mode="pixel"``) or per
+        patch (``"patch"``: the input stays intact, the encoder drops masked tokens)."""
+        images = self._images(batch)
+        foreground = batch.get("foreground")
+        foreground = foreground_of(images) if foreground is None else foreground.bool()
+        if self.mask_mode == "pixel":
+            masked, mask = pixel_masking(
+                images, foreground, self.mask_ratio, self.mask_token, scope=self.mask_scope, jitter=self.jitter
+            )
+            ratio = mask.sum() / foreground.sum().clamp_min(1)
+            return MaskedInput(masked, mask, ratio)
+        patch_mask = random_masking(images.shape[0], self.grid[0] * self.grid[1], self.mask_ratio, images.device)
+        grid_mask = patch_mask.mask.view(images.shape[0], *self.grid) > 0  # (B, Hp, Wp)
+        pixel_mask = upsample_mask(grid_mask, self.patch_size)  # (B, H, W)
+        masked = images * (~pixel_mask).unsqueeze(1)  # what the encoder sees, for the figure
+        return MaskedInput(masked, pixel_mask, patch_mask.mask.mean(), patch_mask)
+
+    def forward_encoder(self, masked: Tensor, patch_mask: PatchMask | None = None) -> list[Tensor]:
+        """Stage maps ``[(B, C_i, *S/stride_i), ...]`` of the masked input."""
+        if patch_mask is None:
+            return self.backbone.forward_stages(masked)
+        self.backbone.check_input(masked)
+        vit = self.backbone.model
+        _, captured = vit_forward_visible(vit, masked, patch_mask.ids_keep, self.backbone.out_indices)
+        stages = []
+        for tokens, mask_token in zip(captured, self.stage_mask_tokens):
+            visible = tokens[:, vit.num_prefix_tokens :]  # (B, K, C)
+            full = fill_mask_tokens(visible, mask_token, patch_mask.ids_restore)  # (B, L, C)
+            stages.append(full.transpose(1, 2).reshape(full.shape[0], -1, *self.grid))  # (B, C, Hp, Wp)
+        return stages
+
+    def forward_decoder(self, stages: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """High-band prediction ``(B, M, *S)`` and low-band prediction ``(B, M, *S/low_pool)``."""
+        return self.decoder(stages)
+
+    def band_targets(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """High band of the image ``(B, M, *S, 2)`` and low band of the pooled image
+        ``(B, M, *S/low_pool, 2)``."""
+        return self.high_spectrum(images), self.low_spectrum(average_pool(images, self.low_pool, self.spatial_dims))
+
+    def high_spectrum(self, x: Tensor) -> Tensor:
+        mask = band_mask(x.shape[2:], self.radius, self.filter_kind, "high", x.device)
+        return apply_band(spectrum(x, self.spatial_dims), mask)
+
+    def low_spectrum(self, x: Tensor) -> Tensor:
+        mask = band_mask(x.shape[2:], self.radius, self.filter_kind, "low", x.device)
+        return apply_band(spectrum(x, self.spatial_dims), mask)
+
+    def forward_loss(self, images: Tensor, pred_high: Tensor, pred_low: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Total, high-band and low-band losses for the unmasked ``images`` ``(B, M, *S)``."""
+        if self.loss_kind == "pixel":
+            loss_high = F.mse_loss(pred_high.float(), images.float())
+            loss_low = F.mse_loss(pred_low.float(), average_pool(images, self.low_pool, self.spatial_dims).float())
+        else:
+            target_high, target_low = self.band_targets(images)
+            loss_high = focal_frequency_loss(self.high_spectrum(pred_high), target_high, self.focal_alpha)
+            loss_low = focal_frequency_loss(self.low_spectrum(pred_low), target_low, self.focal_alpha)
+        return self.high_weight * loss_high + self.low_weight * loss_low, loss_high, loss_low
+
+    # ------------------------------------------------------------------ API
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        images = self._images(batch)
+        masked = self.mask_input(batch)
+        stages = self.forward_encoder(masked.image if masked.patch_mask is None else images, masked.patch_mask)
+        pred_high, pred_low = self.forward_decoder(stages)
+        loss, loss_high, loss_low = self.forward_loss(images, pred_high, pred_low)
+        return {
+            "loss": loss,
+            "loss_high": loss_high.detach(),
+            "loss_low": loss_low.detach(),
+            "mask_ratio": masked.ratio.detach().float(),
+        }
+
+    @torch.no_grad()
+    def reconstruct(self, batch: dict) -> dict[str, Tensor]:
+        """Everything the reconstruction figure shows, for the samples of ``batch``.
+
+        Returns (``S`` = input size, ``s = S / low_pool``):
+            ``image`` ``(B, M, *S)``, ``masked`` ``(B, M, *S)``, ``mask`` ``(B, *S)``,
+            ``target_high``/``pred_high`` ``(B, M, *S)``: high-band images (inverse
+            spectra of the band-filtered target and prediction),
+            ``target_low``/``pred_low`` ``(B, M, *s)``: low-band images,
+            ``target_high_spectrum``/``pred_high_spectrum`` ``(B, M, *S)`` and
+            ``target_low_spectrum``/``pred_low_spectrum`` ``(B, M, *s)``: log(1 + |F|)
+            of the band-filtered spectra.
+        """
+        images = self._images(batch)
+        masked = self.mask_input(batch)
+        encoder_input = masked.image if masked.patch_mask is None else images
+        pred_high, pred_low = self.forward_decoder(self.forward_encoder(encoder_input, masked.patch_mask))
+        target_high, target_low = self.band_targets(images)
+        spectra = {
+            "high": (target_high, self.high_spectrum(pred_high)),
+            "low": (target_low, self.low_spectrum(pred_low)),
+        }
+        out = {"image": images, "masked": masked.image, "mask": masked.mask}
+        for band, (target, pred) in spectra.items():
+            out[f"target_{band}"] = inverse_spectrum(target, self.spatial_dims)
+            out[f"pred_{band}"] = inverse_spectrum(pred, self.spatial_dims)
+            out[f"target_{band}_spectrum"] = torch.log1p(target.norm(dim=-1))
+            out[f"pred_{band}_spectrum"] = torch.log1p(pred.norm(dim=-1))
+        return out
+
+    def _images(self, batch: dict) -> Tensor:
+        images = batch.get("image") if isinstance(batch, dict) else None
+        if images is None or images.ndim != 2 + self.spatial_dims:
+            shape = None if images is None else tuple(images.shape)
+            raise DataError(
+                f"FreMAE batch['image'] must be (B, M, *S) with {self.spatial_dims} spatial dims, got {shape}"
+            )
+        return images
+
+
+__all__ = ["FreMAE", "MaskedInput", "average_pool", "backbone_image_size"]

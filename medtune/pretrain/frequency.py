@@ -1,0 +1,254 @@
+"""Frequency-domain building blocks of FreMAE and MFM: spectra, band masks, focal loss.
+
+Everything here works for 2D and 3D alike: a tensor is ``(B, C, *S)`` and the spectrum is
+taken over the last ``spatial_dims`` axes only (``S = (H, W)`` or ``(H, W, D)``).
+
+Conventions
+-----------
+- A spectrum is ``fftshift(fftn(x, norm="ortho"))`` over the spatial axes, returned as
+  real numbers with (real, imag) stacked on a new last axis: ``(B, C, *S, 2)``. ``ortho``
+  makes the transform unitary, so spectrum energy equals image energy (Parseval).
+- After ``fftshift`` the zero frequency of an axis of length ``n`` sits at index
+  ``n // 2`` for even and odd ``n``; band masks are centred there.
+- The "central square of half-width r" holds the bins with ``|k - n//2| <= r`` on every
+  axis, i.e. ``2r + 1`` bins per axis (a cube in 3D). The official FreMIM code zeroes the
+  slice ``[n//2 - r, n//2 + r)``, ``2r`` bins, which drops the highest positive frequency
+  of the band and so breaks conjugate symmetry; medtune uses the symmetric square.
+- The circle (ball in 3D) keeps ``sum_k (k - n//2)^2 <= r^2``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+FilterKind = Literal["square", "circle"]
+BandKeep = Literal["low", "high"]
+
+
+def spatial_axes(spatial_dims: int) -> tuple[int, ...]:
+    """The last ``spatial_dims`` axes, e.g. ``(-2, -1)`` for 2D."""
+    if spatial_dims not in (1, 2, 3):
+        raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}")
+    return tuple(range(-spatial_dims, 0))
+
+
+def spectrum(x: Tensor, spatial_dims: int) -> Tensor:
+    """Centred orthonormal spectrum of ``x`` over its spatial axes.
+
+    Args:
+        x: ``(B, C, *S)`` real tensor.
+        spatial_dims: number of trailing spatial axes (2 or 3).
+
+    Returns:
+        ``(B, C, *S, 2)`` float tensor, (real, imag) on the last axis.
+    """
+    axes = spatial_axes(spatial_dims)
+    # FFTs need float32 (no bf16/half FFT on CPU, and poor accuracy in fp16 anyway).
+    freq = torch.fft.fftshift(torch.fft.fftn(x.float(), dim=axes, norm="ortho"), dim=axes)
+    return torch.view_as_real(freq)
+
+
+def inverse_spectrum(spec: Tensor, spatial_dims: int) -> Tensor:
+    """Image of a (band-limited) centred spectrum: the inverse of :func:`spectrum`.
+
+    ``(B, C, *S, 2) -> (B, C, *S)``, the real part of ``ifftn(ifftshift(F))``.
+    """
+    axes = spatial_axes(spatial_dims)
+    freq = torch.fft.ifftshift(torch.view_as_complex(spec.contiguous()), dim=axes)
+    return torch.fft.ifftn(freq, dim=axes, norm="ortho").real
+
+
+def band_mask(
+    shape: Sequence[int],
+    radius: float,
+    kind: FilterKind = "square",
+    keep: BandKeep = "low",
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Boolean mask over a centred (fftshifted) spectrum of spatial size ``shape``.
+
+    Args:
+        shape: spatial size ``S`` of the spectrum, e.g. ``(H, W)`` or ``(H, W, D)``.
+        radius: half-width ``r`` of the central square, or radius of the circle, in bins.
+        kind: ``"square"`` (``max_k |k - n_k//2| <= r``) or ``"circle"``
+            (``sum_k (k - n_k//2)^2 <= r^2``).
+        keep: ``"low"`` keeps the central region, ``"high"`` its complement; the two
+            partition the spectrum.
+
+    Returns:
+        ``S``-shaped bool tensor, True where a bin is kept.
+    """
+    if kind not in ("square", "circle"):
+        raise ValueError(f"band kind must be 'square' or 'circle', got {kind!r}")
+    if keep not in ("low", "high"):
+        raise ValueError(f"band keep must be 'low' or 'high', got {keep!r}")
+    # Offsets of each bin from the zero frequency (index n//2 after fftshift), per axis,
+    # broadcast against each other: ``(n_0, 1, 1)``, ``(1, n_1, 1)``, ...
+    offsets = []
+    for axis, n in enumerate(shape):
+        view = [1] * len(shape)
+        view[axis] = n
+        offsets.append((torch.arange(n, device=device) - n // 2).view(view))
+    if kind == "square":
+        central = torch.stack(torch.broadcast_tensors(*[o.abs() for o in offsets])).amax(0) <= radius
+    else:
+        central = sum(o.float() ** 2 for o in offsets) <= float(radius) ** 2
+    return central if keep == "low" else ~central
+
+
+def apply_band(spec: Tensor, mask: Tensor) -> Tensor:
+    """Zero the bins of ``spec`` ``(B, C, *S, 2)`` where ``mask`` ``(*S)`` is False."""
+    return spec * mask.unsqueeze(-1).to(spec.dtype)
+
+
+def high_band(
+    x: Tensor, radius: float, kind: FilterKind = "square", spatial_dims: int | None = None
+) -> Tensor:
+    """High-frequency target: the spectrum of ``x`` without its central region.
+
+    Args:
+        x: ``(B, C, *S)`` image (``spatial_dims`` defaults to ``x.ndim - 2``).
+
+    Returns:
+        ``(B, C, *S, 2)`` spectrum with the central square/circle of radius ``r`` zeroed.
+    """
+    spatial_dims = x.ndim - 2 if spatial_dims is None else spatial_dims
+    spec = spectrum(x, spatial_dims)
+    return apply_band(spec, band_mask(x.shape[-spatial_dims:], radius, kind, "high", x.device))
+
+
+def low_band(
+    x: Tensor,
+    radius: float,
+    pool: int = 4,
+    kind: FilterKind = "square",
+    spatial_dims: int | None = None,
+) -> Tensor:
+    """Low-frequency target: average-pool ``x`` by ``pool``, keep the central region.
+
+    Args:
+        x: ``(B, C, *S)`` image. With ``pool=1`` no pooling is done, which is how the
+            decoder's low-band prediction (already at ``S / pool``) is filtered.
+
+    Returns:
+        ``(B, C, *S/pool, 2)`` spectrum of the pooled image, zero outside the central
+        square/circle of radius ``r``.
+    """
+    spatial_dims = x.ndim - 2 if spatial_dims is None else spatial_dims
+    if pool > 1:
+        avg_pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[spatial_dims - 1]
+        x = avg_pool(x, kernel_size=pool, stride=pool)
+    spec = spectrum(x, spatial_dims)
+    return apply_band(spec, band_mask(x.shape[-spatial_dims:], radius, kind, "low", x.device))
+
+
+def focal_weight(pred_spec: Tensor, target_spec: Tensor, alpha: float = 1.0) -> Tensor:
+    """Spectrum weight matrix of the focal frequency loss (detached, in ``[0, 1]``).
+
+    ``w = log(1 + d^alpha)`` with ``d = |F_pred - F_true|`` per bin, divided by its maximum
+    over the bins of each (sample, channel); bins where the maximum is 0 get weight 0.
+
+    Args:
+        pred_spec, target_spec: ``(B, C, *S, 2)`` spectra.
+
+    Returns:
+        ``(B, C, *S)`` weights, no gradient.
+    """
+    with torch.no_grad():
+        distance = (pred_spec - target_spec).pow(2).sum(-1).sqrt()  # (B, C, *S)
+        weight = torch.log1p(distance.pow(alpha))
+        peak = weight.flatten(2).amax(-1)  # (B, C)
+        peak = peak.view(*peak.shape, *([1] * (weight.ndim - 2)))
+        weight = torch.where(peak > 0, weight / peak.clamp_min(torch.finfo(weight.dtype).tiny), 0.0)
+        return weight.clamp(0.0, 1.0)
+
+
+def focal_frequency_loss(pred_spec: Tensor, target_spec: Tensor, alpha: float = 1.0) -> Tensor:
+    """Focal frequency loss (Jiang et al., ICCV 2021) between two spectra.
+
+    ``L = mean(w * d^2)`` over all bins, samples and channels, where ``d^2`` is the squared
+    distance of the complex bins and ``w`` is :func:`focal_weight` (detached), which
+    focuses the loss on the frequencies that are currently hardest.
+
+    Args:
+        pred_spec, target_spec: ``(B, C, *S, 2)`` spectra (see :func:`spectrum`).
+
+    Returns:
+        scalar loss.
+    """
+    if pred_spec.shape != target_spec.shape:
+        raise ValueError(
+            f"focal_frequency_loss: pred spectrum {tuple(pred_spec.shape)} and target "
+            f"spectrum {tuple(target_spec.shape)} differ"
+        )
+    squared_distance = (pred_spec - target_spec).pow(2).sum(-1)  # (B, C, *S)
+    weight = focal_weight(pred_spec, target_spec, alpha)
+    return (weight * squared_distance).mean()
+
+
+class GlobalFilter(nn.Module):
+    """Learnable global filter in the frequency domain: ``x' = |IFFT(FFT(x) * W + B)| + x``.
+
+    ``W`` and ``B`` are real, one value per channel and frequency bin, initialised to 1
+    (as in FreMIM). They are stored for the frequency grid of ``spatial_size``; an input
+    of another spatial size uses ``W`` and ``B`` resampled (linear interpolation) to its
+    grid, so the filter works for any size while keeping the trained weights' meaning
+    (a smooth transfer function over normalised frequency).
+
+    Args:
+        channels: ``C`` of the input.
+        spatial_size: ``S`` for which ``W`` and ``B`` are stored (e.g. the image size for
+            the high-band path, image size / 4 for the low-band path).
+        spatial_dims: 2 or 3.
+
+    Shapes: ``(B, C, *S') -> (B, C, *S')`` for any ``S'``.
+    """
+
+    def __init__(self, channels: int, spatial_size: Sequence[int], spatial_dims: int) -> None:
+        super().__init__()
+        spatial_size = tuple(int(s) for s in spatial_size)
+        if len(spatial_size) != spatial_dims:
+            raise ValueError(f"spatial_size {spatial_size} does not have {spatial_dims} dims")
+        self.spatial_dims = spatial_dims
+        self.weight = nn.Parameter(torch.ones(channels, *spatial_size))  # W (C, *S)
+        self.bias = nn.Parameter(torch.ones(channels, *spatial_size))  # B (C, *S)
+
+    def _filter_for(self, size: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        if tuple(self.weight.shape[1:]) == size:
+            return self.weight, self.bias
+        mode = ("linear", "bilinear", "trilinear")[self.spatial_dims - 1]
+        both = torch.stack([self.weight, self.bias])  # (2, C, *S)
+        resized = F.interpolate(both, size=size, mode=mode, align_corners=True)
+        return resized[0], resized[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        axes = spatial_axes(self.spatial_dims)
+        weight, bias = self._filter_for(tuple(x.shape[-self.spatial_dims :]))
+        freq = torch.fft.fftn(x.float(), dim=axes, norm="ortho")  # (B, C, *S) complex
+        filtered = torch.fft.ifftn(freq * weight + bias, dim=axes, norm="ortho").abs()
+        return (filtered + x.float()).to(x.dtype)
+
+
+def mfm_radius(size: Sequence[int], radius_at_224: float = 16.0) -> float:
+    """MFM's band radius for an image of spatial size ``size``: 16 bins at 224 px, scaled
+    linearly with the smallest side (e.g. 4.57 at 64 px)."""
+    return radius_at_224 * min(size) / 224.0
+
+
+__all__ = [
+    "spatial_axes",
+    "spectrum",
+    "inverse_spectrum",
+    "band_mask",
+    "apply_band",
+    "high_band",
+    "low_band",
+    "focal_weight",
+    "focal_frequency_loss",
+    "GlobalFilter",
+    "mfm_radius",
+]
