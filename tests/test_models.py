@@ -73,6 +73,7 @@ def test_vit_stages_are_block_outputs_as_maps():
     assert backbone.feature_channels == (192,) * 4 and backbone.feature_strides == (16,) * 4
     assert (backbone.num_blocks, backbone.embed_dim, backbone.patch_size) == (4, 192, 16)
     assert backbone.out_indices == (0, 1, 2, 3)
+    assert {"model.pos_embed", "model.cls_token"} <= backbone.no_weight_decay()
 
     block_tokens = []
     hooks = [

@@ -128,6 +128,11 @@ class Backbone(nn.Module):
     def extract_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (ours, ``model.<...>``) timm exempts from weight decay."""
+        names = getattr(self.model, "no_weight_decay", None)
+        return {f"model.{name}" for name in names()} if callable(names) else set()
+
     def check_input(self, x: torch.Tensor) -> None:
         """Refuse an input whose rank, channels or size would give wrong stage shapes."""
         expected_ndim = 2 + self.spatial_dims
