@@ -125,15 +125,13 @@ def _root(cfg: DataConfig) -> Path:
 
 def split_cases(cases: list[Case], val_fraction: float) -> tuple[list[Case], list[Case]]:
     """Deterministic train/val split: cases ordered by a hash of their id, the first
-    ``ceil(n * val_fraction)`` go to validation (at least one when ``val_fraction > 0``
+    ``round(n * val_fraction)`` go to validation (at least one when ``val_fraction > 0``
     and there are two or more cases). Adding a case moves no other case across.
     """
-    import math
-
     if val_fraction <= 0 or len(cases) < 2:
         return list(cases), []
     ranked = sorted(cases, key=lambda c: hashlib.sha1(c.case_id.encode()).hexdigest())
-    n_val = min(max(1, math.ceil(len(cases) * val_fraction)), len(cases) - 1)
+    n_val = min(max(1, int(len(cases) * val_fraction + 0.5)), len(cases) - 1)
     val_ids = {c.case_id for c in ranked[:n_val]}
     return [c for c in cases if c.case_id not in val_ids], [c for c in cases if c.case_id in val_ids]
 

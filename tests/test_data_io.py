@@ -1,0 +1,235 @@
+"""medtune.data: case readers (BraTS/MSD/nnU-Net), load_case, bad inputs, check, CLI."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medtune.cli import main
+from medtune.data import Case, check_dataset, find_cases, load_case
+from medtune.errors import DataError
+
+CASE1 = "BraTS20_Training_001"
+CASE2 = "BraTS20_Training_002"
+
+
+@pytest.fixture
+def brats(tmp_path, synth_brats) -> Path:
+    """A private, writable copy of the shared synthetic dataset."""
+    return Path(shutil.copytree(synth_brats, tmp_path / "brats"))
+
+
+def _save(array: np.ndarray, path: Path) -> None:
+    nib.save(nib.Nifti1Image(array, np.eye(4)), str(path))
+
+
+def test_find_cases_brats_order_and_label(synth_brats):
+    cases = find_cases(synth_brats)
+    assert [c.case_id for c in cases] == [CASE1, CASE2, "BraTS20_Training_003"]
+    assert [p.name for p in cases[0].images] == [f"{CASE1}_{m}.nii.gz" for m in ("flair", "t1ce", "t1", "t2")]
+    assert cases[0].label.name == f"{CASE1}_seg.nii.gz"
+    t1_only = find_cases(synth_brats, "brats", modalities=("t1",))
+    assert [p.name for p in t1_only[0].images] == [f"{CASE1}_t1.nii.gz"]  # not t1ce
+
+
+def test_load_case_shapes_and_values(synth_brats):
+    case = find_cases(synth_brats)[0]
+    volume = load_case(case)
+    assert volume.image.shape == (4, 32, 32, 16) and volume.image.dtype == np.float32
+    assert volume.label.shape == (32, 32, 16) and volume.label.dtype == np.uint8
+    np.testing.assert_array_equal(volume.affine, np.eye(4))
+    t1 = nib.load(str(case.images[2])).get_fdata()
+    np.testing.assert_array_equal(volume.image[2], t1)  # modality order kept
+    assert volume.spacing == (1.0, 1.0, 1.0)
+
+
+def test_brats2019_nesting_and_case355_label_name(brats):
+    (brats / "HGG").mkdir()
+    (brats / "LGG").mkdir()
+    shutil.move(str(brats / CASE1), brats / "HGG" / CASE1)
+    shutil.move(str(brats / CASE2), brats / "LGG" / CASE2)
+    shutil.move(str(brats / "BraTS20_Training_003"), brats / "HGG" / "BraTS20_Training_003")
+    # BraTS20_Training_355 quirk: the label file is named otherwise
+    folder = brats / "HGG" / CASE1
+    label = nib.load(str(folder / f"{CASE1}_seg.nii.gz")).get_fdata().astype(np.uint8)
+    (folder / f"{CASE1}_seg.nii.gz").unlink()
+    _save(label, folder / "W39_1998.09.19_Segm.nii")
+    cases = find_cases(brats, require_labels=True)
+    assert [c.case_id for c in cases] == [CASE1, CASE2, "BraTS20_Training_003"]
+    assert cases[0].label.name == "W39_1998.09.19_Segm.nii"
+    np.testing.assert_array_equal(load_case(cases[0]).label, label)
+
+
+def _write_msd(root: Path) -> np.ndarray:
+    """Two 4D cases whose channel c holds the value 10 * (c + 1) inside a box."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    image = np.zeros((8, 9, 6, 4), np.float32)
+    for c in range(4):
+        image[2:6, 2:7, 1:5, c] = 10 * (c + 1)
+    label = np.zeros((8, 9, 6), np.uint8)
+    label[3:5, 3:5, 2:4] = 3
+    training = []
+    for name in ("BRATS_001", "BRATS_002"):
+        _save(image, root / "imagesTr" / f"{name}.nii.gz")
+        _save(label, root / "labelsTr" / f"{name}.nii.gz")
+        training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
+    meta = {
+        "name": "BRATS",
+        "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+        "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
+        "training": training,
+    }
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return label
+
+
+def test_msd_layout_4d_channels(tmp_path):
+    label = _write_msd(tmp_path)
+    cases = find_cases(tmp_path)  # auto -> msd, every channel in json order
+    assert [c.case_id for c in cases] == ["BRATS_001", "BRATS_002"] and cases[0].channels == (0, 1, 2, 3)
+    volume = load_case(cases[0])
+    assert volume.image.shape == (4, 8, 9, 6)
+    assert [volume.image[m].max() for m in range(4)] == [10, 20, 30, 40]
+    np.testing.assert_array_equal(volume.label, label)
+    # BraTS names select MSD channels through aliases: flair, t1ce(=t1gd), t1(=T1w), t2(=T2w)
+    brats_order = find_cases(tmp_path, "msd", modalities=("flair", "t1ce", "t1", "t2"))
+    assert brats_order[0].channels == (0, 2, 1, 3)
+    assert [load_case(brats_order[0]).image[m].max() for m in range(4)] == [10, 30, 20, 40]
+    assert check_dataset(tmp_path) == []  # labels 0..3 declared by dataset.json
+    with pytest.raises(DataError, match="modality 'pd'"):
+        find_cases(tmp_path, modalities=("pd",))
+
+
+def test_nnunet_layout(tmp_path):
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    for case in ("kid_000", "kid_001"):
+        for channel in range(2):
+            _save(np.full((5, 6, 7), channel + 1, np.float32), tmp_path / "imagesTr" / f"{case}_{channel:04d}.nii.gz")
+        _save(np.eye(5, 6, dtype=np.uint8)[..., None].repeat(7, -1), tmp_path / "labelsTr" / f"{case}.nii.gz")
+    meta = {"channel_names": {"0": "T2", "1": "ADC"}, "labels": {"background": 0, "tumor": 1},
+            "numTraining": 2, "file_ending": ".nii.gz"}
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    cases = find_cases(tmp_path)
+    assert [c.case_id for c in cases] == ["kid_000", "kid_001"]
+    assert [p.name for p in cases[1].images] == ["kid_001_0000.nii.gz", "kid_001_0001.nii.gz"]
+    volume = load_case(cases[1])
+    assert volume.image.shape == (2, 5, 6, 7) and volume.image[1].min() == 2
+    assert volume.label.sum() == 5 * 7
+    assert find_cases(tmp_path, modalities=("adc",))[0].images[0].name == "kid_000_0001.nii.gz"
+    assert check_dataset(tmp_path) == []
+    (tmp_path / "imagesTr" / "kid_001_0001.nii.gz").unlink()
+    with pytest.raises(DataError, match="case kid_001: modality file missing: .*kid_001_0001.nii.gz"):
+        find_cases(tmp_path)
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def test_missing_and_empty_folders(tmp_path, brats):
+    with pytest.raises(DataError, match="not found: .*nowhere"):
+        find_cases(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty: .*empty"):
+        find_cases(tmp_path / "empty")
+    (brats / "BraTS20_Training_004").mkdir()
+    with pytest.raises(DataError, match="case BraTS20_Training_004: folder .* holds no NIfTI"):
+        find_cases(brats)
+
+
+def test_missing_modality_file(brats):
+    (brats / CASE2 / f"{CASE2}_t1ce.nii.gz").unlink()
+    with pytest.raises(DataError, match=f"case {CASE2}: modality file missing: .*{CASE2}_t1ce.nii.gz"):
+        find_cases(brats)
+
+
+def test_missing_label_when_required(brats):
+    (brats / CASE1 / f"{CASE1}_seg.nii.gz").unlink()
+    assert find_cases(brats)[0].label is None
+    with pytest.raises(DataError, match=f"case {CASE1}: no label"):
+        find_cases(brats, require_labels=True)
+
+
+def test_modality_shape_mismatch(brats):
+    _save(np.ones((32, 32, 15), np.int16), brats / CASE1 / f"{CASE1}_t2.nii.gz")
+    with pytest.raises(DataError, match=f"case {CASE1}: .*{CASE1}_t2.nii.gz has shape \\(32, 32, 15\\)"):
+        load_case(find_cases(brats)[0])
+
+
+def test_label_shape_mismatch(brats):
+    _save(np.zeros((32, 31, 16), np.uint8), brats / CASE1 / f"{CASE1}_seg.nii.gz")
+    with pytest.raises(DataError, match=f"case {CASE1}: label .*{CASE1}_seg.nii.gz has shape"):
+        load_case(find_cases(brats)[0])
+
+
+def test_nan_voxels(brats):
+    data = np.ones((32, 32, 16), np.float32)
+    data[3, 4, 5] = np.nan
+    data[0, 0, 0] = np.inf
+    _save(data, brats / CASE2 / f"{CASE2}_flair.nii.gz")
+    with pytest.raises(DataError, match=f"case {CASE2}: 2 NaN/Inf voxels in .*{CASE2}_flair.nii.gz"):
+        load_case(find_cases(brats)[1])
+
+
+def test_corrupt_nifti(brats):
+    path = brats / CASE1 / f"{CASE1}_t1.nii.gz"
+    path.write_bytes(path.read_bytes()[:200])  # truncated gzip stream
+    with pytest.raises(DataError, match=f"case {CASE1}: cannot read NIfTI.* {path}"):
+        load_case(find_cases(brats)[0])
+    path.write_bytes(gzip.compress(b"not a nifti header at all" * 20))
+    with pytest.raises(DataError, match=f"case {CASE1}: cannot read NIfTI {path}"):
+        load_case(find_cases(brats)[0])
+
+
+def test_missing_file_in_case(tmp_path):
+    case = Case("lonely", [tmp_path / "lonely_flair.nii.gz"])
+    with pytest.raises(DataError, match="case lonely: file not found: .*lonely_flair.nii.gz"):
+        load_case(case)
+
+
+# ---------------------------------------------------------------- check and CLI
+
+
+def test_check_dataset_reports_every_problem(brats, synth_brats):
+    assert check_dataset(synth_brats) == []
+    label = nib.load(str(brats / CASE1 / f"{CASE1}_seg.nii.gz")).get_fdata().astype(np.uint8)
+    label[0, 0, 0] = 3  # not a BraTS 2020 value
+    _save(label, brats / CASE1 / f"{CASE1}_seg.nii.gz")
+    (brats / CASE2 / f"{CASE2}_t2.nii.gz").unlink()
+    _save(np.full((32, 32, 16), np.nan, np.float32), brats / "BraTS20_Training_003" / "BraTS20_Training_003_t1.nii.gz")
+    problems = check_dataset(brats)
+    assert len(problems) == 3, problems
+    assert any(CASE1 in p and "seg.nii.gz" in p and "[3]" in p for p in problems)
+    assert any(CASE2 in p and f"{CASE2}_t2.nii.gz" in p for p in problems)
+    assert any("BraTS20_Training_003" in p and "NaN/Inf" in p for p in problems)
+    # BraTS 2023 numbering accepts 3 (and then refuses 4, which case 1 also has)
+    problems_2023 = check_dataset(brats, label_values=[0, 1, 2, 3])
+    assert any(CASE1 in p and "[4]" in p for p in problems_2023)
+
+
+def test_check_dataset_shape_mismatch_names_file(brats):
+    _save(np.ones((30, 32, 16), np.int16), brats / CASE2 / f"{CASE2}_t1ce.nii.gz")
+    problems = check_dataset(brats)
+    assert len(problems) == 1 and CASE2 in problems[0] and f"{CASE2}_t1ce.nii.gz" in problems[0]
+
+
+def test_cli_check_and_synth(tmp_path, brats, capsys):
+    assert main(["data", "check", str(brats)]) == 0
+    assert "ok: 3 cases" in capsys.readouterr().out
+    (brats / CASE1 / f"{CASE1}_flair.nii.gz").write_bytes(b"garbage")
+    assert main(["data", "check", str(brats), "--layout", "brats"]) == 2
+    out = capsys.readouterr().out
+    assert CASE1 in out and f"{CASE1}_flair.nii.gz" in out
+    assert main(["data", "check", str(tmp_path / "missing")]) == 2
+    out_dir = tmp_path / "synth"
+    assert main(["data", "synth", "--out", str(out_dir), "--cases", "2", "--shape", "16", "16", "8"]) == 0
+    assert str(out_dir) in capsys.readouterr().out
+    assert [c.case_id for c in find_cases(out_dir)] == [CASE1, CASE2]
+    assert nib.load(str(out_dir / CASE2 / f"{CASE2}_t1.nii.gz")).shape == (16, 16, 8)
