@@ -172,7 +172,7 @@ class ImageLevels:
     """
 
     levels: list[torch.Tensor]
-    patch_embeds: torch.Tensor
+    patch_embeds: torch.Tensor | None
     grid: tuple[int, int]
 
 
@@ -204,6 +204,7 @@ def encode_image_levels(
     num_levels: int = 3,
     patch_mask: torch.Tensor | None = None,
     mask_token: torch.Tensor | None = None,
+    with_patch_embeds: bool = True,
 ) -> ImageLevels:
     """Multi-level image features, optionally with masked patches.
 
@@ -213,6 +214,8 @@ def encode_image_levels(
             the stride-32 grid), True = replace by ``mask_token``.
         mask_token: ViT ``(C,)`` token replacing patch embeddings; ResNet ``(3,)``
             colour filling the masked cells of the input image.
+        with_patch_embeds: also compute ``patch_embeds`` (without gradients: they only
+            guide masking); otherwise it is None.
     """
     visual = model.visual
     if is_vit(model):
@@ -230,8 +233,11 @@ def encode_image_levels(
         levels = [
             block_outputs[i][:, 1:].transpose(1, 2).reshape(batch, width, grid_h, grid_w) for i in indices
         ]  # each [B, C, Hg, Wg]
-        tokens = visual.ln_post(x[:, 1:])  # [B, N, C]
-        patch_embeds = tokens @ visual.proj if visual.proj is not None else tokens  # [B, N, E]
+        patch_embeds = None
+        if with_patch_embeds:
+            with torch.no_grad():
+                tokens = visual.ln_post(x[:, 1:])  # [B, N, C]
+                patch_embeds = tokens @ visual.proj if visual.proj is not None else tokens  # [B, N, E]
         return ImageLevels(levels, patch_embeds, (grid_h, grid_w))
     if patch_mask is not None:
         images = _fill_masked_cells(images, patch_mask, mask_token, cell=32)
@@ -241,9 +247,12 @@ def encode_image_levels(
     c4 = visual.layer3(c3)  # stride 16
     c5 = visual.layer4(c4)  # stride 32
     levels = [c3, c4, c5][-num_levels:]
-    pool = visual.attnpool
-    dense = c5.flatten(2).transpose(1, 2)  # [B, N, C5]
-    patch_embeds = pool.c_proj(pool.v_proj(dense))  # [B, N, E]: MaskCLIP-style dense embedding
+    patch_embeds = None
+    if with_patch_embeds:
+        with torch.no_grad():
+            pool = visual.attnpool
+            dense = c5.flatten(2).transpose(1, 2)  # [B, N, C5]
+            patch_embeds = pool.c_proj(pool.v_proj(dense))  # [B, N, E]: MaskCLIP-style dense embedding
     return ImageLevels(levels, patch_embeds, (c5.shape[2], c5.shape[3]))
 
 
