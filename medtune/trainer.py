@@ -114,7 +114,7 @@ class TrainConfig:
     save_every: int = 0  # optimizer steps between resumable states (and at the end); 0 never saves
     keep_last: int = 2  # how many saved states to keep under run_dir/state
     eval_every: int = 0  # optimizer steps between evaluate() calls (0: only at the end)
-    num_workers: int = 0  # DataLoader worker processes per training process
+    num_workers: int | None = None  # DataLoader workers of build_loader; None: the run's data.num_workers (CLIs) or 0
     find_unused_parameters: bool = False  # DDP flag for models with parameters unused in forward
     trackers: list[str] = field(default_factory=list)  # extra loggers, e.g. ["tensorboard"]
     optim: OptimConfig = field(default_factory=OptimConfig)  # the optimizer
@@ -124,13 +124,15 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "log_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("save_every", "eval_every", "num_workers"):
+        for name in ("save_every", "eval_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(
                 f"train.mixed_precision must be auto, no, bf16 or fp16, got '{self.mixed_precision}'"
             )
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError(f"train.num_workers must be >= 0 or null, got {self.num_workers}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"train.grad_clip must be > 0 or null, got {self.grad_clip}")
 
@@ -200,22 +202,25 @@ def build_loader(
     shuffle: bool = True,
     drop_last: bool = True,
     collate_fn: Callable | None = None,
+    num_workers: int | None = None,
 ) -> DataLoader:
     """The per-process training loader for :func:`train`.
 
     Shuffling uses a plain ``RandomSampler``; once the loader is prepared by Accelerate
     it becomes a sampler reseeded with ``cfg.seed + epoch`` on every process, which is
-    what makes the data order reproducible on resume.
+    what makes the data order reproducible on resume. Workers: ``num_workers``, else
+    ``cfg.num_workers``, else 0. They are not persistent, so that a dataset's
+    ``set_epoch`` (called by :func:`train`) reaches them.
     """
     sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
+    workers = num_workers if num_workers is not None else (cfg.num_workers or 0)
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,
         sampler=sampler,
         drop_last=drop_last,
-        num_workers=cfg.num_workers,
+        num_workers=workers,
         collate_fn=collate_fn,
-        persistent_workers=cfg.num_workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
 
@@ -480,6 +485,8 @@ def _batch_stream(loader, batches_per_epoch: int, consumed: int) -> Iterator[Any
     epoch, skip = divmod(consumed, batches_per_epoch)
     while True:
         loader.set_epoch(epoch)  # the seedable sampler shuffles with seed + epoch
+        if hasattr(loader.dataset, "set_epoch"):  # e.g. crop positions; Accelerate skips it when sharded
+            loader.dataset.set_epoch(epoch)
         source = skip_first_batches(loader, skip) if skip else loader
         if skip:
             source.set_epoch(epoch)

@@ -1,0 +1,304 @@
+"""``medtune pretrain``: self-supervised pretraining of a backbone (FreMAE, MAE, SimMIM, MFM).
+
+    medtune pretrain --config configs/fremae_swinunetr2d_brats.yaml --data data/BraTS2020 \\
+        [--output DIR] [--set train.max_steps=5 ...] [--resume latest|DIR]
+
+The same command runs on one process or many::
+
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m medtune pretrain ...
+    accelerate launch --num_processes 8 -m medtune pretrain ...          # 8 GPUs
+
+The run folder (default ``checkpoints/<config stem>-<YYYYmmdd-HHMMSS>``) receives
+``config.json`` (the resolved config), ``metrics.jsonl``, ``state/`` (resumable), and at
+the end ``backbone.safetensors`` (the encoder: what finetuning loads),
+``pretrain.safetensors`` (encoder + decoder) and ``reconstruction.png``. A folder that
+already holds a run is never overwritten unless ``--resume`` continues it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from medtune.errors import CheckpointError, ConfigError, DataError, MedtuneError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OUTPUT_PARENT = Path("checkpoints")
+CONFIG_FILE = "config.json"
+BACKBONE_FILE = "backbone.safetensors"
+PRETRAIN_FILE = "pretrain.safetensors"
+FIGURE_FILE = "reconstruction.png"
+# what makes a folder "hold a run" that a fresh run must not overwrite (a run that failed
+# before its first save left only config.json/metrics.jsonl, which a new run replaces)
+RUN_MARKERS = (BACKBONE_FILE, PRETRAIN_FILE, "state")
+
+T = TypeVar("T")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/fremae_swinunetr2d_brats.yaml")
+    parser.add_argument("--data", default=None, help="dataset folder (sets data.root)")
+    parser.add_argument(
+        "--output", default=None,
+        help="run folder (default checkpoints/<config stem>-<YYYYmmdd-HHMMSS>)",
+    )
+    parser.add_argument(
+        "--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+        help="override config keys, e.g. --set train.max_steps=5 train.optim.lr=3e-4",
+    )
+    parser.add_argument(
+        "--resume", default=None, metavar="latest|DIR",
+        help="continue a run: 'latest' (newest saved state of --output, or of the newest "
+        "checkpoints/<config stem>-* run) or a run folder / state/step_N folder",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from medtune.pretrain.config import load_pretrain_config
+    from medtune.trainer import make_accelerator
+
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its save/load chatter
+    overrides = list(args.overrides)
+    if args.data is not None:
+        overrides.append(f"data.root={json.dumps(str(args.data))}")  # JSON: always a YAML string
+    cfg = load_pretrain_config(args.config, overrides)
+    if cfg.data.root is None:
+        raise ConfigError(f"{args.config}: no dataset; pass --data or set data.root")
+
+    accelerator = make_accelerator(cfg.train)
+    run_dir = _agree(accelerator, lambda: choose_run_dir(args.config, args.output, args.resume))
+    resume = None if args.resume is None else ("latest" if args.resume == "latest" else args.resume)
+    check_run_dir(run_dir, resuming=resume is not None)
+    accelerator.wait_for_everyone()  # every rank checked before anything is written
+
+    dataset = _main_first(accelerator, lambda: _build_dataset(cfg, run_dir, accelerator.is_main_process))
+    objective = _build_objective(cfg)
+    if accelerator.is_main_process:
+        _write_config(cfg, run_dir, resuming=resume is not None)
+    result = _train(objective, dataset, cfg, run_dir, resume, accelerator)
+
+    if accelerator.is_main_process:
+        written = save_outputs(objective, dataset, cfg, run_dir)
+        print(f"pretrained {cfg.objective.name} on {cfg.backbone.name} for {result.step} steps "
+              f"({result.samples_per_s:.1f} samples/s); run folder: {run_dir}")
+        print(f"encoder weights (for finetuning): {written['backbone']}")
+        print(f"encoder + decoder weights:        {written['pretrain']}")
+        if "figure" in written:
+            print(f"reconstruction figure:            {written['figure']}")
+        print(f"config:                           {run_dir / CONFIG_FILE}")
+    accelerator.wait_for_everyone()
+    return 0
+
+
+# --------------------------------------------------------------------------- run folder
+
+
+def choose_run_dir(config_path: str | Path, output: str | None, resume: str | None) -> Path:
+    """``--output``; else the run that ``--resume`` names; else a new timestamped folder."""
+    if output is not None:
+        return Path(output)
+    stem = Path(config_path).stem
+    if resume == "latest":
+        candidates = sorted(
+            (p for p in DEFAULT_OUTPUT_PARENT.glob(f"{stem}-*") if (p / "state").is_dir()),
+            key=lambda p: p.stat().st_mtime,
+        )
+        if not candidates:
+            raise CheckpointError(
+                f"--resume latest: no run of '{stem}' with saved state under {DEFAULT_OUTPUT_PARENT}/ "
+                f"(pass --output RUN_DIR)"
+            )
+        return candidates[-1]
+    if resume is not None:
+        path = Path(resume)
+        if path.parent.name == "state":  # a state/step_N folder
+            return path.parent.parent
+        return path
+    return DEFAULT_OUTPUT_PARENT / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_run_dir(run_dir: Path, resuming: bool) -> None:
+    """A fresh run refuses a folder that holds a run; a resumed one needs its state."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run folder {run_dir} is a file")
+    held = [name for name in RUN_MARKERS if (run_dir / name).exists()]
+    if not resuming and held:
+        raise CheckpointError(
+            f"run folder {run_dir} already holds a run ({', '.join(held)}); "
+            f"continue it with --resume latest or choose another --output"
+        )
+    if resuming and not (run_dir / "state").is_dir():
+        raise CheckpointError(f"run folder {run_dir} has no saved state to resume (state/ is missing)")
+
+
+def _write_config(cfg, run_dir: Path, resuming: bool) -> None:
+    from medtune.checkpoints.io import load_json, save_json
+    from medtune.config import to_dict
+
+    resolved = to_dict(cfg)
+    path = run_dir / CONFIG_FILE
+    if resuming and path.is_file():
+        before = _flatten(load_json(path))
+        changed = sorted(k for k, v in _flatten(resolved).items() if before.get(k) != v)
+        if changed:
+            log.warning("resuming with a changed config: %s", ", ".join(changed))
+    save_json(resolved, path)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _build_dataset(cfg, run_dir: Path, show_progress: bool):
+    from medtune.data.config import build_pretrain_dataset
+
+    dataset = build_pretrain_dataset(cfg.data, run_dir, show_progress=show_progress)
+    if len(dataset) == 0:
+        raise DataError(f"{cfg.data.root}: no training samples (data.min_foreground too high?)")
+    first = dataset[0]["image"]
+    if first.shape[0] != cfg.backbone.in_chans:
+        raise DataError(
+            f"{cfg.data.root}: cases have {first.shape[0]} modalities but backbone.in_chans is "
+            f"{cfg.backbone.in_chans}"
+        )
+    return dataset
+
+
+def _build_objective(cfg):
+    import torch
+    from accelerate.utils import set_seed
+
+    from medtune.models import create_backbone
+    from medtune.pretrain.objectives import build_objective
+
+    set_seed(cfg.train.seed)  # the same initial weights on every process and every rerun
+    backbone = create_backbone(cfg.backbone)
+    objective = build_objective(cfg.objective, backbone)
+    if not isinstance(getattr(objective, "backbone", None), torch.nn.Module):
+        raise ConfigError(f"objective '{cfg.objective.name}' does not expose its .backbone")
+    return objective
+
+
+def _train(objective, dataset, cfg, run_dir: Path, resume, accelerator):
+    from medtune.trainer import build_loader, train
+
+    workers = cfg.train.num_workers if cfg.train.num_workers is not None else cfg.data.num_workers
+    loader = build_loader(dataset, cfg.train, num_workers=workers)
+    unit = "slices" if cfg.data.mode == "2d" else "crops"
+    return train(objective, loader, cfg.train, run_dir, resume=resume, accelerator=accelerator, unit=unit)
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def save_outputs(objective, dataset, cfg, run_dir: Path) -> dict[str, Path]:
+    """Write the encoder, the whole objective and the figure (main process only)."""
+    from medtune.checkpoints.io import save_safetensors
+
+    meta = {"format": "medtune", "kind": "pretrain", "objective": cfg.objective.name, "backbone": cfg.backbone.name}
+    written = {
+        "backbone": save_safetensors(objective.backbone.state_dict(), run_dir / BACKBONE_FILE, meta),
+        "pretrain": save_safetensors(objective.state_dict(), run_dir / PRETRAIN_FILE, meta),
+    }
+    if cfg.figure:
+        figure = _save_figure(objective, dataset, cfg, run_dir / FIGURE_FILE)
+        if figure is not None:
+            written["figure"] = figure
+    return written
+
+
+def _save_figure(objective, dataset, cfg, path: Path) -> Path | None:
+    import torch
+    from torch.utils.data import default_collate
+
+    try:
+        from medtune.pretrain.figure import save_reconstruction
+    except ImportError as exc:
+        log.warning("no reconstruction figure: %s", exc)
+        return None
+    count = min(cfg.figure_samples, len(dataset))
+    # the samples with the most foreground make a readable figure; the first ones are often empty
+    batch = default_collate([dataset[i] for i in _figure_indices(dataset, count)])
+    device = next(objective.parameters()).device
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    was_training = objective.training
+    objective.eval()
+    try:
+        torch.manual_seed(cfg.train.seed)  # the same masks every time the figure is drawn
+        reconstruction = objective.reconstruct(batch)
+        title = f"{cfg.objective.name} on {cfg.backbone.name}, modality 0"
+        save_reconstruction(path, reconstruction, max_samples=count, title=title)
+    finally:
+        objective.train(was_training)
+    return path
+
+
+def _figure_indices(dataset, count: int) -> list[int]:
+    """``count`` evenly spread samples (deterministic), preferring ones with foreground."""
+    total = len(dataset)
+    probe = sorted({round(i * (total - 1) / max(1, 4 * count - 1)) for i in range(4 * count)})
+    scored = sorted(probe, key=lambda i: -float(dataset[i]["foreground"].float().mean()))
+    return sorted(scored[:count])
+
+
+# --------------------------------------------------------------------------- multi-process
+
+
+def _agree(accelerator, decide: Callable[[], T]) -> T:
+    """``decide()`` on the main process, the same answer on all (e.g. a timestamped name)."""
+    if accelerator.num_processes == 1:
+        return decide()
+    from accelerate.utils import broadcast_object_list
+
+    box: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            box = [("ok", decide())]
+        except MedtuneError as exc:
+            box = [("error", exc)]
+    broadcast_object_list(box)
+    status, value = box[0]
+    if status == "error":
+        raise value
+    return value
+
+
+def _main_first(accelerator, build: Callable[[], T]) -> T:
+    """Run ``build`` on the main process first (it fills shared caches), then on the others.
+
+    Unlike ``accelerator.main_process_first``, an error on the main process reaches the
+    other processes (they raise it too) instead of leaving them waiting at a barrier.
+    """
+    if accelerator.num_processes == 1:
+        return build()
+    from accelerate.utils import broadcast_object_list
+
+    result: Any = None
+    failure: BaseException | None = None
+    if accelerator.is_main_process:
+        try:
+            result = build()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, on every process
+            failure = exc
+    box = [None if failure is None else (type(failure).__name__, str(failure))]
+    broadcast_object_list(box)
+    if failure is not None:
+        raise failure
+    if box[0] is not None:
+        name, message = box[0]
+        error_type = {cls.__name__: cls for cls in (DataError, ConfigError, CheckpointError)}.get(name, MedtuneError)
+        raise error_type(message)
+    return result if accelerator.is_main_process else build()
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        flat: dict[str, Any] = {}
+        for key, value in tree.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: tree}
