@@ -71,6 +71,7 @@ def test_cache_hits_are_memmaps_and_never_decode_nifti(synth_brats, tmp_path, mo
         cached = second.load(i)
         assert isinstance(cached.image, np.memmap) and isinstance(cached.label, np.memmap)
         assert not cached.image.flags.writeable
+        assert cached.image.flags.f_contiguous  # a slice along the last axis is contiguous
         assert second.meta(i) == first.meta(i)
     item = SliceDataset(second, 16, with_label=True)[7]
     assert item["image"].shape == (4, 16, 16)
@@ -96,10 +97,19 @@ def test_cache_invalidated_when_source_changes(synth_brats, tmp_path, monkeypatc
     assert cache.meta(2)["sources"][0]["mtime_ns"] == stat.st_mtime_ns + 10**9
 
 
-def test_cache_concurrent_builders_agree(synth_brats, tmp_path):
+def test_cache_concurrent_builders_agree(synth_brats, tmp_path, monkeypatch):
     cases = find_cases(synth_brats)
+    builds = []
+    real_build = VolumeCache._build_case
+
+    def counting_build(self, index):
+        builds.append(index)
+        return real_build(self, index)
+
+    monkeypatch.setattr(VolumeCache, "_build_case", counting_build)
     with ThreadPoolExecutor(2) as pool:
         caches = list(pool.map(lambda _: VolumeCache(cases, tmp_path, show_progress=False), range(2)))
+    assert sorted(builds) == [0, 1, 2]  # each case built once; the waiting builder reused it
     for i in range(len(cases)):
         np.testing.assert_array_equal(caches[0].load(i).image, caches[1].load(i).image)
     leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]

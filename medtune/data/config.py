@@ -137,7 +137,7 @@ def split_cases(cases: list[Case], val_fraction: float) -> tuple[list[Case], lis
 
 
 def build_pretrain_dataset(
-    cfg: DataConfig, run_dir: str | Path | None = None, show_progress: bool = True
+    cfg: DataConfig, run_dir: str | Path | None = None, show_progress: bool | None = None
 ) -> Dataset:
     """Unlabeled samples of every case: :class:`SliceDataset` (2d) or :class:`CropDataset` (3d)."""
     cases = find_cases(_root(cfg), cfg.layout, cfg.modalities)
@@ -151,7 +151,7 @@ def build_labeled_dataset(
     cfg: DataConfig,
     split: Literal["train", "val", "all"] = "train",
     run_dir: str | Path | None = None,
-    show_progress: bool = True,
+    show_progress: bool | None = None,
 ) -> Dataset:
     """Labeled samples of one split.
 

@@ -139,9 +139,10 @@ class SliceDataset(_CacheDataset):
         in_plane = [n for a, n in enumerate(self.cache.spatial_shape(case_index)) if a != self.axis]
         starts = random_starts(self._rng(index), in_plane, self.img_size)
 
-        def cut(array: np.ndarray) -> np.ndarray:  # (..., H, W, D) -> (..., h, w) at slice_index
-            plane = np.take(array, slice_index, axis=array.ndim - 3 + self.axis)
-            return read_window(plane, starts, self.img_size)
+        plane_index = (Ellipsis,) + tuple(slice_index if a == self.axis else slice(None) for a in range(3))
+
+        def cut(array: np.ndarray) -> np.ndarray:  # (..., H, W, D) -> (..., s, s) at slice_index
+            return read_window(array[plane_index], starts, self.img_size)  # a view until the window copy
 
         item = {
             "image": torch.from_numpy(cut(volume.image)),
@@ -242,10 +243,10 @@ class VolumeDataset(_CacheDataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         volume = self.cache.load(index)
         item = {
-            "image": torch.from_numpy(np.array(volume.image)),
-            "foreground": torch.from_numpy(np.array(volume.foreground)),
+            "image": torch.from_numpy(np.ascontiguousarray(volume.image)),
+            "foreground": torch.from_numpy(np.ascontiguousarray(volume.foreground)),
             "case_index": torch.tensor(index, dtype=torch.int64),
         }
         if self.with_label:
-            item["label"] = self._label_index(np.array(volume.label), index)
+            item["label"] = self._label_index(np.ascontiguousarray(volume.label), index)
         return item
