@@ -13,6 +13,7 @@ is, with a 3D decoder; the same class serves both.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Callable, ContextManager
 
 import torch
@@ -80,6 +81,9 @@ class SliceSegmenter(nn.Module):
         self._slice_context = slice_context
         self.self_distill = self_distill
         self.gradient_checkpointing = False
+        # set by load_segmenter / finetune_segmentation for whole-volume prediction
+        self.label_spec = None
+        self.roi_size: tuple[int, ...] | None = None
 
     def set_gradient_checkpointing(self, enable: bool = True) -> None:
         """Recompute backbone block activations in backward instead of storing them.
@@ -120,6 +124,17 @@ class SliceSegmenter(nn.Module):
         """Softmax Dice + CE of ``logits (B, K, *S)`` against class indices ``(B, *S)``."""
         return self.loss_fn(logits, label[:, None].long())
 
+    def predict_volume(self, image, *, overlap: float = 0.25, tta: bool = False, sw_batch_size: int = 1):
+        """Raw image ``(M, H, W, D)`` (numpy) -> label map ``(H, W, D)`` uint8 in the
+        dataset's values; needs a model from :func:`medtune.finetune.load_segmenter`."""
+        from medtune.finetune.inference import predict_label_map
+
+        if getattr(self, "label_spec", None) is None or getattr(self, "roi_size", None) is None:
+            raise ConfigError("predict_volume needs a model loaded with medtune.finetune.load_segmenter")
+        return predict_label_map(
+            self, image, self.label_spec.values, self.roi_size, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta
+        )
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         image, label = batch["image"], batch["label"]
         logits = self.forward_logits(image)
@@ -130,3 +145,191 @@ class SliceSegmenter(nn.Module):
             out["loss"] = seg_loss + distill
             out["self_distill"] = distill.detach()
         return out
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _persistent_slice_context(backbone: nn.Module, num_slices: int) -> ContextManager:
+    """Leave ``T`` set after the forward: checkpointed blocks recompute during backward."""
+    from medtune.adapters import set_num_slices
+
+    set_num_slices(backbone, num_slices)
+    return contextlib.nullcontext()
+
+
+def build_segmenter(
+    cfg,
+    num_classes: int,
+    *,
+    load_pretrained: bool = True,
+    base_state: dict[str, torch.Tensor] | None = None,
+) -> tuple[SliceSegmenter, dict[str, torch.Tensor]]:
+    """Backbone -> (base weights) -> adapter -> decoder -> :class:`SliceSegmenter`.
+
+    Args:
+        cfg: a :class:`medtune.finetune.config.FinetuneConfig`.
+        num_classes: K (the dataset's label values, background included).
+        load_pretrained: load ``cfg.backbone.pretrained`` (False when the weights come
+            from a finetuned checkpoint anyway).
+        base_state: backbone weights (``backbone.state_dict()`` names) loaded before
+            the adapter is injected (an adapter export's base weights).
+
+    Returns:
+        ``(segmenter, base backbone state)``; the base state is the backbone as it was
+        before the adapter, i.e. what ``backbone.safetensors`` of the run holds.
+    """
+    import dataclasses
+
+    from medtune.adapters import adapter_config_from_dict, apply_adapter, slice_context
+    from medtune.checkpoints.io import load_state
+    from medtune.models.backbones import create_backbone
+    from medtune.models.decoders import create_decoder
+
+    backbone_cfg = cfg.backbone if load_pretrained else dataclasses.replace(cfg.backbone, pretrained=None)
+    backbone = create_backbone(backbone_cfg)
+    roi = cfg.roi_size
+    if backbone.img_size is not None and tuple(roi[:2]) != (backbone.img_size,) * 2:
+        raise ConfigError(
+            f"data.crop_size {list(roi)} must start with the backbone's img_size "
+            f"{backbone.img_size} (crops are (img_size, img_size, slices))"
+        )
+    if base_state is not None:
+        load_state(backbone, base_state, strict=True, source="base backbone weights")
+    base = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+    apply_adapter(backbone, adapter_config_from_dict(cfg.adapter))
+    decoder = create_decoder(
+        cfg.model.decoder,
+        backbone.feature_channels,
+        backbone.feature_strides,
+        num_classes,
+        backbone.spatial_dims,
+        **cfg.model.decoder_options,
+    )
+    self_distill = None
+    if cfg.self_distill is not None:
+        from medtune.finetune.self_distill import SelfDistillation
+
+        self_distill = SelfDistillation(cfg.self_distill)
+    model = SliceSegmenter(
+        backbone,
+        decoder,
+        num_classes,
+        lambda_dice=cfg.model.lambda_dice,
+        lambda_ce=cfg.model.lambda_ce,
+        dice_include_background=cfg.model.dice_include_background,
+        slice_context=_persistent_slice_context if cfg.model.gradient_checkpointing else slice_context,
+        self_distill=self_distill,
+    )
+    if cfg.model.gradient_checkpointing:
+        model.set_gradient_checkpointing(True)
+    return model, base
+
+
+def trained_state_dict(model: SliceSegmenter) -> dict[str, torch.Tensor]:
+    """What finetuning changed: the adapter's tensors (incl. trained backbone extras and
+    the adapter's buffers) and the whole decoder, by ``model.state_dict()`` name."""
+    from medtune.adapters import adapter_state_dict
+
+    state = {f"backbone.{k}": v for k, v in adapter_state_dict(model.backbone).items()}
+    state.update({f"decoder.{k}": v.detach() for k, v in model.decoder.state_dict().items()})
+    return state
+
+
+# --------------------------------------------------------------------------- training
+
+
+@torch.no_grad()
+def validate_segmenter(model: SliceSegmenter, val_set, label_spec, roi_size, cfg, accelerator=None) -> dict[str, float]:
+    """Mean Dice per region over held-out whole volumes (sliding window, BraTS rules).
+
+    ``val_set`` is a :class:`medtune.data.VolumeDataset` with labels (cropped volumes);
+    ``cfg`` a :class:`ValidationConfig`. With several processes each one scores every
+    ``num_processes``-th case and the scores are gathered, so no case is done twice.
+    Returns ``{"Dice_<region>": .., "Dice_mean": ..}``.
+    """
+    from medtune.finetune.inference import sliding_window_probs
+    from medtune.finetune.metrics import dice_scores
+
+    count = len(val_set) if cfg.max_cases is None else min(cfg.max_cases, len(val_set))
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    rows = []
+    for index in range(rank, count, world):
+        item = val_set[index]
+        probs = sliding_window_probs(
+            model, item["image"], roi_size, overlap=cfg.overlap, sw_batch_size=cfg.sw_batch_size,
+            tta=cfg.tta, mode=cfg.mode,
+        )  # (K, h, w, d)
+        pred_masks = label_spec.index_region_masks(probs.argmax(0))
+        true_masks = label_spec.index_region_masks(item["label"])
+        rows.append(dice_scores(pred_masks, true_masks).tolist())
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        rows = gather_object(rows)
+    scores = torch.tensor(rows, dtype=torch.float64).mean(0).tolist()
+    metrics = {f"Dice_{name}": value for name, value in zip(label_spec.region_names, scores)}
+    metrics["Dice_mean"] = sum(scores) / len(scores)
+    return metrics
+
+
+def finetune_segmentation(cfg, run_dir: str | Path, resume: str | Path | None = None):
+    """Finetune ``cfg`` (a FinetuneConfig) into ``run_dir``; returns the TrainResult.
+
+    Writes ``config.json`` and ``backbone.safetensors`` first, validates every
+    ``train.eval_every`` steps on the held-out cases (keeping ``best/``), and writes
+    ``model.safetensors`` + ``adapter_config.json`` + ``adapter_model.safetensors`` at
+    the end (main process only).
+    """
+    from medtune.checkpoints.export import (
+        BACKBONE_FILE,
+        BEST_DIR,
+        CONFIG_FILE,
+        MODEL_FILE,
+        run_config_dict,
+        save_trained_weights,
+    )
+    from medtune.checkpoints.io import save_json, save_safetensors
+    from medtune.data.config import build_labeled_dataset, label_spec_for
+    from medtune.trainer import higher_is_better, make_accelerator, train
+
+    run_dir = Path(run_dir)
+    accelerator = make_accelerator(cfg.train, run_dir)
+    main = accelerator.is_main_process
+    label_spec = label_spec_for(cfg.data)
+    with accelerator.main_process_first():  # the main process builds the shared cache
+        train_set = build_labeled_dataset(cfg.data, "train", run_dir, show_progress=main)
+        val_set = build_labeled_dataset(cfg.data, "val", run_dir, show_progress=main) if cfg.data.val_fraction > 0 else None
+    model, base_state = build_segmenter(cfg, label_spec.num_classes)
+    model.label_spec, model.roi_size = label_spec, cfg.roi_size
+    run_config = run_config_dict(cfg, label_spec)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_json(run_config, run_dir / CONFIG_FILE)
+        save_safetensors(base_state, run_dir / BACKBONE_FILE, metadata={"backbone": cfg.backbone.name})
+    del base_state
+
+    def save_weights(trained: SliceSegmenter, folder: Path) -> None:
+        save_safetensors(trained.state_dict(), folder / MODEL_FILE, metadata={"task": "segmentation"})
+        save_trained_weights(trained, folder, run_config, run_dir / BACKBONE_FILE)
+
+    evaluate = is_better = on_best = None
+    if val_set is not None:
+
+        def evaluate(trained: SliceSegmenter) -> dict[str, float]:
+            return validate_segmenter(trained, val_set, label_spec, cfg.roi_size, cfg.validation, accelerator)
+
+        is_better = higher_is_better(cfg.validation.best_metric)
+
+        def on_best(trained: SliceSegmenter, metrics) -> None:
+            save_weights(trained, run_dir / BEST_DIR)
+            save_json({k: float(v) for k, v in metrics.items()}, run_dir / BEST_DIR / "metrics.json")
+
+    result = train(
+        model, train_set, cfg.train, run_dir, resume=resume, evaluate=evaluate, is_better=is_better,
+        on_best=on_best, accelerator=accelerator, unit="crops",
+    )
+    if main:
+        save_weights(model, run_dir)
+    accelerator.wait_for_everyone()
+    return result
