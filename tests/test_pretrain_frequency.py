@@ -1,0 +1,161 @@
+"""Frequency math of FreMAE/MFM against hand-worked cases and identities."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medtune.pretrain.frequency import (
+    GlobalFilter,
+    apply_band,
+    band_mask,
+    focal_frequency_loss,
+    focal_weight,
+    high_band,
+    inverse_spectrum,
+    low_band,
+    mfm_radius,
+    spectrum,
+)
+
+
+def test_square_band_8x8_radius_2_by_hand():
+    low = band_mask((8, 8), 2, "square", "low")
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[2:7, 2:7] = True  # centre 8 // 2 = 4, |k - 4| <= 2 -> 2..6
+    assert torch.equal(low, expected)
+    high = band_mask((8, 8), 2, "square", "high")
+    assert torch.equal(high, ~expected)
+    assert int(low.sum()) == 25 and int(high.sum()) == 64 - 25
+
+
+def test_square_band_odd_size_centre_like_fftshift():
+    low = band_mask((7, 5), 1, "square", "low")
+    expected = torch.zeros(7, 5, dtype=torch.bool)
+    expected[2:5, 1:4] = True  # centres 3 and 2
+    assert torch.equal(low, expected)
+    # fftshift puts the zero frequency at n // 2 for even and odd n: the spectrum of a
+    # constant image is a single bin there, which the r=0 low band keeps exactly.
+    for shape in [(8, 8), (7, 5), (6, 5, 3)]:
+        const = torch.ones(1, 1, *shape)
+        spec = spectrum(const, len(shape))
+        dc_only = band_mask(shape, 0, "square", "low")
+        assert int(dc_only.sum()) == 1
+        assert torch.allclose(apply_band(spec, dc_only), spec, atol=1e-5)
+        centre = (0, 0) + tuple(n // 2 for n in shape) + (0,)
+        assert spec[centre] == pytest.approx(math.sqrt(math.prod(shape)), rel=1e-5)
+
+
+def test_circle_band_by_hand_2d_and_3d():
+    low = band_mask((8, 8), 2, "circle", "low")
+    offsets = [(dy, dx) for dy in range(-4, 4) for dx in range(-4, 4) if dy * dy + dx * dx <= 4]
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    for dy, dx in offsets:
+        expected[4 + dy, 4 + dx] = True
+    assert torch.equal(low, expected) and int(low.sum()) == 13
+    ball = band_mask((8, 8, 8), 1, "circle", "low")
+    assert int(ball.sum()) == 7  # centre and its 6 face neighbours
+    assert bool(ball[4, 4, 4]) and bool(ball[3, 4, 4]) and not bool(ball[3, 3, 4])
+
+
+@pytest.mark.parametrize("kind", ["square", "circle"])
+@pytest.mark.parametrize("shape", [(8, 8), (8, 8, 8), (9, 6, 7)])
+def test_high_and_low_bands_partition_the_spectrum(kind, shape):
+    low = band_mask(shape, 2, kind, "low")
+    high = band_mask(shape, 2, kind, "high")
+    assert not (low & high).any() and (low | high).all()
+    if kind == "square" and shape == (8, 8, 8):
+        assert int(low.sum()) == 125
+    x = torch.randn(2, 3, *shape)
+    dims = len(shape)
+    total = spectrum(x, dims)
+    summed = high_band(x, 2, kind) + low_band(x, 2, pool=1, kind=kind)
+    assert torch.allclose(summed, total, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(16, 12), (8, 6, 10)])
+def test_parseval_and_inverse(shape):
+    x = torch.randn(2, 3, *shape)
+    spec = spectrum(x, len(shape))
+    assert spec.shape == (2, 3, *shape, 2)
+    assert float(spec.pow(2).sum()) == pytest.approx(float(x.pow(2).sum()), rel=1e-5)
+    assert torch.allclose(inverse_spectrum(spec, len(shape)), x, atol=1e-5)
+    # only the spatial axes are transformed: channels stay independent
+    single = spectrum(x[:, 1:2], len(shape))
+    assert torch.allclose(single, spec[:, 1:2], atol=1e-6)
+
+
+def test_low_band_pools_then_filters():
+    x = torch.randn(2, 4, 32, 32)
+    expected = apply_band(spectrum(F.avg_pool2d(x, 4), 2), band_mask((8, 8), 2, "square", "low"))
+    assert torch.allclose(low_band(x, 2, pool=4), expected, atol=1e-6)
+    x3 = torch.randn(1, 2, 16, 16, 8)
+    assert low_band(x3, 1, pool=4).shape == (1, 2, 4, 4, 2, 2)
+
+
+def test_focal_loss_hand_worked_and_zero_at_target():
+    target = torch.zeros(1, 1, 1, 2, 2)
+    pred = torch.tensor([[[[[1.0, 0.0], [0.0, 2.0]]]]])  # d = [1, 2]
+    # w = log(1 + d) / log(3) = [log 2 / log 3, 1]; L = mean(w * d^2)
+    expected = (math.log(2) / math.log(3) * 1.0 + 1.0 * 4.0) / 2
+    assert float(focal_frequency_loss(pred, target)) == pytest.approx(expected, rel=1e-6)
+    assert float(focal_frequency_loss(target, target)) == 0.0
+    spec = spectrum(torch.randn(2, 3, 8, 8), 2)
+    assert float(focal_frequency_loss(spec, spec)) == 0.0
+    assert torch.equal(focal_weight(spec, spec), torch.zeros(2, 3, 8, 8))
+
+
+def test_focal_loss_grows_with_error_and_weights_are_bounded():
+    target = spectrum(torch.randn(2, 3, 8, 8), 2)
+    noise = torch.randn_like(target)
+    losses = [float(focal_frequency_loss(target + s * noise, target)) for s in (0.1, 0.5, 1.0, 2.0)]
+    assert losses == sorted(losses) and losses[0] > 0
+    weight = focal_weight(target + noise, target)
+    assert weight.min() >= 0 and weight.max() <= 1
+    # normalised per (sample, channel): each has its maximum at exactly 1
+    assert torch.allclose(weight.flatten(2).amax(-1), torch.ones(2, 3))
+
+
+def test_focal_weight_is_detached():
+    target = spectrum(torch.randn(1, 2, 6, 6), 2)
+    pred = (target + torch.randn_like(target)).requires_grad_(True)
+    focal_frequency_loss(pred, target).backward()
+    weight = focal_weight(pred.detach(), target)
+    # d/dpred mean(w * |pred - target|^2) with w constant = 2 w (pred - target) / N
+    expected = 2 * weight.unsqueeze(-1) * (pred.detach() - target) / weight.numel()
+    assert torch.allclose(pred.grad, expected, atol=1e-6)
+    assert not focal_weight(pred, target).requires_grad
+
+
+def test_global_filter_at_init_by_hand():
+    # W = B = 1: IFFT(FFT(x) * 1 + 1) = x + IFFT(ones) = x + sqrt(N) at the origin.
+    x = torch.rand(2, 3, 4, 6) + 0.1
+    gf = GlobalFilter(3, (4, 6), spatial_dims=2)
+    expected = 2 * x.clone()
+    expected[..., 0, 0] += math.sqrt(24)
+    assert torch.allclose(gf(x), expected, atol=1e-5)
+    out = gf(x)
+    out.sum().backward()
+    assert gf.weight.grad is not None and gf.bias.grad is not None
+
+
+def test_global_filter_any_size_2d_and_3d():
+    gf = GlobalFilter(2, (8, 8, 8), spatial_dims=3)
+    for shape in [(8, 8, 8), (4, 6, 10)]:
+        x = torch.rand(1, 2, *shape)
+        assert gf(x).shape == x.shape
+    # at init every resampled W, B is still 1, so the identity above holds at any size
+    x = torch.rand(1, 2, 4, 6, 10) + 0.1
+    expected = 2 * x.clone()
+    expected[..., 0, 0, 0] += math.sqrt(240)
+    assert torch.allclose(gf(x), expected, atol=1e-5)
+    shared = GlobalFilter(1, (8, 8), spatial_dims=2)
+    assert shared(torch.rand(2, 5, 8, 8)).shape == (2, 5, 8, 8)
+
+
+def test_mfm_radius_scales_with_size():
+    assert mfm_radius((224, 224)) == pytest.approx(16.0)
+    assert mfm_radius((64, 64, 32)) == pytest.approx(16.0 * 32 / 224)

@@ -1,0 +1,172 @@
+"""Every pretraining objective trains a tiny backbone on generated data; MAE encodes only
+visible tokens; configs are strict; the reconstruction figure is written."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medtune.config import from_dict
+from medtune.errors import ConfigError
+from medtune.models import BackboneConfig, create_backbone
+from medtune.pretrain import ObjectiveConfig, build_objective, save_reconstruction
+from medtune.pretrain.decoder import MultiStageDecoder, pyramid_strides
+from medtune.pretrain.fremae import FreMAE
+
+TINY_SWIN = {"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1], "window_size": 4}
+
+
+def swinunetr(spatial_dims: int, img_size: int, patch_size: int = 2):
+    options = dict(TINY_SWIN, patch_size=patch_size)
+    return create_backbone(BackboneConfig("swinunetr", 2, img_size, spatial_dims, options=options))
+
+
+def tiny_vit(img_size: int = 32):
+    return create_backbone(BackboneConfig("vit_tiny_patch16_224", 2, img_size, 2, options={"depth": 4}))
+
+
+def blobs(n: int, shape: tuple[int, ...], modalities: int = 2, seed: int = 0) -> dict:
+    """``n`` images of smooth Gaussian blobs inside a centred ellipse of foreground."""
+    gen = torch.Generator().manual_seed(seed)
+    axes = torch.meshgrid(*[torch.linspace(-1, 1, s) for s in shape], indexing="ij")
+    foreground = (sum(a**2 for a in axes) < 0.8).expand(n, *shape)
+    images = torch.zeros(n, modalities, *shape)
+    for _ in range(3):
+        centre = torch.rand(n, len(shape), generator=gen) * 1.2 - 0.6
+        width = 0.15 + 0.3 * torch.rand(n, 1, generator=gen)
+        dist = sum((a.unsqueeze(0) - centre[:, i].view(-1, *[1] * len(shape))) ** 2 for i, a in enumerate(axes))
+        amplitude = torch.rand(n, modalities, generator=gen) + 0.5
+        images += amplitude.view(n, modalities, *[1] * len(shape)) * torch.exp(-dist / width.view(-1, *[1] * len(shape)) ** 2).unsqueeze(1)
+    images = (images + 0.2) * foreground.unsqueeze(1)  # background exactly 0
+    return {"image": images, "foreground": foreground}
+
+
+def train_losses(objective: torch.nn.Module, data: dict, steps: int, lr: float = 2e-3, batch: int = 4) -> list[float]:
+    optimizer = torch.optim.Adam([p for p in objective.parameters() if p.requires_grad], lr=lr)
+    n = data["image"].shape[0]
+    losses = []
+    for step in range(steps):
+        index = torch.arange(step * batch, (step + 1) * batch) % n
+        out = objective({k: v[index] for k, v in data.items()})
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        losses.append(float(out["loss"].detach()))
+    return losses
+
+
+def assert_loss_falls(losses: list[float], factor: float = 0.9) -> None:
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert last < factor * first, f"loss did not fall: first5 {first:.4f} last5 {last:.4f}"
+
+
+@pytest.mark.parametrize(
+    "name,backbone,shape,cfg",
+    [
+        ("fremae-2d-swinunetr", lambda: swinunetr(2, 32), (32, 32), dict(name="fremae", radius=3)),
+        ("fremae-3d-swinunetr", lambda: swinunetr(3, 16, patch_size=1), (16, 16, 16), dict(name="fremae", radius=1, decoder_width=8)),
+        ("fremae-vit-patch", lambda: tiny_vit(32), (32, 32), dict(name="fremae", radius=3, mask_mode="patch", mask_ratio=0.5)),
+        ("mae", lambda: tiny_vit(32), (32, 32), dict(name="mae", decoder_dim=32, decoder_depth=1)),
+        ("simmim", lambda: tiny_vit(32), (32, 32), dict(name="simmim", mask_block=16, mask_ratio=0.5)),
+        ("mfm", lambda: tiny_vit(32), (32, 32), dict(name="mfm")),
+    ],
+)
+def test_objective_loss_falls_on_generated_data(name, backbone, shape, cfg):
+    torch.manual_seed(0)
+    net = backbone()
+    objective = build_objective(ObjectiveConfig(**cfg), net)
+    assert objective.backbone is net  # what backbone.safetensors is written from
+    losses = train_losses(objective, blobs(8, shape), steps=25)
+    assert_loss_falls(losses)
+
+
+def test_fremae_2d_and_3d_share_one_code_path_and_report_logs():
+    torch.manual_seed(0)
+    for dims, size, patch in ((2, 32, 2), (3, 16, 1)):
+        objective = build_objective(ObjectiveConfig(name="fremae", radius=1, decoder_width=8), swinunetr(dims, size, patch))
+        assert type(objective) is FreMAE and type(objective.decoder) is MultiStageDecoder
+        data = blobs(2, (size,) * dims)
+        out = objective(data)
+        assert set(out) == {"loss", "loss_high", "loss_low", "mask_ratio"}
+        assert float(out["loss"].detach()) == pytest.approx(float(1.0 * out["loss_high"] + 1.3 * out["loss_low"]), rel=1e-5)
+        assert abs(float(out["mask_ratio"]) - 0.25) < 0.01
+        recon = objective.reconstruct(data)
+        assert recon["pred_high"].shape == data["image"].shape
+        assert recon["pred_low"].shape == (2, 2) + (size // 4,) * dims
+        assert recon["target_low_spectrum"].shape == (2, 2) + (size // 4,) * dims
+
+
+def test_fremae_pixel_loss_variant_uses_the_same_model():
+    torch.manual_seed(0)
+    backbone = swinunetr(2, 32)
+    frequency = build_objective(ObjectiveConfig(name="fremae"), backbone)
+    pixel = build_objective(ObjectiveConfig(name="fremae", loss="pixel"), backbone)
+    assert frequency.state_dict().keys() == pixel.state_dict().keys()
+    data = blobs(2, (32, 32))
+    images = data["image"]
+    pred_high, pred_low = pixel.forward_decoder(pixel.forward_encoder(images))
+    total, high, low = pixel.forward_loss(images, pred_high, pred_low)
+    assert float(high) == pytest.approx(float(((pred_high - images) ** 2).mean()), rel=1e-5)
+    assert float(total) == pytest.approx(float(high + 1.3 * low), rel=1e-5)
+
+
+def _tokens_entering_blocks(vit) -> list[int]:
+    seen: list[int] = []
+    vit.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    return seen
+
+
+def test_mae_encoder_sees_only_visible_tokens():
+    torch.manual_seed(0)
+    backbone = create_backbone(BackboneConfig("vit_tiny_patch16_224", 2, 64, 2, options={"depth": 4}))
+    mae = build_objective(ObjectiveConfig(name="mae", decoder_dim=32, decoder_depth=1), backbone)
+    seen = _tokens_entering_blocks(backbone.model)
+    out = mae(blobs(2, (64, 64)))
+    # 16 patches, 25% visible = 4, plus the class token
+    assert seen == [1 + 4]
+    assert float(out["mask_ratio"]) == 0.75
+    fremae = build_objective(ObjectiveConfig(name="fremae", mask_mode="patch", mask_ratio=0.5, radius=3), backbone)
+    seen.clear()
+    fremae(blobs(2, (64, 64)))
+    assert seen == [1 + 8]
+    recon = mae.reconstruct(blobs(2, (64, 64)))
+    assert recon["prediction"].shape == (2, 2, 64, 64) and recon["mask"].float().mean() == 0.75
+
+
+def test_objective_config_is_strict_and_backbone_checked():
+    cfg = from_dict(ObjectiveConfig, {"name": "fremae", "radius": 10, "low_weight": 1.3})
+    assert cfg.radius == 10.0 and cfg.resolved_mask_ratio() == 0.25
+    assert ObjectiveConfig(name="mae").resolved_mask_ratio() == 0.75
+    with pytest.raises(ConfigError, match="mask_raito"):
+        from_dict(ObjectiveConfig, {"mask_raito": 0.5})
+    with pytest.raises(ConfigError, match="mask_mode"):
+        from_dict(ObjectiveConfig, {"mask_mode": "voxel"})
+    with pytest.raises(ConfigError, match="objective 'byol'"):
+        build_objective(ObjectiveConfig(name="byol"), tiny_vit())
+    with pytest.raises(ConfigError, match="needs a ViT"):
+        build_objective(ObjectiveConfig(name="mae"), swinunetr(2, 32))
+    with pytest.raises(ConfigError, match="mask_block"):
+        build_objective(ObjectiveConfig(name="simmim", mask_block=20), tiny_vit())
+
+
+def test_decoder_pyramid_for_plain_and_hierarchical_backbones():
+    assert pyramid_strides([16, 16, 16, 16]) == [4, 8, 16, 32]
+    assert pyramid_strides([2, 4, 8, 16, 32]) == [2, 4, 8, 16, 32]
+    decoder = MultiStageDecoder([8] * 4, [16] * 4, out_channels=3, image_size=(64, 64), spatial_dims=2, width=8)
+    stages = [torch.randn(2, 8, 4, 4) for _ in range(4)]
+    high, low = decoder(stages)
+    assert high.shape == (2, 3, 64, 64) and low.shape == (2, 3, 16, 16)
+    assert [level.shape[-1] for level in decoder.pyramid(stages)] == [16, 8, 4, 2]
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_reconstruction_figure_is_a_png(tmp_path, dims):
+    torch.manual_seed(0)
+    size, patch = (32, 2) if dims == 2 else (16, 1)
+    objective = build_objective(ObjectiveConfig(name="fremae", radius=1, decoder_width=8), swinunetr(dims, size, patch))
+    path = save_reconstruction(tmp_path / "reconstruction.png", objective.reconstruct(blobs(2, (size,) * dims)))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+    simmim = build_objective(ObjectiveConfig(name="simmim", mask_block=8), swinunetr(dims, size, patch))
+    path = save_reconstruction(tmp_path / "simmim.png", simmim.reconstruct(blobs(2, (size,) * dims)))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
