@@ -200,7 +200,8 @@ def describe(model: nn.Module) -> dict:
     total, trainable = count_parameters(model)
     groups = {"adapter": 0, "extras": 0, "other": 0}
     found = find_adapted(model)
-    prefix, info = (found[0] + "." if found and found[0] else "", found[2]) if found else ("", None)
+    info = found[2] if found else None
+    prefix = f"{found[0]}." if found and found[0] else ""  # the adapted backbone's name in model
     seen: set[int] = set()
     for name, param in model.named_parameters():
         if not param.requires_grad or id(param) in seen:
