@@ -233,3 +233,15 @@ def test_cli_check_and_synth(tmp_path, brats, capsys):
     assert str(out_dir) in capsys.readouterr().out
     assert [c.case_id for c in find_cases(out_dir)] == [CASE1, CASE2]
     assert nib.load(str(out_dir / CASE2 / f"{CASE2}_t1.nii.gz")).shape == (16, 16, 8)
+
+
+def test_data_cli_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, medtune.data, medtune.data.cli, medtune.data.check, medtune.data.synth;"
+        "medtune.data.find_cases; assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

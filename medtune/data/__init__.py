@@ -5,55 +5,62 @@ Typical use::
     cases = find_cases("data/BraTS2020", layout="auto")
     cache = VolumeCache(cases, "checkpoints/.cache/brats2020")
     slices = SliceDataset(cache, img_size=128)      # {"image": (4, 128, 128), "foreground": ...}
+
+Names are imported on first use, so that ``medtune data synth`` and ``check`` do not
+pay for importing torch.
 """
 
-from medtune.data.cache import CachedVolume, VolumeCache
-from medtune.data.cases import BRATS_MODALITIES, Case, detect_layout, find_cases, scan_cases
-from medtune.data.check import check_dataset
-from medtune.data.config import DataConfig, build_labeled_dataset, build_pretrain_dataset, split_cases
-from medtune.data.datasets import CropDataset, SliceDataset, VolumeDataset, read_window
-from medtune.data.labels import LabelSpec, brats_regions
-from medtune.data.preprocess import (
-    crop_foreground,
-    crop_to_bbox,
-    foreground_mask,
-    nonzero_bbox,
-    pad_to_multiple,
-    paste_from_bbox,
-    preprocess,
-    zscore_nonzero,
-)
-from medtune.data.synth import synthesize_brats
-from medtune.data.volume import Volume, load_case
+from __future__ import annotations
 
-__all__ = [
-    "BRATS_MODALITIES",
-    "Case",
-    "CachedVolume",
-    "CropDataset",
-    "DataConfig",
-    "LabelSpec",
-    "SliceDataset",
-    "Volume",
-    "VolumeCache",
-    "VolumeDataset",
-    "brats_regions",
-    "build_labeled_dataset",
-    "build_pretrain_dataset",
-    "check_dataset",
-    "crop_foreground",
-    "crop_to_bbox",
-    "detect_layout",
-    "find_cases",
-    "foreground_mask",
-    "load_case",
-    "nonzero_bbox",
-    "pad_to_multiple",
-    "paste_from_bbox",
-    "preprocess",
-    "read_window",
-    "scan_cases",
-    "split_cases",
-    "synthesize_brats",
-    "zscore_nonzero",
-]
+import importlib
+from typing import Any
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "CachedVolume": "cache",
+    "VolumeCache": "cache",
+    "BRATS_MODALITIES": "cases",
+    "Case": "cases",
+    "detect_layout": "cases",
+    "find_cases": "cases",
+    "scan_cases": "cases",
+    "check_dataset": "check",
+    "DataConfig": "config",
+    "build_labeled_dataset": "config",
+    "build_pretrain_dataset": "config",
+    "label_spec_for": "config",
+    "resolve_cache_dir": "config",
+    "split_cases": "config",
+    "CropDataset": "datasets",
+    "SliceDataset": "datasets",
+    "VolumeDataset": "datasets",
+    "read_window": "datasets",
+    "LabelSpec": "labels",
+    "brats_regions": "labels",
+    "crop_foreground": "preprocess",
+    "crop_to_bbox": "preprocess",
+    "foreground_mask": "preprocess",
+    "nonzero_bbox": "preprocess",
+    "pad_to_multiple": "preprocess",
+    "paste_from_bbox": "preprocess",
+    "preprocess": "preprocess",
+    "zscore_nonzero": "preprocess",
+    "synthesize_brats": "synth",
+    "Volume": "volume",
+    "load_case": "volume",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'medtune.data' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f"medtune.data.{module_name}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -8,14 +8,23 @@ regions (WT, TC, ET). :class:`LabelSpec` converts between the three.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
-import torch
 
 from medtune.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _is_tensor(x: Any) -> bool:
+    # torch is imported only by callers that have tensors; numpy users never load it
+    torch_module = sys.modules.get("torch")
+    return torch_module is not None and isinstance(x, torch_module.Tensor)
 
 BRATS_VALUES: tuple[int, ...] = (0, 1, 2, 4)
 BRATS_NAMES: tuple[str, ...] = ("background", "necrotic/non-enhancing core", "edema", "enhancing tumour")
@@ -140,7 +149,9 @@ class LabelSpec:
         Raises:
             DataError: a value outside :attr:`values` (message names ``where``).
         """
-        if isinstance(label, torch.Tensor):
+        if _is_tensor(label):
+            import torch
+
             table = torch.from_numpy(self._index_table).to(label.device)
             if label.dtype.is_floating_point or label.min() < 0 or label.max() > 255:
                 raise DataError(f"{where}: label values must be integers in 0..255")
@@ -161,14 +172,18 @@ class LabelSpec:
     def to_values(self, index: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         """Class indices ``(*S)`` -> the dataset's raw values ``(*S)`` uint8
         (for BraTS, class 3 -> label 4)."""
-        if isinstance(index, torch.Tensor):
+        if _is_tensor(index):
+            import torch
+
             table = torch.tensor(self.values, dtype=torch.uint8, device=index.device)
             return table[index.long()]
         return np.asarray(self.values, dtype=np.uint8)[np.asarray(index)]
 
     def region_masks(self, label_values: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         """Raw label values ``(*S)`` -> region masks ``(R, *S)`` bool, in :attr:`regions` order."""
-        if isinstance(label_values, torch.Tensor):
+        if _is_tensor(label_values):
+            import torch
+
             table = torch.from_numpy(self._region_table).to(label_values.device)
             return table[:, label_values.long()]
         return self._region_table[:, np.asarray(label_values, dtype=np.intp)]
