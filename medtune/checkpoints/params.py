@@ -1,0 +1,233 @@
+"""Compare tuning methods on one backbone: parameters, trained-weights size, FLOPs.
+
+For each method the slice-wise segmenter (backbone + adapter + decoder) is built on
+the ``meta`` device, so a ViT-B with 128-slice volumes costs no memory, and measured:
+
+- ``total`` / ``trainable``: parameter elements (shared ones once); ``backbone_trainable``
+  is the adapter's part alone (its own tensors + trained extras), the number peft's
+  ``get_nb_trainable_parameters`` reports for LoRA.
+- ``trained_bytes``: the exact size of the ``adapter_model.safetensors`` a run of this
+  method writes (trained tensors: adapter + extras + decoder, BatchNorm statistics
+  included), computed from names, shapes and dtypes with the safetensors layout
+  (8-byte header length, JSON header padded to 8 bytes, raw data).
+- ``gflops``: ``torch.utils.flop_counter.FlopCounterMode`` over one forward of a
+  ``(1, M, H, W, T)`` volume. FlopCounterMode counts matmuls, convolutions and
+  attention (a multiply-add = 2 FLOPs); FFTs, norms and activations are not counted.
+  With ``flops_slices < T`` the forward runs on ``flops_slices`` slices and is scaled
+  by ``T / flops_slices``: every part of the model is per slice or (adapters' slice
+  convolutions and filters) linear in T, so the scaling is exact up to edge effects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from medtune.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METHODS = ("full", "decoder-only", "lora", "adaptformer", "st-adapter", "vpt", "med-tuning")
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+@dataclass
+class MethodCost:
+    """One row of the comparison."""
+
+    method: str
+    total: int  # parameter elements of backbone + adapter + decoder
+    trainable: int  # of which require grad
+    backbone_trainable: int  # trainable elements inside the backbone (adapter + extras)
+    trainable_percent: float  # 100 * trainable / total
+    trained_bytes: int  # size of the trained-tensor safetensors file
+    gflops: float  # per (1, M, H, W, T) volume forward
+
+
+def safetensors_size(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> int:
+    """Exact size in bytes of ``safetensors.torch.save_file(tensors, metadata=...)``.
+
+    Works on meta tensors (only names, shapes and dtypes are read). Tensors are laid
+    out by decreasing dtype size, then by name, as safetensors does.
+    """
+    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name in order:
+        tensor = tensors[name]
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    header_len = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode())
+    return 8 + math.ceil(header_len / 8) * 8 + offset
+
+
+def segmentation_config(
+    backbone: str,
+    in_chans: int,
+    img_size: int,
+    slices: int,
+    method: str,
+    *,
+    backbone_options: Mapping | None = None,
+    decoder: str = "auto",
+    decoder_options: Mapping | None = None,
+):
+    """A :class:`FinetuneConfig` for one method on one backbone (nothing pretrained)."""
+    from medtune.data.config import DataConfig
+    from medtune.finetune.config import FinetuneConfig, SegmentationModelConfig
+    from medtune.models.backbones import BackboneConfig
+
+    return FinetuneConfig(
+        data=DataConfig(mode="3d", crop_size=[img_size, img_size, slices]),
+        backbone=BackboneConfig(name=backbone, in_chans=in_chans, img_size=img_size, options=dict(backbone_options or {})),
+        adapter={"method": method},
+        model=SegmentationModelConfig(decoder=decoder, decoder_options=dict(decoder_options or {})),
+    )
+
+
+def count_flops(model: torch.nn.Module, volume_shape: Sequence[int], device: str | torch.device = "meta") -> int:
+    """FLOPs of ``model.forward_logits`` on a volume of ``volume_shape`` (no grad)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    volume = torch.zeros(tuple(volume_shape), device=device)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model.forward_logits(volume)
+    return int(counter.get_total_flops())
+
+
+def measure_method(cfg, num_classes: int = 4, flops_slices: int | None = None, device: str = "meta") -> MethodCost:
+    """Build ``cfg``'s segmenter on ``device`` (default meta) and measure it."""
+    from medtune.finetune.segmentation import build_segmenter, trained_state_dict
+
+    with torch.device(device):
+        model, _ = build_segmenter(cfg, num_classes, load_pretrained=False)
+    model.eval()
+    seen: set[int] = set()
+    total = trainable = backbone_trainable = 0
+    for name, param in model.named_parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+            if name.startswith("backbone."):
+                backbone_trainable += param.numel()
+    trained_bytes = safetensors_size(
+        trained_state_dict(model), {"method": cfg.adapter["method"], "task": "segmentation"}
+    )
+    h, w, slices = cfg.roi_size
+    counted = slices if flops_slices is None else min(int(flops_slices), slices)
+    if counted < 1:
+        raise ConfigError(f"--flops-slices must be >= 1, got {flops_slices}")
+    flops = count_flops(model, (1, cfg.backbone.in_chans, h, w, counted), device) * slices / counted
+    return MethodCost(
+        method=cfg.adapter["method"],
+        total=total,
+        trainable=trainable,
+        backbone_trainable=backbone_trainable,
+        trainable_percent=100.0 * trainable / max(total, 1),
+        trained_bytes=trained_bytes,
+        gflops=flops / 1e9,
+    )
+
+
+def compare_methods(
+    backbone: str,
+    in_chans: int,
+    img_size: int,
+    slices: int,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    *,
+    num_classes: int = 4,
+    flops_slices: int | None = None,
+    backbone_options: Mapping | None = None,
+    decoder_options: Mapping | None = None,
+    device: str = "meta",
+) -> list[MethodCost]:
+    """One :class:`MethodCost` per method, same backbone, decoder, volume size."""
+    rows = []
+    for method in methods:
+        cfg = segmentation_config(
+            backbone, in_chans, img_size, slices, method,
+            backbone_options=backbone_options, decoder_options=decoder_options,
+        )
+        rows.append(measure_method(cfg, num_classes, flops_slices, device))
+    return rows
+
+
+# --------------------------------------------------------------------------- output
+
+COLUMNS = ("method", "total", "trainable", "backbone_trainable", "trainable_percent", "trained_bytes", "gflops")
+HEADERS = ("method", "total params", "trainable params", "of which backbone", "trainable %", "trained weights (bytes)", "GFLOPs/volume")
+
+
+def _cells(row: MethodCost) -> list[str]:
+    return [
+        row.method, f"{row.total:,}", f"{row.trainable:,}", f"{row.backbone_trainable:,}",
+        f"{row.trainable_percent:.2f}", f"{row.trained_bytes:,}", f"{row.gflops:.2f}",
+    ]
+
+
+def format_table(rows: Sequence[MethodCost], fmt: str = "markdown") -> str:
+    """The comparison as ``markdown``, ``csv`` or ``json`` text."""
+    if fmt == "json":
+        return json.dumps([asdict(r) for r in rows], indent=2)
+    if fmt == "csv":
+        lines = [",".join(COLUMNS)]
+        for r in rows:
+            lines.append(",".join(str(getattr(r, c)) for c in COLUMNS))
+        return "\n".join(lines)
+    if fmt == "markdown":
+        cells = [list(HEADERS)] + [_cells(r) for r in rows]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(HEADERS))]
+        fmt_row = lambda row: "| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) + " |"  # noqa: E731
+        rule = "|" + "|".join("-" * (w + 1) + ":" if i else ":" + "-" * (w + 1) for i, w in enumerate(widths)) + "|"
+        return "\n".join([fmt_row(cells[0]), rule] + [fmt_row(r) for r in cells[1:]])
+    raise ConfigError(f"unknown format '{fmt}' (markdown, csv, json)")
+
+
+def plot_costs(rows: Sequence[MethodCost], path: str | Path, title: str = "") -> Path:
+    """Bar charts of trainable parameters, trained-weights size and GFLOPs per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r.method for r in rows]
+    panels = [
+        ("trainable parameters (M)", [r.trainable / 1e6 for r in rows]),
+        ("trained weights on disk (MB)", [r.trained_bytes / 1e6 for r in rows]),
+        ("GFLOPs per volume", [r.gflops for r in rows]),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4))
+    for ax, (label, values) in zip(axes, panels):
+        ax.bar(names, values, color="tab:blue")
+        ax.set_title(label)
+        ax.tick_params(axis="x", rotation=45)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
