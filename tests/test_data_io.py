@@ -125,6 +125,11 @@ def test_nnunet_layout(tmp_path):
     assert volume.label.sum() == 5 * 7
     assert find_cases(tmp_path, modalities=("adc",))[0].images[0].name == "kid_000_0001.nii.gz"
     assert check_dataset(tmp_path) == []
+    # nnU-Net v1: "modality" and a "training" list naming images without _0000
+    v1 = {"modality": {"0": "T2", "1": "ADC"}, "labels": {"0": "background", "1": "tumor"},
+          "training": [{"image": "./imagesTr/kid_000.nii.gz", "label": "./labelsTr/kid_000.nii.gz"}]}
+    (tmp_path / "dataset.json").write_text(json.dumps(v1))
+    assert [len(c.images) for c in find_cases(tmp_path)] == [2, 2]
     (tmp_path / "imagesTr" / "kid_001_0001.nii.gz").unlink()
     with pytest.raises(DataError, match="case kid_001: modality file missing: .*kid_001_0001.nii.gz"):
         find_cases(tmp_path)
@@ -214,10 +219,14 @@ def test_check_dataset_reports_every_problem(brats, synth_brats):
     assert any(CASE1 in p and "[4]" in p for p in problems_2023)
 
 
-def test_check_dataset_shape_mismatch_names_file(brats):
+def test_check_dataset_shape_and_affine_mismatch_name_file(brats):
     _save(np.ones((30, 32, 16), np.int16), brats / CASE2 / f"{CASE2}_t1ce.nii.gz")
+    nib.save(nib.Nifti1Image(np.ones((32, 32, 16), np.int16), np.diag([2.0, 1, 1, 1])),
+             str(brats / CASE1 / f"{CASE1}_t2.nii.gz"))
     problems = check_dataset(brats)
-    assert len(problems) == 1 and CASE2 in problems[0] and f"{CASE2}_t1ce.nii.gz" in problems[0]
+    assert len(problems) == 2, problems
+    assert CASE2 in problems[1] and f"{CASE2}_t1ce.nii.gz" in problems[1] and "shape" in problems[1]
+    assert CASE1 in problems[0] and f"{CASE1}_t2.nii.gz" in problems[0] and "affine" in problems[0]
 
 
 def test_cli_check_and_synth(tmp_path, brats, capsys):

@@ -88,7 +88,12 @@ def detect_layout(root: Path) -> str:
         meta = _read_dataset_json(root)
         if "channel_names" in meta:
             return "nnunet"
-        if "training" in meta:
+        training = meta.get("training")
+        if isinstance(training, list) and training and isinstance(training[0], dict):
+            # nnU-Net v1 json files list images by case name, without the _0000 files
+            first = training[0].get("image")
+            if isinstance(first, str) and not _resolve(root, first).is_file() and (root / "imagesTr").is_dir():
+                return "nnunet"
             return "msd"
         return "nnunet"
     if (root / "imagesTr").is_dir():
@@ -336,7 +341,7 @@ def _scan_nnunet(root: Path, modalities: Sequence[str] | None, problems: list[st
     ending = str(meta.get("file_ending", ".nii.gz"))
     by_case: dict[str, dict[int, Path]] = {}
     for path in sorted(images_dir.iterdir()):
-        if not path.name.endswith(ending) or not path.is_file():
+        if not path.name.endswith(ending) or path.name.startswith(".") or not path.is_file():
             continue
         match = _CHANNEL_FILE.match(path.name[: -len(ending)])
         if match is None:

@@ -2,7 +2,8 @@
 
 :func:`check_dataset` reports every problem it finds (not only the first), each naming
 the case and the file: missing files, unreadable NIfTI, shapes that disagree between
-modalities and label, NaN/Inf voxels, label values outside the declared set.
+modalities and label, modalities on different voxel grids (affines), NaN/Inf voxels,
+label values outside the declared set.
 """
 
 from __future__ import annotations
@@ -11,12 +12,16 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from medtune.data.cases import Case, detect_layout, scan_cases
 from medtune.data.labels import LabelSpec
 from medtune.data.volume import check_finite, open_nifti, read_array, read_label
 from medtune.errors import DataError
 
 log = logging.getLogger(__name__)
+
+AFFINE_TOLERANCE = 1e-3  # mm; modalities of one case must share the voxel grid
 
 
 def default_label_spec(root: str | Path, layout: str) -> LabelSpec:
@@ -32,6 +37,7 @@ def default_label_spec(root: str | Path, layout: str) -> LabelSpec:
 def _check_case(case: Case, spec: LabelSpec) -> list[str]:
     problems: list[str] = []
     shapes: dict[Path, tuple[int, ...]] = {}
+    first_affine: tuple[Path, np.ndarray] | None = None
     for path in case.images:
         try:
             img = open_nifti(path, case.case_id)
@@ -39,6 +45,12 @@ def _check_case(case: Case, spec: LabelSpec) -> list[str]:
         except DataError as exc:
             problems.append(str(exc))
             continue
+        if first_affine is None:
+            first_affine = (path, np.asarray(img.affine))
+        elif not np.allclose(img.affine, first_affine[1], atol=AFFINE_TOLERANCE):
+            problems.append(
+                f"case {case.case_id}: {path} has another voxel-to-world affine than {first_affine[0].name}"
+            )
         if case.channels is not None:
             if data.ndim != 4:
                 problems.append(f"case {case.case_id}: expected a 4D image in {path}, got shape {data.shape}")
