@@ -438,7 +438,13 @@ def load_vqa_run(run_dir: str | Path, weights: str = MODEL_FILE) -> tuple[VQAMod
 
 
 def _apply_cli_flags(cfg: VQAConfig, args: Any) -> VQAConfig:
-    """Fold --data, --backbone, --text-weights / --clip-weights into the config."""
+    """Fold the CLI flags into the config.
+
+    ``--backbone``: a medtune pretrain run folder (its backbone architecture and
+    ``backbone.safetensors``; the VQA config keeps its ``img_size``), a local weight file
+    for the configured backbone, or a backbone name. ``--text-weights``/``--clip-weights``:
+    a local CLIP checkpoint (``text.kind: open_clip``) or Hugging Face folder (``hf``).
+    """
     from medtune.checkpoints.io import load_json
 
     if getattr(args, "self_distill", None):
@@ -453,7 +459,9 @@ def _apply_cli_flags(cfg: VQAConfig, args: Any) -> VQAConfig:
                 raise CheckpointError(f"{Path(backbone) / CONFIG_FILE}: has no 'backbone' section")
             run_cfg = from_dict(BackboneConfig, section)
             cfg.backbone = dataclasses.replace(run_cfg, img_size=cfg.backbone.img_size, pretrained=str(backbone))
-        else:
+        elif Path(backbone).is_file():  # local weights for the configured architecture
+            cfg.backbone = dataclasses.replace(cfg.backbone, pretrained=str(backbone))
+        else:  # a backbone name (timm-style), randomly initialised
             cfg.backbone = dataclasses.replace(cfg.backbone, name=str(backbone))
     text_weights = getattr(args, "text_weights", None) or getattr(args, "clip_weights", None)
     if text_weights:

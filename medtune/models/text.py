@@ -24,6 +24,7 @@ a logged warning, never an error.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,14 @@ def pad_token_lists(
     return ids, mask
 
 
+@functools.lru_cache(maxsize=1)
+def _bpe_tokenizer():
+    """open_clip's BPE tokenizer (its vocabulary ships with open_clip), read once per process."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer()
+
+
 TEXT_ENCODERS: Registry[Callable[[TextConfig], TextEncoder]] = Registry("text encoder")
 
 # top-level names of the text tower inside an open_clip CLIP model's state dict
@@ -128,7 +137,6 @@ class OpenCLIPText(TextEncoder):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         import open_clip
-        from open_clip.tokenizer import SimpleTokenizer
         from open_clip.transformer import TextTransformer
 
         model_cfg = open_clip.get_model_config(cfg.name)
@@ -153,7 +161,7 @@ class OpenCLIPText(TextEncoder):
             output_dim=None,  # VQA reads the tokens, not CLIP's projected sentence vector
             output_tokens=True,
         )
-        self.tokenizer = SimpleTokenizer(context_length=cfg.context_length)
+        self.tokenizer = _bpe_tokenizer()
         if cfg.weights:
             self.load_clip_weights(cfg.weights, cfg.name)
 

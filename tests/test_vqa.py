@@ -1,0 +1,281 @@
+"""VQA pieces: dataset loaders, answer vocabulary, accuracy, text encoders, stage-wise fusion."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medtune.data.vqa import (
+    AnswerVocab,
+    VQADataset,
+    VQARecord,
+    draw_brain_slices,
+    load_vqa_records,
+    normalize_answer,
+)
+from medtune.errors import ConfigError, DataError
+from medtune.finetune.vqa import (
+    VQAConfig,
+    VQAModel,
+    VQAModelConfig,
+    load_vqa_config,
+    majority_baseline,
+    report_unknown_answers,
+    sincos_position_code,
+    vqa_accuracy,
+)
+from medtune.models.backbones import BackboneConfig, create_backbone
+from medtune.models.text import TextConfig, build_text_encoder
+
+TINY_TEXT = TextConfig(width=32, layers=1, heads=2, context_length=16)
+
+
+def _png(path: Path, value: int = 100, size: int = 16) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size), value, np.uint8)).save(path)
+
+
+def _write_json(path: Path, entries: list[dict]) -> None:
+    path.write_text(json.dumps(entries))
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def test_vqa_rad_split_files_and_public_json(tmp_path):
+    rad = [
+        {"qid": 1, "image_name": "synpic1.jpg", "question": "Is there a fracture?", "answer": "Yes",
+         "answer_type": "CLOSED", "phrase_type": "freeform"},
+        {"qid": 2, "image_name": "synpic1.jpg", "question": "What organ is shown?", "answer": " Left Kidney. ",
+         "answer_type": "OPEN", "phrase_type": "para"},
+        {"qid": 3, "image_name": "synpic2.jpg", "question": "Is this a CT?", "answer": "no",
+         "answer_type": "CLOSED", "phrase_type": "test_freeform"},
+    ]
+    _write_json(tmp_path / "VQA_RAD Dataset Public.json", rad)
+    train = load_vqa_records("vqa_rad", tmp_path, "train")
+    test = load_vqa_records("vqa_rad", tmp_path, "test")
+    assert [r.answer for r in train] == ["yes", "left kidney"]
+    assert [r.answer_type for r in train] == ["closed", "open"]
+    assert [r.question for r in test] == ["Is this a CT?"]
+    assert train[0].image == tmp_path / "synpic1.jpg"  # no image folder: the root
+    assert train[1].source.endswith("VQA_RAD Dataset Public.json#2")
+
+    # MEVF-style split files win over the public file; images/ is the image folder
+    (tmp_path / "images").mkdir()
+    _write_json(tmp_path / "trainset.json", rad[:1])
+    _write_json(tmp_path / "testset.json", rad[1:])
+    assert len(load_vqa_records("vqa_rad", tmp_path, "train")) == 1
+    assert load_vqa_records("vqa_rad", tmp_path, "test")[0].image == tmp_path / "images" / "synpic1.jpg"
+    with pytest.raises(DataError, match="train/test"):
+        load_vqa_records("vqa_rad", tmp_path, "validate")
+
+
+def test_slake_keeps_english_by_default(tmp_path):
+    entries = [
+        {"qid": 10, "img_name": "xmlab1/source.jpg", "question": "Which organ is abnormal?", "answer": "Liver",
+         "answer_type": "OPEN", "q_lang": "en"},
+        {"qid": 11, "img_name": "xmlab1/source.jpg", "question": "哪个器官不正常？", "answer": "肝脏",
+         "answer_type": "OPEN", "q_lang": "zh"},
+        {"qid": 12, "img_name": "xmlab2/source.jpg", "question": "Is this an MRI?", "answer": "No",
+         "answer_type": "CLOSED", "q_lang": "en"},
+    ]
+    _write_json(tmp_path / "train.json", entries)
+    (tmp_path / "imgs").mkdir()
+    english = load_vqa_records("slake", tmp_path, "train")
+    assert [(r.answer, r.answer_type) for r in english] == [("liver", "open"), ("no", "closed")]
+    assert english[0].image == tmp_path / "imgs" / "xmlab1" / "source.jpg"
+    assert english[1].source.endswith("train.json#12")
+    assert len(load_vqa_records("slake", tmp_path, "train", languages=("en", "zh"))) == 3
+    with pytest.raises(DataError, match="validate.json"):
+        load_vqa_records("slake", tmp_path, "validate")
+
+
+def test_vqa_med_2019_pipe_files(tmp_path):
+    folder = tmp_path / "ImageClef-2019-VQA-Med-Training"
+    (folder / "Train_images").mkdir(parents=True)
+    (folder / "All_QA_Pairs_train.txt").write_text(
+        "synpic100|what plane is this?|axial\nsynpic101|is this a t1 weighted image?|yes\n"
+    )
+    records = load_vqa_records("vqa_med_2019", tmp_path, "train")
+    assert [(r.answer, r.answer_type) for r in records] == [("axial", "open"), ("yes", "closed")]
+    assert records[0].image == folder / "Train_images" / "synpic100.jpg"
+    (folder / "All_QA_Pairs_train.txt").write_text("synpic100|only two fields\n")
+    with pytest.raises(DataError, match=r"All_QA_Pairs_train.txt:1"):
+        load_vqa_records("vqa_med_2019", tmp_path, "train")
+
+
+def test_missing_image_names_the_record(tmp_path):
+    _png(tmp_path / "images" / "a.png")
+    records = [
+        VQARecord(tmp_path / "images" / "a.png", "is there a lesion?", "yes", "closed", "set.json#0"),
+        VQARecord(tmp_path / "images" / "gone.png", "is there a lesion?", "no", "closed", "set.json#7"),
+    ]
+    encoder = build_text_encoder(TINY_TEXT)
+    with pytest.raises(DataError, match=r"set.json#7.*gone.png"):
+        VQADataset(records, AnswerVocab.from_records(records), encoder.tokenize, 16, 3)
+
+
+def test_dataset_items_and_unknown_answers_reported(tmp_path, caplog):
+    _png(tmp_path / "a.png", 50)
+    _png(tmp_path / "b.png", 200)
+    train = [
+        VQARecord(tmp_path / "a.png", "is there a lesion?", "yes", "closed", "t#0"),
+        VQARecord(tmp_path / "b.png", "is there a lesion?", "yes", "closed", "t#1"),
+        VQARecord(tmp_path / "b.png", "what organ?", "brain", "open", "t#2"),
+    ]
+    vocab = AnswerVocab.from_records(train)
+    assert vocab.answers == ["yes", "brain"]  # most frequent first
+    assert vocab.encode("Yes.") == 0 and vocab.encode("liver") == AnswerVocab.UNKNOWN
+    evaluation = [
+        VQARecord(tmp_path / "a.png", "what organ?", "liver", "open", "e#0"),
+        VQARecord(tmp_path / "b.png", "is there a lesion?", "yes", "closed", "e#1"),
+    ]
+    encoder = build_text_encoder(TINY_TEXT)
+    dataset = VQADataset(evaluation, vocab, encoder.tokenize, 16, 4)
+    item = dataset[0]
+    assert item["image"].shape == (4, 16, 16) and item["image"].dtype == torch.float32
+    assert item["question_ids"].shape == (16,) and item["question_mask"].dtype == torch.bool
+    assert int(item["answer"]) == -1 and not bool(item["closed"])
+    with caplog.at_level(logging.WARNING):
+        assert report_unknown_answers(dataset) == 1
+    assert "1 of 2 evaluation answers" in caplog.text and "'liver'" in caplog.text
+    # the unknown answer counts as wrong even for a model that "answers" index -1
+    metrics = vqa_accuracy(torch.tensor([-1, 0]), dataset.answers, dataset.closed)
+    assert metrics["accuracy"] == 0.5 and metrics["n_unknown"] == 1
+    assert majority_baseline(dataset)["accuracy"] == 0.5  # always "yes"
+
+
+def test_accuracy_hand_worked():
+    pred = torch.tensor([0, 1, 2, 3, 1])
+    target = torch.tensor([0, 2, 2, -1, 1])  # the 4th answer is not in the vocabulary
+    closed = torch.tensor([True, True, False, False, False])
+    metrics = vqa_accuracy(pred, target, closed)
+    assert metrics["accuracy"] == pytest.approx(3 / 5)
+    assert metrics["accuracy_closed"] == pytest.approx(1 / 2)
+    assert metrics["accuracy_open"] == pytest.approx(2 / 3)
+    assert (metrics["n_all"], metrics["n_closed"], metrics["n_open"], metrics["n_unknown"]) == (5, 2, 3, 1)
+    assert np.isnan(vqa_accuracy(pred[:2], target[:2], closed[:2])["accuracy_open"])  # no open questions
+
+
+def test_answer_normalisation():
+    assert normalize_answer("  Right  Lung. ") == "right lung"
+    assert normalize_answer(3) == "3"
+
+
+def test_generated_slices_follow_their_answers():
+    images, facts = draw_brain_slices(64, 32, np.random.default_rng(1))
+    bright = images > 0.8 * 255  # lesions are drawn at 0.95, tissue at about 0.45
+    assert images.dtype == np.uint8 and images.shape == (64, 32, 32)
+    area = bright.sum(axis=(1, 2))
+    assert np.all((area == 0) == (facts["lesions"] == 0))
+    has = facts["lesions"] > 0
+    columns = bright.any(axis=1)  # (N, W)
+    left = columns[:, :16].any(axis=1)
+    right = columns[:, 16:].any(axis=1)
+    assert np.all(left[has] == (facts["side"][has] == 0)) and np.all(right[has] == (facts["side"][has] == 1))
+    one = facts["lesions"] == 1
+    assert area[one & facts["large"]].min() > area[one & ~facts["large"]].max()
+    assert set(np.unique(facts["lesions"])) == {0, 1, 2}
+
+
+# --------------------------------------------------------------------------- text
+
+
+def test_long_question_truncated_with_warning(caplog):
+    encoder = build_text_encoder(TextConfig(width=32, layers=1, heads=2, context_length=8))
+    with caplog.at_level(logging.WARNING):
+        ids, mask = encoder.tokenize(["is there a lesion?", "which side of the image is the lesion on today?"])
+    assert ids.shape == (2, 8) and mask[1].all()
+    assert ids[1, -1] == encoder.tokenizer.eot_token_id  # the end token survives the cut
+    assert "1 question(s) longer than the context of 8 tokens" in caplog.text
+    assert encoder(ids, mask).shape == (2, 8, 32)
+
+
+def test_open_clip_text_weights_match_clip(tmp_path):
+    from medtune.checkpoints.io import save_safetensors
+    from medtune.models.clip import TINY_CLIP, build_clip, encode_text_words
+
+    clip, tokenizer = build_clip(tiny_config=TINY_CLIP)
+    save_safetensors(clip.state_dict(), tmp_path / "clip.safetensors")
+    text_cfg = TINY_CLIP["text_cfg"]
+    encoder = build_text_encoder(
+        TextConfig(width=text_cfg["width"], layers=text_cfg["layers"], heads=text_cfg["heads"],
+                   context_length=text_cfg["context_length"], weights=str(tmp_path / "clip.safetensors"))
+    )
+    ids, mask = encoder.tokenize(["is the lesion large or small?"])
+    assert torch.equal(ids, tokenizer(["is the lesion large or small?"]))
+    clip.eval(), encoder.eval()
+    with torch.no_grad():
+        assert torch.allclose(encoder(ids, mask), encode_text_words(clip, ids).words, atol=1e-6)
+
+
+def test_hf_text_needs_transformers(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import fails as if not installed
+    with pytest.raises(ConfigError, match="'transformers' package"):
+        build_text_encoder(TextConfig(kind="hf", path="/nowhere"))
+
+
+def test_unknown_text_kind_and_config_keys(tmp_path):
+    with pytest.raises(ConfigError, match="unknown text encoder 'bert'"):
+        build_text_encoder(TextConfig(kind="bert"))
+    cfg_file = tmp_path / "vqa.yaml"
+    cfg_file.write_text("model: {fusion: concat}\n")
+    with pytest.raises(ConfigError, match="model.fusion"):
+        load_vqa_config(cfg_file)
+    cfg_file.write_text("model: {fusoin: mmbert}\n")
+    with pytest.raises(ConfigError, match="model.fusoin"):
+        load_vqa_config(cfg_file)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def test_position_code_any_rank():
+    code = sincos_position_code((2, 4), 16)  # (8, 16)
+    assert code.shape == (8, 16) and code.abs().max() <= 1
+    grid = code.reshape(2, 4, 16)
+    assert not torch.allclose(grid[:, 0], grid[:, 3])  # left and right columns differ
+    assert torch.equal(grid[0, :, 8:], grid[1, :, 8:])  # the x half ignores the row
+    assert sincos_position_code((2, 3, 4), 12).shape == (24, 12)
+
+
+@pytest.mark.parametrize("fusion", ["stagewise", "mmbert"])
+def test_fusion_uses_every_stage(fusion):
+    torch.manual_seed(0)
+    backbone = create_backbone(BackboneConfig(name="convnext_atto", in_chans=1, img_size=32))
+    text = build_text_encoder(TINY_TEXT)
+    model = VQAModel(backbone, text, 5, VQAModelConfig(fusion=fusion, heads=2, dropout=0.0))
+    ids, mask = text.tokenize(["is there a lesion?", "how many lesions are there?"])
+    batch = {"image": torch.randn(2, 1, 32, 32), "question_ids": ids, "question_mask": mask,
+             "answer": torch.tensor([1, 3])}
+    out = model(batch)
+    assert out["loss"].ndim == 0 and out["loss"] > 0
+    out["loss"].backward()
+    projections = [b.project for b in model.fusion.blocks] if fusion == "stagewise" else list(model.fusion.project)
+    assert [p.in_features for p in projections] == list(backbone.feature_channels)  # 40, 80, 160, 320
+    for stage, projection in enumerate(projections):
+        assert projection.weight.grad is not None and projection.weight.grad.abs().sum() > 0, f"stage {stage}"
+    assert backbone.model.stem[0].weight.grad.abs().sum() > 0  # and back into the image backbone
+
+
+def test_model_config_checks():
+    backbone = create_backbone(BackboneConfig(name="convnext_atto", in_chans=1, img_size=32))
+    text = build_text_encoder(TINY_TEXT)
+    with pytest.raises(ConfigError, match="model.stages"):
+        VQAModel(backbone, text, 3, VQAModelConfig(stages=[0, 4], heads=2))
+    with pytest.raises(ConfigError, match="shallow to deep"):
+        VQAModel(backbone, text, 3, VQAModelConfig(stages=[2, 1], heads=2))
+    with pytest.raises(ConfigError, match="model.heads 3"):
+        VQAModel(backbone, text, 3, VQAModelConfig(heads=3))
+    frozen = VQAModel(backbone, text, 3, VQAModelConfig(heads=2, stages=[1, 3], freeze_backbone=True))
+    assert not any(p.requires_grad for p in frozen.backbone.parameters())
+    assert len(frozen.fusion.blocks) == 2
+    assert VQAConfig().task == "vqa"
