@@ -320,6 +320,20 @@ def test_lora_matches_peft_and_merges():
     assert not torch.allclose(merged[-1], vit().eval().forward_stages(x)[-1], atol=1e-3)
 
 
+def test_lora_on_monai_swinunetr_targets_its_linears():
+    cfg = BackboneConfig(name="swinunetr", in_chans=4, img_size=IMG, options={"feature_size": 12})
+    backbone = apply_adapter(create_backbone(cfg), LoraAdapterConfig(r=2, alpha=4.0))
+    targets = ["qkv", "attn.proj", "mlp.linear1", "mlp.linear2"]
+    assert backbone.medtune_adapter.config.target_modules is None
+    from peft import LoraConfig, get_peft_model
+
+    reference = get_peft_model(create_backbone(cfg).model, LoraConfig(r=2, lora_alpha=4, target_modules=targets))
+    assert count_parameters(backbone)[1] == reference.get_nb_trainable_parameters()[0]
+    assert any(".mlp.linear1.lora_A." in n for n in trainable_parameters(backbone))
+    with pytest.raises(ConfigError, match="needs a timm ViT or Swin"):
+        apply_adapter(create_backbone(cfg), MedTuningConfig())
+
+
 def test_adapter_state_roundtrip_reproduces_outputs(tmp_path):
     torch.manual_seed(0)
     pretrained = vit()

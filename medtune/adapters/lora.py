@@ -6,8 +6,9 @@ peft wraps each target ``nn.Linear`` in a LoRA layer (the frozen weight moves to
 ``nn.Linear`` back, so the merged backbone has the original timm names again.
 
 Targets (peft matches a name that equals a target or ends with ``"." + target``):
-for timm ViT and Swin ``qkv``, ``attn.proj``, ``fc1``, ``fc2``. A bare ``proj`` would
-also hit ``patch_embed.proj`` (the stem conv), which LoRA must not touch.
+for timm ViT and Swin ``qkv``, ``attn.proj``, ``fc1``, ``fc2``; for MONAI's SwinUNETR
+``qkv``, ``attn.proj``, ``mlp.linear1``, ``mlp.linear2``. A bare ``proj`` would also hit
+``patch_embed.proj`` (the stem conv), which LoRA must not touch: it is refused.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from medtune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TARGETS = ("qkv", "attn.proj", "fc1", "fc2")
+# the attention and MLP linears of timm ViT/Swin (fc1, fc2) and MONAI's Swin (linear1, linear2)
+CANDIDATE_TARGETS = ("qkv", "attn.proj", "fc1", "fc2", "mlp.linear1", "mlp.linear2")
 
 
 @dataclass
@@ -38,7 +40,8 @@ class LoraAdapterConfig(AdapterConfig):
     alpha: float = 16.0
     # dropout on the LoRA branch's input
     dropout: float = 0.0
-    # module-name suffixes to adapt (peft matching); None: qkv, attn.proj, fc1, fc2
+    # module-name suffixes to adapt (peft matching); None: those of qkv, attn.proj,
+    # fc1, fc2 (timm) and mlp.linear1, mlp.linear2 (MONAI Swin) the backbone has
     target_modules: list[str] | None = None
 
     def __post_init__(self) -> None:
@@ -47,17 +50,24 @@ class LoraAdapterConfig(AdapterConfig):
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
-    def peft_config(self):
-        """The equivalent ``peft.LoraConfig``."""
+    def peft_config(self, target_modules: list[str]):
+        """The equivalent ``peft.LoraConfig`` for ``target_modules``."""
         from peft import LoraConfig
 
         return LoraConfig(
-            r=self.r,
-            lora_alpha=self.alpha,
-            lora_dropout=self.dropout,
-            target_modules=list(self.target_modules or DEFAULT_TARGETS),
-            bias="none",
+            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=target_modules, bias="none"
         )
+
+
+def _matches(name: str, target: str) -> bool:
+    """peft's rule for a string target: the module name equals it or ends with ``.target``."""
+    return name == target or name.endswith("." + target)
+
+
+def default_lora_targets(model: nn.Module) -> list[str]:
+    """The :data:`CANDIDATE_TARGETS` that name at least one ``nn.Linear`` of ``model``."""
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return [t for t in CANDIDATE_TARGETS if any(_matches(n, t) for n in linears)]
 
 
 @ADAPTERS.register("lora")
@@ -71,20 +81,22 @@ class Lora(AdapterMethod):
     def inject(cls, target: AdapterTarget, cfg: LoraAdapterConfig, ctx: SliceContext) -> None:
         from peft import inject_adapter_in_model
 
-        targets = list(cfg.target_modules or DEFAULT_TARGETS)
-        stem = [t for t in targets if any(n == t or n.endswith("." + t) for n in _stem_names(target.model))]
+        targets = list(cfg.target_modules) if cfg.target_modules else default_lora_targets(target.model)
+        if not targets:
+            raise ConfigError(f"LoRA on '{target.name}': no default target linears; set target_modules")
+        stem = [t for t in targets if any(_matches(n, t) for n in _stem_names(target.model))]
         if stem:
             raise ConfigError(
                 f"LoRA target(s) {stem} would hit the patch-embedding stem; use 'attn.proj' instead of 'proj'"
             )
         try:
-            inject_adapter_in_model(cfg.peft_config(), target.model)
+            inject_adapter_in_model(cfg.peft_config(targets), target.model)
         except ValueError as exc:  # peft: target modules not found
             raise ConfigError(f"LoRA on '{target.name}': {str(exc).splitlines()[0]}") from None
 
 
 def _stem_names(model: nn.Module) -> list[str]:
-    return [name for name, _ in model.named_modules() if name.startswith("patch_embed")]
+    return [name for name, _ in model.named_modules() if "patch_embed" in name.split(".")]
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
