@@ -66,6 +66,15 @@ def test_brats2019_nesting_and_case355_label_name(brats):
     np.testing.assert_array_equal(load_case(cases[0]).label, label)
 
 
+def test_brats2023_file_names(brats):
+    folder = brats / CASE1
+    for old, new in (("flair", "t2f"), ("t1ce", "t1c"), ("t1", "t1n"), ("t2", "t2w"), ("seg", "seg")):
+        (folder / f"{CASE1}_{old}.nii.gz").rename(folder / f"BraTS-GLI-00001-000-{new}.nii.gz")
+    case = find_cases(brats)[0]
+    assert [p.name for p in case.images] == [f"BraTS-GLI-00001-000-{m}.nii.gz" for m in ("t2f", "t1c", "t1n", "t2w")]
+    assert case.label.name == "BraTS-GLI-00001-000-seg.nii.gz"
+
+
 def _write_msd(root: Path) -> np.ndarray:
     """Two 4D cases whose channel c holds the value 10 * (c + 1) inside a box."""
     (root / "imagesTr").mkdir(parents=True)

@@ -5,7 +5,8 @@ layouts are understood:
 
 - ``brats``: one folder per case, ``<case>/<case>_{flair,t1,t1ce,t2,seg}.nii[.gz]``
   (BraTS 2020/2021), optionally nested one level under group folders such as
-  ``HGG/`` and ``LGG/`` (BraTS 2019). Any single ``*seg*.nii*`` file is accepted as the
+  ``HGG/`` and ``LGG/`` (BraTS 2019); BraTS 2023 names (``<case>-{t2f,t1c,t1n,t2w,seg}``)
+  are found through the modality aliases. Any single ``*seg*.nii*`` file is accepted as the
   label, which covers BraTS20_Training_355 whose label file has another name.
 - ``msd``: Medical Segmentation Decathlon, ``dataset.json`` with
   ``training: [{image, label}]`` and a ``modality`` map; one 4D image per case with
@@ -33,7 +34,7 @@ NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
 
 # Names the same MRI contrast goes by in BraTS file names and MSD/nnU-Net json files.
 MODALITY_ALIASES: dict[str, tuple[str, ...]] = {
-    "flair": ("flair", "t2flair", "t2-flair", "t2_flair"),
+    "flair": ("flair", "t2flair", "t2-flair", "t2_flair", "t2f"),
     "t1ce": ("t1ce", "t1gd", "t1c", "t1-ce", "t1_ce", "t1contrast"),
     "t1": ("t1", "t1w", "t1n"),
     "t2": ("t2", "t2w"),
@@ -199,11 +200,15 @@ def _brats_case_folders(root: Path) -> list[Path]:
 
 
 def _find_brats_file(folder: Path, files: list[Path], suffix: str) -> list[Path]:
-    """Files named ``<folder>_<suffix>.nii[.gz]``, else any ``*_<suffix>.nii[.gz]``."""
+    """Files named ``<folder>_<suffix>.nii[.gz]``, else any ``*_<name>`` or ``*-<name>``
+    file for ``suffix`` or one of its aliases (BraTS 2023: ``-t2f``, ``-t1c``, ``-t1n``,
+    ``-t2w``)."""
     exact = [f for f in files if nifti_stem(f) == f"{folder.name}_{suffix}"]
     if exact:
         return exact
-    return [f for f in files if nifti_stem(f).lower().endswith(f"_{suffix.lower()}")]
+    names = {suffix.lower(), *MODALITY_ALIASES.get(suffix.lower(), ())}
+    endings = tuple(sep + name for name in names for sep in "_-")
+    return [f for f in files if nifti_stem(f).lower().endswith(endings)]
 
 
 def _scan_brats(root: Path, modalities: tuple[str, ...], problems: list[str]) -> list[Case]:
