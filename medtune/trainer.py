@@ -276,6 +276,29 @@ def lower_is_better(key: str) -> Callable[[Mapping[str, float], Mapping[str, flo
     return is_better
 
 
+def unused_parameters(model: nn.Module, batch: Any) -> list[str]:
+    """Names of trainable parameters that get no gradient from ``model(batch)["loss"]``.
+
+    DDP refuses such parameters unless told to search for them on every step
+    (``find_unused_parameters``, slower); a model whose graph never changes can freeze
+    them instead (they would never be updated anyway). Gradients are cleared and buffers
+    (e.g. BatchNorm running statistics) restored afterwards, so the model is unchanged.
+    """
+    was_training = model.training
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    model.train()
+    try:
+        _loss_of(model(batch)).backward()
+        unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+    return unused
+
+
 def find_latest_state(path: str | Path) -> Path | None:
     """The newest complete ``step_NNNNNNN`` state under ``path`` or ``path/state``."""
     path = Path(path)

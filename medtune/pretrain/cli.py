@@ -71,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.config}: no dataset; pass --data or set data.root")
 
     accelerator = make_accelerator(cfg.train)
+    if not accelerator.is_main_process:  # one copy of the logs, from the main process
+        logging.getLogger().setLevel(logging.WARNING)
     run_dir = _agree(accelerator, lambda: choose_run_dir(args.config, args.output, args.resume))
     resume = None if args.resume is None else ("latest" if args.resume == "latest" else args.resume)
     check_run_dir(run_dir, resuming=resume is not None)
@@ -78,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     dataset = _main_first(accelerator, lambda: _build_dataset(cfg, run_dir, accelerator.is_main_process))
     objective = _build_objective(cfg)
+    freeze_unused(objective, dataset, cfg)
     if accelerator.is_main_process:
         _write_config(cfg, run_dir, resuming=resume is not None)
     result = _train(objective, dataset, cfg, run_dir, resume, accelerator)
@@ -181,6 +184,27 @@ def _build_objective(cfg):
     if not isinstance(getattr(objective, "backbone", None), torch.nn.Module):
         raise ConfigError(f"objective '{cfg.objective.name}' does not expose its .backbone")
     return objective
+
+
+def freeze_unused(objective, dataset, cfg) -> list[str]:
+    """Freeze parameters the objective never uses (e.g. a ViT's final norm when FreMAE
+    reads intermediate blocks): they would get no update anyway, and DDP needs every
+    trainable parameter to take part. One forward/backward on the first samples finds them."""
+    from torch.utils.data import default_collate
+
+    from medtune.trainer import unused_parameters
+
+    if cfg.train.find_unused_parameters:
+        return []
+    probe = default_collate([dataset[i] for i in range(min(2, len(dataset)))])
+    unused = unused_parameters(objective, probe)
+    for name, param in objective.named_parameters():
+        if name in unused:
+            param.requires_grad_(False)
+    if unused:
+        log.info("freezing %d parameters the %s objective does not use: %s",
+                 len(unused), cfg.objective.name, ", ".join(unused[:4]) + (" ..." if len(unused) > 4 else ""))
+    return unused
 
 
 def _train(objective, dataset, cfg, run_dir: Path, resume, accelerator):
