@@ -95,6 +95,13 @@ def test_cache_invalidated_when_source_changes(synth_brats, tmp_path, monkeypatc
     # only the touched case (4 modalities + label) was read again
     assert sorted(loads) == sorted(p.name for p in cases[2].files)
     assert cache.meta(2)["sources"][0]["mtime_ns"] == stat.st_mtime_ns + 10**9
+    # a truncated cache file (crash) is rebuilt too
+    loads.clear()
+    image_file = cache.case_dir(0) / "image.npy"
+    image_file.write_bytes(image_file.read_bytes()[:1000])
+    cache = VolumeCache(cases, tmp_path / "cache", show_progress=False)
+    assert sorted(loads) == sorted(p.name for p in cases[0].files)
+    assert cache.load(0).image.shape[0] == 4
 
 
 def test_cache_concurrent_builders_agree(synth_brats, tmp_path, monkeypatch):

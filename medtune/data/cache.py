@@ -107,6 +107,7 @@ def _atomic_save(path: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache is shared like the data
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -191,8 +192,13 @@ class VolumeCache:
         # A cache built with labels also serves label-free use; not the other way round.
         if label_source is not None and meta.get("label_source") != label_source:
             return None
-        if any(not (folder / name).is_file() for name in meta.get("arrays", [])):
-            return None
+        # a file of another size than written (crash before it reached the disk) -> rebuild
+        for name, size in meta.get("array_bytes", {}).items():
+            try:
+                if (folder / name).stat().st_size != size:
+                    return None
+            except OSError:
+                return None
         return meta
 
     def build(self, show_progress: bool | None = None) -> list[dict]:
@@ -258,6 +264,7 @@ class VolumeCache:
             "sources": image_sources,
             "label_source": label_source if label is not None else None,
             "arrays": sorted(arrays),
+            "array_bytes": {name: (folder / name).stat().st_size for name in sorted(arrays)},
             "original_shape": original_shape,
             "bbox": [list(b) for b in bbox],
             "shape": list(image.shape),
