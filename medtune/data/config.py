@@ -33,7 +33,7 @@ from medtune.data.cases import LAYOUTS, Case, find_cases
 from medtune.data.check import default_label_spec
 from medtune.data.datasets import CropDataset, SliceDataset, VolumeDataset
 from medtune.data.labels import LabelSpec
-from medtune.errors import ConfigError
+from medtune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +161,6 @@ def build_labeled_dataset(
     Raises :class:`~medtune.errors.DataError` for a case without a label or with
     label values outside the declared set, and for an empty validation split.
     """
-    from medtune.errors import DataError
-
     spec = label_spec_for(cfg)
     cases = find_cases(_root(cfg), cfg.layout, cfg.modalities, require_labels=True)
     train_cases, val_cases = split_cases(cases, cfg.val_fraction)
@@ -170,7 +168,9 @@ def build_labeled_dataset(
     if chosen is None:
         raise ConfigError(f"unknown split '{split}' (train, val, all)")
     if not chosen:
-        raise DataError(f"split '{split}' of {cfg.root} is empty ({len(cases)} cases, val_fraction {cfg.val_fraction})")
+        raise DataError(
+            f"split '{split}' of {cfg.root} is empty ({len(cases)} cases, val_fraction {cfg.val_fraction})"
+        )
     cache = VolumeCache(chosen, resolve_cache_dir(cfg, run_dir), label_spec=spec, show_progress=show_progress)
     if split != "train":
         return VolumeDataset(cache, with_label=True, label_spec=spec)

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from medtune.data.cache import VolumeCache
 from medtune.data.labels import LabelSpec
+from medtune.errors import DataError
 
 
 def read_window(array: np.ndarray, starts: Sequence[int], size: Sequence[int], fill: float = 0) -> np.ndarray:
@@ -59,6 +60,8 @@ def random_starts(rng: np.random.Generator, extent: Sequence[int], size: Sequenc
 
 
 class _CacheDataset(Dataset):
+    """What the cache datasets share: labels as class indices, per-item seeded crops."""
+
     def __init__(self, cache: VolumeCache, with_label: bool, label_spec: LabelSpec | None, seed: int) -> None:
         self.cache = cache
         self.with_label = with_label
@@ -68,8 +71,6 @@ class _CacheDataset(Dataset):
         if with_label:
             unlabeled = [cache.case_ids[i] for i in range(len(cache)) if not cache.has_label(i)]
             if unlabeled:
-                from medtune.errors import DataError
-
                 raise DataError(f"with_label=True but case {unlabeled[0]} has no label")
 
     def set_epoch(self, epoch: int) -> None:
