@@ -255,6 +255,25 @@ def test_med_adapter_gradients_survive_block_checkpointing(family):
             assert torch.allclose(grad, grads[1][name], atol=1e-5), name
 
 
+def test_deepcopy_gets_its_own_adapters_and_slice_context():
+    import copy
+
+    backbone = apply_adapter(vit(), MedTuningConfig()).eval()
+    clone = copy.deepcopy(backbone)  # e.g. an EMA or teacher copy
+    x = slices(4)
+    with torch.no_grad():
+        reference = stages(backbone, x, 2)[-1]
+        randomize(clone, ("med_adapter.up",))
+        assert torch.equal(stages(backbone, x, 2)[-1], reference)
+        assert not torch.allclose(stages(clone, x, 2)[-1], reference, atol=1e-4)
+    set_num_slices(backbone, 2)
+    with slice_context(clone, 4):
+        assert clone.medtune_adapter.slice_context.num_slices == 4
+        assert backbone.medtune_adapter.slice_context.num_slices == 2
+    assert clone.medtune_adapter.slice_context.num_slices is None  # restored
+    assert clone.model.blocks[0].med_adapter.slice_context is clone.medtune_adapter.slice_context
+
+
 def test_volume_slice_layout_roundtrip():
     volume = torch.arange(2 * 1 * 2 * 2 * 3, dtype=torch.float32).reshape(2, 1, 2, 2, 3)
     flat = volume_to_slices(volume)

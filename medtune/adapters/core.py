@@ -133,7 +133,7 @@ def apply_adapter(backbone: nn.Module, cfg: AdapterConfig) -> nn.Module:
             f"adapter '{cfg.method}' needs a {method.config_class.__name__}, got {type(cfg).__name__}"
         )
     if find_adapted(backbone) is not None:
-        raise ConfigError(f"backbone already has an adapter; apply_adapter once per backbone")
+        raise ConfigError("backbone already has an adapter; apply_adapter once per backbone")
     target = inspect_backbone(backbone, method.stage_ends(cfg))
     if method.needs_blocks:
         target.require_blocks(cfg.method)
