@@ -279,3 +279,57 @@ def test_model_config_checks():
     assert not any(p.requires_grad for p in frozen.backbone.parameters())
     assert len(frozen.fusion.blocks) == 2
     assert VQAConfig().task == "vqa"
+
+
+# --------------------------------------------------------------------------- run folders
+
+
+def _demo_config(*overrides: str) -> VQAConfig:
+    return load_vqa_config(Path(__file__).resolve().parents[1] / "configs" / "demo_vqa.yaml", list(overrides))
+
+
+def test_lora_adapter_trains_only_lora_and_reloads(tmp_path):
+    from medtune.checkpoints.io import save_json
+    from medtune.config import to_dict
+    from medtune.finetune.vqa import build_vqa_model, load_vqa_run, save_vqa_model
+
+    torch.manual_seed(0)
+    cfg = _demo_config("adapter={method: lora, r: 4}")
+    model = build_vqa_model(cfg, 3)
+    trainable = [n for n, p in model.backbone.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(p.requires_grad for p in model.fusion.parameters())  # fusion and head always train
+    save_json({**to_dict(cfg), "answers": ["yes", "no", "1"]}, tmp_path / "config.json")
+    save_vqa_model(model, tmp_path / "model.safetensors")
+    reloaded, reloaded_cfg, answers = load_vqa_run(tmp_path)
+    assert answers == ["yes", "no", "1"] and reloaded_cfg.adapter == {"method": "lora", "r": 4}
+    ids, mask = model.text.tokenize(["is there a lesion in the brain?", "how many lesions are there?"])
+    image = torch.randn(2, 1, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model.answer_logits(image, ids, mask), reloaded.answer_logits(image, ids, mask))
+
+
+def test_backbone_flag_takes_a_pretrain_run(tmp_path):
+    from types import SimpleNamespace
+
+    from medtune.checkpoints.io import save_json, save_safetensors
+    from medtune.config import to_dict
+    from medtune.finetune.vqa import _apply_cli_flags
+
+    pretrained_cfg = BackboneConfig(name="vit_tiny_patch16_224", in_chans=4, img_size=32,
+                                    options={"depth": 4, "patch_size": 8, "embed_dim": 64, "num_heads": 2})
+    pretrained = create_backbone(pretrained_cfg)
+    run = tmp_path / "fremae-run"
+    save_json({"backbone": to_dict(pretrained_cfg)}, run / "config.json")
+    save_safetensors(pretrained.state_dict(), run / "backbone.safetensors")
+    flags = SimpleNamespace(backbone=str(run), data=str(tmp_path / "data"), text_weights=None, clip_weights=None,
+                            self_distill=False)
+    cfg = _apply_cli_flags(_demo_config(), flags)
+    assert cfg.backbone.in_chans == 4 and cfg.backbone.img_size == 32 and cfg.backbone.pretrained == str(run)
+    assert cfg.data.root == str(tmp_path / "data")
+    loaded = create_backbone(cfg.backbone)
+    for name, tensor in pretrained.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    with pytest.raises(ConfigError, match="--self-distill"):
+        _apply_cli_flags(_demo_config(), SimpleNamespace(self_distill=True))

@@ -8,19 +8,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 
+from medtune.cli import main as cli_main
 from medtune.data.vqa import AnswerVocab, VQADataset, load_vqa_records
-from medtune.errors import ConfigError
-from medtune.finetune.vqa import evaluate_vqa, finetune_main, load_vqa_run, predict_main
+from medtune.finetune.vqa import evaluate_vqa, load_vqa_run, predict_main
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_vqa.yaml"
-
-
-def _args(**kwargs) -> SimpleNamespace:
-    base = dict(config=str(DEMO_CONFIG), data=None, output=None, set=[], resume=None, backbone=None,
-                text_weights=None, clip_weights=None, self_distill=False, task="vqa")
-    return SimpleNamespace(**{**base, **kwargs})
 
 
 def _question_prior_accuracy(train, test) -> float:
@@ -34,9 +27,11 @@ def _question_prior_accuracy(train, test) -> float:
 
 def test_tiny_vqa_learns_from_the_image_and_reloads(tmp_path, capsys):
     data, run = tmp_path / "data", tmp_path / "run"
-    overrides = ["train.max_steps=50", "train.eval_every=0", "train.log_every=25", "data.generated_images=160"]
-    assert finetune_main(_args(data=str(data), output=str(run), set=overrides)) == 0
-    for name in ("config.json", "model.safetensors", "best_model.safetensors", "metrics.jsonl", "eval_metrics.json"):
+    overrides = ["train.max_steps=60", "train.eval_every=30", "train.log_every=30", "data.generated_images=160"]
+    argv = ["finetune", "--task", "vqa", "--config", str(DEMO_CONFIG), "--data", str(data), "--output", str(run)]
+    argv += [arg for item in overrides for arg in ("--set", item)]
+    assert cli_main(argv) == 0
+    for name in ("config.json", "model.safetensors", "best/model.safetensors", "metrics.jsonl", "eval_metrics.json"):
         assert (run / name).is_file(), name
 
     summary = json.loads((run / "eval_metrics.json").read_text())
@@ -54,13 +49,23 @@ def test_tiny_vqa_learns_from_the_image_and_reloads(tmp_path, capsys):
     dataset = VQADataset(test, AnswerVocab(answers), model.text.tokenize, cfg.backbone.img_size, cfg.backbone.in_chans)
     assert evaluate_vqa(model, dataset) == pytest.approx(final)
 
-    image = test[0].image
+    # medtune predict on the dataset folder: every eval question answered, same accuracy
+    capsys.readouterr()
+    assert cli_main(["predict", "--model", str(run), "--input", str(data), "--output", str(tmp_path / "pred"),
+                     "--checkpoint", "last"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "pred" / "answers.jsonl").read_text().splitlines()]
+    assert len(rows) == len(test)
+    assert sum(r["answer"] == r["truth"] for r in rows) / len(rows) == pytest.approx(final["accuracy"])
+    assert f"accuracy {final['accuracy']:.3f}" in capsys.readouterr().out
+
+    # one question about one image
     out = tmp_path / "answers.jsonl"
-    assert predict_main(SimpleNamespace(input=str(image), question="is there a lesion in the brain?", output=str(out)), run) == 0
+    question = SimpleNamespace(model=str(run), input=str(test[0].image), question="is there a lesion in the brain?",
+                               output=str(out), checkpoint="best", device=None)
+    assert predict_main(question) == 0
     row = json.loads(out.read_text().splitlines()[0])
     assert row["answer"] in ("yes", "no") and 0 < row["probability"] <= 1
-    assert "answers written to" in capsys.readouterr().out
 
     # a finished run is never overwritten
-    with pytest.raises(ConfigError, match="already holds a finished run"):
-        finetune_main(_args(data=str(data), output=str(run), set=overrides))
+    assert cli_main(argv) == 2
+    assert "already holds a finished run" in capsys.readouterr().err

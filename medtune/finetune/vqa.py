@@ -20,8 +20,9 @@ Entry points for the CLI: :func:`finetune_main` (``medtune finetune --task vqa``
 call :func:`build_vqa_model`, :func:`evaluate_vqa` and :func:`load_vqa_run`.
 
 A run folder holds ``config.json`` (the resolved :class:`VQAConfig` plus the answer
-vocabulary), ``model.safetensors`` (final weights), ``best_model.safetensors`` (best
-evaluation), ``eval_metrics.json``, ``metrics.jsonl`` and ``state/`` (resume).
+vocabulary), ``model.safetensors`` (final weights), ``best/model.safetensors`` (best
+evaluation, as segmentation runs keep it), ``eval_metrics.json``, ``metrics.jsonl`` and
+``state/`` (resume).
 """
 
 from __future__ import annotations
@@ -101,6 +102,10 @@ class VQAConfig:
     )
     text: TextConfig = field(default_factory=TextConfig)  # the question encoder
     model: VQAModelConfig = field(default_factory=VQAModelConfig)  # the fusion and answer head
+    # parameter-efficient tuning of the backbone, {"method": <medtune.adapters name>, **options}
+    # (lora, med-tuning, adaptformer, ...); then the method decides which backbone tensors
+    # train. None: the whole backbone trains unless model.freeze_backbone.
+    adapter: dict | None = None
     train: TrainConfig = field(default_factory=TrainConfig)  # the shared trainer's settings
     eval_batch_size: int = 64  # questions per evaluation/prediction batch
 
@@ -262,11 +267,17 @@ class VQAModel(nn.Module):
         return {"loss": loss, "accuracy": accuracy.detach()}
 
 
-def build_vqa_model(cfg: VQAConfig, num_answers: int) -> VQAModel:
-    """The model of ``cfg`` for an answer vocabulary of ``num_answers`` classes."""
-    backbone = create_backbone(cfg.backbone)
-    text = build_text_encoder(cfg.text)
-    return VQAModel(backbone, text, num_answers, cfg.model)
+def build_vqa_model(cfg: VQAConfig, num_answers: int, text: TextEncoder | None = None) -> VQAModel:
+    """The model of ``cfg`` for ``num_answers`` answer classes (``text``: an already built encoder)."""
+    model = VQAModel(create_backbone(cfg.backbone), text or build_text_encoder(cfg.text), num_answers, cfg.model)
+    if cfg.adapter is not None:
+        from medtune.adapters import adapter_config_from_dict, apply_adapter, set_num_slices
+
+        if not isinstance(cfg.adapter, dict) or "method" not in cfg.adapter:
+            raise ConfigError("adapter must be a section with a 'method' key (e.g. lora, med-tuning)")
+        apply_adapter(model.backbone, adapter_config_from_dict(cfg.adapter))
+        set_num_slices(model.backbone, 1)  # each 2D image is a one-slice volume for slice-mixing adapters
+    return model
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -406,7 +417,7 @@ def build_datasets(cfg: VQAConfig, text: TextEncoder):
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
-BEST_MODEL_FILE = "best_model.safetensors"
+BEST_DIR = "best"
 
 
 def save_vqa_model(model: VQAModel, path: Path) -> None:
@@ -415,8 +426,12 @@ def save_vqa_model(model: VQAModel, path: Path) -> None:
     save_safetensors(model.state_dict(), path, metadata={"task": TASK})
 
 
-def load_vqa_run(run_dir: str | Path, weights: str = MODEL_FILE) -> tuple[VQAModel, VQAConfig, list[str]]:
-    """Rebuild a VQA run's model (in eval mode) from its folder: model, config, answers."""
+def load_vqa_run(run_dir: str | Path, which: str = "last") -> tuple[VQAModel, VQAConfig, list[str]]:
+    """Rebuild a VQA run's model (in eval mode) from its folder: model, config, answers.
+
+    ``which``: ``"last"`` (``model.safetensors``) or ``"best"`` (``best/model.safetensors``,
+    the best evaluation; the final weights if the run kept none).
+    """
     from medtune.checkpoints.io import load_json, load_state, load_weights
 
     run_dir = Path(run_dir)
@@ -429,7 +444,11 @@ def load_vqa_run(run_dir: str | Path, weights: str = MODEL_FILE) -> tuple[VQAMod
     cfg.backbone = dataclasses.replace(cfg.backbone, pretrained=None)
     cfg.text = dataclasses.replace(cfg.text, weights=None)
     model = build_vqa_model(cfg, len(answers))
-    weight_path = run_dir / weights
+    if which not in ("best", "last"):
+        raise ConfigError(f"checkpoint must be 'best' or 'last', got '{which}'")
+    weight_path = run_dir / MODEL_FILE
+    if which == "best" and (run_dir / BEST_DIR / MODEL_FILE).is_file():
+        weight_path = run_dir / BEST_DIR / MODEL_FILE
     load_state(model, load_weights(weight_path), strict=True, source=weight_path)
     return model.eval(), cfg, answers
 
@@ -497,7 +516,8 @@ def finetune_main(args: Any) -> int:
     Trains with the shared trainer, evaluates on the eval split every
     ``train.eval_every`` steps (best weights kept), writes the run folder.
     """
-    cfg = load_vqa_config(getattr(args, "config", None), getattr(args, "set", None) or [])
+    overrides = getattr(args, "overrides", None) or getattr(args, "set", None) or []
+    cfg = load_vqa_config(getattr(args, "config", None), overrides)
     cfg = _apply_cli_flags(cfg, args)
     run_dir = _run_dir(args)
     resume = getattr(args, "resume", None)
@@ -512,7 +532,7 @@ def finetune_main(args: Any) -> int:
         "%d training / %d evaluation questions, %d answers; majority answer '%s' scores %.3f",
         len(train_set), len(eval_set), len(vocab), vocab.decode(0), baseline["accuracy"],
     )
-    model = VQAModel(create_backbone(cfg.backbone), text, len(vocab), cfg.model)
+    model = build_vqa_model(cfg, len(vocab), text)
 
     from accelerate.state import PartialState
 
@@ -528,7 +548,7 @@ def finetune_main(args: Any) -> int:
         return evaluate_vqa(bare, eval_set, cfg.eval_batch_size)
 
     def on_best(bare: nn.Module, metrics: Mapping[str, float]) -> None:
-        save_vqa_model(bare, run_dir / BEST_MODEL_FILE)
+        save_vqa_model(bare, run_dir / BEST_DIR / MODEL_FILE)
 
     result = train(
         model, build_loader(train_set, cfg.train), cfg.train, run_dir, resume=resume,
@@ -578,15 +598,21 @@ def answer_questions(model: VQAModel, answers: Sequence[str], cfg: VQAConfig, im
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-def predict_main(args: Any, run_dir: str | Path) -> int:
-    """``medtune predict --model RUN --input IMAGE_OR_FOLDER --question "..." [--output FILE]``.
+def predict_main(args: Any, run_dir: str | Path | None = None) -> int:
+    """``medtune predict --model RUN --input IMAGE_OR_FOLDER --question "..." [--output OUT]``.
 
     With ``--question``: answers it about the image (or every image of a folder) and
-    prints one line per image. Without: ``--input`` is a dataset folder in the run's
-    format; every question of its eval split is answered and accuracy is printed.
-    ``--output`` (optional) receives the answers as JSON lines.
+    prints one line per image (image, answer, probability). Without: ``--input`` is a
+    dataset folder in the run's format; every question of its eval split is answered
+    and accuracy is printed. ``--output`` (optional) receives the answers as JSON lines:
+    a ``.jsonl``/``.json`` path is the file itself, anything else a folder that gets
+    ``answers.jsonl``. ``--checkpoint best|last`` and ``--device`` are honoured.
     """
-    model, cfg, answers = load_vqa_run(run_dir)
+    run_dir = Path(run_dir if run_dir is not None else args.model)
+    model, cfg, answers = load_vqa_run(run_dir, getattr(args, "checkpoint", None) or "last")
+    device = getattr(args, "device", None)
+    if device:
+        model.to(device)
     source = Path(args.input)
     question = getattr(args, "question", None)
     if question:
@@ -625,7 +651,10 @@ def predict_main(args: Any, run_dir: str | Path) -> int:
     if output:
         from medtune.checkpoints.io import atomic_write
 
+        path = Path(output)
+        if path.suffix.lower() not in (".jsonl", ".json"):
+            path = path / "answers.jsonl"
         text = "".join(json.dumps(row) + "\n" for row in rows)
-        atomic_write(Path(output), lambda tmp: tmp.write_text(text))
-        print(f"answers written to {output}")
+        atomic_write(path, lambda tmp: tmp.write_text(text))
+        print(f"answers written to {path}")
     return 0
