@@ -164,6 +164,7 @@ class InterStageInteraction(nn.Module):
 
 
 def hidden_width(dim: int, ratio: float) -> int:
+    """h = C / ratio, rounded down as in the official code (ViT-B: 768 / 6 = 128)."""
     return max(1, int(dim / ratio))
 
 
@@ -179,6 +180,7 @@ class MedAdapter(nn.Module):
         interaction: the inter-stage interaction (last block of stages >= 1), or None.
         family, num_prefix_tokens: the backbone's token layout.
         ctx: the backbone's :class:`SliceContext`.
+        zero_init_up: start ``up`` at zero (the adapter starts as the identity).
     """
 
     def __init__(
@@ -208,6 +210,9 @@ class MedAdapter(nn.Module):
         self.family = family
         self.num_prefix_tokens = num_prefix_tokens
         self.slice_context = ctx
+
+    def extra_repr(self) -> str:
+        return f"stage={self.stage}, hands_on={self.hands_on}, family={self.family}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: block output, (B*T, P + Hp*Wp, C) for ViT or (B*T, Hp, Wp, C) for Swin; same shape out."""
