@@ -141,6 +141,10 @@ def test_med_tuning_groups_and_extras():
     assert model.blocks[0].med_adapter.down.out_features == 48 // 6
     assert model.blocks[0].med_adapter.interaction is None
     assert all(model.blocks[i].med_adapter.interaction is not None for i in (1, 2, 3))
+    # inside a larger model (backbone + decoder) the decoder is "other"; state names stay the backbone's
+    segmenter = torch.nn.ModuleDict({"backbone": backbone, "decoder": torch.nn.Linear(4, 5)})
+    assert describe(segmenter)["groups"] == {"adapter": adapter, "extras": extras, "other": 25}
+    assert adapter_state_dict(segmenter).keys() == adapter_state_dict(backbone).keys()
     with pytest.raises(ConfigError, match="already has an adapter"):
         apply_adapter(backbone, MedTuningConfig())
     with pytest.raises(ConfigError, match="'pos_embedding' matches no backbone parameter"):
