@@ -1,0 +1,226 @@
+"""End to end on generated BraTS data: finetune -> predict -> evaluate -> export -> reload.
+
+Tiny everything: vit_tiny with 4 blocks on 32x32 slices, crops of 4 slices, 3 steps.
+The CLI runs in-process (``medtune.cli.main``) to skip interpreter start-up.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from medtune.cli import main
+
+TINY = {
+    "data": {"mode": "3d", "crop_size": [32, 32, 4], "val_fraction": 0.34, "num_workers": 0},
+    "backbone": {"name": "vit_tiny_patch16_224", "in_chans": 4, "img_size": 32, "options": {"depth": 4}},
+    "adapter": {"method": "med-tuning"},
+    "model": {"decoder_options": {"channels": 16}},
+    "train": {"max_steps": 3, "batch_size": 2, "eval_every": 2, "log_every": 1, "save_every": 2},
+}
+
+
+def write_config(folder: Path, **changes) -> Path:
+    config = {k: dict(v) for k, v in TINY.items()}
+    for key, value in changes.items():
+        config[key] = value
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_cli(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+def error_line(stderr: str) -> str:
+    """The one ``medtune: error:`` line of a failed command (progress bars aside)."""
+    lines = [line for line in stderr.splitlines() if line.startswith("medtune: error:")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def medtuning_run(synth_brats, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("medtuning")
+    config = write_config(folder)
+    assert run_cli("finetune", "--config", config, "--data", synth_brats, "--output", folder / "run") == 0
+    return folder / "run"
+
+
+@pytest.fixture(scope="module")
+def lora_run(synth_brats, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("lora")
+    config = write_config(folder, adapter={"method": "lora", "r": 2})
+    code = run_cli(
+        "finetune", "--config", config, "--data", synth_brats, "--output", folder / "run", "--self-distill",
+        "--set", "train.max_steps=2", "--set", "data.val_fraction=0",
+    )
+    assert code == 0
+    return folder / "run"
+
+
+def test_finetune_writes_a_complete_run_folder(medtuning_run):
+    from medtune.checkpoints.io import load_json
+
+    for name in ("config.json", "backbone.safetensors", "model.safetensors", "adapter_config.json",
+                 "adapter_model.safetensors", "best/model.safetensors", "best/adapter_model.safetensors",
+                 "metrics.jsonl"):
+        assert (medtuning_run / name).is_file(), name
+    config = load_json(medtuning_run / "config.json")
+    assert config["task"] == "segmentation" and config["label_values"] == [0, 1, 2, 4]
+    assert config["adapter"]["method"] == "med-tuning"
+    evals = [line for line in (medtuning_run / "metrics.jsonl").read_text().splitlines() if "eval/Dice_mean" in line]
+    assert len(evals) == 2  # steps 2 and 3
+    with safe_open(str(medtuning_run / "adapter_model.safetensors"), "pt") as handle:
+        keys = set(handle.keys())
+    assert any(".med_adapter." in k for k in keys) and any(k.startswith("decoder.") for k in keys)
+    assert "backbone.model.pos_embed" in keys  # Med-Tuning trains the position embedding
+    assert not any(k.endswith("attn.qkv.weight") for k in keys)  # frozen tensors stay out
+    with safe_open(str(medtuning_run / "model.safetensors"), "pt") as handle:
+        assert "backbone.model.blocks.0.attn.qkv.weight" in set(handle.keys())
+
+
+def test_resume_continues_from_the_last_state(medtuning_run, synth_brats, tmp_path):
+    from medtune.checkpoints.io import load_json
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(medtuning_run, run_dir)
+    config = write_config(tmp_path)
+    code = run_cli(
+        "finetune", "--config", config, "--data", synth_brats, "--output", run_dir,
+        "--resume", "latest", "--set", "train.max_steps=4", "--set", "train.eval_every=0",
+    )
+    assert code == 0
+    assert (run_dir / "state" / "step_0000004").is_dir()
+    assert load_json(run_dir / "state" / "step_0000004" / "trainer_state.json")["step"] == 4
+
+
+def test_predict_then_evaluate(medtuning_run, synth_brats, tmp_path, capsys):
+    out = tmp_path / "pred"
+    assert run_cli("predict", "--model", medtuning_run, "--input", synth_brats, "--output", out, "--tta") == 0
+    case = sorted(p for p in synth_brats.iterdir() if p.is_dir())[0]
+    source = nib.load(str(case / f"{case.name}_flair.nii.gz"))
+    pred = nib.load(str(out / f"{case.name}.nii.gz"))
+    assert pred.shape == source.shape
+    assert np.array_equal(pred.affine, source.affine)
+    assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2, 4}
+    # one case folder as input gives the same label map
+    single = tmp_path / "single"
+    assert run_cli("predict", "--model", medtuning_run, "--input", case, "--output", single, "--tta") == 0
+    assert np.array_equal(np.asarray(nib.load(str(single / f"{case.name}.nii.gz")).dataobj), np.asarray(pred.dataobj))
+
+    capsys.readouterr()
+    assert run_cli("evaluate", "--pred", out, "--gt", synth_brats) == 0
+    printed = capsys.readouterr().out
+    assert "mean Dice: WT" in printed and "mean HD95 (mm)" in printed
+    lines = (out / "scores.csv").read_text().splitlines()
+    assert lines[0].startswith("case,Dice_WT,Dice_TC,Dice_ET,HD95_WT") and len(lines) == 4
+
+
+def _logits(model, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    volume = torch.randn(1, 4, 32, 32, 4, generator=generator)
+    with torch.no_grad():
+        return model.forward_logits(volume)
+
+
+def test_exports_reload_to_identical_predictions(medtuning_run, tmp_path):
+    from medtune.finetune import load_segmenter
+
+    reference = _logits(load_segmenter(medtuning_run))
+    for fmt in ("adapter", "full"):
+        assert run_cli("export", medtuning_run, "--format", fmt, "--out", tmp_path / fmt) == 0
+        assert torch.equal(_logits(load_segmenter(tmp_path / fmt)), reference), fmt
+    assert not (tmp_path / "adapter" / "model.safetensors").exists()
+    adapter_bytes = (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size
+    assert adapter_bytes < (tmp_path / "full" / "model.safetensors").stat().st_size / 2
+
+
+def test_lora_merged_export_matches_and_other_methods_refuse(lora_run, medtuning_run, tmp_path, capsys):
+    from medtune.finetune import load_segmenter
+
+    model = load_segmenter(lora_run)
+    assert model.run_config["self_distill"] is not None  # --self-distill was wired in
+    reference = _logits(model)
+    assert run_cli("export", lora_run, "--format", "merged", "--out", tmp_path / "merged") == 0
+    merged = load_segmenter(tmp_path / "merged")
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    assert torch.allclose(_logits(merged), reference, atol=1e-5)
+    assert run_cli("export", lora_run, "--format", "adapter", "--out", tmp_path / "adapter") == 0
+    assert torch.equal(_logits(load_segmenter(tmp_path / "adapter")), reference)
+
+    capsys.readouterr()
+    assert run_cli("export", medtuning_run, "--format", "merged", "--out", tmp_path / "nope") == 2
+    err = error_line(capsys.readouterr().err)
+    assert "med-tuning" in err and "merged" in err
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+def _copy_dataset(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite_label(path: Path, change) -> None:
+    img = nib.load(str(path))
+    data = change(np.asarray(img.dataobj).copy())
+    nib.save(nib.Nifti1Image(data.astype(np.uint8), img.affine), str(path))
+
+
+def test_label_values_outside_the_declared_set_exit_2(synth_brats, tmp_path, capsys):
+    data = _copy_dataset(synth_brats, tmp_path / "data")
+    case = sorted(p for p in data.iterdir() if p.is_dir())[1]
+    label = case / f"{case.name}_seg.nii.gz"
+
+    def add_three(array):
+        array[0, 0, 0] = 3
+        return array
+
+    _rewrite_label(label, add_three)
+    config = write_config(tmp_path)
+    code = run_cli("finetune", "--config", config, "--data", data, "--output", tmp_path / "run", "--set", "data.val_fraction=0")
+    err = error_line(capsys.readouterr().err)
+    assert code == 2 and f"{case.name}_seg.nii.gz" in err and "[3]" in err
+
+
+def test_image_label_shape_mismatch_exit_2(synth_brats, tmp_path, capsys):
+    data = _copy_dataset(synth_brats, tmp_path / "data")
+    case = sorted(p for p in data.iterdir() if p.is_dir())[0]
+    _rewrite_label(case / f"{case.name}_seg.nii.gz", lambda array: array[:, :, :-2])
+    config = write_config(tmp_path)
+    code = run_cli("finetune", "--config", config, "--data", data, "--output", tmp_path / "run")
+    err = error_line(capsys.readouterr().err)
+    assert code == 2 and f"{case.name}_seg.nii.gz" in err and "shape" in err
+
+
+def test_adapter_on_another_backbone_and_run_without_weights_exit_2(medtuning_run, synth_brats, tmp_path, capsys):
+    from medtune.checkpoints.io import save_safetensors
+    from medtune.models.backbones import BackboneConfig, create_backbone
+
+    assert run_cli("export", medtuning_run, "--format", "adapter", "--out", tmp_path / "adapter") == 0
+    other = create_backbone(BackboneConfig(name="vit_tiny_patch16_224", in_chans=3, img_size=32, options={"depth": 4}))
+    save_safetensors(other.state_dict(), tmp_path / "other.safetensors")
+    capsys.readouterr()
+    code = run_cli(
+        "predict", "--model", tmp_path / "adapter", "--input", synth_brats, "--output", tmp_path / "p",
+        "--base-weights", tmp_path / "other.safetensors",
+    )
+    err = error_line(capsys.readouterr().err)
+    assert code == 2 and "model.patch_embed.proj.weight" in err
+
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    shutil.copy(medtuning_run / "config.json", empty / "config.json")
+    code = run_cli("predict", "--model", empty, "--input", synth_brats, "--output", tmp_path / "p2")
+    err = error_line(capsys.readouterr().err)
+    assert code == 2 and str(empty) in err and "model.safetensors" in err
