@@ -105,20 +105,22 @@ def pyramid_strides(feature_strides: Sequence[int]) -> list[int]:
 
 
 class TopDownBlock(nn.Module):
-    """Upsample the deeper map to the skip's resolution, concatenate, fuse with a conv."""
+    """Upsample the deeper map to the skip's resolution (transposed convs), concatenate,
+    fuse with a 1x1 conv (as FreMIM's decoder: spatial mixing comes from the upsampling)."""
 
     def __init__(self, spatial_dims: int, width: int, factor: int) -> None:
         super().__init__()
         steps = _log2_exact(factor, "top-down path")
         self.upsample = nn.Sequential(*[Upsample2x(spatial_dims, width, width) for _ in range(steps)])
-        self.fuse = ConvNormAct(spatial_dims, 2 * width, width)
+        self.fuse = ConvNormAct(spatial_dims, 2 * width, width, kernel=1)
 
     def forward(self, deep: Tensor, skip: Tensor) -> Tensor:
         return self.fuse(torch.cat([skip, self.upsample(deep)], dim=1))
 
 
 class BottomUpBlock(nn.Module):
-    """Downsample the shallower map with stride-2 convs, concatenate the stage, fuse."""
+    """Downsample the shallower map with stride-2 3x3 convs, concatenate the stage, fuse
+    with a 1x1 conv."""
 
     def __init__(self, spatial_dims: int, width: int, factor: int) -> None:
         super().__init__()
@@ -126,7 +128,7 @@ class BottomUpBlock(nn.Module):
         self.downsample = nn.Sequential(
             *[ConvNormAct(spatial_dims, width, width, kernel=3, stride=2) for _ in range(steps)]
         )
-        self.fuse = ConvNormAct(spatial_dims, 2 * width, width)
+        self.fuse = ConvNormAct(spatial_dims, 2 * width, width, kernel=1)
 
     def forward(self, shallow: Tensor, stage: Tensor) -> Tensor:
         return self.fuse(torch.cat([stage, self.downsample(shallow)], dim=1))
@@ -186,12 +188,10 @@ class MultiStageDecoder(nn.Module):
             TopDownBlock(spatial_dims, width, strides[i + 1] // strides[i])
             for i in range(len(strides) - 1)
         )
-        # From the shallowest level to full resolution.
+        # From the shallowest level to full resolution (full-resolution 3x3 convs would
+        # dominate the step time; transposed convs keep it a light head).
         self.to_full_resolution = nn.Sequential(
-            *[
-                nn.Sequential(Upsample2x(spatial_dims, width, width), ConvNormAct(spatial_dims, width, width))
-                for _ in range(_log2_exact(strides[0], "full-resolution upsampling"))
-            ]
+            *[Upsample2x(spatial_dims, width, width) for _ in range(_log2_exact(strides[0], "full-resolution upsampling"))]
         )
         filter_channels = width if filter_per_channel else 1
         self.high_filter = GlobalFilter(filter_channels, self.image_size, spatial_dims)

@@ -159,8 +159,13 @@ def focal_weight(pred_spec: Tensor, target_spec: Tensor, alpha: float = 1.0) -> 
         ``(B, C, *S)`` weights, no gradient.
     """
     with torch.no_grad():
-        distance = (pred_spec - target_spec).pow(2).sum(-1).sqrt()  # (B, C, *S)
-        weight = torch.log1p(distance.pow(alpha))
+        return _focal_weight_of_squared_distance((pred_spec - target_spec).pow(2).sum(-1), alpha)
+
+
+def _focal_weight_of_squared_distance(squared_distance: Tensor, alpha: float) -> Tensor:
+    """:func:`focal_weight` from ``d^2`` ``(B, C, *S)`` (no gradient)."""
+    with torch.no_grad():
+        weight = torch.log1p(squared_distance.sqrt().pow(alpha))  # log(1 + d^alpha)
         peak = weight.flatten(2).amax(-1)  # (B, C)
         peak = peak.view(*peak.shape, *([1] * (weight.ndim - 2)))
         weight = torch.where(peak > 0, weight / peak.clamp_min(torch.finfo(weight.dtype).tiny), 0.0)
@@ -186,7 +191,7 @@ def focal_frequency_loss(pred_spec: Tensor, target_spec: Tensor, alpha: float = 
             f"spectrum {tuple(target_spec.shape)} differ"
         )
     squared_distance = (pred_spec - target_spec).pow(2).sum(-1)  # (B, C, *S)
-    weight = focal_weight(pred_spec, target_spec, alpha)
+    weight = _focal_weight_of_squared_distance(squared_distance.detach(), alpha)
     return (weight * squared_distance).mean()
 
 

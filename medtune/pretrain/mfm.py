@@ -89,7 +89,7 @@ class MFM(nn.Module):
         pred_spec = apply_band(spectrum(pred, self.spatial_dims), selected)  # (B, M, *S, 2)
         target_spec = apply_band(spectrum(images, self.spatial_dims), selected)
         squared_distance = (pred_spec - target_spec).pow(2).sum(-1)  # (B, M, *S), 0 off-band
-        weight = focal_weight(pred_spec, target_spec, self.focal_alpha)
+        weight = focal_weight(pred_spec.detach(), target_spec, self.focal_alpha)
         count = selected.sum() * images.shape[1]
         return (weight * squared_distance).sum() / count.clamp_min(1)
 
