@@ -223,6 +223,27 @@ def test_hf_text_needs_transformers(monkeypatch):
         build_text_encoder(TextConfig(kind="hf", path="/nowhere"))
 
 
+def test_hf_text_from_a_local_bert_folder(tmp_path, caplog):
+    transformers = pytest.importorskip("transformers")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "is", "there", "a", "lesion", "?", "how", "many"]
+    transformers.BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(tmp_path)
+    config = transformers.BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=16)
+    transformers.BertModel(config).save_pretrained(tmp_path)
+    encoder = build_text_encoder(TextConfig(kind="hf", path=str(tmp_path), context_length=8)).eval()
+    assert encoder.width == 32
+    with caplog.at_level(logging.WARNING):
+        ids, mask = encoder.tokenize(["is there a lesion?", "how many ? how many ? how many ?"])
+    assert ids[0].tolist() == [2, 5, 6, 7, 8, 9, 3, 0] and mask[0].tolist() == [True] * 7 + [False]
+    assert ids[1, -1] == 3 and mask[1].all()  # cut to 8 tokens, [SEP] kept
+    assert "1 question(s) longer than the context of 8 tokens" in caplog.text
+    with torch.no_grad():
+        batched = encoder(ids, mask)
+        alone = encoder(ids[:1, :7], mask[:1, :7])
+    assert batched.shape == (2, 8, 32)
+    assert torch.allclose(batched[0, :7], alone[0], atol=1e-5)  # padding is masked out
+
+
 def test_unknown_text_kind_and_config_keys(tmp_path):
     with pytest.raises(ConfigError, match="unknown text encoder 'bert'"):
         build_text_encoder(TextConfig(kind="bert"))

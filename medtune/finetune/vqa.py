@@ -524,8 +524,12 @@ def finetune_main(args: Any) -> int:
     if (run_dir / MODEL_FILE).is_file() and not resume:
         raise ConfigError(f"{run_dir} already holds a finished run; choose another --output or pass --resume")
 
+    from accelerate.state import PartialState
+
+    state = PartialState()
     text = build_text_encoder(cfg.text)
-    train_set, eval_set, vocab = build_datasets(cfg, text)
+    with state.main_process_first():  # a generated set is drawn once, by the main process
+        train_set, eval_set, vocab = build_datasets(cfg, text)
     report_unknown_answers(eval_set)
     baseline = majority_baseline(eval_set)
     log.info(
@@ -534,9 +538,7 @@ def finetune_main(args: Any) -> int:
     )
     model = build_vqa_model(cfg, len(vocab), text)
 
-    from accelerate.state import PartialState
-
-    is_main = PartialState().is_main_process
+    is_main = state.is_main_process
     config_data = {**to_dict(cfg), "answers": vocab.answers}
     if is_main:
         from medtune.checkpoints.io import save_json
