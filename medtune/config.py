@@ -79,6 +79,12 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         return tuple(items) if origin is tuple else items
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads "1e-3" (no dot in the mantissa) as a string; it is a float
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if tp in (int, float, str, bool) and not isinstance(value, tp):
