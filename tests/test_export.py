@@ -1,0 +1,124 @@
+"""Run-folder formats and exports, on a hand-made run (no training): what each file holds,
+how the adapter export finds and checks its base weights, and what refuses to export."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from medtune.checkpoints.export import (
+    export_run,
+    file_sha256,
+    load_segmenter,
+    run_config_dict,
+    save_full_weights,
+    save_trained_weights,
+)
+from medtune.checkpoints.io import load_json, load_weights, save_safetensors
+from medtune.checkpoints.params import segmentation_config
+from medtune.data.labels import LabelSpec
+from medtune.errors import CheckpointError, ConfigError
+from medtune.finetune.segmentation import build_segmenter, trained_state_dict
+
+
+def make_run(folder: Path, method: str) -> Path:
+    """A run folder as finetune writes it, with randomised trained tensors."""
+    cfg = segmentation_config(
+        "vit_tiny_patch16_224", 4, 32, 2, method, backbone_options={"depth": 4}, decoder_options={"channels": 8}
+    )
+    torch.manual_seed(0)
+    model, base = build_segmenter(cfg, 4, load_pretrained=False)
+    with torch.no_grad():  # make the trained tensors non-trivial (zero-init up-projections, ...)
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(0.01 * torch.randn_like(param))
+    run_config = run_config_dict(cfg, LabelSpec.brats())
+    save_safetensors(base, folder / "backbone.safetensors")
+    save_full_weights(model, folder, run_config)
+    save_trained_weights(model, folder, run_config, folder / "backbone.safetensors")
+    return folder
+
+
+def logits(model) -> torch.Tensor:
+    volume = torch.randn(1, 4, 32, 32, 2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model.forward_logits(volume)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("run"), "med-tuning")
+
+
+def test_adapter_file_holds_exactly_the_trained_tensors(run):
+    model = load_segmenter(run)
+    saved = load_weights(run / "adapter_model.safetensors")
+    expected = trained_state_dict(model)
+    assert set(saved) == set(expected)
+    assert all(torch.equal(saved[k], expected[k]) for k in saved)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable <= set(saved)  # + adapter/decoder buffers (BatchNorm statistics)
+    config = load_json(run / "adapter_config.json")
+    assert config["method"] == "med-tuning" and config["backbone"] == "vit_tiny_patch16_224"
+    assert config["base_weights"] == {"path": "backbone.safetensors", "sha256": file_sha256(run / "backbone.safetensors")}
+    assert config["run_config"]["label_values"] == [0, 1, 2, 4]
+
+
+def test_adapter_export_references_base_and_checks_its_sha(run, tmp_path):
+    reference = logits(load_segmenter(run))
+    export_run(run, tmp_path / "adapter", "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    recorded = load_json(tmp_path / "adapter" / "adapter_config.json")["base_weights"]
+    assert Path(recorded["path"]) == (run / "backbone.safetensors").resolve()
+    assert torch.equal(logits(load_segmenter(tmp_path / "adapter")), reference)
+
+    # base weights changed after export -> refused, naming the file
+    moved = tmp_path / "run_copy"
+    shutil.copytree(run, moved)
+    export_run(moved, tmp_path / "adapter2", "adapter")
+    base = load_weights(moved / "backbone.safetensors")
+    base["model.pos_embed"] = base["model.pos_embed"] + 1
+    save_safetensors(base, moved / "backbone.safetensors")
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_segmenter(tmp_path / "adapter2")
+    (moved / "backbone.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="not found"):
+        load_segmenter(tmp_path / "adapter2")
+    # an explicit base file is used as given (here the original one)
+    again = load_segmenter(tmp_path / "adapter2", base_weights=run / "backbone.safetensors")
+    assert torch.equal(logits(again), reference)
+
+
+def test_copy_base_makes_a_self_contained_adapter_export(run, tmp_path):
+    export_run(run, tmp_path / "adapter", "adapter", copy_base=True)
+    assert (tmp_path / "adapter" / "backbone.safetensors").is_file()
+    assert load_json(tmp_path / "adapter" / "adapter_config.json")["base_weights"]["path"] == "backbone.safetensors"
+    shutil.move(str(tmp_path / "adapter"), str(tmp_path / "moved"))
+    assert torch.equal(logits(load_segmenter(tmp_path / "moved")), logits(load_segmenter(run)))
+
+
+def test_merged_refusals_and_full_round_trip(run, tmp_path):
+    with pytest.raises(ConfigError, match="only LoRA merges"):
+        export_run(run, tmp_path / "m", "merged")
+    full_run = make_run(tmp_path / "full_run", "full")
+    with pytest.raises(ConfigError, match="no adapter to fold"):
+        export_run(full_run, tmp_path / "m2", "merged")
+    export_run(run, tmp_path / "full", "full")
+    with pytest.raises(CheckpointError, match="no base backbone weights"):
+        export_run(tmp_path / "full", tmp_path / "a", "adapter")
+    with pytest.raises(ConfigError, match="unknown export format"):
+        export_run(run, tmp_path / "x", "onnx")
+
+
+def test_lora_merge_gives_a_plain_model_with_the_same_outputs(tmp_path):
+    lora = make_run(tmp_path / "lora_run", "lora")
+    reference = logits(load_segmenter(lora))
+    export_run(lora, tmp_path / "merged", "merged")
+    config = load_json(tmp_path / "merged" / "config.json")
+    assert config["adapter"] == {"method": "full"} and config["merged_from"] == "lora"
+    keys = set(load_weights(tmp_path / "merged" / "model.safetensors"))
+    assert "backbone.model.blocks.0.attn.qkv.weight" in keys and not any("lora" in k for k in keys)
+    assert torch.allclose(logits(load_segmenter(tmp_path / "merged")), reference, atol=1e-5)

@@ -1,0 +1,109 @@
+"""`medtune params`: counts against peft, exact safetensors sizes, FLOP scaling, output formats."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from medtune.checkpoints.params import (
+    compare_methods,
+    count_flops,
+    format_table,
+    measure_method,
+    safetensors_size,
+    segmentation_config,
+)
+from medtune.cli import main
+
+TINY = dict(backbone="vit_tiny_patch16_224", in_chans=4, img_size=32, slices=4)
+OPTIONS = {"depth": 4}
+DECODER = {"channels": 8}
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return {
+        r.method: r
+        for r in compare_methods(
+            **TINY, methods=("full", "decoder-only", "lora", "med-tuning"),
+            backbone_options=OPTIONS, decoder_options=DECODER,
+        )
+    }
+
+
+def test_lora_row_equals_peft_trainable_count(rows):
+    import timm
+    from peft import LoraConfig, get_peft_model
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, in_chans=4, img_size=32, num_classes=0, depth=4)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, target_modules=["qkv", "attn.proj", "fc1", "fc2"], bias="none")
+    )
+    peft_trainable, _ = peft_model.get_nb_trainable_parameters()
+    assert rows["lora"].backbone_trainable == peft_trainable
+    # each ViT-tiny block: qkv 192->576, proj 192->192, fc1 192->768, fc2 768->192 at r=8
+    assert peft_trainable == 4 * 8 * ((192 + 576) + (192 + 192) + (192 + 768) + (768 + 192))
+
+
+def test_rows_are_consistent_across_methods(rows):
+    decoder_params = rows["decoder-only"].trainable
+    assert rows["decoder-only"].backbone_trainable == 0
+    assert rows["full"].trainable == rows["full"].total
+    assert rows["lora"].trainable == decoder_params + rows["lora"].backbone_trainable
+    assert rows["lora"].total == rows["full"].total + rows["lora"].backbone_trainable
+    assert 0 < rows["med-tuning"].backbone_trainable < rows["full"].backbone_trainable
+    assert rows["full"].trainable_percent == pytest.approx(100.0)
+    # same backbone and decoder compute: decoder-only and full cost the same FLOPs
+    assert rows["full"].gflops == rows["decoder-only"].gflops
+    assert rows["lora"].gflops > rows["full"].gflops
+    assert rows["full"].trained_bytes > rows["med-tuning"].trained_bytes > rows["decoder-only"].trained_bytes
+
+
+def test_safetensors_size_is_exact_for_real_trained_tensors(tmp_path):
+    from medtune.checkpoints.io import save_safetensors
+    from medtune.finetune.segmentation import build_segmenter, trained_state_dict
+
+    cfg = segmentation_config(**TINY, method="med-tuning", backbone_options=OPTIONS, decoder_options=DECODER)
+    model, _ = build_segmenter(cfg, 4, load_pretrained=False)
+    state = trained_state_dict(model)
+    assert any(t.dtype == torch.int64 for t in state.values())  # BatchNorm counters: mixed dtypes
+    metadata = {"method": "med-tuning", "task": "segmentation"}
+    save_safetensors(state, tmp_path / "trained.safetensors", metadata=metadata)
+    assert safetensors_size(state, metadata) == (tmp_path / "trained.safetensors").stat().st_size
+    meta_state = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}
+    assert safetensors_size(meta_state, metadata) == (tmp_path / "trained.safetensors").stat().st_size
+    assert measure_method(cfg).trained_bytes == (tmp_path / "trained.safetensors").stat().st_size
+
+
+def test_flops_hand_count_and_slice_scaling():
+    # One linear layer: 2 * in * out FLOPs per token.
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 5)
+
+        def forward_logits(self, volume):
+            return self.fc(volume.movedim(1, -1))
+
+    assert count_flops(Linear(), (1, 3, 2, 2, 4), device="cpu") == 2 * 3 * 5 * (2 * 2 * 4)
+    cfg = segmentation_config(**TINY, method="lora", backbone_options=OPTIONS, decoder_options=DECODER)
+    exact = measure_method(cfg).gflops
+    assert measure_method(cfg, flops_slices=2).gflops == pytest.approx(exact, rel=1e-9)
+
+
+def test_cli_formats_and_plot(tmp_path, capsys):
+    argv = ["params", "--backbone", "vit_tiny_patch16_224", "--img-size", "32", "--slices", "2",
+            "--methods", "decoder-only,lora", "--option", "depth=4", "--decoder-option", "channels=8"]
+    assert main(argv + ["--format", "json", "--plot", str(tmp_path / "costs.png")]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [r["method"] for r in data] == ["decoder-only", "lora"]
+    assert (tmp_path / "costs.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(argv + ["--format", "markdown"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| method") and len(table) == 4
+    assert "GFLOPs/volume" in table[0] and "trained weights (bytes)" in table[0]
+    csv_text = format_table([], "csv")
+    assert csv_text.startswith("method,total,trainable")
+    assert main(argv + ["--methods", "no-such-method"]) == 2
