@@ -1,0 +1,221 @@
+"""``medtune pretrain`` end to end on generated data, resume, and every bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medtune.checkpoints.io import load_state, save_safetensors
+from medtune.cli import main
+from medtune.config import from_dict
+from medtune.models import BackboneConfig, create_backbone
+from medtune.pretrain.config import PretrainConfig, load_pretrain_config
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo_pretrain.yaml"
+# the demo recipe shrunk to 32 px slices (the synth_brats volumes are 32 x 32 x 16)
+TINY = [
+    "data.img_size=32", "backbone.img_size=32", "train.batch_size=4", "train.max_steps=3",
+    "train.log_every=1", "train.save_every=2", "train.optim.lr=1e-3", "objective.radius=3",
+    "figure_samples=2",
+]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def pretrain(data: Path, output: Path, *extra: str, config: Path = DEMO_CONFIG) -> int:
+    return main(["pretrain", "--config", str(config), "--data", str(data), "--output", str(output),
+                 "--set", *TINY, *extra])
+
+
+def error_line(capsys) -> str:
+    """The one error line on stderr (progress bars aside)."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if "error" in line.lower()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("medtune: error: "), lines[0]
+    return lines[0]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def finished_run(synth_brats, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    assert pretrain(synth_brats, run_dir) == 0
+    return run_dir
+
+
+def test_pretrain_writes_a_loadable_run_folder(finished_run, synth_brats):
+    run_dir = finished_run
+    for name in ("config.json", "backbone.safetensors", "pretrain.safetensors", "reconstruction.png", "metrics.jsonl"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "reconstruction.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # config.json is the full resolved config: it rebuilds the run's config and backbone
+    resolved = json.loads((run_dir / "config.json").read_text())
+    cfg = from_dict(PretrainConfig, resolved)
+    assert cfg == load_pretrain_config(DEMO_CONFIG, TINY + [f"data.root={json.dumps(str(synth_brats))}"])
+    assert cfg.backbone.img_size == 32 and cfg.train.max_steps == 3
+
+    torch.manual_seed(1)
+    backbone = create_backbone(from_dict(BackboneConfig, resolved["backbone"]))
+    fresh = {k: v.clone() for k, v in backbone.state_dict().items()}
+    encoder = load_file(str(run_dir / "backbone.safetensors"))
+    report = load_state(backbone, encoder, strict=True)
+    assert not report.missing and not report.unexpected
+    changed = [k for k in encoder if not torch.equal(encoder[k], fresh[k])]
+    assert "model.patch_embed.proj.weight" in changed  # it trained (and was not re-initialised)
+    # the unused final norm was frozen at its initial value (ones / zeros)
+    assert torch.equal(encoder["model.norm.weight"], torch.ones_like(encoder["model.norm.weight"]))
+
+    # pretrain.safetensors = encoder (same tensors, under backbone.) + decoder
+    whole = load_file(str(run_dir / "pretrain.safetensors"))
+    for key, tensor in encoder.items():
+        assert torch.equal(whole[f"backbone.{key}"], tensor), key
+    assert any(key.startswith("decoder.") for key in whole)
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
+    assert {"loss_high", "loss_low", "mask_ratio", "lr", "samples_per_s"} <= set(records[0])
+
+
+def test_rerun_refuses_a_finished_run_and_keeps_its_weights(finished_run, synth_brats, capsys):
+    before = {name: digest(finished_run / name) for name in ("backbone.safetensors", "pretrain.safetensors")}
+    assert pretrain(synth_brats, finished_run) == 2
+    line = error_line(capsys)
+    assert str(finished_run) in line and "--resume" in line
+    assert {name: digest(finished_run / name) for name in before} == before
+
+
+def test_resume_latest_continues_a_run(synth_brats, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert pretrain(synth_brats, run_dir, "train.max_steps=2") == 0
+    first = load_file(str(run_dir / "backbone.safetensors"))
+    assert main(["pretrain", "--config", str(DEMO_CONFIG), "--data", str(synth_brats), "--output", str(run_dir),
+                 "--resume", "latest", "--set", *TINY, "train.max_steps=4"]) == 0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    second = load_file(str(run_dir / "backbone.safetensors"))
+    assert not torch.equal(first["model.patch_embed.proj.weight"], second["model.patch_embed.proj.weight"])
+    assert "backbone.safetensors" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+def _copy(root: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(root, tmp_path / "data"))
+
+
+def _first_case(root: Path) -> Path:
+    return sorted(p for p in root.iterdir() if p.is_dir())[0]
+
+
+def _rewrite(path: Path, change) -> None:
+    image = nib.load(str(path))
+    data = change(np.asarray(image.dataobj).astype(np.float32))
+    nib.save(nib.Nifti1Image(data, image.affine), str(path))
+
+
+def missing_modality(root: Path) -> str:
+    target = next(_first_case(root).glob("*_t1.nii.gz"))
+    target.unlink()
+    return _first_case(root).name
+
+
+def shape_mismatch(root: Path) -> str:
+    target = next(_first_case(root).glob("*_t2.nii.gz"))
+    _rewrite(target, lambda a: a[:-2])
+    return _first_case(root).name
+
+
+def nan_voxels(root: Path) -> str:
+    target = next(_first_case(root).glob("*_flair.nii.gz"))
+
+    def poison(a):
+        a[10, 10, 5] = np.nan
+        return a
+
+    _rewrite(target, poison)
+    return _first_case(root).name
+
+
+def corrupt_file(root: Path) -> str:
+    target = next(_first_case(root).glob("*_t1ce.nii.gz"))
+    target.write_bytes(b"\x1f\x8b\x08\x00 definitely not a NIfTI volume")
+    return target.name
+
+
+def empty_folder(root: Path) -> str:
+    for case in [p for p in root.iterdir() if p.is_dir()]:
+        shutil.rmtree(case)
+    return str(root)
+
+
+@pytest.mark.parametrize("damage", [missing_modality, shape_mismatch, nan_voxels, corrupt_file, empty_folder])
+def test_bad_data_is_one_line_and_exit_2(damage, synth_brats, tmp_path, capsys):
+    data = _copy(synth_brats, tmp_path)
+    named = damage(data)
+    run_dir = tmp_path / "run"
+    assert pretrain(data, run_dir) == 2
+    line = error_line(capsys)
+    assert named in line, line
+    assert not (run_dir / "backbone.safetensors").exists()
+
+
+def test_failed_resume_keeps_the_weights_of_a_finished_run(finished_run, synth_brats, tmp_path, capsys):
+    before = digest(finished_run / "backbone.safetensors")
+    data = _copy(synth_brats, tmp_path)
+    corrupt_file(data)
+    code = main(["pretrain", "--config", str(DEMO_CONFIG), "--data", str(data), "--output", str(finished_run),
+                 "--resume", "latest", "--set", *TINY, "train.max_steps=5"])
+    assert code == 2
+    assert "t1ce" in error_line(capsys)
+    assert digest(finished_run / "backbone.safetensors") == before
+
+
+def test_unknown_config_key_is_named(synth_brats, tmp_path, capsys):
+    assert pretrain(synth_brats, tmp_path / "run", "train.max_stepz=3") == 2
+    line = error_line(capsys)
+    assert "train.max_stepz" in line and "demo_pretrain.yaml" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_inconsistent_sections_are_named(synth_brats, tmp_path, capsys):
+    assert pretrain(synth_brats, tmp_path / "run", "backbone.img_size=64") == 2
+    line = error_line(capsys)
+    assert "data.img_size" in line and "backbone.img_size" in line
+
+
+def test_pretrained_checkpoint_of_another_architecture_is_refused(synth_brats, tmp_path, capsys):
+    other = create_backbone(BackboneConfig(name="vit_small_patch16_224", img_size=32, options={"depth": 4}))
+    weights = save_safetensors(other.state_dict(), tmp_path / "vit_small.safetensors")
+    assert pretrain(synth_brats, tmp_path / "run", f"backbone.pretrained={weights}") == 2
+    line = error_line(capsys)
+    assert "vit_small.safetensors" in line and "shape" in line
+    assert not (tmp_path / "run" / "backbone.safetensors").exists()
+
+
+def test_resume_without_state_is_refused(synth_brats, tmp_path, capsys):
+    assert main(["pretrain", "--config", str(DEMO_CONFIG), "--data", str(synth_brats),
+                 "--output", str(tmp_path / "nothing"), "--resume", "latest"]) == 2
+    assert "no saved state" in error_line(capsys)
