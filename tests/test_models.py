@@ -87,9 +87,12 @@ def test_vit_stages_are_block_outputs_as_maps():
         hook.remove()
     assert [tuple(s.shape) for s in stages] == [(2, 192, 4, 4)] * 4
     prefix = backbone.model.num_prefix_tokens
-    for tokens, stage in zip(block_tokens, stages):  # (B, 1+16, 192) -> (B, 192, 4, 4)
-        as_map = tokens[:, prefix:].transpose(1, 2).reshape(2, 192, 4, 4)
+    for i, (tokens, stage) in enumerate(zip(block_tokens, stages)):
+        if i == len(stages) - 1:  # the last block's output gets the final LayerNorm
+            tokens = backbone.model.norm(tokens)
+        as_map = tokens[:, prefix:].transpose(1, 2).reshape(2, 192, 4, 4)  # (B, 192, 4, 4)
         torch.testing.assert_close(stage, as_map)
+    assert not torch.allclose(stages[-1], block_tokens[-1][:, prefix:].transpose(1, 2).reshape(2, 192, 4, 4))
 
 
 def test_vit_out_indices_option():

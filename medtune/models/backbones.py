@@ -262,10 +262,22 @@ class TimmBackbone(Backbone):
             first_conv = first_conv[0]
         self.stem_weight_key = f"model.{first_conv}.weight" if first_conv else None
 
+        # The network's final LayerNorm (ViT, Swin) is applied to the deepest stage when
+        # that stage is the network's last block, as the official Med-Tuning/UperNet code
+        # does; it also gives the trainable `norm.*` extras of PETL methods a gradient.
+        final_norm = getattr(model, "norm", None)
+        self.final_norm_on_last = (
+            isinstance(final_norm, nn.LayerNorm) and self.out_indices[-1] == len(info) - 1
+        )
+
     def extract_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.model.forward_intermediates(
+        stages = self.model.forward_intermediates(
             x, indices=list(self.out_indices), intermediates_only=True, stop_early=True
         )
+        if self.final_norm_on_last:
+            last = stages[-1].movedim(1, -1)  # (B, H, W, C): LayerNorm over channels
+            stages[-1] = self.model.norm(last).movedim(-1, 1)
+        return stages
 
 
 class TimmViTBackbone(TimmBackbone):
