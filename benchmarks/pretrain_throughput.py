@@ -54,6 +54,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (as mixed_precision=bf16 trains)")
+    parser.add_argument("--profile", action="store_true", help="also print the FreMAE step's costliest ops")
     return parser.parse_args()
 
 
@@ -76,33 +79,41 @@ def make_batch(args: argparse.Namespace) -> dict[str, torch.Tensor]:
     yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
     disc = ((yy - side / 2) ** 2 + (xx - side / 2) ** 2) < (0.4 * side) ** 2  # (H, W)
     image = torch.randn(args.batch, args.modalities, side, side, generator=g) * disc
-    return {"image": image, "foreground": disc.expand(args.batch, side, side).clone()}
+    batch = {"image": image, "foreground": disc.expand(args.batch, side, side).clone()}
+    return {k: v.to(args.device) for k, v in batch.items()}
 
 
-def make_step(objective: torch.nn.Module, batch: dict) -> Callable[[], float]:
+def make_step(objective: torch.nn.Module, batch: dict, args: argparse.Namespace) -> Callable[[], float]:
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-4)
+    device_type = torch.device(args.device).type
 
     def step() -> float:
-        loss = objective(batch)["loss"]
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.bf16):
+            loss = objective(batch)["loss"]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return float(loss.detach())  # also waits for the GPU
 
     return step
 
 
-def matmul_gflops(size: int = 1024, seconds: float = 2.0) -> float:
-    """float32 GFLOP/s of square matmuls on this machine (best of a few timings)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_gflops(device: str = "cpu", dtype: torch.dtype = torch.float32, size: int = 1024,
+                  seconds: float = 2.0) -> float:
+    """GFLOP/s of square matmuls on this machine (best of a few timings)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     a @ b  # warm-up
+    sync()
     best = 0.0
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         start = time.perf_counter()
         for _ in range(4):
             a @ b
+        sync()
         best = max(best, 4 * 2 * size**3 / (time.perf_counter() - start) / 1e9)
     return best
 
@@ -127,15 +138,16 @@ def main() -> None:
         except (MedtuneError, ImportError, ValueError) as exc:
             print(f"{variant:>13}: skipped ({str(exc).splitlines()[0]})")
             continue
-        objective.train()
-        steps[variant] = make_step(objective, batch)
+        objective.to(args.device).train()
+        steps[variant] = make_step(objective, batch, args)
         steps[variant]()  # warm-up (allocations, first-call costs)
     if "fremae" not in steps:
         raise SystemExit("fremae could not be built; nothing to compare")
 
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
     print(
         f"backbone {args.backbone} at {args.img_size}px, batch {args.batch} x {args.modalities} modalities, "
-        f"{torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps"
+        f"{where}{', bf16 autocast' if args.bf16 else ''}, {args.rounds} rounds x {args.steps} steps"
     )
     rates: dict[str, list[float]] = {name: [] for name in steps}
     names = list(steps)
@@ -159,11 +171,26 @@ def main() -> None:
     flops = step_flops(steps["fremae"])
     seconds_per_step = args.batch / statistics.median(rates["fremae"])
     achieved = flops / seconds_per_step / 1e9
-    peak = matmul_gflops()
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    peak = matmul_gflops(args.device, dtype, size=1024 if args.device == "cpu" else 8192)
     print(
         f"fremae step: {flops / 1e9:.2f} GFLOP, {achieved:.1f} GFLOP/s achieved vs {peak:.1f} GFLOP/s "
-        f"float32 matmul on this machine ({100 * achieved / peak:.0f}%)"
+        f"{str(dtype).removeprefix('torch.')} matmul on this machine ({100 * achieved / peak:.1f}%)"
     )
+    if args.profile:
+        print_profile(steps["fremae"], args.device)
+
+
+def print_profile(step: Callable[[], float], device: str, rows: int = 12) -> None:
+    """The FreMAE step's costliest ops (self time), to see what the frequency loss costs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=rows))
 
 
 if __name__ == "__main__":
