@@ -26,6 +26,7 @@ from medtune.trainer import (
     higher_is_better,
     lr_factor,
     train,
+    unused_parameters,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,6 +191,27 @@ def test_evaluate_tracks_best_and_calls_on_best(tmp_path):
     assert [(r["step"], r["eval/score"], r.get("eval/is_best")) for r in evals] == [
         (2, 0.5, 1.0), (4, 0.9, 1.0), (6, 0.7, None), (8, 0.95, 1.0)
     ]
+
+
+def test_unused_parameters_are_found_without_changing_the_model():
+    class PartlyUsed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = nn.Linear(4, 1)
+            self.norm = nn.BatchNorm1d(4)
+            self.spare = nn.Linear(4, 1)  # never called
+
+        def forward(self, batch: dict) -> dict:
+            return {"loss": self.used(self.norm(batch["x"])).pow(2).mean()}
+
+    model = PartlyUsed().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = {"x": torch.randn(8, 4) * 3 + 1}
+    assert unused_parameters(model, batch) == ["spare.weight", "spare.bias"]
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.training
+    for key, value in model.state_dict().items():  # BatchNorm running stats restored
+        assert torch.equal(value, before[key]), key
 
 
 def test_bad_inputs_are_reported(tmp_path):
