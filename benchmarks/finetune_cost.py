@@ -1,0 +1,157 @@
+"""Training cost of full finetuning vs LoRA vs Med-Tuning, measured side by side.
+
+Same backbone, decoder, batch and slice count for every method; each method is trained
+for a few steps on random volumes ``(B, M, H, W, T)`` with random labels, and we print
+the mean step time (forward + backward + Adam step, after one warm-up step) and the
+peak training memory, with ratios to full finetuning. ``med-tuning+gc`` is Med-Tuning
+with ``model.gradient_checkpointing`` (backbone blocks recomputed in backward).
+
+How memory is measured:
+
+- CUDA: ``torch.cuda.max_memory_allocated()`` during the steps minus the memory
+  allocated before them (model weights), i.e. the peak of activations + gradients +
+  optimizer state, exactly as the caching allocator sees it.
+- CPU: PyTorch has no CPU allocator statistics, so each method runs in a fresh
+  subprocess and we take the process's peak resident set size (``ru_maxrss``) after the
+  steps minus its resident size right before them (model and data already built).
+  That delta is what training adds on top of the weights; it is coarser than the CUDA
+  number (allocator caching, page granularity) but it counts every allocation, including
+  those a saved-tensor count would miss (checkpoint inputs, optimizer state, grads).
+
+Run::
+
+    python benchmarks/finetune_cost.py                      # CPU defaults (ViT-B, 64 px, 16 slices)
+    python benchmarks/finetune_cost.py --device cuda --img-size 128 --slices 64 --batch 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+METHODS = ("full", "lora", "med-tuning", "med-tuning+gc")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(args: argparse.Namespace, method: str) -> dict:
+    """Train ``method`` for ``args.steps`` steps in this process and return its costs."""
+    import torch
+
+    from medtune.checkpoints.params import segmentation_config
+    from medtune.finetune.segmentation import build_segmenter
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    adapter, _, variant = method.partition("+")
+    cfg = segmentation_config(
+        args.backbone, args.in_chans, args.img_size, args.slices, adapter,
+        backbone_options={"depth": args.depth} if args.depth else None,
+    )
+    cfg.model.gradient_checkpointing = variant == "gc"
+    model, _ = build_segmenter(cfg, args.num_classes, load_pretrained=False)
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-4)
+    image = torch.randn(args.batch, args.in_chans, args.img_size, args.img_size, args.slices, device=device)
+    label = torch.randint(0, args.num_classes, (args.batch, args.img_size, args.img_size, args.slices), device=device)
+    batch = {"image": image, "label": label}
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model(batch)["loss"].backward()
+        optimizer.step()
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = rss_bytes()
+    step()  # warm-up: creates gradients and optimizer state
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / args.steps
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    return {
+        "method": method,
+        "step_s": seconds,
+        "peak_bytes": int(peak),
+        "trainable": sum(p.numel() for p in params),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="vit_base_patch16_224")
+    parser.add_argument("--depth", type=int, default=None, help="override the ViT depth (default: the model's)")
+    parser.add_argument("--in-chans", type=int, default=4)
+    parser.add_argument("--img-size", type=int, default=64)
+    parser.add_argument("--slices", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--num-classes", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:  # one method in a fresh process (clean peak RSS)
+        sys.stdout.write(json.dumps(measure(args, args.worker)) + "\n")
+        return
+
+    results = []
+    for method in args.methods.split(","):
+        argv = [a for a in sys.argv[1:]]
+        out = subprocess.run(
+            [sys.executable, __file__, *argv, "--worker", method], check=True, capture_output=True, text=True
+        )
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    full = next((r for r in results if r["method"] == "full"), results[0])
+    print(
+        f"# {args.backbone}{f' depth {args.depth}' if args.depth else ''}, batch {args.batch} x "
+        f"{args.in_chans}x{args.img_size}x{args.img_size}x{args.slices}, device {args.device}, "
+        f"memory = {'CUDA max_memory_allocated' if args.device.startswith('cuda') else 'peak RSS delta'}"
+    )
+    print(f"{'method':<15} {'trainable':>12} {'step s':>8} {'x full':>7} {'peak MB':>9} {'x full':>7}")
+    for r in results:
+        print(
+            f"{r['method']:<15} {r['trainable']:>12,} {r['step_s']:>8.3f} {r['step_s'] / full['step_s']:>7.2f} "
+            f"{r['peak_bytes'] / 2**20:>9.1f} {r['peak_bytes'] / max(full['peak_bytes'], 1):>7.2f}"
+        )
+    by_name = {r["method"]: r for r in results}
+    if "med-tuning" in by_name and "med-tuning+gc" in by_name:
+        plain, gc = by_name["med-tuning"], by_name["med-tuning+gc"]
+        print(
+            f"gradient checkpointing on Med-Tuning: time x{gc['step_s'] / plain['step_s']:.2f}, "
+            f"peak memory x{gc['peak_bytes'] / max(plain['peak_bytes'], 1):.2f}"
+        )
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    main()
