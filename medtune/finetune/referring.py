@@ -75,6 +75,7 @@ class ReferringModelConfig:
     dropout: float = 0.1  # dropout in the decoder
     freeze_image_encoder: bool = False  # keep the CLIP image tower fixed
     freeze_text_encoder: bool = False  # keep the CLIP text tower fixed
+    freeze_token_embedding: bool = False  # keep only CLIP's token table (vocab x C_t, most text params) fixed
     cmmasksd: CMMaskSDConfig = field(default_factory=CMMaskSDConfig)  # masked self-distillation
 
     def __post_init__(self) -> None:
@@ -269,6 +270,9 @@ class DynamicKernelProjector(nn.Module):
         self.kernel_size = kernel_size
         self.hidden = hidden
         self.text_to_kernel = nn.Linear(sentence_dim, hidden * kernel_size * kernel_size + 1)
+        # Start from a small foreground prior (sigmoid(-2) ~ 0.12), as RetinaNet does, so early
+        # steps do not go into unlearning a 50% foreground guess.
+        nn.init.constant_(self.text_to_kernel.bias[-1:], -2.0)
 
     def forward(self, pixels: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
         """pixels ``(B, D, h, w)``, sentence ``(B, E)`` -> logits ``(B, 1, 4h, 4w)``."""
@@ -324,28 +328,30 @@ class ReferringSegmenter(nn.Module):
             if cfg.cmmasksd.enabled
             else None
         )
-        self._freeze_unused_clip_parts()
+        self._freeze_clip_parts()
 
-    def _freeze_unused_clip_parts(self) -> None:
+    def _freeze_clip_parts(self) -> None:
         visual = self.clip.visual
-        unused = [self.clip.logit_scale]
+        frozen = [self.clip.logit_scale]
         if getattr(self.clip, "logit_bias", None) is not None:
-            unused.append(self.clip.logit_bias)
+            frozen.append(self.clip.logit_bias)
         for name in ("ln_post", "attnpool"):
             if hasattr(visual, name):
-                unused.extend(getattr(visual, name).parameters())
+                frozen.extend(getattr(visual, name).parameters())
         if isinstance(getattr(visual, "proj", None), nn.Parameter):
-            unused.append(visual.proj)
+            frozen.append(visual.proj)
         if self.cfg.freeze_image_encoder:
-            unused.extend(visual.parameters())
+            frozen.extend(visual.parameters())
+        if self.cfg.freeze_token_embedding:
+            frozen.append(self.clip.token_embedding.weight)
         if self.cfg.freeze_text_encoder:
             for name in ("token_embedding", "transformer", "ln_final"):
-                unused.extend(getattr(self.clip, name).parameters())
-            unused.append(self.clip.positional_embedding)
+                frozen.extend(getattr(self.clip, name).parameters())
+            frozen.append(self.clip.positional_embedding)
             projection = self.clip.text_projection
             if projection is not None:
-                unused.extend(projection.parameters() if isinstance(projection, nn.Module) else [projection])
-        for param in unused:
+                frozen.extend(projection.parameters() if isinstance(projection, nn.Module) else [projection])
+        for param in frozen:
             param.requires_grad_(False)
 
     def forward_branch(
