@@ -59,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
     from medtune.pretrain.config import load_pretrain_config
     from medtune.trainer import make_accelerator
 
@@ -70,12 +73,15 @@ def run(args: argparse.Namespace) -> int:
     if cfg.data.root is None:
         raise ConfigError(f"{args.config}: no dataset; pass --data or set data.root")
 
-    accelerator = make_accelerator(cfg.train)
-    if not accelerator.is_main_process:  # one copy of the logs, from the main process
+    # The process group first (the run folder's timestamp must be the same on every
+    # process), the Accelerator once the run folder (its trackers' log dir) is known.
+    processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    if not processes.is_main_process:  # one copy of the logs, from the main process
         logging.getLogger().setLevel(logging.WARNING)
-    run_dir = _agree(accelerator, lambda: choose_run_dir(args.config, args.output, args.resume))
-    resume = None if args.resume is None else ("latest" if args.resume == "latest" else args.resume)
-    check_run_dir(run_dir, resuming=resume is not None)
+    run_dir = _agree(processes, lambda: choose_run_dir(args.config, args.output, args.resume))
+    resume = args.resume
+    check_run_dir(run_dir, resuming=resume)
+    accelerator = make_accelerator(cfg.train, run_dir)
     accelerator.wait_for_everyone()  # every rank checked before anything is written
 
     dataset = _main_first(accelerator, lambda: _build_dataset(cfg, run_dir, accelerator.is_main_process))
@@ -125,8 +131,9 @@ def choose_run_dir(config_path: str | Path, output: str | None, resume: str | No
     return DEFAULT_OUTPUT_PARENT / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def check_run_dir(run_dir: Path, resuming: bool) -> None:
-    """A fresh run refuses a folder that holds a run; a resumed one needs its state."""
+def check_run_dir(run_dir: Path, resuming: str | None) -> None:
+    """A fresh run refuses a folder that holds a run; ``--resume latest`` needs its state
+    (another ``--resume`` folder is checked when its state is loaded)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run folder {run_dir} is a file")
     held = [name for name in RUN_MARKERS if (run_dir / name).exists()]
@@ -135,7 +142,7 @@ def check_run_dir(run_dir: Path, resuming: bool) -> None:
             f"run folder {run_dir} already holds a run ({', '.join(held)}); "
             f"continue it with --resume latest or choose another --output"
         )
-    if resuming and not (run_dir / "state").is_dir():
+    if resuming == "latest" and not (run_dir / "state").is_dir():
         raise CheckpointError(f"run folder {run_dir} has no saved state to resume (state/ is missing)")
 
 
@@ -272,14 +279,14 @@ def _figure_indices(dataset, count: int) -> list[int]:
 # --------------------------------------------------------------------------- multi-process
 
 
-def _agree(accelerator, decide: Callable[[], T]) -> T:
+def _agree(processes, decide: Callable[[], T]) -> T:
     """``decide()`` on the main process, the same answer on all (e.g. a timestamped name)."""
-    if accelerator.num_processes == 1:
+    if processes.num_processes == 1:
         return decide()
     from accelerate.utils import broadcast_object_list
 
     box: list[Any] = [None]
-    if accelerator.is_main_process:
+    if processes.is_main_process:
         try:
             box = [("ok", decide())]
         except MedtuneError as exc:
