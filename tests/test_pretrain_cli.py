@@ -217,3 +217,34 @@ def test_resume_without_state_is_refused(synth_brats, tmp_path, capsys):
     assert main(["pretrain", "--config", str(DEMO_CONFIG), "--data", str(synth_brats),
                  "--output", str(tmp_path / "nothing"), "--resume", "latest"]) == 2
     assert "no saved state" in error_line(capsys)
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch(synth_brats, tmp_path):
+    """The command the demo runs: two synchronised CPU processes through Accelerate."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519",
+        "-m", "medtune", "pretrain", "--config", str(DEMO_CONFIG), "--data", str(synth_brats),
+        "--output", str(run_dir), "--set", *TINY, "train.batch_size=2", "figure=false",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("encoder weights") == 1  # printed by the main process only
+    assert (run_dir / "backbone.safetensors").is_file() and not (run_dir / "reconstruction.png").exists()
+    state = run_dir / "state" / "step_0000003"
+    assert sorted(p.name for p in state.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    # an epoch is the dataset cut into batches of 2, shared by the 2 processes
+    from medtune.data.config import build_pretrain_dataset
+
+    cfg = load_pretrain_config(DEMO_CONFIG, TINY + [f"data.root={json.dumps(str(synth_brats))}"])
+    slices = len(build_pretrain_dataset(cfg.data, run_dir, show_progress=False))
+    assert records[-1]["epoch"] == pytest.approx(3 / ((slices // 2) // 2))
