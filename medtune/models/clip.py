@@ -214,8 +214,8 @@ def encode_image_levels(
             the stride-32 grid), True = replace by ``mask_token``.
         mask_token: ViT ``(C,)`` token replacing patch embeddings; ResNet ``(3,)``
             colour filling the masked cells of the input image.
-        with_patch_embeds: also compute ``patch_embeds`` (without gradients: they only
-            guide masking); otherwise it is None.
+        with_patch_embeds: also compute ``patch_embeds`` (detached: they only guide
+            masking); otherwise it is None.
     """
     visual = model.visual
     if is_vit(model):
@@ -234,10 +234,9 @@ def encode_image_levels(
             block_outputs[i][:, 1:].transpose(1, 2).reshape(batch, width, grid_h, grid_w) for i in indices
         ]  # each [B, C, Hg, Wg]
         patch_embeds = None
-        if with_patch_embeds:
-            with torch.no_grad():
-                tokens = visual.ln_post(x[:, 1:])  # [B, N, C]
-                patch_embeds = tokens @ visual.proj if visual.proj is not None else tokens  # [B, N, E]
+        if with_patch_embeds:  # detached, not no_grad: FlopCounterMode's module hooks break under no_grad
+            tokens = visual.ln_post(x[:, 1:].detach())  # [B, N, C]
+            patch_embeds = (tokens @ visual.proj if visual.proj is not None else tokens).detach()  # [B, N, E]
         return ImageLevels(levels, patch_embeds, (grid_h, grid_w))
     if patch_mask is not None:
         images = _fill_masked_cells(images, patch_mask, mask_token, cell=32)
@@ -249,10 +248,9 @@ def encode_image_levels(
     levels = [c3, c4, c5][-num_levels:]
     patch_embeds = None
     if with_patch_embeds:
-        with torch.no_grad():
-            pool = visual.attnpool
-            dense = c5.flatten(2).transpose(1, 2)  # [B, N, C5]
-            patch_embeds = pool.c_proj(pool.v_proj(dense))  # [B, N, E]: MaskCLIP-style dense embedding
+        pool = visual.attnpool
+        dense = c5.detach().flatten(2).transpose(1, 2)  # [B, N, C5]
+        patch_embeds = pool.c_proj(pool.v_proj(dense)).detach()  # [B, N, E]: MaskCLIP-style dense embedding
     return ImageLevels(levels, patch_embeds, (c5.shape[2], c5.shape[3]))
 
 
