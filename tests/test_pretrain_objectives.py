@@ -93,6 +93,10 @@ def test_fremae_2d_and_3d_share_one_code_path_and_report_logs():
         assert abs(float(out["mask_ratio"]) - 0.25) < 0.01
         recon = objective.reconstruct(data)
         assert recon["pred_high"].shape == data["image"].shape
+        if dims == 3:  # a crop of another size than the backbone was configured for
+            other = blobs(2, (16, 16, 32))
+            assert objective.reconstruct(other)["pred_low"].shape == (2, 2, 4, 4, 8)
+            assert torch.isfinite(objective(other)["loss"])
         assert recon["pred_low"].shape == (2, 2) + (size // 4,) * dims
         assert recon["target_low_spectrum"].shape == (2, 2) + (size // 4,) * dims
 
@@ -106,7 +110,7 @@ def test_fremae_pixel_loss_variant_uses_the_same_model():
     data = blobs(2, (32, 32))
     images = data["image"]
     with torch.no_grad():
-        pred_high, pred_low = pixel.forward_decoder(pixel.forward_encoder(images))
+        pred_high, pred_low = pixel.forward_decoder(pixel.forward_encoder(images), (32, 32))
         total, high, low = pixel.forward_loss(images, pred_high, pred_low)
     assert float(high) == pytest.approx(float(((pred_high - images) ** 2).mean()), rel=1e-5)
     assert float(total) == pytest.approx(float(high + 1.3 * low), rel=1e-5)

@@ -168,6 +168,7 @@ class MultiStageDecoder(nn.Module):
             raise ValueError("feature_channels and feature_strides differ in length")
         self.spatial_dims = spatial_dims
         self.image_size = tuple(int(s) for s in image_size)
+        self.low_pool = low_pool
         self.low_size = tuple(s // low_pool for s in self.image_size)
         self.plain = len(set(feature_strides)) == 1
         self.level_strides = pyramid_strides(feature_strides)
@@ -216,18 +217,21 @@ class MultiStageDecoder(nn.Module):
         x = self.to_full_resolution(x)  # (B, width, *S)
         return self.high_head(self.high_filter(x))
 
-    def forward_bottom_up(self, levels: list[Tensor]) -> Tensor:
-        """Shallow -> deep, resized to ``S / low_pool``; returns ``(B, M, *S/low_pool)``."""
+    def forward_bottom_up(self, levels: list[Tensor], low_size: Sequence[int]) -> Tensor:
+        """Shallow -> deep, resized to ``low_size = S / low_pool``; returns ``(B, M, *low_size)``."""
         x = levels[0]
         for i in range(1, len(levels)):
             x = self.bottom_up[i - 1](x, levels[i])  # (B, width, *S/stride_i)
         mode = ("linear", "bilinear", "trilinear")[self.spatial_dims - 1]
-        x = F.interpolate(x, size=self.low_size, mode=mode, align_corners=True)  # (B, width, *S/4)
+        x = F.interpolate(x, size=tuple(low_size), mode=mode, align_corners=True)  # (B, width, *S/4)
         return self.low_head(self.low_filter(x))
 
-    def forward(self, stages: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    def forward(self, stages: Sequence[Tensor], image_size: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+        """``image_size``: the input's ``S`` when it differs from the size the decoder was
+        built for (the global filters then resample their transfer functions)."""
         levels = self.pyramid(stages)
-        return self.forward_top_down(levels), self.forward_bottom_up(levels)
+        low_size = self.low_size if image_size is None else tuple(s // self.low_pool for s in image_size)
+        return self.forward_top_down(levels), self.forward_bottom_up(levels, low_size)
 
 
 __all__ = ["MultiStageDecoder", "ConvNormAct", "Upsample2x", "pyramid_strides", "conv_layer"]

@@ -170,9 +170,9 @@ class FreMAE(nn.Module):
             stages.append(full.transpose(1, 2).reshape(full.shape[0], -1, *self.grid))  # (B, C, Hp, Wp)
         return stages
 
-    def forward_decoder(self, stages: list[Tensor]) -> tuple[Tensor, Tensor]:
+    def forward_decoder(self, stages: list[Tensor], image_size: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """High-band prediction ``(B, M, *S)`` and low-band prediction ``(B, M, *S/low_pool)``."""
-        return self.decoder(stages)
+        return self.decoder(stages, image_size)
 
     def band_targets(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """High band of the image ``(B, M, *S, 2)`` and low band of the pooled image
@@ -204,7 +204,7 @@ class FreMAE(nn.Module):
         images = self._images(batch)
         masked = self.mask_input(batch)
         stages = self.forward_encoder(masked.image if masked.patch_mask is None else images, masked.patch_mask)
-        pred_high, pred_low = self.forward_decoder(stages)
+        pred_high, pred_low = self.forward_decoder(stages, tuple(images.shape[2:]))
         loss, loss_high, loss_low = self.forward_loss(images, pred_high, pred_low)
         return {
             "loss": loss,
@@ -229,7 +229,8 @@ class FreMAE(nn.Module):
         images = self._images(batch)
         masked = self.mask_input(batch)
         encoder_input = masked.image if masked.patch_mask is None else images
-        pred_high, pred_low = self.forward_decoder(self.forward_encoder(encoder_input, masked.patch_mask))
+        stages = self.forward_encoder(encoder_input, masked.patch_mask)
+        pred_high, pred_low = self.forward_decoder(stages, tuple(images.shape[2:]))
         target_high, target_low = self.band_targets(images)
         spectra = {
             "high": (target_high, self.high_spectrum(pred_high)),
