@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="dataset folder (sets data.root)")
     parser.add_argument("--output", default=None, help="run folder (default: the config's output)")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set", dest="set", action="append", default=[], metavar="KEY=VALUE",
         help="override a config value, e.g. --set train.max_steps=10 (repeatable)",
     )
     parser.add_argument("--resume", default=None, help="'latest' or a run/state folder to continue from")
@@ -89,7 +89,7 @@ def build_config(args: argparse.Namespace, raw: dict):
         raw["data"] = {**(raw["data"] or {}), "root": args.data}
     if args.output:
         raw["output"] = args.output
-    apply_overrides(raw, list(args.overrides))
+    apply_overrides(raw, list(args.set))
     if args.self_distill and raw.get("self_distill") is None:
         raw["self_distill"] = {}
     try:

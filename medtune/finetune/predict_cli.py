@@ -25,7 +25,10 @@ TASK_MODULES = {"referring": "medtune.finetune.referring", "vqa": "medtune.finet
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="finetune run folder or export (full, adapter, merged)")
-    parser.add_argument("--input", required=True, help="one case folder, or a dataset folder of cases")
+    parser.add_argument(
+        "--input", required=True,
+        help="segmentation: one case folder or a dataset folder; referring/vqa: an image or a .jsonl",
+    )
     parser.add_argument("--output", required=True, help="folder for the predictions")
     parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (0..1)")
     parser.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward")
@@ -34,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-weights", default=None, help="base backbone file for an adapter export")
     parser.add_argument("--layout", default="auto", help="dataset layout of --input: auto, brats, msd, nnunet")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--expression", default=None, help="referring: the expression for one input image")
+    parser.add_argument("--question", default=None, help="vqa: the question for one input image")
+    parser.add_argument("--threshold", type=float, default=None, help="referring: mask probability threshold (0.5)")
 
 
 def run_task(model_dir: Path) -> str:
@@ -105,4 +111,4 @@ def run(args: argparse.Namespace) -> int:
         module = importlib.import_module(TASK_MODULES[task])
     except ModuleNotFoundError as exc:
         raise ConfigError(f"task '{task}' is not available in this install ({exc})") from None
-    return int(module.predict_main(args) or 0)
+    return int(module.predict_main(args, model_dir) or 0)
