@@ -163,6 +163,7 @@ def test_decoder_pyramid_for_plain_and_hierarchical_backbones():
     high, low = decoder(stages)
     assert high.shape == (2, 3, 64, 64) and low.shape == (2, 3, 16, 16)
     assert [level.shape[-1] for level in decoder.pyramid(stages)] == [16, 8, 4, 2]
+    assert decoder.low_end_level == 1  # the low path ends at stride 8 = 2 * low_pool
 
 
 @pytest.mark.parametrize("dims", [2, 3])

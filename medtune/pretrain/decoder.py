@@ -5,8 +5,14 @@ The decoder reads the encoder's stage maps and makes two predictions in image sp
 - a **top-down** path (deep -> shallow: upsample, concatenate the skip, conv) that ends
   at full resolution and predicts the image whose *high* band is supervised;
 - a **bottom-up** path (shallow -> deep: stride-2 convs, concatenate the stage, conv)
-  that ends at the deepest stage, is resized to ``1 / low_pool`` resolution and predicts
-  the image whose *low* band is supervised.
+  that ends at stride ``2 * low_pool`` (8), where it takes the top-down path's map of
+  that level (which carries all deeper stages), is resized to ``1 / low_pool``
+  resolution and predicts the image whose *low* band is supervised.
+
+This is FreMIM's arrangement: its low path runs over the shallow encoder maps and ends
+at the stride-8 decoder map that already fused the two deepest stages, then is resized
+2x. Ending at the deepest stage instead (stride 32) would have to blow a 2 x 2 map up to
+16 x 16 for a 64-pixel input.
 
 Shallow, high-resolution features carry detail (high frequencies), deep features carry
 semantics (low frequencies); each supervision is attached where its information lives.
@@ -198,9 +204,11 @@ class MultiStageDecoder(nn.Module):
         self.high_filter = GlobalFilter(filter_channels, self.image_size, spatial_dims)
         self.high_head = conv_layer(spatial_dims)(width, out_channels, 1)
 
+        # The bottom-up path stops at the deepest level of stride <= 2 * low_pool.
+        self.low_end_level = max([0] + [i for i, s in enumerate(strides) if s <= 2 * low_pool])
         self.bottom_up = nn.ModuleList(
             BottomUpBlock(spatial_dims, width, strides[i + 1] // strides[i])
-            for i in range(len(strides) - 1)
+            for i in range(self.low_end_level)
         )
         self.low_filter = GlobalFilter(filter_channels, self.low_size, spatial_dims)
         self.low_head = conv_layer(spatial_dims)(width, out_channels, 1)
@@ -209,19 +217,31 @@ class MultiStageDecoder(nn.Module):
         """Stage maps -> ``width``-channel maps at :attr:`level_strides`, shallow to deep."""
         return [lateral(stages[index]) for lateral, index in zip(self.lateral, self.source_index)]
 
-    def forward_top_down(self, levels: list[Tensor]) -> Tensor:
-        """Deep -> shallow -> full resolution; returns ``(B, M, *S)``."""
+    def forward_top_down(self, levels: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """Deep -> shallow -> full resolution.
+
+        Returns the high-band prediction ``(B, M, *S)`` and the path's map at every
+        level ``[(B, width, *S/stride_i), ...]``.
+        """
         x = levels[-1]
+        fused = [x]
         for i in range(len(levels) - 2, -1, -1):
             x = self.top_down[i](x, levels[i])  # (B, width, *S/stride_i)
+            fused.insert(0, x)
         x = self.to_full_resolution(x)  # (B, width, *S)
-        return self.high_head(self.high_filter(x))
+        return self.high_head(self.high_filter(x)), fused
 
-    def forward_bottom_up(self, levels: list[Tensor], low_size: Sequence[int]) -> Tensor:
-        """Shallow -> deep, resized to ``low_size = S / low_pool``; returns ``(B, M, *low_size)``."""
-        x = levels[0]
-        for i in range(1, len(levels)):
-            x = self.bottom_up[i - 1](x, levels[i])  # (B, width, *S/stride_i)
+    def forward_bottom_up(self, levels: list[Tensor], fused: list[Tensor], low_size: Sequence[int]) -> Tensor:
+        """Shallow -> stride ``2 * low_pool``, resized to ``low_size = S / low_pool``.
+
+        ``levels``: the pyramid maps; ``fused``: the top-down path's maps (the last step
+        takes the top-down map, which carries the deeper stages). Returns
+        ``(B, M, *low_size)``.
+        """
+        end = self.low_end_level
+        x = levels[0] if end > 0 else fused[0]
+        for i in range(1, end + 1):
+            x = self.bottom_up[i - 1](x, fused[i] if i == end else levels[i])  # (B, width, *S/stride_i)
         mode = ("linear", "bilinear", "trilinear")[self.spatial_dims - 1]
         x = F.interpolate(x, size=tuple(low_size), mode=mode, align_corners=True)  # (B, width, *S/4)
         return self.low_head(self.low_filter(x))
@@ -231,7 +251,8 @@ class MultiStageDecoder(nn.Module):
         built for (the global filters then resample their transfer functions)."""
         levels = self.pyramid(stages)
         low_size = self.low_size if image_size is None else tuple(s // self.low_pool for s in image_size)
-        return self.forward_top_down(levels), self.forward_bottom_up(levels, low_size)
+        high, fused = self.forward_top_down(levels)
+        return high, self.forward_bottom_up(levels, fused, low_size)
 
 
 __all__ = ["MultiStageDecoder", "ConvNormAct", "Upsample2x", "pyramid_strides", "conv_layer"]

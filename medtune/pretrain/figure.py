@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -77,16 +78,20 @@ def save_reconstruction(
             panel = display_slice(reconstruction[key][row, modality], spatial_dims).numpy()
             # Input and prediction panels share the input's intensity range; band and
             # spectrum panels get their own (their values live on other scales).
+            # (1st-99th percentile, so that a few extreme pixels do not grey out the rest).
             if key in ("image", "masked", "prediction"):
                 reference = display_slice(image[row, modality], spatial_dims)
                 vmin, vmax = float(reference.min()), float(reference.max())
             else:
-                vmin = vmax = None
+                vmin, vmax = (float(q) for q in np.quantile(panel, [0.01, 0.99]))
             ax.imshow(panel, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
             if key == "masked" and "mask" in reconstruction:
+                # masked pixels tinted red
                 mask = display_slice(reconstruction["mask"][row].float(), spatial_dims).numpy()
-                if 0 < mask.sum() < mask.size:  # outline the masked region
-                    ax.contour(mask, levels=[0.5], colors="tab:red", linewidths=0.3)
+                overlay = np.zeros((*mask.shape, 4))
+                overlay[..., 0] = 1.0
+                overlay[..., 3] = 0.45 * mask
+                ax.imshow(overlay, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
