@@ -51,7 +51,7 @@ def test_volume_slice_round_trip_keeps_slices_of_a_volume_together():
     slices = volume_to_slices(volume)
     assert slices.shape == (12, 3, 4, 5)
     assert torch.equal(slices[6 + 2], volume[1, :, :, :, 2])  # image b*T + t = slice t of volume b
-    assert torch.equal(slices_to_volume(slices, 2), volume)
+    assert torch.equal(slices_to_volume(slices, 6), volume)
 
 
 def _tiny_segmenter(num_classes: int = 4) -> SliceSegmenter:
@@ -120,3 +120,47 @@ def test_sliding_window_covers_any_volume_and_tta_averages_flips():
     assert labels.shape == (40, 36, 6) and labels.dtype == np.uint8
     assert set(np.unique(labels)) <= {0, 1, 2, 4}
     assert not labels[:4].any() and not labels[..., 0].any()
+
+
+def _adapted_segmenter(method: str, gradient_checkpointing: bool = False) -> SliceSegmenter:
+    from medtune.checkpoints.params import segmentation_config
+    from medtune.finetune.segmentation import build_segmenter
+
+    cfg = segmentation_config(
+        "vit_tiny_patch16_224", 4, 32, 4, method, backbone_options={"depth": 4}, decoder_options={"channels": 8}
+    )
+    cfg.model.gradient_checkpointing = gradient_checkpointing
+    torch.manual_seed(0)
+    model, _ = build_segmenter(cfg, 4, load_pretrained=False)
+    with torch.no_grad():  # leave the zero-initialised up-projections
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.02 * torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())))
+    return model
+
+
+def test_med_tuning_segmenter_mixes_slices_of_one_volume_only():
+    model = _adapted_segmenter("med-tuning").eval()
+    volume = torch.randn(2, 4, 32, 32, 4)
+    changed = volume.clone()
+    changed[0, ..., 0] += 1.0  # perturb slice 0 of volume 0
+    with torch.no_grad():
+        before, after = model.forward_logits(volume), model.forward_logits(changed)
+    assert before.shape == (2, 4, 32, 32, 4)
+    assert not torch.allclose(before[0, ..., 1], after[0, ..., 1])  # other slices of volume 0 see it
+    assert torch.equal(before[1], after[1])  # volume 1 does not
+
+
+@pytest.mark.parametrize("method", ["med-tuning", "lora"])
+def test_checkpointed_adapters_give_the_same_gradients(method):
+    batch = {"image": torch.randn(2, 4, 32, 32, 4), "label": torch.randint(0, 4, (2, 32, 32, 4))}
+    grads = []
+    for checkpointing in (False, True):
+        model = _adapted_segmenter(method, checkpointing).train()
+        assert model.gradient_checkpointing is checkpointing
+        torch.manual_seed(1)  # same dropout masks in the decoder
+        model(batch)["loss"].backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name, grad in grads[0].items():
+        assert torch.allclose(grad, grads[1][name], rtol=1e-4, atol=1e-6), name

@@ -13,6 +13,8 @@ the ``meta`` device, so a ViT-B with 128-slice volumes costs no memory, and meas
 - ``gflops``: ``torch.utils.flop_counter.FlopCounterMode`` over one forward of a
   ``(1, M, H, W, T)`` volume. FlopCounterMode counts matmuls, convolutions and
   attention (a multiply-add = 2 FLOPs); FFTs, norms and activations are not counted.
+  Models that cannot be built on ``meta`` (MONAI's SwinTransformer) are built and run on
+  the CPU instead (then ``--flops-slices`` keeps the counting forward small).
   With ``flops_slices < T`` the forward runs on ``flops_slices`` slices and is scaled
   by ``T / flops_slices``: every part of the model is per slice or (adapters' slice
   convolutions and filters) linear in T, so the scaling is exact up to edge effects.
@@ -117,7 +119,15 @@ def measure_method(cfg, num_classes: int = 4, flops_slices: int | None = None, d
     """Build ``cfg``'s segmenter on ``device`` (default meta) and measure it."""
     from medtune.finetune.segmentation import build_segmenter, trained_state_dict
 
-    with torch.device(device):
+    try:
+        with torch.device(device):
+            model, _ = build_segmenter(cfg, num_classes, load_pretrained=False)
+    except (RuntimeError, NotImplementedError) as exc:
+        if torch.device(device).type != "meta":
+            raise
+        # e.g. MONAI's SwinTransformer calls .item() while building: build it for real
+        log.warning("%s cannot be built on the meta device (%s); building it on the CPU", cfg.backbone.name, exc)
+        device = "cpu"
         model, _ = build_segmenter(cfg, num_classes, load_pretrained=False)
     model.eval()
     seen: set[int] = set()

@@ -118,6 +118,9 @@ def run(args: argparse.Namespace) -> int:
     if cfg.data.root is None:
         raise ConfigError("no dataset: pass --data DIR or set data.root")
     result = finetune_segmentation(cfg, cfg.output, resume=args.resume)
-    best = f"; best {result.best_metrics} at step {result.best_step}" if result.best_metrics else ""
-    log.info("finetuning finished after %d steps in %s%s", result.step, cfg.output, best)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        best = f"; best {result.best_metrics} at step {result.best_step}" if result.best_metrics else ""
+        log.info("finetuning finished after %d steps in %s%s", result.step, cfg.output, best)
     return 0

@@ -20,19 +20,8 @@ import torch
 from monai.losses import DiceCELoss
 from torch import nn
 
+from medtune.adapters.context import slices_to_volume, volume_to_slices
 from medtune.errors import ConfigError, DataError
-
-
-def volume_to_slices(volume: torch.Tensor) -> torch.Tensor:
-    """``(B, M, H, W, T) -> (B*T, M, H, W)``, slices of one volume contiguous."""
-    b, m, h, w, t = volume.shape
-    return volume.permute(0, 4, 1, 2, 3).reshape(b * t, m, h, w)
-
-
-def slices_to_volume(slices: torch.Tensor, batch: int) -> torch.Tensor:
-    """``(B*T, K, H, W) -> (B, K, H, W, T)``; inverse of :func:`volume_to_slices`."""
-    bt, k, h, w = slices.shape
-    return slices.reshape(batch, bt // batch, k, h, w).permute(0, 2, 3, 4, 1)
 
 
 class SliceSegmenter(nn.Module):
@@ -113,12 +102,12 @@ class SliceSegmenter(nn.Module):
             raise DataError(f"segmenter input has shape {tuple(volume.shape)}; expected (B, M, H, W, T)")
         if self.spatial_dims == 3:
             return self.decoder(self.backbone.forward_stages(volume), volume.shape[2:])
-        batch, num_slices = volume.shape[0], volume.shape[-1]
+        num_slices = volume.shape[-1]
         slices = volume_to_slices(volume)  # (B*T, M, H, W)
         with self.slice_context(num_slices):
             features = self.backbone.forward_stages(slices)  # [(B*T, C_i, H/s_i, W/s_i)]
         logits = self.decoder(features, slices.shape[2:])  # (B*T, K, H, W)
-        return slices_to_volume(logits, batch)
+        return slices_to_volume(logits, num_slices)
 
     def compute_loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """Softmax Dice + CE of ``logits (B, K, *S)`` against class indices ``(B, *S)``."""
