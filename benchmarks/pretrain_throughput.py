@@ -140,7 +140,8 @@ def main() -> None:
             continue
         objective.to(args.device).train()
         steps[variant] = make_step(objective, batch, args)
-        steps[variant]()  # warm-up (allocations, first-call costs)
+        for _ in range(3):  # warm-up: allocations, first-call costs, cuDNN autotuning
+            steps[variant]()
     if "fremae" not in steps:
         raise SystemExit("fremae could not be built; nothing to compare")
 
