@@ -91,8 +91,11 @@ def test_finetune_writes_a_complete_run_folder(medtuning_run):
 def test_resume_continues_from_the_last_state(medtuning_run, synth_brats, tmp_path):
     from medtune.checkpoints.io import load_json
 
+    from medtune.checkpoints.export import file_sha256
+
     run_dir = tmp_path / "run"
     shutil.copytree(medtuning_run, run_dir)
+    base_sha = file_sha256(run_dir / "backbone.safetensors")
     config = write_config(tmp_path)
     code = run_cli(
         "finetune", "--config", config, "--data", synth_brats, "--output", run_dir,
@@ -101,6 +104,9 @@ def test_resume_continues_from_the_last_state(medtuning_run, synth_brats, tmp_pa
     assert code == 0
     assert (run_dir / "state" / "step_0000004").is_dir()
     assert load_json(run_dir / "state" / "step_0000004" / "trainer_state.json")["step"] == 4
+    # the base the run started from is kept, so adapter files still apply to it
+    assert file_sha256(run_dir / "backbone.safetensors") == base_sha
+    assert load_json(run_dir / "adapter_config.json")["base_weights"]["sha256"] == base_sha
 
 
 def test_predict_then_evaluate(medtuning_run, synth_brats, tmp_path, capsys):

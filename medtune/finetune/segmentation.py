@@ -278,7 +278,7 @@ def finetune_segmentation(cfg, run_dir: str | Path, resume: str | Path | None = 
         run_config_dict,
         save_trained_weights,
     )
-    from medtune.checkpoints.io import save_json, save_safetensors
+    from medtune.checkpoints.io import load_weights, save_json, save_safetensors
     from medtune.data.config import build_labeled_dataset, label_spec_for
     from medtune.trainer import higher_is_better, make_accelerator, train
 
@@ -289,13 +289,21 @@ def finetune_segmentation(cfg, run_dir: str | Path, resume: str | Path | None = 
     with accelerator.main_process_first():  # the main process builds the shared cache
         train_set = build_labeled_dataset(cfg.data, "train", run_dir, show_progress=main)
         val_set = build_labeled_dataset(cfg.data, "val", run_dir, show_progress=main) if cfg.data.val_fraction > 0 else None
-    model, base_state = build_segmenter(cfg, label_spec.num_classes)
+    saved_base = run_dir / BACKBONE_FILE
+    if resume is not None and saved_base.is_file():
+        # the base the run started from (the training state restores the rest)
+        model, base_state = build_segmenter(
+            cfg, label_spec.num_classes, load_pretrained=False, base_state=load_weights(saved_base)
+        )
+    else:
+        model, base_state = build_segmenter(cfg, label_spec.num_classes)
     model.label_spec, model.roi_size = label_spec, cfg.roi_size
     run_config = run_config_dict(cfg, label_spec)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_json(run_config, run_dir / CONFIG_FILE)
-        save_safetensors(base_state, run_dir / BACKBONE_FILE, metadata={"backbone": cfg.backbone.name})
+        if not (resume is not None and saved_base.is_file()):
+            save_safetensors(base_state, saved_base, metadata={"backbone": cfg.backbone.name})
     del base_state
 
     def save_weights(trained: SliceSegmenter, folder: Path) -> None:
