@@ -176,3 +176,58 @@ def test_reconstruction_figure_is_a_png(tmp_path, dims):
     simmim = build_objective(ObjectiveConfig(name="simmim", mask_block=8), swinunetr(dims, size, patch))
     path = save_reconstruction(tmp_path / "simmim.png", simmim.reconstruct(blobs(2, (size,) * dims)))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_vit(64), lambda: swinunetr(2, 64)])
+def test_simmim_writes_the_mask_token_over_masked_patch_embeddings_only(make):
+    torch.manual_seed(0)
+    backbone = make()
+    simmim = build_objective(ObjectiveConfig(name="simmim", mask_block=16), backbone).eval()
+    stride = simmim.site.stride
+    x = torch.randn(1, 2, 64, 64)
+    none = torch.zeros(1, 64 // stride, 64 // stride, dtype=torch.bool)
+    some = none.clone()
+    some[:, :2, :3] = True
+    with torch.no_grad():
+        plain = backbone.forward_stages(x)[-1]
+        unmasked = simmim.forward_encoder(x, none)
+        masked = simmim.forward_encoder(x, some)
+    assert torch.allclose(unmasked, plain, atol=1e-5)
+    assert not torch.allclose(masked, plain, atol=1e-3)
+    # what the blocks receive: a hook registered inside the context runs after it
+    from medtune.pretrain.simmim import masked_patch_embedding
+
+    seen = []
+    with torch.no_grad():
+        original = simmim.site.module(x)
+        with masked_patch_embedding(simmim.site, some, simmim.mask_token):
+            handle = simmim.site.module.register_forward_hook(lambda module, args, out: seen.append(out))
+            embedded = simmim.site.module(x)
+            handle.remove()
+    assert not simmim.site.module._forward_hooks  # the context removed its hook
+    token = simmim.mask_token.detach()
+    if simmim.site.layout == "tokens":  # (B, L, C)
+        rows, kept, kept_original = embedded[0, some[0].flatten()], embedded[0, ~some[0].flatten()], original[0, ~some[0].flatten()]
+    else:  # channels_first (B, C, *G)
+        grid_last = embedded[0].movedim(0, -1)
+        rows, kept, kept_original = grid_last[some[0]], grid_last[~some[0]], original[0].movedim(0, -1)[~some[0]]
+    assert torch.equal(seen[0], embedded)
+    assert torch.allclose(rows, token.expand_as(rows))
+    assert torch.allclose(kept, kept_original)
+
+
+@pytest.mark.parametrize("band", ["low", "high"])
+def test_mfm_corruption_removes_exactly_the_band(band):
+    from medtune.pretrain.frequency import spectrum
+
+    torch.manual_seed(0)
+    mfm = build_objective(ObjectiveConfig(name="mfm", mfm_band=band), tiny_vit(32))
+    images = blobs(2, (32, 32))["image"]
+    removed = mfm.removed_bins(images)  # (B, H, W)
+    assert removed.shape == (2, 32, 32)
+    assert bool(removed[:, 16, 16].all()) == (band == "low")  # the zero frequency
+    corrupted = spectrum(mfm.corrupt_input(images, removed), 2)
+    original = spectrum(images, 2)
+    on = removed.unsqueeze(1).unsqueeze(-1).expand_as(original)
+    assert corrupted[on].abs().max() < 1e-4
+    assert torch.allclose(corrupted[~on], original[~on], atol=1e-4)
