@@ -426,7 +426,8 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 # --------------------------------------------------------------------------- overhead
 
 
-def _dummy_batch(cfg: ReferringModelConfig, tokenizer: clip_lib.ClipTokenizer, batch_size: int) -> dict:
+def example_batch(cfg: ReferringModelConfig, tokenizer: clip_lib.ClipTokenizer, batch_size: int) -> dict:
+    """A fixed random batch of the model's input size (for FLOP counts and benchmarks)."""
     generator = torch.Generator().manual_seed(0)
     size = cfg.image_size
     return {
@@ -460,7 +461,7 @@ def self_distill_overhead(model_cfg: ReferringModelConfig, batch_size: int = 1) 
         torch.manual_seed(0)
         model = build_referring_model(cfg, load_clip_weights=False)
         results[f"params_{suffix}"] = count_parameters(model)
-        results[f"flops_{suffix}"] = training_step_flops(model, _dummy_batch(cfg, model.tokenizer, batch_size))
+        results[f"flops_{suffix}"] = training_step_flops(model, example_batch(cfg, model.tokenizer, batch_size))
     return results
 
 
