@@ -230,3 +230,24 @@ def test_adapter_on_another_backbone_and_run_without_weights_exit_2(medtuning_ru
     code = run_cli("predict", "--model", empty, "--input", synth_brats, "--output", tmp_path / "p2")
     err = error_line(capsys.readouterr().err)
     assert code == 2 and str(empty) in err and "model.safetensors" in err
+
+
+def test_evaluate_scores_ground_truth_as_perfect_and_refuses_bad_predictions(synth_brats, tmp_path, capsys):
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    cases = sorted(p for p in synth_brats.iterdir() if p.is_dir())
+    for case in cases:
+        shutil.copy(case / f"{case.name}_seg.nii.gz", pred / f"{case.name}.nii.gz")
+    assert run_cli("evaluate", "--pred", pred, "--gt", synth_brats, "--csv", tmp_path / "s.csv") == 0
+    assert "mean Dice: WT 1.0000  TC 1.0000  ET 1.0000" in capsys.readouterr().out
+    rows = (tmp_path / "s.csv").read_text().splitlines()[1:]
+    assert all(",1.000000,1.000000,1.000000,0.000000,0.000000,0.000000" in row for row in rows)
+
+    bad = pred / f"{cases[0].name}.nii.gz"
+    _rewrite_label(bad, lambda array: np.where(array == 4, 3, array))
+    assert run_cli("evaluate", "--pred", pred, "--gt", synth_brats) == 2
+    err = error_line(capsys.readouterr().err)
+    assert str(bad) in err and "[3]" in err
+    bad.unlink()
+    assert run_cli("evaluate", "--pred", pred, "--gt", synth_brats) == 2
+    assert f"{cases[0].name}.nii.gz" in error_line(capsys.readouterr().err)

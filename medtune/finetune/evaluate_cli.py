@@ -34,8 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster)")
 
 
-def label_spec_for(gt_root: Path, labels: str | None):
-    """The :class:`LabelSpec` to score with: ``--labels``, the dataset.json, or BraTS."""
+def label_spec_for(gt_root: Path, labels: str | None, layout: str = "auto"):
+    """The :class:`LabelSpec` to score with: ``--labels``, else the dataset's default
+    (``dataset.json`` labels for MSD/nnU-Net, BraTS 0/1/2/4 otherwise)."""
+    from medtune.data.check import default_label_spec
     from medtune.data.labels import LabelSpec
 
     if labels:
@@ -43,9 +45,7 @@ def label_spec_for(gt_root: Path, labels: str | None):
             return LabelSpec.from_values([int(v) for v in labels.split(",")])
         except ValueError as exc:
             raise DataError(f"--labels '{labels}': {exc}") from None
-    if (gt_root / "dataset.json").is_file():
-        return LabelSpec.from_dataset_json(gt_root / "dataset.json")
-    return LabelSpec.brats()
+    return default_label_spec(gt_root, layout)
 
 
 def find_prediction(pred_dir: Path, case_id: str) -> Path:
@@ -80,7 +80,7 @@ def evaluate_folder(
     pred_dir, gt_root = Path(pred_dir), Path(gt_root)
     if not pred_dir.is_dir():
         raise DataError(f"prediction folder not found: {pred_dir}")
-    spec = label_spec_for(gt_root, labels)
+    spec = label_spec_for(gt_root, labels, layout)
     cases = find_cases(gt_root, layout, require_labels=True)
     rows = []
     for case in tqdm(cases, desc="evaluate", unit="case", disable=not progress):
