@@ -69,6 +69,7 @@ def pixel_masking(
             official FreMIM code does.
         jitter: the masked input is multiplied by ``U(1 - jitter, 1 + jitter)`` and shifted
             by ``U(-jitter, jitter)``, one draw per (sample, modality); 0 disables it.
+            (The official code also draws per image column, which reads as incidental.)
 
     Returns:
         ``masked`` ``(B, M, *S)`` (differentiable w.r.t. ``mask_token``) and
