@@ -116,7 +116,8 @@ class FreMAE(nn.Module):
         if size % self.low_pool:
             raise ConfigError(f"FreMAE: img_size {size} is not divisible by low_pool {self.low_pool}")
         if self.mask_mode == "pixel":
-            # One learnable value per modality written into masked pixels.
+            # One learnable value per modality written into masked pixels; 0 is the
+            # z-scored mean (FreMIM starts from 1).
             self.mask_token = nn.Parameter(torch.zeros(self.modalities))
         else:
             vit = require_vit(backbone, "fremae (mask_mode='patch')")
