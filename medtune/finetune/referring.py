@@ -549,7 +549,9 @@ def finetune_main(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
     model = build_referring_model(cfg.model)
-    train_records, val_records = _collect_records(cfg, run_dir)
+    accelerator = make_accelerator(cfg.train, run_dir)
+    with accelerator.main_process_first():  # generated data is written once, then read by all
+        train_records, val_records = _collect_records(cfg, run_dir)
     size = cfg.model.image_size
     train_set = ReferringDataset(train_records, model.tokenizer, size, cache=cfg.data.cache)
     val_set = ReferringDataset(val_records, model.tokenizer, size, cache=cfg.data.cache)
@@ -558,7 +560,6 @@ def finetune_main(args: argparse.Namespace) -> int:
         len(train_set), len(val_set), f"{count_parameters(model, True):,}",
         "on" if model.masksd is not None else "off",
     )
-    accelerator = make_accelerator(cfg.train, run_dir)
     saved_config = to_dict(cfg)
     saved_config["model"]["clip_weights"] = None  # model.safetensors holds CLIP too
     if accelerator.is_main_process:
@@ -615,6 +616,8 @@ def predict_main(args: argparse.Namespace, run_dir: str | Path) -> int:
     from medtune.data.referring import load_jsonl_records, preprocess_image
 
     model = load_referring_run(run_dir)
+    device = torch.device(getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
     threshold = float(getattr(args, "threshold", None) or 0.5)
     source = Path(args.input)
     output = Path(getattr(args, "output", None) or "prediction")
@@ -627,7 +630,8 @@ def predict_main(args: argparse.Namespace, run_dir: str | Path) -> int:
             with Image.open(record.image) as image:
                 pixels = preprocess_image(image, size).unsqueeze(0)
                 height, width = image.height, image.width
-            prob = model.predict(pixels, model.tokenizer([record.expression]), size=(height, width))[0]
+            tokens = model.tokenizer([record.expression]).to(device)
+            prob = model.predict(pixels.to(device), tokens, size=(height, width))[0].cpu()
             pred = (prob > threshold).numpy()
             Image.fromarray(pred.astype(np.uint8) * 255).save(output / f"{number:05d}_{record.image.stem}.png")
             with Image.open(record.mask_path) as mask:
@@ -648,7 +652,7 @@ def predict_main(args: argparse.Namespace, run_dir: str | Path) -> int:
             height, width = image.height, image.width
     except OSError as exc:
         raise DataError(f"{source}: cannot read image ({exc})") from None
-    prob = model.predict(pixels, model.tokenizer([expression]), size=(height, width))[0]
+    prob = model.predict(pixels.to(device), model.tokenizer([expression]).to(device), size=(height, width))[0].cpu()
     if output.suffix.lower() != ".png":
         output.mkdir(parents=True, exist_ok=True)
         output = output / f"{source.stem}_mask.png"
