@@ -20,6 +20,7 @@ from medtune.models.clip import (
     build_clip,
     encode_image_levels,
     encode_text_words,
+    vit_level_indices,
 )
 
 
@@ -66,6 +67,7 @@ def test_clip_features_match_open_clip_and_weights_load_from_local_file(tmp_path
     for ours, theirs in zip(levels.levels, reference["image_intermediates"]):
         assert torch.allclose(ours, theirs, atol=1e-5)
     assert levels.patch_embeds.shape == (2, 64, 64)
+    assert vit_level_indices(12) == [3, 7, 11] and vit_level_indices(2, 3) == [0, 0, 1]
     # weights only from a local file; a download tag is not a file
     path = save_safetensors(model.state_dict(), tmp_path / "clip.safetensors")
     torch.manual_seed(1)

@@ -287,15 +287,6 @@ def _fill_masked_cells(images: torch.Tensor, cell_mask: torch.Tensor, colour: to
     return torch.where(pixel_mask, colour.view(1, 3, 1, 1).to(images.dtype), images)
 
 
-def image_patch_grid(model: nn.Module, image_size: int) -> tuple[int, int]:
-    """Grid of the patches that CM-MaskSD masks (ViT tokens; ResNet stride-32 cells)."""
-    if is_vit(model):
-        patch = model.visual.patch_size
-        patch = patch[0] if isinstance(patch, tuple) else patch
-        return image_size // patch, image_size // patch
-    return -(-image_size // 32), -(-image_size // 32)
-
-
 def image_mask_token_shape(model: nn.Module) -> tuple[int]:
     """Shape of the learnable token that replaces masked patches (ViT: (C,); ResNet: (3,))."""
     return (model.visual.conv1.out_channels,) if is_vit(model) else (3,)
