@@ -299,6 +299,21 @@ def unused_parameters(model: nn.Module, batch: Any) -> list[str]:
     return unused
 
 
+def wait_for_everyone(processes) -> None:
+    """``accelerator.wait_for_everyone()`` that also works for CPU process groups on GPU machines.
+
+    Accelerate passes ``device_ids=[local rank]`` to the barrier even for a gloo (CPU)
+    group, which fails with "invalid device ordinal" when ``ACCELERATE_USE_CPU`` runs more
+    processes than the machine has GPUs. ``processes``: an Accelerator or PartialState.
+    """
+    from accelerate.utils import DistributedType
+
+    if processes.distributed_type == DistributedType.MULTI_CPU:
+        torch.distributed.barrier()
+    else:
+        processes.wait_for_everyone()
+
+
 def find_latest_state(path: str | Path) -> Path | None:
     """The newest complete ``step_NNNNNNN`` state under ``path`` or ``path/state``."""
     path = Path(path)
@@ -453,7 +468,7 @@ def train(
             result.state_dir = _save_state(accelerator, run_dir, state, cfg.keep_last)
     progress.close()
 
-    accelerator.wait_for_everyone()
+    wait_for_everyone(accelerator)
     if accelerator.log_with:
         accelerator.end_training()
     result.step = state.step
@@ -604,9 +619,9 @@ def _save_state(accelerator, run_dir: Path, state: _LoopState, keep_last: int) -
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
+    wait_for_everyone(accelerator)
     accelerator.save_state(str(partial), safe_serialization=True)
-    accelerator.wait_for_everyone()
+    wait_for_everyone(accelerator)
     if accelerator.is_main_process:
         (partial / TRAINER_STATE_FILE).write_text(json.dumps(state.to_json(), indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
@@ -614,7 +629,7 @@ def _save_state(accelerator, run_dir: Path, state: _LoopState, keep_last: int) -
         finished = sorted(d for d in root.iterdir() if _STEP_DIR.match(d.name))
         for old in finished[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    wait_for_everyone(accelerator)
     return final
 
 

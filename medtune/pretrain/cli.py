@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from accelerate.utils import parse_flag_from_env
 
     from medtune.pretrain.config import load_pretrain_config
-    from medtune.trainer import make_accelerator
+    from medtune.trainer import make_accelerator, wait_for_everyone
 
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its save/load chatter
     overrides = list(args.overrides)
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     resume = args.resume
     check_run_dir(run_dir, resuming=resume)
     accelerator = make_accelerator(cfg.train, run_dir)
-    accelerator.wait_for_everyone()  # every rank checked before anything is written
+    wait_for_everyone(accelerator)  # every rank checked before anything is written
 
     dataset = _main_first(accelerator, lambda: _build_dataset(cfg, run_dir, accelerator.is_main_process))
     objective = _build_objective(cfg)
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         if "figure" in written:
             print(f"reconstruction figure:            {written['figure']}")
         print(f"config:                           {run_dir / CONFIG_FILE}")
-    accelerator.wait_for_everyone()
+    wait_for_everyone(accelerator)
     return 0
 
 
