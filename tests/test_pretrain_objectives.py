@@ -151,6 +151,8 @@ def test_objective_config_is_strict_and_backbone_checked():
         build_objective(ObjectiveConfig(name="byol"), tiny_vit())
     with pytest.raises(ConfigError, match="needs a ViT"):
         build_objective(ObjectiveConfig(name="mae"), swinunetr(2, 32))
+    with pytest.raises(ConfigError, match="needs a ViT"):
+        build_objective(ObjectiveConfig(name="fremae", mask_mode="patch"), swinunetr(2, 32))
     with pytest.raises(ConfigError, match="mask_block"):
         build_objective(ObjectiveConfig(name="simmim", mask_block=20), tiny_vit())
 
