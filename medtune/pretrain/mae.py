@@ -8,6 +8,9 @@ masked patches, against per-patch normalised pixels).
 
 The helpers :func:`vit_embed_patches` and :func:`vit_forward_visible` are shared with
 FreMAE's MAE-style ``mask_mode="patch"``.
+
+Deviation from the official MAE: the decoder's position embedding is learned (truncated
+normal init) instead of fixed 2D sin-cos, so any patch grid works without a table.
 """
 
 from __future__ import annotations
