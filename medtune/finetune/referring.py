@@ -106,6 +106,7 @@ class ReferringEvalConfig:
 
     threshold: float = 0.5  # probability above which a pixel is foreground
     batch_size: int = 16  # samples per evaluation batch
+    original_size: bool = True  # score at each image's own size (as RefCOCO tables do), not the input size
 
 
 @dataclass
@@ -489,9 +490,17 @@ def _collect_records(cfg: ReferringConfig, run_dir: Path) -> tuple[list, list]:
 
 @torch.no_grad()
 def evaluate_referring(
-    model: ReferringSegmenter, dataset, batch_size: int = 16, threshold: float = 0.5
+    model: ReferringSegmenter,
+    dataset,
+    batch_size: int = 16,
+    threshold: float = 0.5,
+    original_size: bool = False,
 ) -> dict[str, float]:
-    """oIoU, mIoU, prec@X of ``model`` on a :class:`ReferringDataset` (at the input size)."""
+    """oIoU, mIoU, prec@X of ``model`` on a :class:`ReferringDataset`.
+
+    With ``original_size`` each prediction is upsampled to its image's size and scored
+    against the full-resolution mask; otherwise both are at the model's input size.
+    """
     from torch.utils.data import DataLoader
 
     was_training = model.training
@@ -499,8 +508,17 @@ def evaluate_referring(
     metrics = ReferringMetrics()
     device = next(model.parameters()).device
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        probs = model.predict(batch["image"].to(device), batch["tokens"].to(device))
-        metrics.update(probs > threshold, batch["mask"].to(device) > 0.5)
+        tokens = batch["tokens"].to(device)
+        if not original_size:
+            probs = model.predict(batch["image"].to(device), tokens)
+            metrics.update(probs > threshold, batch["mask"].to(device) > 0.5)
+            continue
+        with torch.no_grad():
+            logits = model.forward_branch(batch["image"].to(device), tokens).logits  # [B, 1, h, w]
+        for logit, index in zip(logits, batch["index"].tolist()):
+            truth = torch.from_numpy(dataset.load_mask(index)).to(device)
+            prob = torch.sigmoid(F.interpolate(logit[None], size=truth.shape, mode="bilinear", align_corners=False))
+            metrics.update(prob[0] > threshold, truth[None])
     model.train(was_training)
     return metrics.compute()
 
@@ -574,7 +592,9 @@ def finetune_main(args: argparse.Namespace) -> int:
         cfg.train,
         run_dir,
         resume=getattr(args, "resume", None),
-        evaluate=lambda m: evaluate_referring(m, val_set, cfg.eval.batch_size, cfg.eval.threshold),
+        evaluate=lambda m: evaluate_referring(
+            m, val_set, cfg.eval.batch_size, cfg.eval.threshold, cfg.eval.original_size
+        ),
         is_better=higher_is_better("oIoU"),
         on_best=save_model,
         accelerator=accelerator,
