@@ -119,3 +119,39 @@ def test_tiny_model_learns_from_text_and_beats_text_blind_union(tmp_path):
     assert predicted.shape == (32, 32) and set(np.unique(predicted)) <= {0, 255}
     with pytest.raises(ConfigError, match="--text-weights"):
         finetune_main(argparse.Namespace(**{**vars(args), "text_weights": "x.pt"}))
+
+
+def test_evaluation_at_original_size(tmp_path):
+    """Predictions are upsampled to each image's own size before scoring."""
+    from medtune.data.referring import ReferringDataset, load_referring_records
+    from medtune.finetune.referring import evaluate_referring
+
+    Image.new("RGB", (40, 20)).save(tmp_path / "img.png")
+    left_half = np.zeros((20, 40), np.uint8)
+    left_half[:, :20] = 255
+    Image.fromarray(left_half).save(tmp_path / "mask.png")
+    (tmp_path / "r.jsonl").write_text(json.dumps({"image": "img.png", "expression": "left", "mask": "mask.png"}) + "\n")
+    from medtune.models.clip import ClipTokenizer
+
+    dataset = ReferringDataset(load_referring_records(tmp_path / "r.jsonl"), ClipTokenizer(8), image_size=16)
+
+    class LeftHalf(torch.nn.Module):
+        """Predicts the left half at 1/4 of the input size, like the real projector."""
+
+        def __init__(self):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+        def forward_branch(self, images, tokens):
+            logits = torch.full((images.shape[0], 1, 4, 4), -10.0)
+            logits[..., :2] = 10.0
+            return type("Out", (), {"logits": logits})()
+
+        def predict(self, images, tokens, size=None):
+            logits = torch.nn.functional.interpolate(self.forward_branch(images, tokens).logits, size=size or images.shape[-2:])
+            return torch.sigmoid(logits[:, 0])
+
+    at_original = evaluate_referring(LeftHalf(), dataset, original_size=True)
+    at_input = evaluate_referring(LeftHalf(), dataset, original_size=False)
+    assert at_original["oIoU"] == pytest.approx(1.0) and at_input["oIoU"] == pytest.approx(1.0)
+    assert at_original["num_samples"] == 1

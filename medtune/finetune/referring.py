@@ -450,12 +450,16 @@ def training_step_flops(model: ReferringSegmenter, batch: dict) -> int:
     return int(counter.get_total_flops())
 
 
-def self_distill_overhead(model_cfg: ReferringModelConfig, batch_size: int = 1) -> dict[str, int]:
+def self_distill_overhead(model_cfg: ReferringModelConfig | dict, batch_size: int = 1) -> dict[str, int]:
     """Parameters and training-step FLOPs without and with the CM-MaskSD branches.
 
-    Returns ``{"params_plain", "params_sd", "flops_plain", "flops_sd"}`` for a batch of
-    ``batch_size`` at ``model_cfg.image_size`` (CLIP weights are not loaded: shapes only).
+    ``model_cfg`` is a :class:`ReferringModelConfig` or its mapping (a run's
+    ``config.json["model"]``). Returns ``{"params_plain", "params_sd", "flops_plain",
+    "flops_sd"}`` for a batch of ``batch_size`` at ``model_cfg.image_size`` (CLIP weights
+    are not loaded: shapes only).
     """
+    if isinstance(model_cfg, dict):
+        model_cfg = from_dict(ReferringModelConfig, model_cfg, "model")
     results: dict[str, int] = {}
     for suffix, enabled in (("plain", False), ("sd", True)):
         cfg = replace(model_cfg, cmmasksd=replace(model_cfg.cmmasksd, enabled=enabled), dropout=0.0)
