@@ -119,9 +119,9 @@ def main() -> None:
     results = []
     for method in args.methods.split(","):
         argv = [a for a in sys.argv[1:]]
-        out = subprocess.run(
-            [sys.executable, __file__, *argv, "--worker", method], check=True, capture_output=True, text=True
-        )
+        out = subprocess.run([sys.executable, __file__, *argv, "--worker", method], capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"{method} failed:\n{out.stderr[-3000:]}")
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     full = next((r for r in results if r["method"] == "full"), results[0])
     print(
