@@ -6,6 +6,8 @@ import argparse
 import collections
 import copy
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,6 +75,12 @@ def test_clip_features_match_open_clip_and_weights_load_from_local_file(tmp_path
     torch.manual_seed(1)
     loaded, _ = build_clip(tiny_config=TINY_CLIP, weights=path)
     assert torch.equal(loaded.visual.conv1.weight, model.visual.conv1.weight)
+    # OpenAI ships CLIP as a TorchScript archive: its tensors are read, its code never run
+    torch.jit.save(torch.jit.script(model), str(tmp_path / "openai_style.pt"))
+    before = set(Path(tempfile.gettempdir()).glob("medtune_clip_*"))
+    from_script, _ = build_clip(tiny_config=TINY_CLIP, weights=tmp_path / "openai_style.pt")
+    assert all(torch.equal(a, b) for a, b in zip(from_script.state_dict().values(), model.state_dict().values()))
+    assert set(Path(tempfile.gettempdir()).glob("medtune_clip_*")) == before  # temporary copy removed
     with pytest.raises(CheckpointError, match="never downloaded"):
         build_clip("ViT-B-16", weights="openai")
     with pytest.raises(ConfigError):

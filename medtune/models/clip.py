@@ -5,8 +5,9 @@
 - ``model_name`` is an open_clip built-in architecture ("ViT-B-16", "ViT-B-32",
   "RN50", "RN101", ...; OpenAI's weights need the "-quickgelu" variants or
   ``quick_gelu=True``).
-- ``weights`` is a local file only (an OpenAI ``.pt`` archive or an open_clip
-  ``.pt``/``.bin``/``.safetensors`` checkpoint). It is resolved to an absolute path
+- ``weights`` is a local file only (an OpenAI ``.pt`` TorchScript archive, whose tensors
+  are read with ``torch.jit.load`` without running its code, or an open_clip
+  ``.pt``/``.bin``/``.safetensors`` checkpoint, read with ``weights_only=True``). It is resolved to an absolute path
   before open_clip sees it, so it can never be mistaken for a download tag such as
   "openai"; a path that is not a file is a :class:`CheckpointError`. ``None`` gives a
   randomly initialised model; nothing is ever downloaded.
@@ -37,6 +38,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
+import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -78,14 +82,35 @@ def build_clip(
             checkpoint are resized by open_clip).
         quick_gelu: use QuickGELU (what OpenAI's checkpoints were trained with).
     """
-    import open_clip
-    from open_clip.model import CLIP
-
     checkpoint = None
     if weights is not None:
         checkpoint = Path(weights).expanduser().resolve()
         if not checkpoint.is_file():
             raise CheckpointError(f"CLIP weight file not found: {weights} (weights are never downloaded)")
+    converted = None
+    if checkpoint is not None and is_torchscript_archive(checkpoint):
+        checkpoint = converted = _torchscript_weights_as_safetensors(checkpoint)
+    try:
+        model = _build_open_clip(model_name, checkpoint, tiny_config, image_size, context_length, quick_gelu)
+    finally:
+        if converted is not None:
+            shutil.rmtree(converted.parent, ignore_errors=True)
+    if not hasattr(model, "token_embedding"):
+        raise ConfigError(f"CLIP model '{model_name}' has a custom text tower; only standard CLIP is supported")
+    return model, ClipTokenizer(model.context_length)
+
+
+def _build_open_clip(
+    model_name: str,
+    checkpoint: Path | None,
+    tiny_config: dict | None,
+    image_size: int | None,
+    context_length: int | None,
+    quick_gelu: bool,
+) -> nn.Module:
+    import open_clip
+    from open_clip.model import CLIP
+
     if tiny_config is not None:
         cfg = copy.deepcopy(dict(tiny_config))
         unknown = set(cfg) - {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu"}
@@ -118,9 +143,41 @@ def build_clip(
             )
         except RuntimeError as exc:
             raise CheckpointError(f"{checkpoint or model_name}: {str(exc).splitlines()[0]}") from None
-    if not hasattr(model, "token_embedding"):
-        raise ConfigError(f"CLIP model '{model_name}' has a custom text tower; only standard CLIP is supported")
-    return model, ClipTokenizer(model.context_length)
+    return model
+
+
+def is_torchscript_archive(path: Path) -> bool:
+    """True for a TorchScript zip (how OpenAI ships CLIP: ``ViT-B-16.pt``)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") for name in archive.namelist())
+
+
+def _torchscript_weights_as_safetensors(path: Path) -> Path:
+    """OpenAI's TorchScript CLIP -> its tensors in a temporary ``.safetensors`` file.
+
+    ``torch.load(weights_only=True)`` refuses TorchScript archives, so the archive is read
+    with ``torch.jit.load`` (TorchScript, not arbitrary pickled Python) and only its
+    tensors are kept; its code is never run. The tensors go to a temporary safetensors
+    file that open_clip's loader (key conversion, position-embedding resizing) then reads;
+    :func:`build_clip` deletes it afterwards.
+    """
+    from safetensors.torch import save_file
+
+    try:
+        scripted = torch.jit.load(str(path), map_location="cpu")
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: cannot read TorchScript CLIP ({str(exc).splitlines()[0]})") from None
+    state = {
+        name: tensor.detach().clone().contiguous()
+        for name, tensor in scripted.state_dict().items()
+        if name not in ("input_resolution", "context_length", "vocab_size", "attn_mask")  # not weights
+    }
+    target = Path(tempfile.mkdtemp(prefix="medtune_clip_")) / f"{path.stem}.safetensors"
+    save_file(state, str(target))
+    log.info("%s: TorchScript CLIP archive, %d tensors read", path, len(state))
+    return target
 
 
 class ClipTokenizer:
