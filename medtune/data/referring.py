@@ -14,7 +14,8 @@ Layouts:
       <root>/refcoco/refs(unc).p      refcoco, refcoco+  ("unc" splits: train/val/testA/testB)
       <root>/refcocog/refs(umd).p     G-Ref ("umd" splits: train/val/test; "google" also read)
       <root>/<dataset>/instances.json COCO-style images + annotations (polygons or RLE)
-      <root>/images/                  the COCO train2014 images (also images/train2014/)
+      <root>/images/                  the COCO train2014 images (also images/train2014/,
+                                      or the refer toolkit's images/mscoco/images/train2014/)
 
   ``refs(*).p`` is a **pickle**: that is the format the dataset ships in. It is read with
   :mod:`pickle` only from the path the user gives (``--data``), never from anything
@@ -197,12 +198,16 @@ def load_refcoco_records(root: str | Path, dataset: str = "refcoco", split: str 
     for file in (refs_path, instances_path):
         if not file.is_file():
             raise DataError(f"{root}: RefCOCO layout needs {file} (refer toolkit layout)")
-    image_dir = next((d for d in (root / "images" / "train2014", root / "images", folder / "images") if d.is_dir()), None)
+    candidates = (root / "images" / "mscoco" / "images" / "train2014", root / "images" / "train2014",
+                  root / "images", folder / "images")
+    image_dir = next((d for d in candidates if d.is_dir()), None)
     if image_dir is None:
         raise DataError(f"{root}: no images/ folder (COCO train2014 images)")
-    with open(refs_path, "rb") as handle:  # the dataset's own format; a path the user named
-        refs = pickle.load(handle)
-    instances = json.loads(instances_path.read_text())
+    refs = _read_refs_pickle(refs_path)
+    try:
+        instances = json.loads(instances_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{instances_path}: not valid JSON ({exc.msg})") from None
     images = {img["id"]: img for img in instances.get("images", [])}
     annotations = {ann["id"]: ann for ann in instances.get("annotations", [])}
     records = []
@@ -231,6 +236,26 @@ def load_refcoco_records(root: str | Path, dataset: str = "refcoco", split: str 
     if not records:
         raise DataError(f"{refs_path}: no referring expressions" + (f" of split '{split}'" if split else ""))
     return records
+
+
+def _read_refs_pickle(path: Path) -> list[dict]:
+    """The refer toolkit's ``refs(*).p``: a pickle, the dataset's own format, read only
+    from the path the user named. The files were written by Python 2, so non-ASCII
+    strings need ``encoding="latin1"``."""
+    for encoding in ("ASCII", "latin1"):
+        try:
+            with open(path, "rb") as handle:
+                refs = pickle.load(handle, encoding=encoding)
+            break
+        except UnicodeDecodeError:
+            continue
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
+            raise DataError(f"{path}: not a refer-toolkit refs pickle ({exc})") from None
+    else:
+        raise DataError(f"{path}: cannot decode the refs pickle's strings")
+    if not isinstance(refs, list):
+        raise DataError(f"{path}: expected a list of refs, got {type(refs).__name__}")
+    return refs
 
 
 # --------------------------------------------------------------------------- masks
