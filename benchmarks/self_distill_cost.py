@@ -24,7 +24,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medtune.config import from_dict, read_yaml
-from medtune.finetune.cmmasksd import CMMaskSDConfig
 from medtune.finetune.referring import (
     ReferringModelConfig,
     example_batch,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import copy
 import json
 import tempfile
 from pathlib import Path

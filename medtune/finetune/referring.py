@@ -33,7 +33,6 @@ import logging
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medtune.checkpoints.io import load_json, load_state, load_weights, save_json, save_safetensors
-from medtune.config import from_dict, load_config, to_dict
+from medtune.config import from_dict, to_dict
 from medtune.errors import CheckpointError, ConfigError, DataError
 from medtune.finetune.cmmasksd import CMMaskSD, CMMaskSDConfig
 from medtune.finetune.ris_metrics import ReferringMetrics
