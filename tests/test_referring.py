@@ -128,37 +128,39 @@ def test_tiny_model_learns_from_text_and_beats_text_blind_union(tmp_path):
         finetune_main(argparse.Namespace(**{**vars(args), "text_weights": "x.pt"}))
 
 
-def test_evaluation_at_original_size(tmp_path):
-    """Predictions are upsampled to each image's own size before scoring."""
+def test_letterbox_and_scoring_at_original_size(tmp_path):
+    """Letterboxed inputs keep the aspect ratio; scores are taken on each image's own grid."""
     from medtune.data.referring import ReferringDataset, load_referring_records
-    from medtune.finetune.referring import evaluate_referring
+    from medtune.finetune.cmmasksd import CMMaskSDConfig
+    from medtune.finetune.referring import BranchOutput, ReferringModelConfig, build_referring_model, evaluate_referring
 
-    Image.new("RGB", (40, 20)).save(tmp_path / "img.png")
-    left_half = np.zeros((20, 40), np.uint8)
-    left_half[:, :20] = 255
-    Image.fromarray(left_half).save(tmp_path / "mask.png")
-    (tmp_path / "r.jsonl").write_text(json.dumps({"image": "img.png", "expression": "left", "mask": "mask.png"}) + "\n")
-    from medtune.models.clip import ClipTokenizer
+    Image.new("RGB", (40, 20), (200, 10, 10)).save(tmp_path / "img.png")  # width 40, height 20
+    top_rows = np.zeros((20, 40), np.uint8)
+    top_rows[:5] = 255  # the top quarter of the image
+    Image.fromarray(top_rows).save(tmp_path / "mask.png")
+    (tmp_path / "r.jsonl").write_text(json.dumps({"image": "img.png", "expression": "top", "mask": "mask.png"}) + "\n")
+    records = load_referring_records(tmp_path / "r.jsonl")
 
-    dataset = ReferringDataset(load_referring_records(tmp_path / "r.jsonl"), ClipTokenizer(8), image_size=16)
-
-    class LeftHalf(torch.nn.Module):
-        """Predicts the left half at 1/4 of the input size, like the real projector."""
-
-        def __init__(self):
-            super().__init__()
-            self.anchor = torch.nn.Parameter(torch.zeros(()))
-
-        def forward_branch(self, images, tokens):
-            logits = torch.full((images.shape[0], 1, 4, 4), -10.0)
-            logits[..., :2] = 10.0
-            return type("Out", (), {"logits": logits})()
-
-        def predict(self, images, tokens, size=None):
-            logits = torch.nn.functional.interpolate(self.forward_branch(images, tokens).logits, size=size or images.shape[-2:])
-            return torch.sigmoid(logits[:, 0])
-
-    at_original = evaluate_referring(LeftHalf(), dataset, original_size=True)
-    at_input = evaluate_referring(LeftHalf(), dataset, original_size=False)
-    assert at_original["oIoU"] == pytest.approx(1.0) and at_input["oIoU"] == pytest.approx(1.0)
-    assert at_original["num_samples"] == 1
+    results = {}
+    for letterbox in (False, True):
+        tiny = {"embed_dim": 32, "vision_cfg": {"image_size": 16, "patch_size": 4, "width": 32, "layers": 1, "head_width": 16},
+                "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+        cfg = ReferringModelConfig(tiny_clip=tiny, image_size=16, context_length=8, fusion_dim=16, decoder_layers=1,
+                                   decoder_heads=2, decoder_ffn_dim=16, letterbox=letterbox, cmmasksd=CMMaskSDConfig())
+        model = build_referring_model(cfg)
+        dataset = ReferringDataset(records, model.tokenizer, 16, letterbox=letterbox)
+        sample = dataset[0]
+        if letterbox:  # 40 x 20 -> 16 x 8 centred: rows 4..11 hold the image
+            assert sample["mask"][:4].sum() == 0 and sample["mask"][12:].sum() == 0
+            assert sample["mask"][4:6].sum() == 2 * 16  # the top quarter, squeezed to 2 rows
+            assert sample["image"][:, :4].abs().max() < 0.02  # padding is CLIP's mean colour = 0
+        else:
+            assert sample["mask"][:4].sum() == 4 * 16 and sample["mask"][4:].sum() == 0
+        # logits at 1/4 of the input: only the first row (input rows 0..3) is foreground
+        logits = torch.full((1, 1, 4, 4), -10.0)
+        logits[..., 0, :] = 10.0
+        model.forward_branch = lambda images, tokens, **_: BranchOutput(logits.expand(images.shape[0], -1, -1, -1))
+        results[letterbox] = evaluate_referring(model, dataset, original_size=True)
+    # stretched: input rows 0..3 are the image's top quarter; letterboxed: they are padding
+    assert results[False]["oIoU"] > 0.7
+    assert results[True]["oIoU"] == 0.0

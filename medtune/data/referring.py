@@ -328,6 +328,8 @@ class ReferringDataset(Dataset):
             tokenised once here (truncation warnings appear at construction).
         image_size: side S of the square model input.
         cache: keep decoded, resized images and masks in memory (small datasets).
+        letterbox: keep the aspect ratio (scale the long side to S, pad the short side
+            centred with CLIP's mean colour, mask padding 0) instead of stretching.
     """
 
     def __init__(
@@ -336,11 +338,13 @@ class ReferringDataset(Dataset):
         tokenizer: Callable[[list[str]], torch.Tensor],
         image_size: int,
         cache: bool = False,
+        letterbox: bool = False,
     ) -> None:
         if not records:
             raise DataError("referring dataset has no records")
         self.records = list(records)
         self.image_size = image_size
+        self.letterbox = letterbox
         self.tokens = tokenizer([r.expression for r in self.records])  # [N, L]
         self.mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
         self.std = torch.tensor(CLIP_STD).view(3, 1, 1)
@@ -381,12 +385,10 @@ class ReferringDataset(Dataset):
                 f"{record.source}: mask is {mask.shape[1]}x{mask.shape[0]} but image "
                 f"{record.image.name} is {image.width}x{image.height} (width x height)"
             )
-        size = (self.image_size, self.image_size)
-        image = image.resize(size, Image.BILINEAR)
-        mask_image = Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # [3, S, S]
-        target = torch.from_numpy(np.asarray(mask_image) > 127)  # [S, S]
-        return pixels, target
+        pixels = to_model_pixels(image, self.image_size, self.letterbox)  # [3, S, S] uint8
+        mask_image = Image.fromarray(mask.astype(np.uint8) * 255)
+        target = fit_to_square(mask_image, self.image_size, self.letterbox, Image.NEAREST, 0)
+        return pixels, torch.from_numpy(np.asarray(target) > 127)  # [S, S]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if self._cache is not None and index in self._cache:
@@ -404,8 +406,72 @@ class ReferringDataset(Dataset):
         }
 
 
-def preprocess_image(image: Image.Image, image_size: int) -> torch.Tensor:
+@dataclass(frozen=True)
+class SquareFit:
+    """Where an ``width x height`` image lands in the ``size x size`` model input."""
+
+    width: int
+    height: int
+    size: int
+    letterbox: bool
+
+    @property
+    def scaled(self) -> tuple[int, int]:
+        """(width, height) of the resized image inside the square."""
+        if not self.letterbox:
+            return self.size, self.size
+        scale = self.size / max(self.width, self.height)
+        return max(1, round(self.width * scale)), max(1, round(self.height * scale))
+
+    @property
+    def offset(self) -> tuple[int, int]:
+        """(left, top) padding of the resized image inside the square."""
+        scaled_w, scaled_h = self.scaled
+        return (self.size - scaled_w) // 2, (self.size - scaled_h) // 2
+
+
+def fit_to_square(image: Image.Image, size: int, letterbox: bool, resample, fill) -> Image.Image:
+    """Resize ``image`` to ``size x size``: stretched, or letterboxed (padded with ``fill``)."""
+    fit = SquareFit(image.width, image.height, size, letterbox)
+    resized = image.resize(fit.scaled, resample)
+    if not letterbox:
+        return resized
+    canvas = Image.new(image.mode, (size, size), fill)
+    canvas.paste(resized, fit.offset)
+    return canvas
+
+
+def to_model_pixels(image: Image.Image, size: int, letterbox: bool) -> torch.Tensor:
+    """RGB PIL image -> ``(3, S, S)`` uint8; letterbox padding is CLIP's mean colour (0 once normalised)."""
+    mean_colour = tuple(round(255 * m) for m in CLIP_MEAN)
+    square = fit_to_square(image.convert("RGB"), size, letterbox, Image.BILINEAR, mean_colour)
+    return torch.from_numpy(np.asarray(square, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def preprocess_image(image: Image.Image, image_size: int, letterbox: bool = False) -> torch.Tensor:
     """A PIL image -> ``(3, S, S)`` float32 CLIP-normalised model input (for prediction)."""
-    image = image.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    pixels = to_model_pixels(image, image_size, letterbox).float() / 255.0
     return (pixels - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+
+
+def logits_to_image(
+    logits: torch.Tensor, height: int, width: int, letterbox: bool, input_size: int | None = None
+) -> torch.Tensor:
+    """Model-input-frame logits ``(..., h, w)`` -> ``(..., height, width)`` on the original image.
+
+    The square logits are resized to the model input size S (``input_size``; default
+    their own size), the letterbox padding is cropped, and the rest is resized to the image.
+    """
+    import torch.nn.functional as F
+
+    lead = logits.shape[:-2]
+    flat = logits.reshape(-1, 1, *logits.shape[-2:]).float()
+    if letterbox:
+        size = input_size or flat.shape[-1]
+        if flat.shape[-1] != size:
+            flat = F.interpolate(flat, size=(size, size), mode="bilinear", align_corners=False)
+        fit = SquareFit(width, height, size, True)
+        (scaled_w, scaled_h), (left, top) = fit.scaled, fit.offset
+        flat = flat[..., top : top + scaled_h, left : left + scaled_w]
+    flat = F.interpolate(flat, size=(height, width), mode="bilinear", align_corners=False)
+    return flat.reshape(*lead, height, width)

@@ -66,6 +66,7 @@ class ReferringModelConfig:
     quick_gelu: bool = False  # QuickGELU activations (OpenAI checkpoints were trained with them)
     image_size: int = 416  # square input side in pixels (CLIP position embeddings are resized)
     context_length: int = 22  # tokens per expression incl. start/end; longer ones are truncated
+    letterbox: bool = False  # keep the aspect ratio (pad to square, as CRIS) instead of stretching
     num_levels: int = 3  # image feature levels fed to the fusion neck
     fusion_dim: int = 256  # channels D of the fused pixel features
     decoder_layers: int = 3  # pixel-word transformer decoder layers
@@ -400,10 +401,19 @@ class ReferringSegmenter(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, tokens: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        """Mask probabilities ``(B, H, W)`` at ``size`` (default: the input size)."""
-        logits = self.forward_branch(images, tokens).logits
-        logits = F.interpolate(logits, size=size or tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
-        return torch.sigmoid(logits[:, 0])
+        """Mask probabilities ``(B, H, W)``: on an original image of ``size = (H, W)``
+        (letterbox padding removed), or at the model input size when ``size`` is None."""
+        logits = self.forward_branch(images, tokens).logits  # [B, 1, h, w]
+        return torch.sigmoid(self.logits_on_image(logits, size)[:, 0])
+
+    def logits_on_image(self, logits: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+        """``(B, 1, h, w)`` logits -> ``(B, 1, H, W)`` on the image (or the input if ``size`` is None)."""
+        from medtune.data.referring import logits_to_image
+
+        input_size = self.cfg.image_size
+        if size is None:
+            return F.interpolate(logits, size=(input_size, input_size), mode="bilinear", align_corners=False)
+        return logits_to_image(logits, size[0], size[1], self.cfg.letterbox, input_size)
 
 
 def build_referring_model(cfg: ReferringModelConfig, load_clip_weights: bool = True) -> ReferringSegmenter:
@@ -519,8 +529,8 @@ def evaluate_referring(
         with torch.no_grad():
             logits = model.forward_branch(batch["image"].to(device), tokens).logits  # [B, 1, h, w]
         for logit, index in zip(logits, batch["index"].tolist()):
-            truth = torch.from_numpy(dataset.load_mask(index)).to(device)
-            prob = torch.sigmoid(F.interpolate(logit[None], size=truth.shape, mode="bilinear", align_corners=False))
+            truth = torch.from_numpy(dataset.load_mask(index)).to(device)  # [H, W]
+            prob = torch.sigmoid(model.logits_on_image(logit[None], tuple(truth.shape)))  # [1, 1, H, W]
             metrics.update(prob[0] > threshold, truth[None])
     model.train(was_training)
     return metrics.compute()
@@ -574,8 +584,9 @@ def finetune_main(args: argparse.Namespace) -> int:
     with accelerator.main_process_first():  # generated data is written once, then read by all
         train_records, val_records = _collect_records(cfg, run_dir)
     size = cfg.model.image_size
-    train_set = ReferringDataset(train_records, model.tokenizer, size, cache=cfg.data.cache)
-    val_set = ReferringDataset(val_records, model.tokenizer, size, cache=cfg.data.cache)
+    letterbox = cfg.model.letterbox
+    train_set = ReferringDataset(train_records, model.tokenizer, size, cache=cfg.data.cache, letterbox=letterbox)
+    val_set = ReferringDataset(val_records, model.tokenizer, size, cache=cfg.data.cache, letterbox=letterbox)
     log.info(
         "referring: %d train / %d val expressions, %s trainable parameters (CM-MaskSD %s)",
         len(train_set), len(val_set), f"{count_parameters(model, True):,}",
@@ -651,7 +662,7 @@ def predict_main(args: argparse.Namespace, run_dir: str | Path) -> int:
         metrics = ReferringMetrics()
         for number, record in enumerate(records):
             with Image.open(record.image) as image:
-                pixels = preprocess_image(image, size).unsqueeze(0)
+                pixels = preprocess_image(image, size, model.cfg.letterbox).unsqueeze(0)
                 height, width = image.height, image.width
             tokens = model.tokenizer([record.expression]).to(device)
             prob = model.predict(pixels.to(device), tokens, size=(height, width))[0].cpu()
@@ -671,7 +682,7 @@ def predict_main(args: argparse.Namespace, run_dir: str | Path) -> int:
         raise DataError(f"input image not found: {source}")
     try:
         with Image.open(source) as image:
-            pixels = preprocess_image(image, size).unsqueeze(0)
+            pixels = preprocess_image(image, size, model.cfg.letterbox).unsqueeze(0)
             height, width = image.height, image.width
     except OSError as exc:
         raise DataError(f"{source}: cannot read image ({exc})") from None
