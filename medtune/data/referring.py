@@ -34,7 +34,9 @@ are truncated with a logged warning (by the tokenizer), never an error.
 
 Samples (:class:`ReferringDataset`) are dicts of ``image (3, S, S)`` float32 normalised
 with CLIP's mean/std, ``mask (S, S)`` float32 in {0, 1}, ``tokens (L,)`` int64 and
-``index``; images and masks are resized (bilinear / nearest) to ``S = image_size``.
+``index``; images and masks are resized (bilinear / nearest) to ``S = image_size``,
+stretched or letterboxed (aspect kept, padded centred; :func:`logits_to_image` maps
+predictions back onto the original image).
 """
 
 from __future__ import annotations
