@@ -127,7 +127,10 @@ def test_distillation_gradient_reaches_shared_weights_through_masked_branches():
     model.zero_grad()
     image_branch = model.forward_branch(batch["image"], tokens, patch_mask=patch_mask).logits
     word_branch = model.forward_branch(batch["image"], tokens, word_mask=word_mask).logits
-    model.masksd.losses(image_branch, word_branch, main.logits)["loss_sd"].backward()
+    manual = model.masksd.losses(image_branch, word_branch, main.logits)["loss_sd"]
+    # forward() reuses the main branch's features of the unmasked modality: same value
+    assert manual.item() == pytest.approx(out["loss_sd"].item(), rel=1e-5)
+    manual.backward()
     for name in ("clip.visual.conv1.weight", "clip.transformer.resblocks.0.attn.in_proj_weight",
                  "neck.sentence_gate.weight", "decoder.layers.0.cross_attn.in_proj_weight",
                  "projector.text_to_kernel.weight", "masksd.visual_mask_token", "masksd.word_mask_token"):
@@ -143,8 +146,9 @@ def test_self_distill_overhead_reports_params_and_flops():
     assert set(report) == {"params_plain", "params_sd", "flops_plain", "flops_sd"}
     assert report["params_sd"] - report["params_plain"] == 32 + 48
     ratio = report["flops_sd"] / report["flops_plain"]
-    # two extra branches of forward + backward on the same batch: about 3x
-    assert 2.5 < ratio < 3.3, ratio
+    # two extra decoder passes but only one extra pass per CLIP tower (the unmasked
+    # modality's features are reused): more than 2x, less than 3 full steps
+    assert 2.0 < ratio < 3.0, ratio
 
 
 def test_resnet_clip_mask_token_is_a_colour():

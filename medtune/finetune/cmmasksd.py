@@ -13,7 +13,10 @@ very same network, every weight shared:
    ``word_mask_ratio`` most relevant words (start/end/padding tokens never masked).
 4. image branch: masked patch embeddings -> ``visual_mask_token``; full expression.
    word branch:  masked word embeddings -> ``word_mask_token``; full image.
-   Both run as one concatenated batch of 2B samples (one extra forward, not two).
+   Each branch re-encodes only the modality it masks and reuses the main branch's
+   features of the other (identical values, gradients into the same weights); the
+   fusion neck, decoder and projector run once on both branches as a 2B batch. So a
+   step costs one extra pass of each CLIP tower and two of the head.
 5. ``distill_loss``: the masked branches' mask probabilities are pulled towards the
    stop-gradient main prediction with the entropy-corrected binary cross-entropy
    (= Bernoulli KL(main || masked), exactly 0 when they agree), or "mse".

@@ -355,6 +355,24 @@ class ReferringSegmenter(nn.Module):
         for param in frozen:
             param.requires_grad_(False)
 
+    def encode_image(self, images: torch.Tensor, patch_mask: torch.Tensor | None = None,
+                     with_embeds: bool = False) -> clip_lib.ImageLevels:
+        """CLIP image levels of ``(B, 3, S, S)``; masked patches get the visual mask token."""
+        token = self.masksd.visual_mask_token if patch_mask is not None else None
+        return clip_lib.encode_image_levels(self.clip, images, self.cfg.num_levels, patch_mask, token,
+                                            with_patch_embeds=with_embeds)
+
+    def encode_text(self, tokens: torch.Tensor, word_mask: torch.Tensor | None = None) -> clip_lib.TextFeatures:
+        """CLIP word and sentence features of ``(B, L)``; masked words get the word mask token."""
+        token = self.masksd.word_mask_token if word_mask is not None else None
+        return clip_lib.encode_text_words(self.clip, tokens, word_mask, token)
+
+    def decode(self, levels: list[torch.Tensor], text: clip_lib.TextFeatures, tokens: torch.Tensor) -> torch.Tensor:
+        """Neck, pixel-word decoder and dynamic-kernel projector -> logits ``(B, 1, 4h, 4w)``."""
+        fused = self.neck(levels, text.sentence)  # [B, D, h, w]
+        decoded = self.decoder(fused, text.words, word_padding=tokens == 0)  # [B, D, h, w]
+        return self.projector(decoded, text.sentence)  # [B, 1, 4h, 4w]
+
     def forward_branch(
         self,
         images: torch.Tensor,
@@ -364,14 +382,9 @@ class ReferringSegmenter(nn.Module):
         with_embeds: bool = False,
     ) -> BranchOutput:
         """One pass: images ``(B, 3, S, S)``, tokens ``(B, L)``, optional masks -> logits."""
-        visual_token = self.masksd.visual_mask_token if self.masksd is not None else None
-        word_token = self.masksd.word_mask_token if self.masksd is not None else None
-        image = clip_lib.encode_image_levels(self.clip, images, self.cfg.num_levels, patch_mask, visual_token,
-                                             with_patch_embeds=with_embeds)
-        text = clip_lib.encode_text_words(self.clip, tokens, word_mask, word_token)
-        fused = self.neck(image.levels, text.sentence)  # [B, D, h, w]
-        decoded = self.decoder(fused, text.words, word_padding=tokens == 0)  # [B, D, h, w]
-        logits = self.projector(decoded, text.sentence)  # [B, 1, 4h, 4w]
+        image = self.encode_image(images, patch_mask, with_embeds)
+        text = self.encode_text(tokens, word_mask)
+        logits = self.decode(image.levels, text, tokens)
         if with_embeds:
             return BranchOutput(logits, image.patch_embeds, text.word_embeds)
         return BranchOutput(logits)
@@ -379,22 +392,29 @@ class ReferringSegmenter(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         images, tokens = batch["image"], batch["tokens"]
         use_sd = self.masksd is not None and self.training
-        main = self.forward_branch(images, tokens, with_embeds=use_sd)
-        target = F.interpolate(batch["mask"].unsqueeze(1).float(), size=main.logits.shape[-2:], mode="nearest")
-        loss_mask = F.binary_cross_entropy_with_logits(main.logits, target)
+        image = self.encode_image(images, with_embeds=use_sd)
+        text = self.encode_text(tokens)
+        main_logits = self.decode(image.levels, text, tokens)  # [B, 1, h, w]
+        target = F.interpolate(batch["mask"].unsqueeze(1).float(), size=main_logits.shape[-2:], mode="nearest")
+        loss_mask = F.binary_cross_entropy_with_logits(main_logits, target)
         out = {"loss": loss_mask, "loss_mask": loss_mask.detach()}
         if use_sd:
             word_valid = self.tokenizer.word_positions(tokens)
-            patch_mask, word_mask = self.masksd.select_masks(main.patch_embeds, main.word_embeds, word_valid)
-            # Image-masked and word-masked branches in one 2B batch; each masks one modality.
-            masked = self.forward_branch(
-                torch.cat([images, images]),
-                torch.cat([tokens, tokens]),
-                patch_mask=torch.cat([patch_mask, torch.zeros_like(patch_mask)]),
-                word_mask=torch.cat([torch.zeros_like(word_mask), word_mask]),
+            patch_mask, word_mask = self.masksd.select_masks(image.patch_embeds, text.word_embeds, word_valid)
+            # Each masked branch re-encodes only the modality it masks and reuses the main
+            # branch's features of the other (the same values recomputation would give, and
+            # their gradients reach the same weights); both branches decode as one 2B batch.
+            masked_image = self.encode_image(images, patch_mask)  # image branch: masked patches
+            masked_text = self.encode_text(tokens, word_mask)  # word branch: masked words
+            levels = [torch.cat([m, full]) for m, full in zip(masked_image.levels, image.levels)]
+            both_text = clip_lib.TextFeatures(
+                *(torch.cat([full, m]) for full, m in zip(
+                    (text.words, text.word_embeds, text.sentence),
+                    (masked_text.words, masked_text.word_embeds, masked_text.sentence),
+                ))
             )
-            image_branch, word_branch = masked.logits.chunk(2)
-            losses = self.masksd.losses(image_branch, word_branch, main.logits)
+            image_branch, word_branch = self.decode(levels, both_text, torch.cat([tokens, tokens])).chunk(2)
+            losses = self.masksd.losses(image_branch, word_branch, main_logits)
             out["loss"] = loss_mask + losses["loss_sd"]
             out.update({k: v.detach() for k, v in losses.items()})
         return out
