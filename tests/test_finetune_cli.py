@@ -251,3 +251,23 @@ def test_evaluate_scores_ground_truth_as_perfect_and_refuses_bad_predictions(syn
     bad.unlink()
     assert run_cli("evaluate", "--pred", pred, "--gt", synth_brats) == 2
     assert f"{cases[0].name}.nii.gz" in error_line(capsys.readouterr().err)
+
+
+def test_finetune_and_predict_dispatch_other_tasks(tmp_path, monkeypatch):
+    import json
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("medtune.finetune.vqa")
+    fake.finetune_main = lambda args: calls.append(("finetune", args.task, args.set, args.text_weights)) or 0
+    fake.predict_main = lambda args, run_dir: calls.append(("predict", str(run_dir), args.question)) or 0
+    monkeypatch.setitem(sys.modules, "medtune.finetune.vqa", fake)
+    config = tmp_path / "vqa.yaml"
+    config.write_text("task: vqa\n")
+    assert run_cli("finetune", "--config", config, "--set", "train.max_steps=1", "--text-weights", "w.bin") == 0
+    run_dir = tmp_path / "vqa_run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"task": "vqa"}))
+    assert run_cli("predict", "--model", run_dir, "--input", "x.png", "--output", tmp_path, "--question", "what?") == 0
+    assert calls == [("finetune", None, ["train.max_steps=1"], "w.bin"), ("predict", str(run_dir), "what?")]

@@ -93,7 +93,11 @@ def build_config(args: argparse.Namespace, raw: dict):
     if args.self_distill and raw.get("self_distill") is None:
         raw["self_distill"] = {}
     try:
-        return from_dict(FinetuneConfig, raw)
+        cfg = from_dict(FinetuneConfig, raw)
+        from medtune.adapters import adapter_config_from_dict
+
+        adapter_config_from_dict(cfg.adapter)  # unknown adapter keys fail before any data is read
+        return cfg
     except ConfigError as exc:
         raise ConfigError(f"{args.config}: {exc}" if args.config else str(exc)) from None
 
