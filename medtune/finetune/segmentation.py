@@ -13,6 +13,7 @@ is, with a 3D decoder; the same class serves both.
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Callable, ContextManager
 
@@ -22,6 +23,8 @@ from torch import nn
 
 from medtune.adapters.context import slices_to_volume, volume_to_slices
 from medtune.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 
 class SliceSegmenter(nn.Module):
@@ -279,16 +282,21 @@ def finetune_segmentation(cfg, run_dir: str | Path, resume: str | Path | None = 
         save_trained_weights,
     )
     from medtune.checkpoints.io import load_weights, save_json, save_safetensors
-    from medtune.data.config import build_labeled_dataset, label_spec_for
+    from medtune.data.cases import find_cases
+    from medtune.data.config import build_labeled_dataset, label_spec_for, split_cases
     from medtune.trainer import higher_is_better, make_accelerator, train
 
     run_dir = Path(run_dir)
     accelerator = make_accelerator(cfg.train, run_dir)
     main = accelerator.is_main_process
     label_spec = label_spec_for(cfg.data)
+    cases = find_cases(cfg.data.root, cfg.data.layout, cfg.data.modalities, require_labels=True)
+    validate = cfg.data.val_fraction > 0 and bool(split_cases(cases, cfg.data.val_fraction)[1])
+    if cfg.data.val_fraction > 0 and not validate:
+        log.warning("%d labeled case(s): none held out, training without validation", len(cases))
     with accelerator.main_process_first():  # the main process builds the shared cache
         train_set = build_labeled_dataset(cfg.data, "train", run_dir, show_progress=main)
-        val_set = build_labeled_dataset(cfg.data, "val", run_dir, show_progress=main) if cfg.data.val_fraction > 0 else None
+        val_set = build_labeled_dataset(cfg.data, "val", run_dir, show_progress=main) if validate else None
     saved_base = run_dir / BACKBONE_FILE
     if resume is not None and saved_base.is_file():
         # the base the run started from (the training state restores the rest)
