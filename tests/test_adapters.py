@@ -32,7 +32,7 @@ from medtune.adapters import (
     volume_to_slices,
     slices_to_volume,
 )
-from medtune.adapters.med_tuning import SliceFrequencyFilter
+from medtune.adapters.med_tuning import DepthwiseSliceConv, SliceFrequencyFilter
 from medtune.errors import CheckpointError, ConfigError, DataError
 from medtune.models import BackboneConfig, create_backbone
 
@@ -309,6 +309,42 @@ def test_frequency_branch_matches_complex_fftn():
     b = slice_axis_filter(frequency.bias, 6)[:, None, None]
     reference = torch.fft.ifftn(torch.fft.fftn(z, dim=(2, 3, 4)) * w + b, dim=(2, 3, 4)).abs()
     assert torch.allclose(frequency(z), reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_depthwise_slice_conv_equals_its_conv3d_modules(kernel):
+    """The 2D-view forward computes exactly Conv3d (1,k,k) -> Conv3d (k,1,1) -> BN -> ReLU."""
+    torch.manual_seed(0)
+    branch = DepthwiseSliceConv(3, kernel)
+    with torch.no_grad():
+        for conv in (branch[0], branch[1]):
+            conv.weight.normal_()
+            conv.bias.normal_()
+    z = torch.randn(2, 3, 6, 4, 5)
+    probe = torch.randn(2, 3, 6, 4, 5)
+
+    def run(forward):
+        branch.zero_grad()
+        zz = z.clone().requires_grad_()
+        out = forward(zz)
+        (out * probe).sum().backward()
+        return [out.detach(), zz.grad] + [p.grad.clone() for p in branch.parameters()]
+
+    in_slice, across, norm, act = branch
+    fast = run(branch)
+    reference = run(lambda zz: act(norm(across(in_slice(zz)))))
+    for got, want in zip(fast, reference):
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    # a single voxel only reaches its (1,k,k) neighbourhood in its slice, then k slices
+    single = torch.zeros(1, 3, 9, 7, 7)
+    single[0, :, 4, 3, 3] = 1.0
+    with torch.no_grad():
+        spread = across(in_slice(single)) - across(in_slice(torch.zeros_like(single)))
+    reach = spread.abs().sum(1)[0] > 0  # (T, Hp, Wp)
+    half = kernel // 2
+    expected = torch.zeros(9, 7, 7, dtype=torch.bool)
+    expected[4 - half : 5 + half, 3 - half : 4 + half, 3 - half : 4 + half] = True
+    assert torch.equal(reach, expected)
 
 
 def peft_trainable_count(targets: list[str], r: int) -> int:
