@@ -167,6 +167,39 @@ def test_lora_merged_export_matches_and_other_methods_refuse(lora_run, medtuning
     assert run_cli("export", medtuning_run, "--format", "merged", "--out", tmp_path / "nope") == 2
     err = error_line(capsys.readouterr().err)
     assert "med-tuning" in err and "merged" in err
+    assert not (tmp_path / "nope").exists()  # a refused export leaves no empty folder behind
+
+
+def _file_hashes(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_set_takes_several_overrides_like_pretrain():
+    from medtune.cli import build_parser
+
+    args = build_parser("finetune").parse_args(
+        ["finetune", "--set", "train.max_steps=1", "train.seed=3", "--set", "data.val_fraction=0"]
+    )
+    assert args.set == ["train.max_steps=1", "train.seed=3", "data.val_fraction=0"]
+
+
+def test_finetune_and_export_refuse_to_overwrite_a_run(medtuning_run, synth_brats, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(medtuning_run, run_dir)
+    before = _file_hashes(run_dir)
+    config = write_config(tmp_path)
+    capsys.readouterr()
+    code = run_cli("finetune", "--config", config, "--data", synth_brats, "--output", run_dir,
+                   "--set", "train.max_steps=1", "data.val_fraction=0")
+    err = error_line(capsys.readouterr().err)
+    assert code == 2 and str(run_dir) in err and "--resume" in err
+    for fmt in ("full", "adapter"):
+        assert run_cli("export", run_dir, "--format", fmt, "--out", run_dir) == 2
+        assert "run folder itself" in error_line(capsys.readouterr().err)
+    assert _file_hashes(run_dir) == before
 
 
 # --------------------------------------------------------------------------- bad inputs

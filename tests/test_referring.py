@@ -128,6 +128,22 @@ def test_tiny_model_learns_from_text_and_beats_text_blind_union(tmp_path):
         finetune_main(argparse.Namespace(**{**vars(args), "text_weights": "x.pt"}))
 
 
+def test_finetune_refuses_a_folder_holding_a_run(tmp_path):
+    from medtune.finetune.referring import finetune_main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(b"finished run")
+    args = argparse.Namespace(
+        config="configs/demo_referring.yaml", output=str(run), data=None, resume=None, backbone=None,
+        clip_weights=None, text_weights=None, self_distill=False, task=None, set=["train.max_steps=1"],
+    )
+    with pytest.raises(CheckpointError, match="already holds a run"):
+        finetune_main(args)
+    assert (run / "model.safetensors").read_bytes() == b"finished run"
+    assert not (run / "data").exists()
+
+
 def test_letterbox_and_scoring_at_original_size(tmp_path):
     """Letterboxed inputs keep the aspect ratio; scores are taken on each image's own grid."""
     from medtune.data.referring import ReferringDataset, load_referring_records

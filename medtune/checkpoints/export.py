@@ -146,10 +146,21 @@ def export_run(
     """Export a segmentation run (or another export) as ``adapter``, ``full`` or ``merged``."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format '{fmt}' (known: {', '.join(FORMATS)})")
+    out_dir = Path(out_dir)
+    if out_dir.resolve() == Path(run_dir).resolve():
+        raise ConfigError(f"--out {out_dir} is the run folder itself: its weight files would be overwritten")
     model = load_segmenter(run_dir, which=which)
     run_config = dict(model.run_config)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    method = model.run_config["adapter"]["method"]
+    if fmt == "merged" and method != "lora":
+        why = (
+            "it has no adapter to fold; use --format full"
+            if method in ("full", "decoder-only")
+            else "its adapter adds modules of its own that cannot be folded into the base weights; "
+            "use --format full or adapter"
+        )
+        raise ConfigError(f"cannot export '{method}' as merged: {why} (only LoRA merges)")
+    out_dir.mkdir(parents=True, exist_ok=True)  # only once the export can be written
     if fmt == "full":
         run_config["format"] = "full"
         return save_full_weights(model, out_dir, run_config)
@@ -163,15 +174,6 @@ def export_run(
                 shutil.copyfile(base, target)
             base = target
         return save_trained_weights(model, out_dir, run_config, base)
-    method = model.run_config["adapter"]["method"]
-    if method != "lora":
-        why = (
-            "it has no adapter to fold; use --format full"
-            if method in ("full", "decoder-only")
-            else "its adapter adds modules of its own that cannot be folded into the base weights; "
-            "use --format full or adapter"
-        )
-        raise ConfigError(f"cannot export '{method}' as merged: {why} (only LoRA merges)")
     from medtune.adapters import merge_lora
 
     merge_lora(model.backbone)

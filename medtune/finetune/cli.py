@@ -28,8 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="dataset folder (sets data.root)")
     parser.add_argument("--output", default=None, help="run folder (default: the config's output)")
     parser.add_argument(
-        "--set", dest="set", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.max_steps=10 (repeatable)",
+        "--set", dest="set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+        help="override config values, e.g. --set train.max_steps=10 train.optim.lr=1e-3 "
+        "(as in `medtune pretrain`; repeatable)",
     )
     parser.add_argument("--resume", default=None, help="'latest' or a run/state folder to continue from")
     parser.add_argument(

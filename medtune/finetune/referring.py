@@ -597,6 +597,12 @@ def finetune_main(args: argparse.Namespace) -> int:
 
     cfg = load_referring_config(args)
     run_dir = Path(getattr(args, "output", None) or "checkpoints/referring")
+    held = [name for name in (MODEL_FILE, "state") if (run_dir / name).exists()]
+    if getattr(args, "resume", None) is None and held:
+        raise CheckpointError(
+            f"run folder {run_dir} already holds a run ({', '.join(held)}); "
+            f"continue it with --resume latest or choose another --output"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
     model = build_referring_model(cfg.model)

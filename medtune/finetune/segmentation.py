@@ -22,7 +22,7 @@ from monai.losses import DiceCELoss
 from torch import nn
 
 from medtune.adapters.context import slices_to_volume, volume_to_slices
-from medtune.errors import ConfigError, DataError
+from medtune.errors import CheckpointError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +287,13 @@ def finetune_segmentation(cfg, run_dir: str | Path, resume: str | Path | None = 
     from medtune.trainer import higher_is_better, make_accelerator, train
 
     run_dir = Path(run_dir)
+    held = [name for name in (BACKBONE_FILE, MODEL_FILE, "state") if (run_dir / name).exists()]
+    if resume is None and held:
+        # a fresh run would overwrite the weights (and the base adapter exports point at)
+        raise CheckpointError(
+            f"run folder {run_dir} already holds a run ({', '.join(held)}); "
+            f"continue it with --resume latest or choose another --output"
+        )
     accelerator = make_accelerator(cfg.train, run_dir)
     main = accelerator.is_main_process
     label_spec = label_spec_for(cfg.data)
