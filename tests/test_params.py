@@ -107,3 +107,46 @@ def test_cli_formats_and_plot(tmp_path, capsys):
     csv_text = format_table([], "csv")
     assert csv_text.startswith("method,total,trainable")
     assert main(argv + ["--methods", "no-such-method"]) == 2
+
+
+def test_grouped_conv_backward_flops_are_counted_per_group():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from medtune.checkpoints.params import flop_counter
+
+    def backward_flops(counter, groups):
+        conv = torch.nn.Conv3d(8, 8, 3, padding=1, groups=groups)
+        x = torch.zeros(1, 8, 4, 4, 4, requires_grad=True)
+        with counter:
+            conv(x).sum().backward()
+        counts = {str(k).split(".")[-1]: v for k, v in counter.get_flop_counts()["Global"].items()}
+        return counts["convolution"], counts["convolution_backward"]
+
+    # depthwise: forward = 2 * 64 positions * 8 channels * 27 taps; input + weight grads = 2x that
+    forward, backward = backward_flops(flop_counter(), groups=8)
+    assert forward == 2 * 64 * 8 * 27 and backward == 2 * forward
+    # dense convolutions: the same numbers as torch's own formula
+    assert backward_flops(flop_counter(), 1) == backward_flops(FlopCounterMode(display=False), 1)
+
+
+def test_self_distill_overhead_rows(capsys):
+    argv = ["params", "--backbone", "vit_tiny_patch16_224", "--img-size", "32", "--slices", "2",
+            "--methods", "full,med-tuning", "--option", "depth=4", "--decoder-option", "channels=8",
+            "--self-distill", "--format", "csv"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    sd_lines = out.split("self-distillation")[1].strip().splitlines()
+    assert sd_lines[1].startswith("method,extra_params,train_gflops,train_gflops_sd,ratio")
+    for line in sd_lines[2:]:
+        method, extra, plain, with_sd, ratio = line.split(",")
+        # the masked branch shares every weight and adds one forward + backward of the student
+        assert int(extra) == 0 and float(with_sd) > float(plain) > 0
+        assert abs(float(ratio) - 2.0) < 0.01
+
+
+def test_referring_overhead_counts_the_two_mask_tokens(capsys):
+    assert main(["params", "--referring", "configs/demo_referring.yaml", "--format", "json"]) == 0
+    plain, with_sd = json.loads(capsys.readouterr().out)
+    assert with_sd["params"] - plain["params"] == 2 * 64  # an image and a word mask token, width 64
+    assert with_sd["train_gflops"] > plain["train_gflops"]
+    assert main(["params", "--referring", "configs/demo_finetune.yaml"]) == 2  # no referring model

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 from dataclasses import asdict, dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -104,12 +105,36 @@ def segmentation_config(
     )
 
 
-def count_flops(model: torch.nn.Module, volume_shape: Sequence[int], device: str | torch.device = "meta") -> int:
-    """FLOPs of ``model.forward_logits`` on a volume of ``volume_shape`` (no grad)."""
+def _conv_backward_flops(
+    grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+    _output_padding, _groups, output_mask, out_shape=None, **kwargs,
+) -> int:
+    """FLOPs of ``aten.convolution_backward``, grouped convolutions included.
+
+    Each requested gradient (input, weight) touches every (output position, weight
+    element) pair once, so each costs what the forward convolution costs. torch's own
+    formula ignores ``groups`` for the weight gradient and overcounts depthwise
+    convolutions (the Med-Adapter's, ST-Adapter's) by a factor of the channel count.
+    """
+    from torch.utils.flop_counter import conv_flop_count
+
+    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def flop_counter() -> "torch.utils.flop_counter.FlopCounterMode":
+    """A ``FlopCounterMode`` with medtune's corrected convolution-backward formula."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    return FlopCounterMode(
+        display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops}
+    )
+
+
+def count_flops(model: torch.nn.Module, volume_shape: Sequence[int], device: str | torch.device = "meta") -> int:
+    """FLOPs of ``model.forward_logits`` on a volume of ``volume_shape`` (no grad)."""
     volume = torch.zeros(tuple(volume_shape), device=device)
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with torch.no_grad(), counter:
         model.forward_logits(volume)
     return int(counter.get_total_flops())
@@ -186,33 +211,12 @@ def compare_methods(
 
 # --------------------------------------------------------------------------- output
 
-COLUMNS = ("method", "total", "trainable", "backbone_trainable", "trainable_percent", "trained_bytes", "gflops")
 HEADERS = ("method", "total params", "trainable params", "of which backbone", "trainable %", "trained weights (bytes)", "GFLOPs/volume")
-
-
-def _cells(row: MethodCost) -> list[str]:
-    return [
-        row.method, f"{row.total:,}", f"{row.trainable:,}", f"{row.backbone_trainable:,}",
-        f"{row.trainable_percent:.2f}", f"{row.trained_bytes:,}", f"{row.gflops:.2f}",
-    ]
 
 
 def format_table(rows: Sequence[MethodCost], fmt: str = "markdown") -> str:
     """The comparison as ``markdown``, ``csv`` or ``json`` text."""
-    if fmt == "json":
-        return json.dumps([asdict(r) for r in rows], indent=2)
-    if fmt == "csv":
-        lines = [",".join(COLUMNS)]
-        for r in rows:
-            lines.append(",".join(str(getattr(r, c)) for c in COLUMNS))
-        return "\n".join(lines)
-    if fmt == "markdown":
-        cells = [list(HEADERS)] + [_cells(r) for r in rows]
-        widths = [max(len(row[i]) for row in cells) for i in range(len(HEADERS))]
-        fmt_row = lambda row: "| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) + " |"  # noqa: E731
-        rule = "|" + "|".join("-" * (w + 1) + ":" if i else ":" + "-" * (w + 1) for i, w in enumerate(widths)) + "|"
-        return "\n".join([fmt_row(cells[0]), rule] + [fmt_row(r) for r in cells[1:]])
-    raise ConfigError(f"unknown format '{fmt}' (markdown, csv, json)")
+    return format_rows(rows, MethodCost, HEADERS, fmt)
 
 
 def plot_costs(rows: Sequence[MethodCost], path: str | Path, title: str = "") -> Path:
@@ -241,3 +245,111 @@ def plot_costs(rows: Sequence[MethodCost], path: str | Path, title: str = "") ->
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# --------------------------------------------------------------------------- self-distillation
+
+
+@dataclass
+class SelfDistillCost:
+    """Training-step cost of one method without and with masked self-distillation."""
+
+    method: str
+    extra_params: int  # parameters the self-distillation branch adds
+    train_gflops: float  # one training step (forward + backward) on a (1, M, H, W, T) crop
+    train_gflops_sd: float  # the same step with the masked-input branch
+    ratio: float  # train_gflops_sd / train_gflops
+
+
+def count_train_flops(model: torch.nn.Module, volume_shape: Sequence[int], device: str | torch.device = "meta") -> int:
+    """FLOPs of one training step (``model(batch)["loss"].backward()``) on a zero volume."""
+    b, _, *spatial = volume_shape
+    batch = {
+        "image": torch.zeros(tuple(volume_shape), device=device),
+        "label": torch.zeros((b, *spatial), dtype=torch.long, device=device),
+    }
+    model.train()
+    counter = flop_counter()
+    with counter:
+        model(batch)["loss"].backward()
+    return int(counter.get_total_flops())
+
+
+def compare_self_distill(
+    backbone: str,
+    in_chans: int,
+    img_size: int,
+    slices: int,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    *,
+    num_classes: int = 4,
+    flops_slices: int | None = None,
+    backbone_options: Mapping | None = None,
+    decoder_options: Mapping | None = None,
+    self_distill: Mapping | None = None,
+) -> list[SelfDistillCost]:
+    """What ``--self-distill`` costs each method: extra parameters and training FLOPs.
+
+    The segmenters are built on the ``meta`` device; ``self_distill`` holds
+    :class:`~medtune.finetune.self_distill.SelfDistillConfig` fields (defaults otherwise).
+    """
+    from dataclasses import replace
+
+    from medtune.config import from_dict
+    from medtune.finetune.segmentation import build_segmenter
+    from medtune.finetune.self_distill import SelfDistillConfig
+
+    sd_cfg = from_dict(SelfDistillConfig, dict(self_distill or {}), "self_distill")
+    counted = slices if flops_slices is None else min(int(flops_slices), slices)
+    if counted < 1:
+        raise ConfigError(f"--flops-slices must be >= 1, got {flops_slices}")
+    rows = []
+    for method in methods:
+        cfg = segmentation_config(
+            backbone, in_chans, img_size, counted, method,
+            backbone_options=backbone_options, decoder_options=decoder_options,
+        )
+        costs = {}
+        for key, sd in (("plain", None), ("sd", sd_cfg)):
+            with torch.device("meta"):
+                model, _ = build_segmenter(replace(cfg, self_distill=sd), num_classes, load_pretrained=False)
+            params = sum(p.numel() for p in model.parameters())
+            flops = count_train_flops(model, (1, in_chans, img_size, img_size, counted)) * slices / counted
+            costs[key] = (params, flops)
+        rows.append(
+            SelfDistillCost(
+                method=method,
+                extra_params=costs["sd"][0] - costs["plain"][0],
+                train_gflops=costs["plain"][1] / 1e9,
+                train_gflops_sd=costs["sd"][1] / 1e9,
+                ratio=costs["sd"][1] / max(costs["plain"][1], 1),
+            )
+        )
+    return rows
+
+
+def format_rows(rows: Sequence, row_type: type, headers: Sequence[str], fmt: str = "markdown") -> str:
+    """Rows of dataclass ``row_type`` as ``markdown``, ``csv`` or ``json`` text."""
+    if fmt == "json":
+        return json.dumps([asdict(r) for r in rows], indent=2)
+    fields = [f.name for f in dataclass_fields(row_type)]
+    if fmt == "csv":
+        return "\n".join([",".join(fields)] + [",".join(str(getattr(r, f)) for f in fields) for r in rows])
+    if fmt != "markdown":
+        raise ConfigError(f"unknown format '{fmt}' (markdown, csv, json)")
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.2f}"
+        if isinstance(value, int):
+            return f"{value:,}"
+        return str(value)
+
+    cells = [list(headers)] + [[cell(getattr(r, f)) for f in fields] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) + " |" for row in cells]
+    rule = "|" + "|".join("-" * (w + 1) + ":" if i else ":" + "-" * (w + 1) for i, w in enumerate(widths)) + "|"
+    return "\n".join([lines[0], rule] + lines[1:])
+
+
+SELF_DISTILL_HEADERS = ("method", "extra params", "train GFLOPs/step", "+ self-distill", "ratio")

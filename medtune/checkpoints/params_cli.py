@@ -7,6 +7,12 @@ Models are built on the meta device (no memory, no weights); see
 :mod:`medtune.checkpoints.params` for how each column is measured. ``--flops-slices N``
 counts FLOPs on N slices and scales linearly to ``--slices`` (exact for these models up
 to edge effects; only needed when counting on a real device).
+
+Self-distillation overhead, next to the plain model:
+
+    medtune params ... --self-distill                 # volumetric masked-input branch, per method
+    medtune params --referring configs/demo_referring.yaml   # CM-MaskSD on a referring model
+                                                      # (a YAML recipe or a run folder)
 """
 
 from __future__ import annotations
@@ -14,8 +20,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from medtune.checkpoints.params import DEFAULT_METHODS, compare_methods, format_table, plot_costs
-from medtune.config import parse_override
+from pathlib import Path
+
+from medtune.checkpoints.params import (
+    DEFAULT_METHODS,
+    SELF_DISTILL_HEADERS,
+    SelfDistillCost,
+    compare_methods,
+    compare_self_distill,
+    format_rows,
+    format_table,
+    plot_costs,
+)
+from medtune.config import parse_override, read_yaml
+from medtune.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +54,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--format", default="markdown", choices=("markdown", "csv", "json"))
     parser.add_argument("--plot", default=None, metavar="FILE.png", help="also save a bar chart")
+    parser.add_argument(
+        "--self-distill", action="store_true",
+        help="also print each method's training-step FLOPs without and with masked-input "
+        "self-distillation (finetune --self-distill) and the parameters it adds",
+    )
+    parser.add_argument(
+        "--referring", default=None, metavar="CONFIG_OR_RUN",
+        help="instead: parameters and training FLOPs of a referring-segmentation model "
+        "(YAML recipe or run folder) without and with the CM-MaskSD branches",
+    )
 
 
 def _options(items: list[str]) -> dict:
@@ -46,7 +74,42 @@ def _options(items: list[str]) -> dict:
     return options
 
 
+def _referring_overhead(source: str, fmt: str) -> str:
+    from dataclasses import dataclass
+
+    from medtune.checkpoints.io import load_json
+    from medtune.finetune.referring import self_distill_overhead
+
+    path = Path(source)
+    data = load_json(path / "config.json") if path.is_dir() else read_yaml(path)
+    if "model" not in data:
+        raise ConfigError(f"{source}: no 'model' section (a referring recipe or run folder?)")
+    cost = self_distill_overhead(data["model"])
+
+    @dataclass
+    class Row:
+        model: str
+        params: int
+        train_gflops: float
+
+    rows = [
+        Row("plain", cost["params_plain"], cost["flops_plain"] / 1e9),
+        Row("+ CM-MaskSD", cost["params_sd"], cost["flops_sd"] / 1e9),
+    ]
+    ratio = cost["flops_sd"] / max(cost["flops_plain"], 1)
+    table = format_rows(rows, Row, ("model", "params", "train GFLOPs/step"), fmt)
+    if fmt == "markdown":
+        table += (
+            f"\nCM-MaskSD adds {cost['params_sd'] - cost['params_plain']:,} parameters "
+            f"and {ratio:.2f}x the training FLOPs per step"
+        )
+    return table
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.referring:
+        sys.stdout.write(_referring_overhead(args.referring, args.format) + "\n")
+        return 0
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     rows = compare_methods(
         args.backbone, args.in_chans, args.img_size, args.slices, methods,
@@ -57,4 +120,12 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         title = f"{args.backbone}, {args.in_chans}x{args.img_size}x{args.img_size}x{args.slices}"
         plot_costs(rows, args.plot, title)
+    if args.self_distill:
+        sd_rows = compare_self_distill(
+            args.backbone, args.in_chans, args.img_size, args.slices, methods,
+            num_classes=args.num_classes, flops_slices=args.flops_slices,
+            backbone_options=_options(args.option), decoder_options=_options(args.decoder_option),
+        )
+        sys.stdout.write("\nmasked-input self-distillation (--self-distill), one training step per volume:\n")
+        sys.stdout.write(format_rows(sd_rows, SelfDistillCost, SELF_DISTILL_HEADERS, args.format) + "\n")
     return 0
