@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # Accelerate logs every file of every save_state at INFO
+        logging.getLogger("accelerate").setLevel(logging.WARNING)
     try:
         return int(args._module.run(args) or 0)
     except MedtuneError as exc:

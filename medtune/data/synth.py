@@ -145,5 +145,5 @@ def synthesize_brats(
             nib.save(nib.Nifti1Image(voxels, affine), str(folder / f"{case_id}_{modality}.nii.gz"))
         nib.save(nib.Nifti1Image(label, affine), str(folder / f"{case_id}_seg.nii.gz"))
         folders.append(folder)
-    log.info("wrote %d synthetic BraTS cases of shape %s to %s", cases, tuple(shape), out_dir)
+    log.debug("wrote %d synthetic BraTS cases of shape %s to %s", cases, tuple(shape), out_dir)
     return folders
