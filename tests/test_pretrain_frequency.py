@@ -32,6 +32,23 @@ def test_square_band_8x8_radius_2_by_hand():
     assert int(low.sum()) == 25 and int(high.sum()) == 64 - 25
 
 
+def test_official_square_is_freemim_slice():
+    """``square_official``: FreMIM's ``[n//2 - r, n//2 + r)`` slice, 2r bins per axis."""
+    low = band_mask((8, 8), 2, "square_official", "low")
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[2:6, 2:6] = True  # 8 // 2 - 2 = 2 up to (not including) 8 // 2 + 2 = 6
+    assert torch.equal(low, expected)
+    assert torch.equal(band_mask((8, 8), 2, "square_official", "high"), ~expected)
+    assert int(band_mask((8, 8, 8), 2, "square_official", "low").sum()) == 4**3
+    # the official high band: fftshift(fft2(x)) with the centre slice set to zero
+    x = torch.randn(2, 3, 16, 16)
+    official = torch.fft.fftshift(torch.fft.fft2(x, norm="ortho"), dim=(-2, -1))
+    official[:, :, 8 - 3 : 8 + 3, 8 - 3 : 8 + 3] = 0
+    assert torch.allclose(high_band(x, 3, "square_official"), torch.view_as_real(official), atol=1e-6)
+    with pytest.raises(ValueError, match="band kind"):
+        band_mask((8, 8), 2, "diamond")
+
+
 def test_square_band_odd_size_centre_like_fftshift():
     low = band_mask((7, 5), 1, "square", "low")
     expected = torch.zeros(7, 5, dtype=torch.bool)

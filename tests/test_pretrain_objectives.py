@@ -155,6 +155,12 @@ def test_objective_config_is_strict_and_backbone_checked():
         build_objective(ObjectiveConfig(name="fremae", mask_mode="patch"), swinunetr(2, 32))
     with pytest.raises(ConfigError, match="mask_block"):
         build_objective(ObjectiveConfig(name="simmim", mask_block=20), tiny_vit())
+    official = build_objective(ObjectiveConfig(name="fremae", filter_kind="square_official", radius=2), tiny_vit())
+    high = official.high_spectrum(torch.randn(1, 2, 32, 32))  # centre 16: zeroed rows/cols 14..17
+    assert float(high[0, :, 14:18, 14:18].abs().sum()) == 0
+    assert bool((high[0, :, 18, 16].abs().sum(-1) > 0).all())  # kept, unlike the symmetric square
+    with pytest.raises(ConfigError, match="filter_kind"):
+        from_dict(ObjectiveConfig, {"filter_kind": "diamond"})
 
 
 def test_decoder_pyramid_for_plain_and_hierarchical_backbones():

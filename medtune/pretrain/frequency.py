@@ -10,10 +10,12 @@ Conventions
   makes the transform unitary, so spectrum energy equals image energy (Parseval).
 - After ``fftshift`` the zero frequency of an axis of length ``n`` sits at index
   ``n // 2`` for even and odd ``n``; band masks are centred there.
-- The "central square of half-width r" holds the bins with ``|k - n//2| <= r`` on every
-  axis, i.e. ``2r + 1`` bins per axis (a cube in 3D). The official FreMIM code zeroes the
-  slice ``[n//2 - r, n//2 + r)``, ``2r`` bins, which drops the highest positive frequency
-  of the band and so breaks conjugate symmetry; medtune uses the symmetric square.
+- The "central square of half-width r" (``kind="square"``, the default) holds the bins
+  with ``|k - n//2| <= r`` on every axis, i.e. ``2r + 1`` bins per axis (a cube in 3D).
+  The official FreMIM code zeroes the slice ``[n//2 - r, n//2 + r)``, ``2r`` bins, which
+  drops the highest positive frequency of the band and so breaks conjugate symmetry;
+  medtune uses the symmetric square, and ``kind="square_official"`` gives the official
+  ``2r``-bin square (``-r <= k - n//2 < r``) for exact reproductions.
 - The circle (ball in 3D) keeps ``sum_k (k - n//2)^2 <= r^2``.
 """
 
@@ -25,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-FilterKind = Literal["square", "circle"]
+FilterKind = Literal["square", "square_official", "circle"]
+FILTER_KINDS = ("square", "square_official", "circle")
 BandKeep = Literal["low", "high"]
 
 
@@ -74,7 +77,8 @@ def band_mask(
     Args:
         shape: spatial size ``S`` of the spectrum, e.g. ``(H, W)`` or ``(H, W, D)``.
         radius: half-width ``r`` of the central square, or radius of the circle, in bins.
-        kind: ``"square"`` (``max_k |k - n_k//2| <= r``) or ``"circle"``
+        kind: ``"square"`` (``max_k |k - n_k//2| <= r``), ``"square_official"``
+            (FreMIM's slice: ``-r <= k - n_k//2 < r`` on every axis) or ``"circle"``
             (``sum_k (k - n_k//2)^2 <= r^2``).
         keep: ``"low"`` keeps the central region, ``"high"`` its complement; the two
             partition the spectrum.
@@ -82,8 +86,8 @@ def band_mask(
     Returns:
         ``S``-shaped bool tensor, True where a bin is kept.
     """
-    if kind not in ("square", "circle"):
-        raise ValueError(f"band kind must be 'square' or 'circle', got {kind!r}")
+    if kind not in FILTER_KINDS:
+        raise ValueError(f"band kind must be one of {FILTER_KINDS}, got {kind!r}")
     if keep not in ("low", "high"):
         raise ValueError(f"band keep must be 'low' or 'high', got {keep!r}")
     # Offsets of each bin from the zero frequency (index n//2 after fftshift), per axis,
@@ -95,6 +99,9 @@ def band_mask(
         offsets.append((torch.arange(n, device=device) - n // 2).view(view))
     if kind == "square":
         central = torch.stack(torch.broadcast_tensors(*[o.abs() for o in offsets])).amax(0) <= radius
+    elif kind == "square_official":
+        inside = [(o >= -radius) & (o < radius) for o in offsets]
+        central = torch.stack(torch.broadcast_tensors(*inside)).all(0)
     else:
         central = sum(o.float() ** 2 for o in offsets) <= float(radius) ** 2
     return central if keep == "low" else ~central

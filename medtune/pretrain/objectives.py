@@ -18,6 +18,7 @@ from typing import Callable
 from torch import nn
 
 from medtune.errors import ConfigError
+from medtune.pretrain.frequency import FILTER_KINDS
 from medtune.registry import Registry
 
 OBJECTIVES: Registry[Callable[["ObjectiveConfig", nn.Module], nn.Module]] = Registry("objective")
@@ -46,8 +47,10 @@ class ObjectiveConfig:
         radius: band radius in frequency bins. FreMAE: half-width of the central square
             (or circle radius), default 10. MFM: None = 16 at 224 px, scaled with the
             image side.
-        filter_kind: ``"square"`` or ``"circle"``; None = square for FreMAE (official),
-            circle for MFM.
+        filter_kind: ``"square"`` (symmetric, ``2r + 1`` bins per axis),
+            ``"square_official"`` (FreMIM's ``2r``-bin slice ``[n//2 - r, n//2 + r)``)
+            or ``"circle"``; None = square for FreMAE, circle for MFM (see
+            :mod:`medtune.pretrain.frequency`).
         low_pool: FreMAE. The low band is taken from the image average-pooled by this
             factor (128 -> 32); the bottom-up head predicts at that size.
         high_weight: FreMAE weight of the high-band loss.
@@ -100,8 +103,8 @@ class ObjectiveConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"objective.{key} must be one of {allowed}, got {getattr(self, key)!r}")
-        if self.filter_kind not in (None, "square", "circle"):
-            raise ValueError(f"objective.filter_kind must be 'square' or 'circle', got {self.filter_kind!r}")
+        if self.filter_kind not in (None, *FILTER_KINDS):
+            raise ValueError(f"objective.filter_kind must be one of {FILTER_KINDS}, got {self.filter_kind!r}")
         if self.mask_ratio is not None and not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"objective.mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if self.radius is not None and self.radius < 0:
