@@ -286,6 +286,52 @@ def test_volume_slice_layout_roundtrip():
     assert torch.equal(slices_to_volume(flat, 3), volume)
 
 
+def test_med_adapter_equation_by_hand():
+    """out = x + GELU(up(z + a)), z = GELU(down(x)), a = mix(cat(fuse(b3 + b5 + freq), prev(a_0)));
+    written out with plain Conv3d/FFT calls on the adapter's own weights."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    backbone = apply_adapter(vit(), MedTuningConfig(zero_init_up=False)).eval()
+    adapter = backbone.model.blocks[1].med_adapter  # stage 1: reads stage 0's map
+    randomize(adapter, ("enhance", "interaction"))
+    with torch.no_grad():
+        for bn in (adapter.enhance.branch3[2], adapter.enhance.branch5[2]):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 1.5)
+    volumes, num_slices, grid, dim = 2, 3, (4, 4), 48
+    hidden = dim // 6
+    ctx = backbone.medtune_adapter.slice_context
+    ctx.num_slices, ctx.token_grid = num_slices, grid
+    previous = torch.randn(volumes, hidden, num_slices, *grid)
+    ctx.stage_maps[0] = previous
+    x = torch.randn(volumes * num_slices, 1 + 16, dim)
+    with torch.no_grad():
+        out = adapter(x)
+        patches = x[:, 1:]  # (B*T, 16, C); the class token passes through
+        z = F.gelu(adapter.down(patches))  # (B*T, 16, h)
+        z = z.reshape(volumes, num_slices, *grid, hidden).permute(0, 4, 1, 2, 3)  # (B, h, T, 4, 4)
+
+        def branch(seq):
+            in_slice, across, bn, _ = seq
+            y = F.conv3d(z, in_slice.weight, in_slice.bias, padding=in_slice.padding, groups=hidden)
+            y = F.conv3d(y, across.weight, across.bias, padding=across.padding, groups=hidden)
+            return torch.relu(bn(y))
+
+        freq = adapter.enhance.frequency
+        w = slice_axis_filter(freq.weight, num_slices)[:, None, None]
+        b = slice_axis_filter(freq.bias, num_slices)[:, None, None]
+        spectral = torch.fft.ifftn(torch.fft.fftn(z, dim=(2, 3, 4)) * w + b, dim=(2, 3, 4)).abs()
+        a = adapter.enhance.fuse(branch(adapter.enhance.branch3) + branch(adapter.enhance.branch5) + spectral)
+        a = adapter.interaction.mix(torch.cat([a, adapter.interaction.previous(previous)], dim=1))
+        update = F.gelu(adapter.up((z + a).permute(0, 2, 3, 4, 1).reshape(volumes * num_slices, 16, hidden)))
+    assert adapter.interaction.previous.kernel_size == (1, 1, 1)  # ViT: 1x1x1 from the previous stage
+    assert torch.equal(out[:, :1], x[:, :1])
+    assert torch.allclose(out[:, 1:], patches + update, atol=1e-5)
+    assert torch.allclose(ctx.stage_maps[1], a, atol=1e-5)  # handed on to stage 2
+    ctx.stage_maps.clear()
+
+
 def test_slice_axis_filter_hand_worked():
     values = torch.tensor([0.0, 1.0, 2.0])  # at |f| = 0, 1/4, 1/2 cycles per slice
     assert torch.allclose(slice_axis_filter(values, 4), torch.tensor([0.0, 1.0, 2.0, 1.0]))
