@@ -101,6 +101,45 @@ def test_fremae_2d_and_3d_share_one_code_path_and_report_logs():
         assert recon["target_low_spectrum"].shape == (2, 2) + (size // 4,) * dims
 
 
+def test_fremae_losses_by_hand_from_the_unmasked_image():
+    """L_high / L_low recomputed from the decoder's predictions: the same band filter on
+    prediction and target, targets from the *unmasked* image (whole image, pooled 4x for
+    the low band), total 1.0 L_high + 1.3 L_low; the encoder sees the masked input."""
+    from medtune.pretrain.frequency import apply_band, band_mask, focal_frequency_loss, spectrum
+
+    torch.manual_seed(0)
+    objective = build_objective(ObjectiveConfig(name="fremae", radius=2, decoder_width=8), swinunetr(2, 32))
+    data = blobs(2, (32, 32))
+    images = data["image"]
+    seen = {}
+    encode, decode = objective.forward_encoder, objective.forward_decoder
+
+    def record_encoder(masked, patch_mask=None):
+        seen["encoder_input"] = masked
+        return encode(masked, patch_mask)
+
+    def record_decoder(stages, size):
+        seen["pred"] = decode(stages, size)
+        return seen["pred"]
+
+    objective.forward_encoder, objective.forward_decoder = record_encoder, record_decoder
+    out = objective(data)
+    pred_high, pred_low = (p.detach() for p in seen["pred"])
+    assert pred_high.shape == (2, 2, 32, 32) and pred_low.shape == (2, 2, 8, 8)
+    high = band_mask((32, 32), 2, "square", "high")
+    low = band_mask((8, 8), 2, "square", "low")
+    pooled = torch.nn.functional.avg_pool2d(images, 4)
+    loss_high = focal_frequency_loss(apply_band(spectrum(pred_high, 2), high), apply_band(spectrum(images, 2), high))
+    loss_low = focal_frequency_loss(apply_band(spectrum(pred_low, 2), low), apply_band(spectrum(pooled, 2), low))
+    assert float(out["loss_high"]) == pytest.approx(float(loss_high), rel=1e-5)
+    assert float(out["loss_low"]) == pytest.approx(float(loss_low), rel=1e-5)
+    assert float(out["loss"].detach()) == pytest.approx(float(loss_high + 1.3 * loss_low), rel=1e-5)
+    # the encoder got the masked, jittered input, not the image the targets come from
+    assert not torch.allclose(seen["encoder_input"], images)
+    # the low band holds (2r + 1)^2 bins of the pooled image, the high band the rest
+    assert int(low.sum()) == 25 and int(high.sum()) == 32 * 32 - 25
+
+
 def test_fremae_pixel_loss_variant_uses_the_same_model():
     torch.manual_seed(0)
     backbone = swinunetr(2, 32)
