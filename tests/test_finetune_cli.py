@@ -242,6 +242,15 @@ def test_image_label_shape_mismatch_exit_2(synth_brats, tmp_path, capsys):
     assert code == 2 and f"{case.name}_seg.nii.gz" in err and "shape" in err
 
 
+def test_modality_count_other_than_in_chans_exit_2_before_writing(synth_brats, tmp_path, capsys):
+    config = write_config(tmp_path)
+    code = run_cli("finetune", "--config", config, "--data", synth_brats, "--output", tmp_path / "run",
+                   "--set", "data.modalities=[flair,t1ce,t1]")
+    err = error_line(capsys.readouterr().err)
+    assert code == 2 and "3 modalities" in err and "backbone.in_chans is 4" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_adapter_on_another_backbone_and_run_without_weights_exit_2(medtuning_run, synth_brats, tmp_path, capsys):
     from medtune.checkpoints.io import save_safetensors
     from medtune.models.backbones import BackboneConfig, create_backbone

@@ -287,9 +287,9 @@ def finetune_segmentation(cfg, run_dir: str | Path, resume: str | Path | None = 
     from medtune.trainer import higher_is_better, make_accelerator, train
 
     run_dir = Path(run_dir)
-    held = [name for name in (BACKBONE_FILE, MODEL_FILE, "state") if (run_dir / name).exists()]
+    held = [name for name in (MODEL_FILE, "state") if (run_dir / name).exists()]
     if resume is None and held:
-        # a fresh run would overwrite the weights (and the base adapter exports point at)
+        # a fresh run would overwrite the trained weights and the base that adapter exports point at
         raise CheckpointError(
             f"run folder {run_dir} already holds a run ({', '.join(held)}); "
             f"continue it with --resume latest or choose another --output"
@@ -298,6 +298,11 @@ def finetune_segmentation(cfg, run_dir: str | Path, resume: str | Path | None = 
     main = accelerator.is_main_process
     label_spec = label_spec_for(cfg.data)
     cases = find_cases(cfg.data.root, cfg.data.layout, cfg.data.modalities, require_labels=True)
+    if cases and cases[0].num_modalities != cfg.backbone.in_chans:
+        raise ConfigError(
+            f"{cfg.data.root}: cases have {cases[0].num_modalities} modalities but backbone.in_chans is "
+            f"{cfg.backbone.in_chans} (set data.modalities or backbone.in_chans)"
+        )
     validate = cfg.data.val_fraction > 0 and bool(split_cases(cases, cfg.data.val_fraction)[1])
     if cfg.data.val_fraction > 0 and not validate:
         log.warning("%d labeled case(s): none held out, training without validation", len(cases))
