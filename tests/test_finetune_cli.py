@@ -313,3 +313,28 @@ def test_finetune_and_predict_dispatch_other_tasks(tmp_path, monkeypatch):
     (run_dir / "config.json").write_text(json.dumps({"task": "vqa"}))
     assert run_cli("predict", "--model", run_dir, "--input", "x.png", "--output", tmp_path, "--question", "what?") == 0
     assert calls == [("finetune", None, ["train.max_steps=1"], "w.bin"), ("predict", str(run_dir), "what?")]
+
+
+def test_predict_output_is_optional_for_vqa_and_required_for_segmentation(medtuning_run, synth_brats, tmp_path,
+                                                                          monkeypatch, capsys):
+    import json
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("medtune.finetune.vqa")
+    fake.predict_main = lambda args, run_dir: calls.append(args.output) or 0
+    monkeypatch.setitem(sys.modules, "medtune.finetune.vqa", fake)
+    run_dir = tmp_path / "vqa_run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"task": "vqa"}))
+    assert run_cli("predict", "--model", run_dir, "--input", "x.png", "--question", "what?") == 0
+    assert calls == [None]  # as in the README: the answer is printed, no --output needed
+
+    capsys.readouterr()
+    assert run_cli("predict", "--model", medtuning_run, "--input", synth_brats) == 2
+    assert "--output" in error_line(capsys.readouterr().err)
+    case = sorted(p for p in synth_brats.iterdir() if p.is_dir())[0]
+    image = case / f"{case.name}_flair.nii.gz"
+    assert run_cli("predict", "--model", medtuning_run, "--input", image, "--output", tmp_path / "p") == 2
+    assert "is a file" in error_line(capsys.readouterr().err)

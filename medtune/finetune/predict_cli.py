@@ -29,7 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--input", required=True,
         help="segmentation: one case folder or a dataset folder; referring/vqa: an image or a .jsonl",
     )
-    parser.add_argument("--output", required=True, help="folder for the predictions")
+    parser.add_argument(
+        "--output", default=None,
+        help="folder for the predictions (required for segmentation; referring: a folder or MASK.png, "
+        "default ./prediction; vqa: optional, answers are printed and also written to OUT/answers.jsonl)",
+    )
     parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (0..1)")
     parser.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward")
     parser.add_argument("--tta", action="store_true", help="average over flips of every subset of the spatial axes")
@@ -59,6 +63,8 @@ def input_cases(path: Path, layout: str, modalities):
     """Cases of a dataset folder, or the single case folder ``path``."""
     from medtune.data.cases import find_cases, is_nifti, scan_cases
 
+    if path.is_file():
+        raise DataError(f"--input {path} is a file: give its case folder (or a dataset folder)")
     if not path.is_dir():
         raise DataError(f"input folder not found: {path}")
     if any(p.is_file() and is_nifti(p) for p in path.iterdir()) and not (path / "dataset.json").is_file():
@@ -79,6 +85,8 @@ def predict_segmentation(args: argparse.Namespace) -> int:
     from medtune.data.volume import load_case
     from medtune.finetune.inference import nifti_output_name, write_label_map
 
+    if not args.output:
+        raise ConfigError("segmentation prediction needs --output DIR (a folder for the <case>.nii.gz label maps)")
     if not 0.0 <= args.overlap < 1.0:
         raise ConfigError(f"--overlap must be in [0, 1), got {args.overlap}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
