@@ -141,6 +141,35 @@ def test_distillation_gradient_reaches_shared_weights_through_masked_branches():
     assert set(model(batch)) == {"loss", "loss_mask"}
 
 
+def test_mask_tokens_replace_embeddings_before_the_position_embedding():
+    """A masked patch (word) whose mask token equals its own patch (token) embedding gives
+    exactly the unmasked features: the token replaces the embedding before positions are
+    added, and nothing else changes; another token value changes the features."""
+    from medtune.models.clip import encode_image_levels, encode_text_words
+
+    torch.manual_seed(0)
+    clip = build_referring_model(tiny_model_config(True)).clip.eval()
+    images = torch.randn(1, 3, 32, 32)
+    tokens = build_referring_model(tiny_model_config(False)).tokenizer(["the red circle"])
+    with torch.no_grad():
+        patches = clip.visual.conv1(images).flatten(2).transpose(1, 2)  # [1, 16, 32]
+        patch_mask = torch.zeros(1, 16, dtype=torch.bool)
+        patch_mask[0, 5] = True
+        plain = encode_image_levels(clip, images, 3).levels
+        same = encode_image_levels(clip, images, 3, patch_mask, patches[0, 5]).levels
+        other = encode_image_levels(clip, images, 3, patch_mask, patches[0, 5] + torch.randn(32)).levels
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(plain, same))
+        assert not torch.allclose(plain[0], other[0], atol=1e-3)
+        words = clip.token_embedding(tokens)  # [1, L, C_t]
+        word_mask = torch.zeros_like(tokens, dtype=torch.bool)
+        word_mask[0, 2] = True
+        text_plain = encode_text_words(clip, tokens)
+        text_same = encode_text_words(clip, tokens, word_mask, words[0, 2])
+        text_other = encode_text_words(clip, tokens, word_mask, words[0, 2] + torch.randn(words.shape[-1]))
+        assert torch.allclose(text_plain.sentence, text_same.sentence, atol=1e-5)
+        assert not torch.allclose(text_plain.sentence, text_other.sentence, atol=1e-3)
+
+
 def test_self_distill_overhead_reports_params_and_flops():
     report = self_distill_overhead(tiny_model_config(False), batch_size=2)
     assert set(report) == {"params_plain", "params_sd", "flops_plain", "flops_sd"}

@@ -180,3 +180,37 @@ def test_letterbox_and_scoring_at_original_size(tmp_path):
     # stretched: input rows 0..3 are the image's top quarter; letterboxed: they are padding
     assert results[False]["oIoU"] > 0.7
     assert results[True]["oIoU"] == 0.0
+
+
+def test_cris_heads_by_hand():
+    """Dynamic kernel projector: sample b is convolved with the 3x3 kernel + bias its own
+    sentence produced; FPN fusion: the sentence gates the deepest level (a zero gate
+    makes the result independent of the deepest map)."""
+    import torch.nn.functional as F
+
+    from medtune.finetune.referring import DynamicKernelProjector, FPNFusion
+
+    torch.manual_seed(0)
+    projector = DynamicKernelProjector(dim=16, sentence_dim=12).eval()
+    pixels, sentence = torch.randn(3, 16, 4, 4), torch.randn(3, 12)
+    with torch.no_grad():
+        logits = projector(pixels, sentence)
+        features = projector.upsample(pixels)  # [3, 8, 16, 16]
+        params = projector.text_to_kernel(sentence)
+        for b in range(3):
+            kernel = params[b, :-1].reshape(1, 8, 3, 3)
+            expected = F.conv2d(features[b : b + 1], kernel, params[b, -1:], padding=1)
+            assert torch.allclose(logits[b : b + 1], expected, atol=1e-5)
+    assert logits.shape == (3, 1, 16, 16)
+
+    fusion = FPNFusion([8, 8, 8], sentence_dim=12, dim=16).eval()
+    levels = [torch.randn(2, 8, 8, 8), torch.randn(2, 8, 4, 4), torch.randn(2, 8, 2, 2)]
+    with torch.no_grad():
+        gated = fusion(levels, sentence[:2])
+        assert gated.shape == (2, 16, 4, 4)  # gathered at the middle level's resolution
+        other_deepest = [*levels[:2], torch.randn(2, 8, 2, 2)]
+        assert not torch.allclose(fusion(other_deepest, sentence[:2]), gated, atol=1e-4)
+        fusion.sentence_gate.weight.zero_()
+        fusion.sentence_gate.bias.zero_()
+        assert torch.allclose(fusion(levels, sentence[:2]), fusion(other_deepest, sentence[:2]), atol=1e-6)
+

@@ -287,6 +287,33 @@ def test_fusion_uses_every_stage(fusion):
     assert backbone.model.stem[0].weight.grad.abs().sum() > 0  # and back into the image backbone
 
 
+def test_stagewise_fusion_is_a_shallow_to_deep_chain():
+    """MF2-MVQA: the question attends to stage 0, the result to stage 1, ... (not a sum of
+    independent per-stage fusions), then a masked mean over the real question tokens."""
+    from medtune.finetune.vqa import StagewiseFusion, VQAModelConfig, masked_mean
+
+    torch.manual_seed(0)
+    fusion = StagewiseFusion([4, 6, 8], 16, VQAModelConfig(heads=2, dropout=0.0)).eval()
+    question = torch.randn(2, 5, 16)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    stages = [torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4), torch.randn(2, 8, 2, 2)]
+    with torch.no_grad():
+        chained = question
+        for block, stage in zip(fusion.blocks, stages):
+            chained = block(chained, stage)
+        expected = masked_mean(fusion.norm(chained), mask)
+        assert torch.allclose(fusion(question, mask, stages), expected, atol=1e-6)
+        assert torch.allclose(expected[1], fusion.norm(chained)[1, :3].mean(0), atol=1e-6)
+        # the deep stage sees what the shallow one wrote: changing stage 0 changes the
+        # question tokens that stage 2's cross-attention reads
+        probe = []
+        handle = fusion.blocks[2].register_forward_pre_hook(lambda m, args: probe.append(args[0].clone()))
+        fusion(question, mask, stages)
+        fusion(question, mask, [stages[0] + 1.0, *stages[1:]])
+        handle.remove()
+        assert not torch.allclose(probe[0], probe[1], atol=1e-4)
+
+
 def test_model_config_checks():
     backbone = create_backbone(BackboneConfig(name="convnext_atto", in_chans=1, img_size=32))
     text = build_text_encoder(TINY_TEXT)
