@@ -278,3 +278,38 @@ def test_mfm_corruption_removes_exactly_the_band(band):
     on = removed.unsqueeze(1).unsqueeze(-1).expand_as(original)
     assert corrupted[on].abs().max() < 1e-4
     assert torch.allclose(corrupted[~on], original[~on], atol=1e-4)
+
+
+def test_baseline_losses_by_hand():
+    """MAE: MSE to per-patch normalised pixels on masked patches only; SimMIM: L1 on
+    masked pixels only; MFM: spectrum distance averaged over the removed bins only."""
+    from medtune.pretrain.frequency import spectrum
+    from medtune.pretrain.mae import patchify
+    from medtune.pretrain.simmim import masked_l1
+
+    torch.manual_seed(0)
+    mae = build_objective(ObjectiveConfig(name="mae"), tiny_vit(32))  # 2 x 2 patches of 16 px, 2 channels
+    images = torch.randn(1, 2, 32, 32)
+    pred = torch.randn(1, 4, 16 * 16 * 2)
+    mask = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
+    target = patchify(images, 16)  # (1, 4, 512)
+    normed = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    per_patch = ((pred - normed) ** 2).mean(-1)[0]
+    expected = (per_patch[0] + per_patch[3]) / 2
+    assert float(mae.forward_loss(images, pred, mask)) == pytest.approx(float(expected), rel=1e-5)
+    garbage = pred.clone()
+    garbage[0, 1:3] = 1e3  # visible patches do not count
+    assert float(mae.forward_loss(images, garbage, mask)) == pytest.approx(float(expected), rel=1e-5)
+
+    target_pixels = torch.zeros(1, 2, 2, 2)
+    pred_pixels = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[-1.0, 0.0], [0.0, 8.0]]]])
+    pixel_mask = torch.tensor([[[True, False], [False, True]]])
+    assert float(masked_l1(pred_pixels, target_pixels, pixel_mask)) == pytest.approx((1 + 4 + 1 + 8) / 4)
+
+    mfm = build_objective(ObjectiveConfig(name="mfm", radius=2, focal_alpha=0.0), tiny_vit(32))
+    removed = mfm.removed_bins(images)
+    pred_image = torch.randn(1, 2, 32, 32)
+    distance = (spectrum(pred_image, 2) - spectrum(images, 2)).pow(2).sum(-1)  # (1, 2, 32, 32)
+    expected = distance[removed.unsqueeze(1).expand_as(distance)].mean()  # alpha 0: all weights 1
+    assert float(mfm.forward_loss(images, pred_image, removed)) == pytest.approx(float(expected), rel=1e-5)
+
