@@ -109,6 +109,17 @@ def test_cli_formats_and_plot(tmp_path, capsys):
     assert main(argv + ["--methods", "no-such-method"]) == 2
 
 
+def test_cli_refuses_bad_sizes_and_plot_format_before_measuring(tmp_path, capsys):
+    argv = ["params", "--backbone", "vit_tiny_patch16_224", "--img-size", "32", "--methods", "lora",
+            "--option", "depth=4"]
+    assert main(argv + ["--slices", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["medtune: error: --slices must be >= 1, got 0"]
+    assert main(argv + ["--slices", "2", "--plot", str(tmp_path / "costs.txt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "costs.txt" in err[0] and "'txt'" in err[0] and "png" in err[0]
+    assert not (tmp_path / "costs.txt").exists()
+
+
 def test_grouped_conv_backward_flops_are_counted_per_group():
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -110,6 +110,16 @@ def run(args: argparse.Namespace) -> int:
     if args.referring:
         sys.stdout.write(_referring_overhead(args.referring, args.format) + "\n")
         return 0
+    for flag in ("in_chans", "img_size", "slices", "num_classes"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.plot:  # refuse an unknown image format before the (slow) measurements
+        from matplotlib.figure import Figure
+
+        kinds = Figure().canvas.get_supported_filetypes()
+        suffix = Path(args.plot).suffix.lstrip(".").lower()
+        if suffix not in kinds:
+            raise ConfigError(f"--plot {args.plot}: unknown image format '{suffix}' (use one of: {', '.join(sorted(kinds))})")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     rows = compare_methods(
         args.backbone, args.in_chans, args.img_size, args.slices, methods,
