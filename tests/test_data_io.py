@@ -253,6 +253,27 @@ def test_cli_check_and_synth(tmp_path, brats, capsys):
     assert nib.load(str(out_dir / CASE2 / f"{CASE2}_t1.nii.gz")).shape == (16, 16, 8)
 
 
+def test_cli_synth_never_overwrites_other_data(tmp_path, capsys):
+    out_dir = tmp_path / "synth"
+    argv = ["data", "synth", "--out", str(out_dir), "--cases", "2", "--shape", "16", "16", "8"]
+    assert main(argv) == 0
+    label = out_dir / CASE1 / f"{CASE1}_seg.nii.gz"
+    before, stamp = label.read_bytes(), label.stat().st_mtime_ns
+    assert main(argv) == 0  # the same command again: nothing rewritten (caches keyed on mtime stay valid)
+    assert label.stat().st_mtime_ns == stamp
+    capsys.readouterr()
+    assert main(argv[:-3] + ["24", "24", "8"]) == 2  # another shape over the same cases: refused
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already exists" in err[0] and CASE1 in err[0]
+    assert label.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synth"]  # no temporary folder left
+    assert main(argv[:4] + ["--cases", "3", "--shape", "16", "16", "8"]) == 0  # adds the missing case only
+    assert label.stat().st_mtime_ns == stamp and (out_dir / "BraTS20_Training_003").is_dir()
+    (tmp_path / "file").write_text("x")
+    assert main(["data", "synth", "--out", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
 def test_data_cli_does_not_import_torch():
     import subprocess
     import sys
