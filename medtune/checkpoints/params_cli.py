@@ -37,13 +37,13 @@ from medtune.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backbone", default="vit_base_patch16_224", help="backbone registry name")
-    parser.add_argument("--in-chans", type=int, default=4, help="modalities M")
-    parser.add_argument("--img-size", type=int, default=128, help="slice side H = W")
-    parser.add_argument("--slices", type=int, default=128, help="slices T per volume")
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated adapter methods")
-    parser.add_argument("--num-classes", type=int, default=4, help="output classes K")
-    parser.add_argument("--flops-slices", type=int, default=None, help="count FLOPs on this many slices, scale to --slices")
+    parser.add_argument("--backbone", default="vit_base_patch16_224", help="backbone registry name (default vit_base_patch16_224; vit_*, swin_*, convnext_*, swinunetr, timm:<name>)")
+    parser.add_argument("--in-chans", type=int, default=4, help="modalities M (default 4)")
+    parser.add_argument("--img-size", type=int, default=128, help="slice side H = W (default 128)")
+    parser.add_argument("--slices", type=int, default=128, help="slices T per volume (default 128)")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated adapter methods (default {','.join(DEFAULT_METHODS)})")
+    parser.add_argument("--num-classes", type=int, default=4, help="output classes K, background included (default 4)")
+    parser.add_argument("--flops-slices", type=int, default=None, help="count FLOPs on this many slices and scale to --slices (faster; default: all --slices)")
     parser.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE",
         help="backbone option, e.g. --option depth=4 (repeatable)",
@@ -52,8 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--decoder-option", action="append", default=[], metavar="KEY=VALUE",
         help="decoder option, e.g. --decoder-option channels=64 (repeatable)",
     )
-    parser.add_argument("--format", default="markdown", choices=("markdown", "csv", "json"))
-    parser.add_argument("--plot", default=None, metavar="FILE.png", help="also save a bar chart")
+    parser.add_argument("--format", default="markdown", choices=("markdown", "csv", "json"),
+                        help="table format on stdout (default markdown)")
+    parser.add_argument("--plot", default=None, metavar="FILE.png", help="also save a bar chart (any matplotlib format: .png, .svg, .pdf)")
     parser.add_argument(
         "--self-distill", action="store_true",
         help="also print each method's training-step FLOPs without and with masked-input "

@@ -32,11 +32,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override config values, e.g. --set train.max_steps=10 train.optim.lr=1e-3 "
         "(as in `medtune pretrain`; repeatable)",
     )
-    parser.add_argument("--resume", default=None, help="'latest' or a run/state folder to continue from")
+    parser.add_argument(
+        "--resume", default=None, metavar="latest|DIR",
+        help="continue a run: 'latest' (newest state/step_N of --output) or a run / state/step_N folder; "
+        "without it, an --output that holds a trained run is refused",
+    )
     parser.add_argument(
         "--backbone", default=None,
         help="pretrained backbone: a FreMAE/pretrain run folder (its config.json backbone section "
-        "and backbone.safetensors) or a local weight file (sets backbone.pretrained)",
+        "and backbone.safetensors) or a local weight file (sets backbone.pretrained); "
+        "referring: the CLIP architecture name",
     )
     parser.add_argument("--clip-weights", default=None, help="local CLIP weights (referring, vqa)")
     parser.add_argument("--text-weights", default=None, help="local text-encoder weights (vqa)")
@@ -44,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--self-distill", action="store_true",
         help="add masked-input self-distillation (the config's self_distill section, or its defaults)",
     )
-    parser.add_argument("--task", default=None, choices=("segmentation", *TASK_MODULES), help="overrides the config's task")
+    parser.add_argument("--task", default=None, choices=("segmentation", *TASK_MODULES), help="overrides the config's task: key (default segmentation)")
 
 
 def resolve_task(args: argparse.Namespace, raw: dict) -> str:

@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pred", required=True, help="folder of predicted <case>.nii.gz label maps")
     parser.add_argument("--gt", required=True, help="dataset folder with ground-truth labels")
-    parser.add_argument("--layout", default="auto", help="dataset layout of --gt: auto, brats, msd, nnunet")
+    parser.add_argument(
+        "--layout", default="auto", choices=("auto", "brats", "msd", "nnunet"),
+        help="dataset layout of --gt (default auto)",
+    )
     parser.add_argument("--csv", default=None, help="per-case CSV (default: <pred>/scores.csv)")
     parser.add_argument(
         "--labels",

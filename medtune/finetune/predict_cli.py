@@ -34,12 +34,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="folder for the predictions (required for segmentation; referring: a folder or MASK.png, "
         "default ./prediction; vqa: optional, answers are printed and also written to OUT/answers.jsonl)",
     )
-    parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (0..1)")
-    parser.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward")
+    parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1) (default 0.25)")
+    parser.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     parser.add_argument("--tta", action="store_true", help="average over flips of every subset of the spatial axes")
-    parser.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which weights of a run folder")
+    parser.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which weights of a run folder: best validation (default) or last step")
     parser.add_argument("--base-weights", default=None, help="base backbone file for an adapter export")
-    parser.add_argument("--layout", default="auto", help="dataset layout of --input: auto, brats, msd, nnunet")
+    parser.add_argument(
+        "--layout", default="auto", choices=("auto", "brats", "msd", "nnunet"),
+        help="dataset layout of --input (default auto)",
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--expression", default=None, help="referring: the expression for one input image")
     parser.add_argument("--question", default=None, help="vqa: the question for one input image")
