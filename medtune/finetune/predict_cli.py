@@ -27,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="finetune run folder or export (full, adapter, merged)")
     parser.add_argument(
         "--input", required=True,
-        help="segmentation: one case folder or a dataset folder; referring/vqa: an image or a .jsonl",
+        help="segmentation: one case folder or a dataset folder; referring: an image (with --expression) "
+        "or a .jsonl of records; vqa: an image or a folder of images (with --question), or a dataset "
+        "folder (without: answers and scores its eval split)",
     )
     parser.add_argument(
         "--output", default=None,
