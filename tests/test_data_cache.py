@@ -104,6 +104,31 @@ def test_cache_invalidated_when_source_changes(synth_brats, tmp_path, monkeypatc
     assert cache.load(0).image.shape[0] == 4
 
 
+def test_cache_rebuilt_for_another_msd_channel_selection(tmp_path):
+    import json
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    image = np.zeros((12, 12, 6, 3), np.float32)
+    image[2:10, 2:10, 1:5] = rng.normal(loc=[5.0, 50.0, 500.0], scale=[1.0, 10.0, 100.0], size=(8, 8, 4, 3))
+    label = np.zeros((12, 12, 6), np.uint8)
+    label[4:6, 4:6, 2:4] = 1
+    nib.save(nib.Nifti1Image(image, np.eye(4)), str(tmp_path / "imagesTr" / "c1.nii.gz"))
+    nib.save(nib.Nifti1Image(label, np.eye(4)), str(tmp_path / "labelsTr" / "c1.nii.gz"))
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "FLAIR", "1": "T1w", "2": "T2w"}, "labels": {"0": "background", "1": "tumour"},
+        "training": [{"image": "./imagesTr/c1.nii.gz", "label": "./labelsTr/c1.nii.gz"}],
+    }))
+    shared = tmp_path / "cache"
+    assert VolumeCache(find_cases(tmp_path), shared, show_progress=False).load(0).image.shape[0] == 3
+    for names in (("T2w",), ("FLAIR", "T1w")):
+        cases = find_cases(tmp_path, modalities=names)
+        reused = VolumeCache(cases, shared, show_progress=False).load(0).image
+        fresh = VolumeCache(cases, tmp_path / f"fresh-{len(names)}", show_progress=False).load(0).image
+        assert reused.shape[0] == len(names) and np.array_equal(reused, fresh), names
+
+
 def test_cache_concurrent_builders_agree(synth_brats, tmp_path, monkeypatch):
     cases = find_cases(synth_brats)
     builds = []

@@ -101,6 +101,11 @@ def _source_stamp(path: Path) -> dict:
     return {"path": str(Path(path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def _channels(case: Case) -> list[int] | None:
+    """The last-axis indices read from a single 4D image file (MSD), else None."""
+    return list(case.channels) if case.channels is not None else None
+
+
 def _atomic_save(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename onto ``path``."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -189,6 +194,9 @@ class VolumeCache:
         image_sources, label_source = sources
         if meta.get("settings") != self._settings() or meta.get("sources") != image_sources:
             return None
+        # an MSD 4D file read with another modality selection is the same source, other data
+        if meta.get("channels") != _channels(self.cases[index]):
+            return None
         # A cache built with labels also serves label-free use; not the other way round.
         if label_source is not None and meta.get("label_source") != label_source:
             return None
@@ -262,6 +270,7 @@ class VolumeCache:
             "case_id": case.case_id,
             "settings": self._settings(),
             "sources": image_sources,
+            "channels": _channels(case),
             "label_source": label_source if label is not None else None,
             "arrays": sorted(arrays),
             "array_bytes": {name: (folder / name).stat().st_size for name in sorted(arrays)},
