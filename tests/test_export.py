@@ -84,10 +84,13 @@ def test_adapter_export_references_base_and_checks_its_sha(run, tmp_path):
     save_safetensors(base, moved / "backbone.safetensors")
     with pytest.raises(CheckpointError, match="sha256"):
         load_segmenter(tmp_path / "adapter2")
+    # ... also when given explicitly: same shapes, other values than the adapter was trained on
+    with pytest.raises(CheckpointError, match="sha256 differs"):
+        load_segmenter(tmp_path / "adapter2", base_weights=moved / "backbone.safetensors")
     (moved / "backbone.safetensors").unlink()
     with pytest.raises(CheckpointError, match="not found"):
         load_segmenter(tmp_path / "adapter2")
-    # an explicit base file is used as given (here the original one)
+    # an explicit base file with the recorded content is used wherever it lies (here the original one)
     again = load_segmenter(tmp_path / "adapter2", base_weights=run / "backbone.safetensors")
     assert torch.equal(logits(again), reference)
 

@@ -256,6 +256,12 @@ def load_segmenter(
                 )
         base_state = load_weights(base_file)
         model, _ = build_segmenter(cfg, spec.num_classes, load_pretrained=False, base_state=base_state)
+        # an explicit --base-weights of the right shapes must still be the base it was trained on
+        if base_weights is not None and recorded.get("sha256") and file_sha256(base_file) != recorded["sha256"]:
+            raise CheckpointError(
+                f"{base_file}: sha256 differs from the base recorded in {path / ADAPTER_CONFIG_FILE} "
+                f"({recorded.get('path')}): other base weights than the adapter was trained on"
+            )
         state = load_weights(adapter_file)
         expected = trained_state_dict(model)
         for name, tensor in state.items():
