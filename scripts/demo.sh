@@ -75,12 +75,16 @@ medtune params --backbone vit_tiny_patch16_224 --in-chans 4 --img-size 64 --slic
 # --- 7. vision-language on generated data: CM-MaskSD referring segmentation, MF2-MVQA
 step "9/9 vision-language: referring segmentation with CM-MaskSD, then medical VQA with MF2-MVQA"
 if [[ ! -f "$OUT/referring/model.safetensors" ]]; then
-    medtune finetune --config configs/demo_referring.yaml --output "$OUT/referring" --self-distill
+    RESUME=()
+    [[ -d "$OUT/referring/state" ]] && RESUME=(--resume latest)
+    medtune finetune --config configs/demo_referring.yaml --output "$OUT/referring" --self-distill "${RESUME[@]}"
 fi
 medtune predict --model "$OUT/referring" --input "$OUT/referring/data/referring.jsonl" \
     --output "$OUT/referring/predictions"
 if [[ ! -f "$OUT/vqa/model.safetensors" ]]; then
-    medtune finetune --config configs/demo_vqa.yaml --data "$OUT/vqa_data" --output "$OUT/vqa"
+    RESUME=()
+    [[ -d "$OUT/vqa/state" ]] && RESUME=(--resume latest)
+    medtune finetune --config configs/demo_vqa.yaml --data "$OUT/vqa_data" --output "$OUT/vqa" "${RESUME[@]}"
 fi
 medtune predict --model "$OUT/vqa" --input "$OUT/vqa_data" --output "$OUT/vqa/predictions"
 
