@@ -284,3 +284,16 @@ def test_data_cli_does_not_import_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_resolve_modalities_gives_canonical_channel_names(tmp_path):
+    import json
+
+    from medtune.data.cases import canonical_modality, resolve_modalities
+
+    assert [canonical_modality(n) for n in ("FLAIR", "T1w", "t1gd", "T2w", "t2f", "CT")] == [
+        "flair", "t1", "t1ce", "t2", "flair", "CT"]
+    assert resolve_modalities(tmp_path, "brats") == ["flair", "t1ce", "t1", "t2"]
+    assert resolve_modalities(tmp_path, "brats", ["t2", "flair"]) == ["t2", "flair"]
+    (tmp_path / "dataset.json").write_text(json.dumps({"modality": {"1": "T1w", "0": "FLAIR"}, "training": []}))
+    assert resolve_modalities(tmp_path, "msd") == ["flair", "t1"]

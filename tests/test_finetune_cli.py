@@ -338,3 +338,31 @@ def test_predict_output_is_optional_for_vqa_and_required_for_segmentation(medtun
     image = case / f"{case.name}_flair.nii.gz"
     assert run_cli("predict", "--model", medtuning_run, "--input", image, "--output", tmp_path / "p") == 2
     assert "is a file" in error_line(capsys.readouterr().err)
+
+
+def test_run_records_its_channel_order_and_predicts_an_msd_folder_the_same(medtuning_run, synth_brats, tmp_path):
+    import json
+
+    recorded = json.loads((medtuning_run / "config.json").read_text())["data"]["modalities"]
+    assert recorded == ["flair", "t1ce", "t1", "t2"]
+    # the same cases as an MSD folder whose 4D images hold the channels in another order
+    case = sorted(p for p in synth_brats.iterdir() if p.is_dir())[0]
+    order = ["T1w", "t1gd", "T2w", "FLAIR"]
+    files = {"T1w": "t1", "t1gd": "t1ce", "T2w": "t2", "FLAIR": "flair"}
+    source = nib.load(str(case / f"{case.name}_flair.nii.gz"))
+    stack = np.stack([np.asarray(nib.load(str(case / f"{case.name}_{files[n]}.nii.gz")).dataobj) for n in order], -1)
+    msd = tmp_path / "msd"
+    (msd / "imagesTr").mkdir(parents=True)
+    (msd / "labelsTr").mkdir()
+    nib.save(nib.Nifti1Image(stack, source.affine), str(msd / "imagesTr" / f"{case.name}.nii.gz"))
+    shutil.copy(case / f"{case.name}_seg.nii.gz", msd / "labelsTr" / f"{case.name}.nii.gz")
+    (msd / "dataset.json").write_text(json.dumps({
+        "modality": {str(i): n for i, n in enumerate(order)},
+        "labels": {"0": "background", "1": "core", "2": "edema", "4": "enhancing"},
+        "training": [{"image": f"./imagesTr/{case.name}.nii.gz", "label": f"./labelsTr/{case.name}.nii.gz"}],
+    }))
+    brats_pred, msd_pred = tmp_path / "brats_pred", tmp_path / "msd_pred"
+    assert run_cli("predict", "--model", medtuning_run, "--input", case, "--output", brats_pred) == 0
+    assert run_cli("predict", "--model", medtuning_run, "--input", msd, "--output", msd_pred) == 0
+    expected = np.asarray(nib.load(str(brats_pred / f"{case.name}.nii.gz")).dataobj)
+    assert np.array_equal(np.asarray(nib.load(str(msd_pred / f"{case.name}.nii.gz")).dataobj), expected)

@@ -24,6 +24,8 @@ _EXPORTS: dict[str, str] = {
     "detect_layout": "cases",
     "find_cases": "cases",
     "scan_cases": "cases",
+    "resolve_modalities": "cases",
+    "canonical_modality": "cases",
     "check_dataset": "check",
     "DataConfig": "config",
     "build_labeled_dataset": "config",

@@ -102,6 +102,40 @@ def detect_layout(root: Path) -> str:
     return "brats"
 
 
+def canonical_modality(name: str) -> str:
+    """``"T1w"`` -> ``"t1"``, ``"FLAIR"`` -> ``"flair"``; names outside the alias table
+    (``"CT"``) are returned unchanged."""
+    normalised = _normalise_name(name)
+    for canonical, aliases in MODALITY_ALIASES.items():
+        if normalised in {_normalise_name(a) for a in (canonical, *aliases)}:
+            return canonical
+    return name
+
+
+def resolve_modalities(
+    root: str | Path, layout: str = "auto", modalities: Sequence[str] | None = None
+) -> list[str]:
+    """The modality names, in channel order, that ``find_cases(root, layout, modalities)``
+    reads: ``modalities`` itself when given, else BraTS's default order or the channel
+    names of dataset.json, in canonical form where one is known.
+
+    A run records these so that prediction on a dataset of another layout (a BraTS-trained
+    model on an MSD folder, say) reads the same modalities in the same order.
+    """
+    if modalities is not None:
+        return [str(m) for m in modalities]
+    root = Path(root)
+    layout = detect_layout(root) if layout == "auto" else layout
+    if layout == "brats":
+        return list(BRATS_MODALITIES)
+    meta = _read_dataset_json(root) if (root / "dataset.json").is_file() else {}
+    where = root / "dataset.json"
+    names = _channel_names(meta, "channel_names", where) or _channel_names(meta, "modality", where)
+    if not names:
+        raise DataError(f"{where}: no 'modality' or 'channel_names' map to name the channels")
+    return [canonical_modality(n) for n in names]
+
+
 def find_cases(
     root: str | Path,
     layout: str = "auto",

@@ -282,7 +282,7 @@ def finetune_segmentation(cfg, run_dir: str | Path, resume: str | Path | None = 
         save_trained_weights,
     )
     from medtune.checkpoints.io import load_weights, save_json, save_safetensors
-    from medtune.data.cases import find_cases
+    from medtune.data.cases import find_cases, resolve_modalities
     from medtune.data.config import build_labeled_dataset, label_spec_for, split_cases
     from medtune.trainer import higher_is_better, make_accelerator, train
 
@@ -297,6 +297,10 @@ def finetune_segmentation(cfg, run_dir: str | Path, resume: str | Path | None = 
     accelerator = make_accelerator(cfg.train, run_dir)
     main = accelerator.is_main_process
     label_spec = label_spec_for(cfg.data)
+    if cfg.data.modalities is None:
+        # record the channel order this run trains on, so that prediction on a dataset of
+        # another layout (a BraTS-trained model on an MSD folder) reads the same channels
+        cfg.data.modalities = resolve_modalities(cfg.data.root, cfg.data.layout)
     cases = find_cases(cfg.data.root, cfg.data.layout, cfg.data.modalities, require_labels=True)
     if cases and cases[0].num_modalities != cfg.backbone.in_chans:
         raise ConfigError(
