@@ -366,3 +366,24 @@ def test_run_records_its_channel_order_and_predicts_an_msd_folder_the_same(medtu
     assert run_cli("predict", "--model", medtuning_run, "--input", msd, "--output", msd_pred) == 0
     expected = np.asarray(nib.load(str(brats_pred / f"{case.name}.nii.gz")).dataobj)
     assert np.array_equal(np.asarray(nib.load(str(msd_pred / f"{case.name}.nii.gz")).dataobj), expected)
+
+
+def test_predict_reads_an_nnunet_images_folder_in_the_run_channel_order(medtuning_run, synth_brats, tmp_path):
+    import json
+
+    case = sorted(p for p in synth_brats.iterdir() if p.is_dir())[0]
+    order = ["T2w", "FLAIR", "T1w", "t1gd"]
+    files = {"T1w": "t1", "t1gd": "t1ce", "T2w": "t2", "FLAIR": "flair"}
+    dataset = tmp_path / "Dataset001"
+    (dataset / "imagesTs").mkdir(parents=True)
+    for channel, name in enumerate(order):
+        shutil.copy(case / f"{case.name}_{files[name]}.nii.gz", dataset / "imagesTs" / f"{case.name}_{channel:04d}.nii.gz")
+    (dataset / "dataset.json").write_text(json.dumps({
+        "channel_names": {str(i): n for i, n in enumerate(order)},
+        "labels": {"background": 0, "core": 1, "edema": 2, "enhancing": 4}, "file_ending": ".nii.gz",
+    }))
+    brats_pred, nnunet_pred = tmp_path / "brats_pred", tmp_path / "nnunet_pred"
+    assert run_cli("predict", "--model", medtuning_run, "--input", case, "--output", brats_pred) == 0
+    assert run_cli("predict", "--model", medtuning_run, "--input", dataset / "imagesTs", "--output", nnunet_pred) == 0
+    expected = np.asarray(nib.load(str(brats_pred / f"{case.name}.nii.gz")).dataobj)
+    assert np.array_equal(np.asarray(nib.load(str(nnunet_pred / f"{case.name}.nii.gz")).dataobj), expected)

@@ -371,12 +371,15 @@ def _scan_msd(root: Path, modalities: Sequence[str] | None, problems: list[str])
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
-def _scan_nnunet(root: Path, modalities: Sequence[str] | None, problems: list[str]) -> list[Case]:
+def _scan_nnunet(
+    root: Path, modalities: Sequence[str] | None, problems: list[str], images_dir: Path | None = None
+) -> list[Case]:
     where = root / "dataset.json"
     meta = _read_dataset_json(root) if where.is_file() else {}
-    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    images_dir = root / "imagesTr" if images_dir is None else images_dir
+    labels_dir = root / "labelsTr"
     if not images_dir.is_dir():
-        raise DataError(f"nnU-Net dataset {root}: folder imagesTr/ not found")
+        raise DataError(f"nnU-Net dataset {root}: folder {images_dir.name}/ not found")
     ending = str(meta.get("file_ending", ".nii.gz"))
     by_case: dict[str, dict[int, Path]] = {}
     for path in sorted(images_dir.iterdir()):
@@ -406,3 +409,20 @@ def _scan_nnunet(root: Path, modalities: Sequence[str] | None, problems: list[st
         label = labels_dir / f"{case_id}{ending}"
         cases.append(Case(case_id, [files[c] for c in channels], label if label.is_file() else None))
     return cases
+
+
+def is_channel_file_folder(folder: Path) -> bool:
+    """True for a folder of nnU-Net channel files ``<case>_0000.nii.gz`` (e.g. imagesTs/)."""
+    stems = [nifti_stem(p) for p in folder.iterdir() if p.is_file() and is_nifti(p)]
+    return bool(stems) and all(_CHANNEL_FILE.match(stem) for stem in stems)
+
+
+def find_channel_file_cases(images_dir: str | Path, modalities: Sequence[str] | None = None) -> list[Case]:
+    """Unlabeled cases from a folder of nnU-Net channel files (``imagesTs/``, say); the
+    channel names come from the ``dataset.json`` beside the folder, when there is one."""
+    images_dir = Path(images_dir)
+    problems: list[str] = []
+    cases = _scan_nnunet(images_dir.parent, modalities, problems, images_dir=images_dir)
+    if problems:
+        raise DataError(problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
+    return [Case(c.case_id, c.images, None, c.channels) for c in cases]
