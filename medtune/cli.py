@@ -27,7 +27,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medtune", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="medtune",
+        description="medtune: self-supervised pretraining and parameter-efficient finetuning "
+        "for medical imaging. Run `medtune COMMAND --help` for a command's flags.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
