@@ -366,6 +366,12 @@ def test_run_records_its_channel_order_and_predicts_an_msd_folder_the_same(medtu
     assert run_cli("predict", "--model", medtuning_run, "--input", msd, "--output", msd_pred) == 0
     expected = np.asarray(nib.load(str(brats_pred / f"{case.name}.nii.gz")).dataobj)
     assert np.array_equal(np.asarray(nib.load(str(msd_pred / f"{case.name}.nii.gz")).dataobj), expected)
+    # the unlabeled test images of an MSD task: imagesTs/ of 4D files
+    (msd / "imagesTs").mkdir()
+    shutil.copy(msd / "imagesTr" / f"{case.name}.nii.gz", msd / "imagesTs" / f"{case.name}.nii.gz")
+    test_pred = tmp_path / "msd_test_pred"
+    assert run_cli("predict", "--model", medtuning_run, "--input", msd / "imagesTs", "--output", test_pred) == 0
+    assert np.array_equal(np.asarray(nib.load(str(test_pred / f"{case.name}.nii.gz")).dataobj), expected)
 
 
 def test_predict_reads_an_nnunet_images_folder_in_the_run_channel_order(medtuning_run, synth_brats, tmp_path):

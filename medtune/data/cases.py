@@ -411,6 +411,21 @@ def _scan_nnunet(
     return cases
 
 
+def find_msd_image_cases(images_dir: str | Path, modalities: Sequence[str] | None = None) -> list[Case]:
+    """Unlabeled cases from a folder of MSD 4D images (``imagesTs/``): one case per file,
+    channels named by the ``modality`` map of the ``dataset.json`` beside the folder."""
+    images_dir = Path(images_dir)
+    where = images_dir.parent / "dataset.json"
+    names = _channel_names(_read_dataset_json(images_dir.parent), "modality", where)
+    if names is None and modalities is not None:
+        raise DataError(f"{where}: no 'modality' map to select {list(modalities)} from")
+    channels = _select_channels(names, modalities, where) if names is not None else None
+    files = sorted(f for f in images_dir.iterdir() if f.is_file() and is_nifti(f) and not f.name.startswith("."))
+    if not files:
+        raise DataError(f"{images_dir}: no NIfTI images")
+    return [Case(nifti_stem(f), [f], None, channels) for f in files]
+
+
 def is_channel_file_folder(folder: Path) -> bool:
     """True for a folder of nnU-Net channel files ``<case>_0000.nii.gz`` (e.g. imagesTs/)."""
     stems = [nifti_stem(p) for p in folder.iterdir() if p.is_file() and is_nifti(p)]

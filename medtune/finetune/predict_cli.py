@@ -27,8 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="finetune run folder or export (full, adapter, merged)")
     parser.add_argument(
         "--input", required=True,
-        help="segmentation: one case folder, a dataset folder, or a folder of nnU-Net channel files "
-        "(imagesTs/, channel names from the dataset.json beside it); referring: an image (with --expression) "
+        help="segmentation: one case folder, a dataset folder, or an images folder of an MSD/nnU-Net "
+        "dataset (imagesTs/: channel names from the dataset.json beside it); referring: an image (with --expression) "
         "or a .jsonl of records; vqa: an image or a folder of images (with --question), or a dataset "
         "folder (without: answers and scores its eval split)",
     )
@@ -66,10 +66,12 @@ def run_task(model_dir: Path) -> str:
 
 
 def input_cases(path: Path, layout: str, modalities):
-    """Cases of a dataset folder, an nnU-Net ``imagesTs/``-style folder, or one case folder."""
+    """Cases of a dataset folder, an MSD/nnU-Net ``imagesTs/``-style folder, or one case folder."""
     from medtune.data.cases import (
+        detect_layout,
         find_channel_file_cases,
         find_cases,
+        find_msd_image_cases,
         is_channel_file_folder,
         is_nifti,
         scan_cases,
@@ -81,6 +83,8 @@ def input_cases(path: Path, layout: str, modalities):
         raise DataError(f"input folder not found: {path}")
     if is_channel_file_folder(path):  # nnU-Net imagesTs/: <case>_0000.nii.gz, ...
         return find_channel_file_cases(path, modalities)
+    if (path.parent / "dataset.json").is_file() and detect_layout(path.parent) == "msd":
+        return find_msd_image_cases(path, modalities)  # MSD imagesTs/: one 4D file per case
     if any(p.is_file() and is_nifti(p) for p in path.iterdir()) and not (path / "dataset.json").is_file():
         cases, problems = scan_cases(path.parent, "brats", modalities)
         chosen = [c for c in cases if c.case_id == path.name]
