@@ -43,7 +43,7 @@ from medtune.checkpoints.io import load_json, load_state, load_weights, save_jso
 from medtune.config import from_dict, to_dict
 from medtune.errors import CheckpointError, ConfigError, DataError
 from medtune.finetune.cmmasksd import CMMaskSD, CMMaskSDConfig
-from medtune.finetune.ris_metrics import ReferringMetrics
+from medtune.finetune.ris_metrics import ReferringMetrics, intersection_and_union, referring_metrics_from_counts
 from medtune.models import clip as clip_lib
 from medtune.trainer import TrainConfig
 
@@ -521,39 +521,90 @@ def _collect_records(cfg: ReferringConfig, run_dir: Path) -> tuple[list, list]:
     return train_records, val_records
 
 
+ReferringRow = tuple[int, int, int]  # (sample index, intersection, union) in pixels
+
+
 @torch.no_grad()
+def referring_shard_counts(
+    model: ReferringSegmenter,
+    dataset,
+    rank: int = 0,
+    world: int = 1,
+    batch_size: int = 16,
+    threshold: float = 0.5,
+    original_size: bool = False,
+) -> list[ReferringRow]:
+    """Per-sample intersection and union for this process's share of a :class:`ReferringDataset`.
+
+    Process ``rank`` of ``world`` scores samples ``rank, rank + world, ...``; the shares
+    of all ranks cover every sample once. With ``original_size`` each prediction is
+    upsampled to its image's size and scored against the full-resolution mask;
+    otherwise both are at the model's input size.
+    """
+    from torch.utils.data import DataLoader, Subset
+
+    indices = list(range(rank, len(dataset), world))
+    shard = dataset if world == 1 else Subset(dataset, indices)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rows: list[ReferringRow] = []
+    for batch in DataLoader(shard, batch_size=batch_size, shuffle=False):
+        tokens = batch["tokens"].to(device)
+        index = batch["index"].tolist()  # positions in the whole dataset
+        if not original_size:
+            probs = model.predict(batch["image"].to(device), tokens)
+            intersection, union = intersection_and_union(probs > threshold, batch["mask"].to(device) > 0.5)
+            rows += zip(index, intersection.tolist(), union.tolist())
+            continue
+        logits = model.forward_branch(batch["image"].to(device), tokens).logits  # [B, 1, h, w]
+        for logit, sample in zip(logits, index):
+            truth = torch.from_numpy(dataset.load_mask(sample)).to(device)  # [H, W]
+            prob = torch.sigmoid(model.logits_on_image(logit[None], tuple(truth.shape)))  # [1, 1, H, W]
+            intersection, union = intersection_and_union(prob[0] > threshold, truth[None])
+            rows.append((sample, int(intersection), int(union)))
+    model.train(was_training)
+    return rows
+
+
+def merge_referring_counts(rows: list[ReferringRow]) -> dict[str, float]:
+    """oIoU (total I / total U), mIoU and prec@X from the rows of every shard, in sample order.
+
+    Per-sample IoU is a function of that sample's (I, U) alone, so the merged metrics
+    are those of one process scoring every sample.
+    """
+    if not rows:
+        raise ValueError("no referring samples were scored")
+    rows = sorted(rows)
+    intersection = torch.tensor([row[1] for row in rows], dtype=torch.long)
+    union = torch.tensor([row[2] for row in rows], dtype=torch.long)
+    return referring_metrics_from_counts(intersection, union)
+
+
 def evaluate_referring(
     model: ReferringSegmenter,
     dataset,
     batch_size: int = 16,
     threshold: float = 0.5,
     original_size: bool = False,
+    accelerator=None,
 ) -> dict[str, float]:
     """oIoU, mIoU, prec@X of ``model`` on a :class:`ReferringDataset`.
 
     With ``original_size`` each prediction is upsampled to its image's size and scored
     against the full-resolution mask; otherwise both are at the model's input size.
+    With an ``accelerator`` of several processes each one scores every
+    ``num_processes``-th sample and the per-sample counts are gathered, so every process
+    returns the single-process metrics and no sample is scored twice (then every
+    process must call this).
     """
-    from torch.utils.data import DataLoader
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    rows = referring_shard_counts(model, dataset, rank, world, batch_size, threshold, original_size)
+    if world > 1:
+        from accelerate.utils import gather_object
 
-    was_training = model.training
-    model.eval()
-    metrics = ReferringMetrics()
-    device = next(model.parameters()).device
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        tokens = batch["tokens"].to(device)
-        if not original_size:
-            probs = model.predict(batch["image"].to(device), tokens)
-            metrics.update(probs > threshold, batch["mask"].to(device) > 0.5)
-            continue
-        with torch.no_grad():
-            logits = model.forward_branch(batch["image"].to(device), tokens).logits  # [B, 1, h, w]
-        for logit, index in zip(logits, batch["index"].tolist()):
-            truth = torch.from_numpy(dataset.load_mask(index)).to(device)  # [H, W]
-            prob = torch.sigmoid(model.logits_on_image(logit[None], tuple(truth.shape)))  # [1, 1, H, W]
-            metrics.update(prob[0] > threshold, truth[None])
-    model.train(was_training)
-    return metrics.compute()
+        rows = gather_object(rows)
+    return merge_referring_counts(rows)
 
 
 def apply_cli_flags(cfg_dict: dict, args: argparse.Namespace) -> dict:
@@ -633,7 +684,7 @@ def finetune_main(args: argparse.Namespace) -> int:
         run_dir,
         resume=getattr(args, "resume", None),
         evaluate=lambda m: evaluate_referring(
-            m, val_set, cfg.eval.batch_size, cfg.eval.threshold, cfg.eval.original_size
+            m, val_set, cfg.eval.batch_size, cfg.eval.threshold, cfg.eval.original_size, accelerator
         ),
         is_better=higher_is_better("oIoU"),
         on_best=save_model,

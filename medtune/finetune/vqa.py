@@ -40,7 +40,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from medtune.config import apply_overrides, from_dict, read_yaml, to_dict
 from medtune.errors import CheckpointError, ConfigError, DataError
@@ -352,11 +352,53 @@ def report_unknown_answers(dataset, max_examples: int = 3) -> int:
     return len(unknown)
 
 
-def evaluate_vqa(model: VQAModel, dataset, batch_size: int = 64, num_workers: int = 0) -> dict[str, float]:
-    """:func:`vqa_accuracy` of ``model`` on ``dataset`` (empty subsets left out)."""
-    out = predict_dataset(model, dataset, batch_size, num_workers)
-    metrics = vqa_accuracy(out["pred"], out["target"], out["closed"])
+VQARow = tuple[int, int, int, bool]  # (question index, predicted answer, true answer or -1, closed)
+
+
+def predict_shard(
+    model: VQAModel, dataset, rank: int = 0, world: int = 1, batch_size: int = 64, num_workers: int = 0
+) -> list[VQARow]:
+    """Per-question results for this process's share of ``dataset``.
+
+    Process ``rank`` of ``world`` answers questions ``rank, rank + world, ...``; the
+    shares of all ranks cover every question once. Returns one ``(index, pred, target,
+    closed)`` row per question (target -1: answer not in the vocabulary).
+    """
+    indices = list(range(rank, len(dataset), world))
+    if not indices:
+        return []
+    shard = dataset if world == 1 else Subset(dataset, indices)
+    out = predict_dataset(model, shard, batch_size, num_workers)
+    return list(zip(indices, out["pred"].tolist(), out["target"].tolist(), out["closed"].bool().tolist()))
+
+
+def merge_vqa_rows(rows: Sequence[VQARow]) -> dict[str, float]:
+    """:func:`vqa_accuracy` of the rows of every shard, in question order (empty subsets left out)."""
+    rows = sorted(rows)
+    pred = torch.tensor([row[1] for row in rows], dtype=torch.long)
+    target = torch.tensor([row[2] for row in rows], dtype=torch.long)
+    closed = torch.tensor([row[3] for row in rows], dtype=torch.bool)
+    metrics = vqa_accuracy(pred, target, closed)
     return {k: v for k, v in metrics.items() if not math.isnan(v)}
+
+
+def evaluate_vqa(
+    model: VQAModel, dataset, batch_size: int = 64, num_workers: int = 0, state: Any = None
+) -> dict[str, float]:
+    """:func:`vqa_accuracy` of ``model`` on ``dataset`` (empty subsets left out).
+
+    ``state`` (an ``Accelerator`` or ``PartialState``, None: one process): with several
+    processes each one answers every ``num_processes``-th question and the rows are
+    gathered, so every process returns the single-process metrics and no question is
+    answered twice. Then every process must call this.
+    """
+    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    rows = predict_shard(model, dataset, rank, world, batch_size, num_workers)
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        rows = gather_object(rows)
+    return merge_vqa_rows(rows)
 
 
 def majority_baseline(dataset) -> dict[str, float]:
@@ -547,7 +589,7 @@ def finetune_main(args: Any) -> int:
         save_json(config_data, run_dir / CONFIG_FILE)
 
     def evaluate(bare: nn.Module) -> dict[str, float]:
-        return evaluate_vqa(bare, eval_set, cfg.eval_batch_size)
+        return evaluate_vqa(bare, eval_set, cfg.eval_batch_size, state=state)
 
     def on_best(bare: nn.Module, metrics: Mapping[str, float]) -> None:
         save_vqa_model(bare, run_dir / BEST_DIR / MODEL_FILE)
