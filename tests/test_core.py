@@ -14,6 +14,7 @@ from medtune.checkpoints.io import (
     atomic_write,
     load_json,
     load_state,
+    load_trained_state,
     load_weights,
     save_json,
     save_safetensors,
@@ -128,3 +129,15 @@ def test_cli_unknown_command_exits_nonzero(capsys):
     with pytest.raises(SystemExit) as info:
         main(["no-such-command"])
     assert info.value.code == 2
+
+
+def test_load_trained_state_needs_exactly_the_expected_tensors():
+    model = nn.Linear(3, 2)
+    report = load_trained_state(model, {"bias": torch.ones(2)}, ["bias"], source="a.safetensors")
+    assert report.loaded == ["bias"] and torch.equal(model.bias, torch.ones(2))
+    with pytest.raises(CheckpointError, match="'weight' is not a trained tensor"):
+        load_trained_state(model, {"bias": torch.ones(2), "weight": torch.ones(2, 3)}, ["bias"])
+    with pytest.raises(CheckpointError, match="missing 1 trained tensors \\(first: 'weight'\\)"):
+        load_trained_state(model, {"bias": torch.ones(2)}, ["bias", "weight"])
+    with pytest.raises(CheckpointError, match="'bias' has shape \\(3,\\)"):
+        load_trained_state(model, {"bias": torch.ones(3)}, ["bias"])

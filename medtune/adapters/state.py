@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from medtune.adapters.core import ADAPTERS, AdapterConfig, AdapterInfo, find_adapted
-from medtune.checkpoints.io import load_json, load_weights, save_json, save_safetensors
+from medtune.checkpoints.io import load_json, load_trained_state, load_weights, save_json, save_safetensors
 from medtune.config import from_dict, to_dict
 from medtune.errors import CheckpointError, ConfigError
 
@@ -51,24 +51,7 @@ def load_adapter_state(
     backbone or method).
     """
     backbone, _ = _adapted(model)
-    expected = adapter_state_dict(backbone)
-    for name, tensor in state.items():
-        if name not in expected:
-            raise CheckpointError(
-                f"{source}: tensor '{name}' is not a trained tensor of this adapted backbone "
-                "(adapter of another backbone or method?)"
-            )
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(
-                f"{source}: tensor '{name}' has shape {tuple(tensor.shape)}, the adapted backbone "
-                f"expects {tuple(expected[name].shape)} (adapter of another backbone?)"
-            )
-    missing = [name for name in expected if name not in state]
-    if missing:
-        raise CheckpointError(
-            f"{source}: missing {len(missing)} adapter tensors (first: '{missing[0]}')"
-        )
-    backbone.load_state_dict(dict(state), strict=False)
+    load_trained_state(backbone, state, adapter_state_dict(backbone), source=source)
 
 
 def adapter_config_dict(model: nn.Module) -> dict[str, Any]:

@@ -36,7 +36,14 @@ from typing import Any, Mapping
 
 import torch
 
-from medtune.checkpoints.io import load_json, load_state, load_weights, save_json, save_safetensors
+from medtune.checkpoints.io import (
+    load_json,
+    load_state,
+    load_trained_state,
+    load_weights,
+    save_json,
+    save_safetensors,
+)
 from medtune.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -263,17 +270,7 @@ def load_segmenter(
                 f"({recorded.get('path')}): other base weights than the adapter was trained on"
             )
         state = load_weights(adapter_file)
-        expected = trained_state_dict(model)
-        for name, tensor in state.items():
-            if name not in expected:
-                raise CheckpointError(
-                    f"{adapter_file}: tensor '{name}' is not a trained tensor of this model "
-                    "(adapter of another backbone or method?)"
-                )
-        load_state(model, state, strict=False, source=adapter_file)
-        missing = [name for name in expected if name not in state]
-        if missing:
-            raise CheckpointError(f"{adapter_file}: missing {len(missing)} trained tensors (first: '{missing[0]}')")
+        load_trained_state(model, state, trained_state_dict(model), source=adapter_file)
     else:
         raise CheckpointError(
             f"{path}: no weights ({MODEL_FILE} or {ADAPTER_WEIGHTS_FILE}); "

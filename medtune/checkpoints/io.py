@@ -14,7 +14,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -152,3 +152,31 @@ def load_state(
     module.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
     log.info("%s: %s", source, report.summary())
     return report
+
+
+def load_trained_state(
+    module: torch.nn.Module,
+    state: Mapping[str, torch.Tensor],
+    expected: Iterable[str],
+    *,
+    source: str | Path = "<state>",
+    what: str = "trained tensor",
+) -> LoadReport:
+    """Load a partial state that must hold exactly the ``expected`` keys of ``module``
+    (an adapter file: the trained tensors only, the frozen rest comes from elsewhere).
+
+    A key outside ``expected``, a missing expected key or a shape mismatch is a
+    :class:`CheckpointError` naming the tensor (an adapter of another backbone or method).
+    """
+    expected = list(expected)
+    wanted = set(expected)
+    for name in state:
+        if name not in wanted:
+            raise CheckpointError(
+                f"{source}: tensor '{name}' is not a {what} of this model (adapter of another backbone or method?)"
+            )
+    missing = [name for name in expected if name not in state]
+    if missing:
+        raise CheckpointError(f"{source}: missing {len(missing)} {what}s (first: '{missing[0]}')")
+    return load_state(module, state, strict=False, source=source)
+
