@@ -26,6 +26,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def add_run_arguments(
+    parser: argparse.ArgumentParser, *, config_required: bool, output_help: str, resume_help: str
+) -> None:
+    """The flags every training command shares: --config, --data, --output, --set, --resume."""
+    parser.add_argument("--config", required=config_required, default=None, help="YAML recipe (configs/*.yaml)")
+    parser.add_argument("--data", default=None, help="dataset folder (sets data.root)")
+    parser.add_argument("--output", default=None, help=output_help)
+    parser.add_argument(
+        "--set", dest="set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+        help="override config values, e.g. --set train.max_steps=10 train.optim.lr=1e-3 (repeatable)",
+    )
+    parser.add_argument("--resume", default=None, metavar="latest|DIR", help=resume_help)
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medtune",

@@ -16,6 +16,7 @@ import importlib
 import logging
 from pathlib import Path
 
+from medtune.cli import add_run_arguments
 from medtune.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -24,18 +25,10 @@ TASK_MODULES = {"referring": "medtune.finetune.referring", "vqa": "medtune.finet
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="YAML recipe (configs/*.yaml)")
-    parser.add_argument("--data", default=None, help="dataset folder (sets data.root)")
-    parser.add_argument("--output", default=None, help="run folder (default: the config's output)")
-    parser.add_argument(
-        "--set", dest="set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-        help="override config values, e.g. --set train.max_steps=10 train.optim.lr=1e-3 "
-        "(as in `medtune pretrain`; repeatable)",
-    )
-    parser.add_argument(
-        "--resume", default=None, metavar="latest|DIR",
-        help="continue a run: 'latest' (newest state/step_N of --output) or a run / state/step_N folder; "
-        "without it, an --output that holds a trained run is refused",
+    add_run_arguments(
+        parser, config_required=False, output_help="run folder (default: the config's output)",
+        resume_help="continue a run: 'latest' (newest state/step_N of --output) or a run / state/step_N "
+        "folder; without it, an --output that holds a trained run is refused",
     )
     parser.add_argument(
         "--backbone", default=None,

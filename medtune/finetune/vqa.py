@@ -558,7 +558,7 @@ def finetune_main(args: Any) -> int:
     Trains with the shared trainer, evaluates on the eval split every
     ``train.eval_every`` steps (best weights kept), writes the run folder.
     """
-    overrides = getattr(args, "overrides", None) or getattr(args, "set", None) or []
+    overrides = getattr(args, "set", None) or []
     cfg = load_vqa_config(getattr(args, "config", None), overrides)
     cfg = _apply_cli_flags(cfg, args)
     run_dir = _run_dir(args)

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from medtune.cli import add_run_arguments
 from medtune.errors import CheckpointError, ConfigError, DataError, MedtuneError
 
 log = logging.getLogger(__name__)
@@ -41,19 +42,9 @@ T = TypeVar("T")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/fremae_swinunetr2d_brats.yaml")
-    parser.add_argument("--data", default=None, help="dataset folder (sets data.root)")
-    parser.add_argument(
-        "--output", default=None,
-        help="run folder (default checkpoints/<config stem>-<YYYYmmdd-HHMMSS>)",
-    )
-    parser.add_argument(
-        "--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-        help="override config keys, e.g. --set train.max_steps=5 train.optim.lr=3e-4",
-    )
-    parser.add_argument(
-        "--resume", default=None, metavar="latest|DIR",
-        help="continue a run: 'latest' (newest saved state of --output, or of the newest "
+    add_run_arguments(
+        parser, config_required=True, output_help="run folder (default checkpoints/<config stem>-<YYYYmmdd-HHMMSS>)",
+        resume_help="continue a run: 'latest' (newest saved state of --output, or of the newest "
         "checkpoints/<config stem>-* run) or a run folder / state/step_N folder",
     )
 
@@ -66,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from medtune.trainer import make_accelerator, wait_for_everyone
 
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its save/load chatter
-    overrides = list(args.overrides)
+    overrides = list(args.set)
     if args.data is not None:
         overrides.append(f"data.root={json.dumps(str(args.data))}")  # JSON: always a YAML string
     cfg = load_pretrain_config(args.config, overrides)
