@@ -1,8 +1,10 @@
 """The ``medtune`` command: a thin layer over library functions.
 
 Each subcommand lives next to the code it drives, in a module that exposes
-``add_arguments(parser)`` and ``run(args) -> int``; this file only lists them.
-Any :class:`~medtune.errors.MedtuneError` becomes one line on stderr and exit code 2.
+``add_arguments(parser, argv)`` and ``run(args) -> int``; this file only lists them.
+``argv`` (the whole command line) lets a command add the flags of the task it will run
+(``medtune finetune --task vqa``, ``medtune predict --model RUN``). Any
+:class:`~medtune.errors.MedtuneError` becomes one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -40,7 +42,15 @@ def add_run_arguments(
     parser.add_argument("--resume", default=None, metavar="latest|DIR", help=resume_help)
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+def peek(argv: list[str], flag: str) -> str | None:
+    """The value of ``flag`` in ``argv`` (``--flag V`` or ``--flag=V``) before parsing, or None."""
+    peeker = argparse.ArgumentParser(add_help=False)
+    peeker.add_argument(flag, default=None)
+    known, _ = peeker.parse_known_args(argv)
+    return getattr(known, flag.lstrip("-").replace("-", "_"))
+
+
+def build_parser(only: str | None = None, argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medtune",
         description="medtune: self-supervised pretraining and parameter-efficient finetuning "
@@ -54,7 +64,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         # `medtune data ...` stay light.
         if only == name:
             module = importlib.import_module(module_name)
-            module.add_arguments(sp)
+            module.add_arguments(sp, list(argv or []))
             sp.set_defaults(_module=module)
     return parser
 
@@ -63,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = next((a for a in argv if a in COMMANDS), None)
     try:
-        parser = build_parser(only=chosen)
-    except ModuleNotFoundError as exc:  # a command whose module is not built yet
+        parser = build_parser(only=chosen, argv=argv)
+    except MedtuneError as exc:  # e.g. the run folder that decides a command's flags is unreadable
         print(f"medtune: error: {exc}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)

@@ -8,11 +8,16 @@ A name in a config picks an implementation::
     def build_vit(...): ...
 
     BACKBONES.get("vit_tiny_patch16_224")(...)
+
+An entry may also be registered by import path, so that listing names costs no
+import (``TASKS.register_path("vqa", "medtune.finetune.vqa:TASK")``); the module is
+imported the first time the entry is used.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import importlib
 from typing import Callable, Generic, Iterator, TypeVar
 
 from medtune.errors import ConfigError
@@ -39,12 +44,20 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def register_path(self, name: str, path: str) -> None:
+        """Register ``"package.module:attribute"`` under ``name``, imported on first :meth:`get`."""
+        if name in self._entries:
+            raise ValueError(f"{self.kind} '{name}' is registered twice")
+        if ":" not in path:
+            raise ValueError(f"{self.kind} '{name}': import path '{path}' must be 'module:attribute'")
+        self._entries[name] = _Lazy(path)  # type: ignore[assignment]
+
     def get(self, name: str) -> T:
         if name in self._entries:
-            return self._entries[name]
-        for pattern, obj in self._entries.items():
+            return self._resolve(name)
+        for pattern in self._entries:
             if any(c in pattern for c in "*?[") and fnmatch.fnmatchcase(name, pattern):
-                return obj
+                return self._resolve(pattern)
         raise ConfigError(f"unknown {self.kind} '{name}'; known: {', '.join(self.names())}")
 
     def __contains__(self, name: str) -> bool:
@@ -59,3 +72,17 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+    def _resolve(self, key: str) -> T:
+        entry = self._entries[key]
+        if isinstance(entry, _Lazy):
+            module, _, attribute = entry.path.partition(":")
+            entry = self._entries[key] = getattr(importlib.import_module(module), attribute)
+        return entry
+
+
+class _Lazy:
+    """A registry entry not imported yet."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path

@@ -7,21 +7,18 @@ import copy
 import pytest
 import torch
 
-from medtune.finetune.cmmasksd import (
+from medtune.checkpoints.counting import count_parameters
+from medtune.finetune.referring import ReferringModelConfig, build_referring_model
+from medtune.finetune.referring.cmmasksd import (
     CMMaskSDConfig,
-    distill_loss,
     mask_top_ratio,
     patch_relevance,
     patch_word_similarity,
     similarity_guided_masks,
     word_relevance,
 )
-from medtune.finetune.referring import (
-    ReferringModelConfig,
-    build_referring_model,
-    count_parameters,
-    self_distill_overhead,
-)
+from medtune.finetune.referring.overhead import self_distill_overhead
+from medtune.finetune.self_distill import distill_loss
 
 TINY = {
     "embed_dim": 32,
@@ -76,19 +73,21 @@ def test_similarity_guided_masks_from_embeddings_and_per_row_counts():
     assert not (word_mask & ~word_valid).any()
 
 
-def test_distill_loss_is_zero_on_agreement_and_stops_gradient():
+def test_mask_distill_loss_is_zero_on_agreement_and_stops_gradient():
+    """CM-MaskSD's term is the shared distill_loss on sigmoid mask probabilities."""
     torch.manual_seed(0)
     teacher = torch.randn(2, 1, 8, 8, requires_grad=True)
     for kind in ("bce", "kl", "mse"):
-        agree = distill_loss(teacher.detach().clone().requires_grad_(True), teacher, kind)
+        agree = distill_loss(teacher.detach().clone().requires_grad_(True), teacher, kind, "sigmoid")
         assert abs(agree.item()) < 1e-7
         student = torch.randn(2, 1, 8, 8, requires_grad=True)
-        loss = distill_loss(student, teacher, kind)
+        loss = distill_loss(student, teacher, kind, "sigmoid")
         assert loss.item() > 0
         loss.backward()
         assert teacher.grad is None and student.grad.abs().sum() > 0
     # hand-worked: p_t = 0.5 and p_s = 0.75 -> KL = 0.5 ln(2/3) + 0.5 ln 2
-    value = distill_loss(torch.full((1, 1, 1, 1), torch.log(torch.tensor(3.0)).item()), torch.zeros(1, 1, 1, 1))
+    value = distill_loss(torch.full((1, 1, 1, 1), torch.log(torch.tensor(3.0)).item()), torch.zeros(1, 1, 1, 1),
+                         CMMaskSDConfig().loss, "sigmoid")
     assert value.item() == pytest.approx(0.5 * torch.log(torch.tensor(2 / 3)).item() + 0.5 * torch.log(torch.tensor(2.0)).item(), abs=1e-6)
 
 
@@ -103,8 +102,8 @@ def test_masked_branches_share_every_weight():
     assert extra == {"masksd.visual_mask_token", "masksd.word_mask_token"}
     assert all(sd_shapes[k] == s for k, s in plain_shapes.items())
     # the coordinating parameters alone: one ViT-width token (32) + one text-width token (48)
-    assert count_parameters(with_sd) - count_parameters(plain) == 32 + 48
-    assert count_parameters(with_sd, True) - count_parameters(plain, True) == 32 + 48
+    assert count_parameters(with_sd)[0] - count_parameters(plain)[0] == 32 + 48
+    assert count_parameters(with_sd)[1] - count_parameters(plain)[1] == 32 + 48
 
 
 def test_distillation_gradient_reaches_shared_weights_through_masked_branches():
@@ -178,6 +177,23 @@ def test_self_distill_overhead_reports_params_and_flops():
     # two extra decoder passes but only one extra pass per CLIP tower (the unmasked
     # modality's features are reused): more than 2x, less than 3 full steps
     assert 2.0 < ratio < 3.0, ratio
+    # counted with medtune's one FLOP counter, as `medtune params` counts: the projector's
+    # per-sample kernels are a grouped convolution, which torch's own formula overcounts
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from medtune.checkpoints.counting import count_flops
+    from medtune.finetune.referring.overhead import example_batch
+
+    torch.manual_seed(0)
+    model = build_referring_model(tiny_model_config(False), load_clip_weights=False)
+    batch = example_batch(model.cfg, model.tokenizer, 2)
+    model.train()
+    assert count_flops(lambda: model(batch)["loss"], backward=True) == report["flops_plain"]
+    model.zero_grad()
+    plain_counter = FlopCounterMode(display=False)
+    with plain_counter:
+        model(batch)["loss"].backward()
+    assert plain_counter.get_total_flops() > report["flops_plain"]
 
 
 def test_resnet_clip_mask_token_is_a_colour():

@@ -9,19 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from medtune.checkpoints.export import (
-    export_run,
-    file_sha256,
-    load_segmenter,
-    run_config_dict,
-    save_full_weights,
-    save_trained_weights,
-)
+from medtune.adapters import adapter_state_dict, load_adapter
 from medtune.checkpoints.io import load_json, load_weights, save_safetensors
 from medtune.checkpoints.params import segmentation_config
-from medtune.data.labels import LabelSpec
+from medtune.checkpoints.runs import RunConfig, write_run_config
+from medtune.config import to_dict
 from medtune.errors import CheckpointError, ConfigError
-from medtune.finetune.segmentation import build_segmenter, trained_state_dict
+from medtune.finetune.segmentation import build_segmenter, load_segmenter
+from medtune.finetune.weights import file_sha256, head_state_dict, save_base_backbone, save_trained
+from medtune.checkpoints.export import export_run
+
+BRATS = {"label_values": [0, 1, 2, 4], "regions": {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]}}
 
 
 def make_run(folder: Path, method: str) -> Path:
@@ -30,15 +28,15 @@ def make_run(folder: Path, method: str) -> Path:
         "vit_tiny_patch16_224", 4, 32, 2, method, backbone_options={"depth": 4}, decoder_options={"channels": 8}
     )
     torch.manual_seed(0)
-    model, base = build_segmenter(cfg, 4, load_pretrained=False)
+    model = build_segmenter(cfg, 4, load_pretrained=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_run_config(folder, RunConfig("segmentation", to_dict(cfg), BRATS))
+    save_base_backbone(model, folder)  # when the run starts
     with torch.no_grad():  # make the trained tensors non-trivial (zero-init up-projections, ...)
         for name, param in model.named_parameters():
             if param.requires_grad:
                 param.add_(0.01 * torch.randn_like(param))
-    run_config = run_config_dict(cfg, LabelSpec.brats())
-    save_safetensors(base, folder / "backbone.safetensors")
-    save_full_weights(model, folder, run_config)
-    save_trained_weights(model, folder, run_config, folder / "backbone.safetensors")
+    save_trained(model, folder, folder, "segmentation")
     return folder
 
 
@@ -53,25 +51,45 @@ def run(tmp_path_factory) -> Path:
     return make_run(tmp_path_factory.mktemp("run"), "med-tuning")
 
 
-def test_adapter_file_holds_exactly_the_trained_tensors(run):
+def test_adapter_files_hold_exactly_the_trained_tensors(run):
     model = load_segmenter(run)
-    saved = load_weights(run / "adapter_model.safetensors")
-    expected = trained_state_dict(model)
+    saved = load_weights(run / "adapter.safetensors")
+    expected = adapter_state_dict(model.backbone)
     assert set(saved) == set(expected)
     assert all(torch.equal(saved[k], expected[k]) for k in saved)
+    head = load_weights(run / "head.safetensors")
+    assert set(head) == set(head_state_dict(model)) == {k for k in model.state_dict() if k.startswith("decoder.")}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable <= set(saved)  # + adapter/decoder buffers (BatchNorm statistics)
-    config = load_json(run / "adapter_config.json")
+    stored = {f"backbone.{k}" for k in saved} | set(head)
+    assert trainable <= stored  # + adapter/decoder buffers (BatchNorm statistics)
+    config = load_json(run / "adapter.json")
     assert config["method"] == "med-tuning" and config["backbone"] == "vit_tiny_patch16_224"
     assert config["base_weights"] == {"path": "backbone.safetensors", "sha256": file_sha256(run / "backbone.safetensors")}
-    assert config["run_config"]["label_values"] == [0, 1, 2, 4]
+
+
+def test_the_adapter_export_is_what_the_adapter_loader_reads(run, tmp_path):
+    """One adapter format: medtune.adapters.load_adapter reads an export into a fresh adapted backbone."""
+    export_run(run, tmp_path / "adapter", "adapter")
+    trained = load_segmenter(run)
+    fresh = build_segmenter(trained_cfg(run), 4, load_pretrained=False)
+    load_adapter(fresh.backbone, tmp_path / "adapter")
+    for name, tensor in adapter_state_dict(trained.backbone).items():
+        assert torch.equal(adapter_state_dict(fresh.backbone)[name], tensor), name
+
+
+def trained_cfg(run: Path):
+    from medtune.finetune.segmentation.task import TASK
+    from medtune.checkpoints.runs import read_run_config
+
+    return TASK.load_config(read_run_config(run).config)
 
 
 def test_adapter_export_references_base_and_checks_its_sha(run, tmp_path):
     reference = logits(load_segmenter(run))
     export_run(run, tmp_path / "adapter", "adapter")
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    recorded = load_json(tmp_path / "adapter" / "adapter_config.json")["base_weights"]
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "adapter.json", "adapter.safetensors", "config.json", "head.safetensors"]
+    recorded = load_json(tmp_path / "adapter" / "adapter.json")["base_weights"]
     assert Path(recorded["path"]) == (run / "backbone.safetensors").resolve()
     assert torch.equal(logits(load_segmenter(tmp_path / "adapter")), reference)
 
@@ -98,7 +116,7 @@ def test_adapter_export_references_base_and_checks_its_sha(run, tmp_path):
 def test_copy_base_makes_a_self_contained_adapter_export(run, tmp_path):
     export_run(run, tmp_path / "adapter", "adapter", copy_base=True)
     assert (tmp_path / "adapter" / "backbone.safetensors").is_file()
-    assert load_json(tmp_path / "adapter" / "adapter_config.json")["base_weights"]["path"] == "backbone.safetensors"
+    assert load_json(tmp_path / "adapter" / "adapter.json")["base_weights"]["path"] == "backbone.safetensors"
     shutil.move(str(tmp_path / "adapter"), str(tmp_path / "moved"))
     assert torch.equal(logits(load_segmenter(tmp_path / "moved")), logits(load_segmenter(run)))
 
@@ -107,13 +125,14 @@ def test_merged_refusals_and_full_round_trip(run, tmp_path):
     with pytest.raises(ConfigError, match="only LoRA merges"):
         export_run(run, tmp_path / "m", "merged")
     full_run = make_run(tmp_path / "full_run", "full")
-    with pytest.raises(ConfigError, match="no adapter to fold"):
+    with pytest.raises(ConfigError, match="no low-rank update to fold"):
         export_run(full_run, tmp_path / "m2", "merged")
     export_run(run, tmp_path / "full", "full")
     with pytest.raises(CheckpointError, match="no base backbone weights"):
         export_run(tmp_path / "full", tmp_path / "a", "adapter")
-    with pytest.raises(ConfigError, match="unknown export format"):
+    with pytest.raises(ConfigError, match="this run exports as: full, adapter"):
         export_run(run, tmp_path / "x", "onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "full_run"]  # refusals leave nothing behind
 
 
 def test_lora_merge_gives_a_plain_model_with_the_same_outputs(tmp_path):
@@ -121,7 +140,7 @@ def test_lora_merge_gives_a_plain_model_with_the_same_outputs(tmp_path):
     reference = logits(load_segmenter(lora))
     export_run(lora, tmp_path / "merged", "merged")
     config = load_json(tmp_path / "merged" / "config.json")
-    assert config["adapter"] == {"method": "full"} and config["merged_from"] == "lora"
+    assert config["adapter"] == {"method": "full"} and config["derived"]["export"]["merged_from"] == "lora"
     keys = set(load_weights(tmp_path / "merged" / "model.safetensors"))
     assert "backbone.model.blocks.0.attn.qkv.weight" in keys and not any("lora" in k for k in keys)
     assert torch.allclose(logits(load_segmenter(tmp_path / "merged")), reference, atol=1e-5)

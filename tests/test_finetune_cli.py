@@ -70,28 +70,31 @@ def lora_run(synth_brats, tmp_path_factory) -> Path:
 def test_finetune_writes_a_complete_run_folder(medtuning_run):
     from medtune.checkpoints.io import load_json
 
-    for name in ("config.json", "backbone.safetensors", "model.safetensors", "adapter_config.json",
-                 "adapter_model.safetensors", "best/model.safetensors", "best/adapter_model.safetensors",
-                 "metrics.jsonl"):
+    for name in ("config.json", "backbone.safetensors", "model.safetensors", "adapter.json",
+                 "adapter.safetensors", "head.safetensors", "summary.json", "best/model.safetensors",
+                 "best/adapter.safetensors", "best/head.safetensors", "best/summary.json", "metrics.jsonl"):
         assert (medtuning_run / name).is_file(), name
     config = load_json(medtuning_run / "config.json")
-    assert config["task"] == "segmentation" and config["label_values"] == [0, 1, 2, 4]
+    assert config["task"] == "segmentation" and config["derived"]["label_values"] == [0, 1, 2, 4]
     assert config["adapter"]["method"] == "med-tuning"
     evals = [line for line in (medtuning_run / "metrics.jsonl").read_text().splitlines() if "eval/Dice_mean" in line]
     assert len(evals) == 2  # steps 2 and 3
-    with safe_open(str(medtuning_run / "adapter_model.safetensors"), "pt") as handle:
+    summary = load_json(medtuning_run / "summary.json")
+    assert summary["steps"] == 3 and summary["best_step"] in (2, 3) and "Dice_mean" in summary["final"]
+    assert load_json(medtuning_run / "best" / "summary.json")["step"] == summary["best_step"]
+    with safe_open(str(medtuning_run / "adapter.safetensors"), "pt") as handle:
         keys = set(handle.keys())
-    assert any(".med_adapter." in k for k in keys) and any(k.startswith("decoder.") for k in keys)
-    assert "backbone.model.pos_embed" in keys  # Med-Tuning trains the position embedding
+    assert any(".med_adapter." in k for k in keys) and "model.pos_embed" in keys  # backbone names
     assert not any(k.endswith("attn.qkv.weight") for k in keys)  # frozen tensors stay out
+    with safe_open(str(medtuning_run / "head.safetensors"), "pt") as handle:
+        assert all(k.startswith("decoder.") for k in handle.keys())
     with safe_open(str(medtuning_run / "model.safetensors"), "pt") as handle:
         assert "backbone.model.blocks.0.attn.qkv.weight" in set(handle.keys())
 
 
 def test_resume_continues_from_the_last_state(medtuning_run, synth_brats, tmp_path):
     from medtune.checkpoints.io import load_json
-
-    from medtune.checkpoints.export import file_sha256
+    from medtune.finetune.weights import file_sha256
 
     run_dir = tmp_path / "run"
     shutil.copytree(medtuning_run, run_dir)
@@ -106,7 +109,7 @@ def test_resume_continues_from_the_last_state(medtuning_run, synth_brats, tmp_pa
     assert load_json(run_dir / "state" / "step_0000004" / "trainer_state.json")["step"] == 4
     # the base the run started from is kept, so adapter files still apply to it
     assert file_sha256(run_dir / "backbone.safetensors") == base_sha
-    assert load_json(run_dir / "adapter_config.json")["base_weights"]["sha256"] == base_sha
+    assert load_json(run_dir / "adapter.json")["base_weights"]["sha256"] == base_sha
 
 
 def test_predict_then_evaluate(medtuning_run, synth_brats, tmp_path, capsys):
@@ -146,7 +149,7 @@ def test_exports_reload_to_identical_predictions(medtuning_run, tmp_path):
         assert run_cli("export", medtuning_run, "--format", fmt, "--out", tmp_path / fmt) == 0
         assert torch.equal(_logits(load_segmenter(tmp_path / fmt)), reference), fmt
     assert not (tmp_path / "adapter" / "model.safetensors").exists()
-    adapter_bytes = (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size
+    adapter_bytes = sum((tmp_path / "adapter" / f).stat().st_size for f in ("adapter.safetensors", "head.safetensors"))
     assert adapter_bytes < (tmp_path / "full" / "model.safetensors").stat().st_size / 2
 
 
@@ -154,7 +157,7 @@ def test_lora_merged_export_matches_and_other_methods_refuse(lora_run, medtuning
     from medtune.finetune import load_segmenter
 
     model = load_segmenter(lora_run)
-    assert model.run_config["self_distill"] is not None  # --self-distill was wired in
+    assert model.self_distill is not None  # --self-distill was wired in
     reference = _logits(model)
     assert run_cli("export", lora_run, "--format", "merged", "--out", tmp_path / "merged") == 0
     merged = load_segmenter(tmp_path / "merged")
@@ -295,43 +298,7 @@ def test_evaluate_scores_ground_truth_as_perfect_and_refuses_bad_predictions(syn
     assert f"{cases[0].name}.nii.gz" in error_line(capsys.readouterr().err)
 
 
-def test_finetune_and_predict_dispatch_other_tasks(tmp_path, monkeypatch):
-    import json
-    import sys
-    import types
-
-    calls = []
-    fake = types.ModuleType("medtune.finetune.vqa")
-    fake.finetune_main = lambda args: calls.append(("finetune", args.task, args.set, args.text_weights)) or 0
-    fake.predict_main = lambda args, run_dir: calls.append(("predict", str(run_dir), args.question)) or 0
-    monkeypatch.setitem(sys.modules, "medtune.finetune.vqa", fake)
-    config = tmp_path / "vqa.yaml"
-    config.write_text("task: vqa\n")
-    assert run_cli("finetune", "--config", config, "--set", "train.max_steps=1", "--text-weights", "w.bin") == 0
-    run_dir = tmp_path / "vqa_run"
-    run_dir.mkdir()
-    (run_dir / "config.json").write_text(json.dumps({"task": "vqa"}))
-    assert run_cli("predict", "--model", run_dir, "--input", "x.png", "--output", tmp_path, "--question", "what?") == 0
-    assert calls == [("finetune", None, ["train.max_steps=1"], "w.bin"), ("predict", str(run_dir), "what?")]
-
-
-def test_predict_output_is_optional_for_vqa_and_required_for_segmentation(medtuning_run, synth_brats, tmp_path,
-                                                                          monkeypatch, capsys):
-    import json
-    import sys
-    import types
-
-    calls = []
-    fake = types.ModuleType("medtune.finetune.vqa")
-    fake.predict_main = lambda args, run_dir: calls.append(args.output) or 0
-    monkeypatch.setitem(sys.modules, "medtune.finetune.vqa", fake)
-    run_dir = tmp_path / "vqa_run"
-    run_dir.mkdir()
-    (run_dir / "config.json").write_text(json.dumps({"task": "vqa"}))
-    assert run_cli("predict", "--model", run_dir, "--input", "x.png", "--question", "what?") == 0
-    assert calls == [None]  # as in the README: the answer is printed, no --output needed
-
-    capsys.readouterr()
+def test_predict_needs_an_output_folder_and_a_folder_input(medtuning_run, synth_brats, tmp_path, capsys):
     assert run_cli("predict", "--model", medtuning_run, "--input", synth_brats) == 2
     assert "--output" in error_line(capsys.readouterr().err)
     case = sorted(p for p in synth_brats.iterdir() if p.is_dir())[0]

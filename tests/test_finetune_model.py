@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from medtune.errors import ConfigError
-from medtune.finetune.inference import flip_axes_for_tta, predict_label_map, sliding_window_probs
-from medtune.finetune.segmentation import SliceSegmenter, slices_to_volume, volume_to_slices
+from medtune.finetune.segmentation.inference import flip_axes_for_tta, predict_label_map, sliding_window_probs
+from medtune.adapters import slices_to_volume, volume_to_slices
+from medtune.finetune.segmentation import SliceSegmenter
 from medtune.models.decoders import UNetDecoder, UperNetDecoder, create_decoder
 
 
@@ -131,7 +132,7 @@ def _adapted_segmenter(method: str, gradient_checkpointing: bool = False) -> Sli
     )
     cfg.model.gradient_checkpointing = gradient_checkpointing
     torch.manual_seed(0)
-    model, _ = build_segmenter(cfg, 4, load_pretrained=False)
+    model = build_segmenter(cfg, 4, load_pretrained=False)
     with torch.no_grad():  # leave the zero-initialised up-projections
         for param in model.parameters():
             if param.requires_grad:

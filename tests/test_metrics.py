@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.metrics import DiceMetric
 
-from medtune.finetune.metrics import (
+from medtune.finetune.segmentation.metrics import (
     BRATS_REGIONS,
     HD95_ONE_EMPTY,
     dice_scores,

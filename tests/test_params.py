@@ -9,7 +9,7 @@ import torch
 
 from medtune.checkpoints.params import (
     compare_methods,
-    count_flops,
+    forward_flops,
     format_table,
     measure_method,
     safetensors_size,
@@ -63,18 +63,23 @@ def test_rows_are_consistent_across_methods(rows):
 
 def test_safetensors_size_is_exact_for_real_trained_tensors(tmp_path):
     from medtune.checkpoints.io import save_safetensors
-    from medtune.finetune.segmentation import build_segmenter, trained_state_dict
+    from medtune.finetune.segmentation import build_segmenter
+    from medtune.finetune.weights import head_state_dict, save_adapter_files
 
     cfg = segmentation_config(**TINY, method="med-tuning", backbone_options=OPTIONS, decoder_options=DECODER)
-    model, _ = build_segmenter(cfg, 4, load_pretrained=False)
-    state = trained_state_dict(model)
+    model = build_segmenter(cfg, 4, load_pretrained=False)
+    state = head_state_dict(model)
     assert any(t.dtype == torch.int64 for t in state.values())  # BatchNorm counters: mixed dtypes
-    metadata = {"method": "med-tuning", "task": "segmentation"}
+    metadata = {"task": "segmentation"}
     save_safetensors(state, tmp_path / "trained.safetensors", metadata=metadata)
     assert safetensors_size(state, metadata) == (tmp_path / "trained.safetensors").stat().st_size
     meta_state = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}
     assert safetensors_size(meta_state, metadata) == (tmp_path / "trained.safetensors").stat().st_size
-    assert measure_method(cfg).trained_bytes == (tmp_path / "trained.safetensors").stat().st_size
+    # the column is what a run writes: adapter.safetensors + head.safetensors
+    save_safetensors(model.backbone.state_dict(), tmp_path / "backbone.safetensors")
+    save_adapter_files(model, tmp_path, tmp_path / "backbone.safetensors", "segmentation")
+    written = sum((tmp_path / f).stat().st_size for f in ("adapter.safetensors", "head.safetensors"))
+    assert measure_method(cfg).trained_bytes == written
 
 
 def test_flops_hand_count_and_slice_scaling():
@@ -87,7 +92,7 @@ def test_flops_hand_count_and_slice_scaling():
         def forward_logits(self, volume):
             return self.fc(volume.movedim(1, -1))
 
-    assert count_flops(Linear(), (1, 3, 2, 2, 4), device="cpu") == 2 * 3 * 5 * (2 * 2 * 4)
+    assert forward_flops(Linear(), (1, 3, 2, 2, 4), device="cpu") == 2 * 3 * 5 * (2 * 2 * 4)
     cfg = segmentation_config(**TINY, method="lora", backbone_options=OPTIONS, decoder_options=DECODER)
     exact = measure_method(cfg).gflops
     assert measure_method(cfg, flops_slices=2).gflops == pytest.approx(exact, rel=1e-9)
@@ -123,7 +128,7 @@ def test_cli_refuses_bad_sizes_and_plot_format_before_measuring(tmp_path, capsys
 def test_grouped_conv_backward_flops_are_counted_per_group():
     from torch.utils.flop_counter import FlopCounterMode
 
-    from medtune.checkpoints.params import flop_counter
+    from medtune.checkpoints.counting import flop_counter
 
     def backward_flops(counter, groups):
         conv = torch.nn.Conv3d(8, 8, 3, padding=1, groups=groups)

@@ -16,13 +16,13 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset
 
+from medtune.checkpoints.runs import find_latest_state
 from medtune.errors import CheckpointError, ConfigError, DataError
 from medtune.trainer import (
     OptimConfig,
     ScheduleConfig,
     TrainConfig,
     build_loader,
-    find_latest_state,
     higher_is_better,
     lr_factor,
     train,
@@ -182,10 +182,10 @@ def test_evaluate_tracks_best_and_calls_on_best(tmp_path):
     result = train(
         model, Regression(), tiny_cfg(max_steps=8, eval_every=2), tmp_path,
         evaluate=evaluate, is_better=higher_is_better("score"),
-        on_best=lambda m, metrics: best_calls.append((metrics["score"], m.out.weight.sum().item())),
+        on_best=lambda m, metrics, step: best_calls.append((metrics["score"], step, m.out.weight.sum().item())),
     )
     assert seen_modes == [False] * 4 and model.training
-    assert [c[0] for c in best_calls] == [0.5, 0.9, 0.95]
+    assert [c[:2] for c in best_calls] == [(0.5, 2), (0.9, 4), (0.95, 8)]
     assert result.best_metrics == {"score": 0.95} and result.best_step == 8
     evals = [r for r in read_metrics(tmp_path) if "eval/score" in r]
     assert [(r["step"], r["eval/score"], r.get("eval/is_best")) for r in evals] == [
@@ -220,7 +220,7 @@ def test_bad_inputs_are_reported(tmp_path):
     with pytest.raises(CheckpointError, match="no saved state"):
         train(make_model(), Regression(), tiny_cfg(), tmp_path / "fresh", resume="latest")
     with pytest.raises(ConfigError, match="on_best needs is_better"):
-        train(make_model(), Regression(), tiny_cfg(), tmp_path, on_best=lambda m, x: None)
+        train(make_model(), Regression(), tiny_cfg(), tmp_path, on_best=lambda m, x, step: None)
     with pytest.raises(ValueError, match="mixed_precision"):
         tiny_cfg(mixed_precision="fp8")
 

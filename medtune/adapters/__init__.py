@@ -9,7 +9,7 @@ Usage::
     apply_adapter(backbone, cfg)           # in place; freezes all but the method's tensors
     set_num_slices(backbone, T)            # before a forward over B*T slices
     stages = backbone.forward_stages(volume_to_slices(volume))   # (B, M, H, W, T) -> B*T slices
-    save_adapter(backbone, run_dir)        # adapter_config.json + adapter_model.safetensors
+    save_adapter(backbone, run_dir)        # adapter.json + adapter.safetensors
 
 Methods (``ADAPTERS`` names): ``med-tuning`` (:mod:`.med_tuning`), ``lora`` (peft,
 :mod:`.lora`, with :func:`merge_lora`), ``adaptformer``, ``st-adapter``, ``vpt``
@@ -70,8 +70,10 @@ from medtune.adapters.state import (
     adapter_config_dict,
     adapter_config_from_dict,
     adapter_state_dict,
+    base_state_dict,
     load_adapter,
     load_adapter_state,
+    load_base_state,
     read_adapter_config,
     save_adapter,
 )
@@ -96,11 +98,13 @@ __all__ = [
     "adapter_config_from_dict",
     "adapter_state_dict",
     "apply_adapter",
+    "base_state_dict",
     "count_parameters",
     "describe",
     "find_adapted",
     "load_adapter",
     "load_adapter_state",
+    "load_base_state",
     "merge_lora",
     "read_adapter_config",
     "save_adapter",

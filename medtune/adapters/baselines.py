@@ -12,7 +12,7 @@ from medtune.adapters.core import ADAPTERS, AdapterMethod
 
 @ADAPTERS.register("full")
 class FullFinetuning(AdapterMethod):
-    """Every backbone parameter trains; ``adapter_model.safetensors`` is the whole backbone."""
+    """Every backbone parameter trains; ``adapter.safetensors`` is the whole backbone."""
 
     trains_everything = True
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from medtune.adapters.context import SliceContext
 from medtune.adapters.targets import AdapterTarget, inspect_backbone
+from medtune.checkpoints.counting import count_parameters
 from medtune.errors import ConfigError
 from medtune.registry import Registry
 
@@ -47,7 +48,7 @@ class AdapterInfo:
     Attributes:
         config: the adapter config.
         family: backbone family (``vit``, ``swin``, ``other``).
-        backbone_name: the backbone's name (``adapter_config.json``'s ``backbone``).
+        backbone_name: the backbone's name (``adapter.json``'s ``backbone``).
         prefix: name prefix of the timm network inside the backbone (``"model."`` or ``""``).
         own_patterns: names of the method's own parameters (relative to the timm network).
         extra_patterns: names of the trained backbone extras.
@@ -99,6 +100,11 @@ class AdapterMethod:
     @classmethod
     def inject(cls, target: AdapterTarget, cfg: AdapterConfig, ctx: SliceContext) -> None:
         """Add the method's modules (and hooks) to ``target.model``."""
+
+    @classmethod
+    def base_name(cls, name: str) -> str:
+        """The name a frozen tensor of the adapted backbone had before injection."""
+        return name
 
 
 ADAPTERS: Registry[type[AdapterMethod]] = Registry("adapter")
@@ -176,16 +182,6 @@ def _freeze_all_but(backbone: nn.Module, info: AdapterInfo, check_extras: bool) 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Parameters of ``model`` that require grad, by name (what an optimizer gets)."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(total, trainable)`` element counts; shared parameters count once."""
-    total = trainable = 0
-    for param in model.parameters():
-        total += param.numel()
-        if param.requires_grad:
-            trainable += param.numel()
-    return total, trainable
 
 
 def describe(model: nn.Module) -> dict:

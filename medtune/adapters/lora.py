@@ -94,6 +94,10 @@ class Lora(AdapterMethod):
         except ValueError as exc:  # peft: target modules not found
             raise ConfigError(f"LoRA on '{target.name}': {str(exc).splitlines()[0]}") from None
 
+    @classmethod
+    def base_name(cls, name: str) -> str:
+        return name.replace(".base_layer.", ".")  # peft keeps the wrapped linear as base_layer
+
 
 def _stem_names(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_modules() if "patch_embed" in name.split(".")]

@@ -54,7 +54,7 @@ class AdapterTarget:
         model: the network inside (``root.model`` or ``root`` itself).
         prefix: name prefix of ``model`` inside ``root`` (``"model."`` or ``""``).
         family: ``"vit"``, ``"swin"`` or ``"other"`` (only whole-model methods and LoRA).
-        name: backbone name written to ``adapter_config.json``.
+        name: backbone name written to ``adapter.json``.
         blocks: the blocks in forward order (empty for ``"other"``).
         num_prefix_tokens: ViT class/register tokens ahead of the patch tokens.
     """

@@ -1,6 +1,7 @@
-"""``medtune export RUN --format adapter|full|merged --out DIR``: safetensors exports.
+"""``medtune export RUN --format FORMAT --out DIR``: a run's weights as a folder to share.
 
-See :mod:`medtune.checkpoints.export` for what each format holds.
+See :mod:`medtune.checkpoints.export` for what each format holds; which formats a run
+supports depends on its task and adapter method (a refused format lists the others).
 """
 
 from __future__ import annotations
@@ -8,22 +9,31 @@ from __future__ import annotations
 import argparse
 import sys
 
-from medtune.checkpoints.export import FORMATS, export_run
+from medtune.checkpoints.export import GENERIC_FORMATS, export_run
+from medtune.checkpoints.runs import CHECKPOINTS, DEFAULT_CHECKPOINT
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", help="finetune run folder (or an export)")
-    parser.add_argument("--format", required=True, choices=FORMATS, help="adapter, full or merged (LoRA only)")
-    parser.add_argument("--out", required=True, help="export folder")
-    parser.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which weights of the run")
+def add_arguments(parser: argparse.ArgumentParser, argv: list[str] = ()) -> None:
+    parser.add_argument("run", help="finetuning run folder (or an export of one)")
+    parser.add_argument(
+        "--format", required=True,
+        help=f"{', '.join(GENERIC_FORMATS)} (merged: LoRA only), or a format of the run's task",
+    )
+    parser.add_argument("--out", required=True, help="export folder (new, or empty)")
+    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, choices=CHECKPOINTS,
+                        help=f"which weights of the run (default {DEFAULT_CHECKPOINT})")
     parser.add_argument(
         "--copy-base", action="store_true",
         help="adapter format: copy the base backbone.safetensors into the export instead of referencing it",
     )
+    parser.add_argument("--base-weights", default=None, help="base backbone file of an adapter export, if moved")
 
 
 def run(args: argparse.Namespace) -> int:
-    out = export_run(args.run, args.out, args.format, which=args.checkpoint, copy_base=args.copy_base)
+    out = export_run(
+        args.run, args.out, args.format, which=args.checkpoint, copy_base=args.copy_base,
+        base_weights=args.base_weights,
+    )
     files = ", ".join(sorted(p.name for p in out.iterdir() if p.is_file()))
     sys.stdout.write(f"exported {args.run} as {args.format} to {out}: {files}\n")
     return 0

@@ -6,13 +6,13 @@ the ``meta`` device, so a ViT-B with 128-slice volumes costs no memory, and meas
 - ``total`` / ``trainable``: parameter elements (shared ones once); ``backbone_trainable``
   is the adapter's part alone (its own tensors + trained extras), the number peft's
   ``get_nb_trainable_parameters`` reports for LoRA.
-- ``trained_bytes``: the exact size of the ``adapter_model.safetensors`` a run of this
-  method writes (trained tensors: adapter + extras + decoder, BatchNorm statistics
-  included), computed from names, shapes and dtypes with the safetensors layout
-  (8-byte header length, JSON header padded to 8 bytes, raw data).
-- ``gflops``: ``torch.utils.flop_counter.FlopCounterMode`` over one forward of a
-  ``(1, M, H, W, T)`` volume. FlopCounterMode counts matmuls, convolutions and
-  attention (a multiply-add = 2 FLOPs); FFTs, norms and activations are not counted.
+- ``trained_bytes``: the exact size of the ``adapter.safetensors`` + ``head.safetensors``
+  a run of this method writes (trained tensors: adapter + extras, and the decoder,
+  BatchNorm statistics included), computed from names, shapes and dtypes with the
+  safetensors layout (8-byte header length, JSON header padded to 8 bytes, raw data).
+- ``gflops``: :func:`medtune.checkpoints.counting.flop_counter` over one forward of a
+  ``(1, M, H, W, T)`` volume (matmuls, convolutions and attention; a multiply-add =
+  2 FLOPs; FFTs, norms and activations are not counted).
   Models that cannot be built on ``meta`` (MONAI's SwinTransformer) are built and run on
   the CPU instead (then ``--flops-slices`` keeps the counting forward small).
   With ``flops_slices < T`` the forward runs on ``flops_slices`` slices and is scaled
@@ -32,6 +32,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from medtune.checkpoints.counting import count_flops, count_parameters
 from medtune.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -92,12 +93,12 @@ def segmentation_config(
     decoder: str = "auto",
     decoder_options: Mapping | None = None,
 ):
-    """A :class:`FinetuneConfig` for one method on one backbone (nothing pretrained)."""
+    """A :class:`SegmentationConfig` for one method on one backbone (nothing pretrained)."""
     from medtune.data.config import DataConfig
-    from medtune.finetune.config import FinetuneConfig, SegmentationModelConfig
+    from medtune.finetune.segmentation import SegmentationConfig, SegmentationModelConfig
     from medtune.models.backbones import BackboneConfig
 
-    return FinetuneConfig(
+    return SegmentationConfig(
         data=DataConfig(mode="3d", crop_size=[img_size, img_size, slices]),
         backbone=BackboneConfig(name=backbone, in_chans=in_chans, img_size=img_size, options=dict(backbone_options or {})),
         adapter={"method": method},
@@ -105,75 +106,41 @@ def segmentation_config(
     )
 
 
-def _conv_backward_flops(
-    grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
-    _output_padding, _groups, output_mask, out_shape=None, **kwargs,
-) -> int:
-    """FLOPs of ``aten.convolution_backward``, grouped convolutions included.
-
-    Each requested gradient (input, weight) touches every (output position, weight
-    element) pair once, so each costs what the forward convolution costs. torch's own
-    formula ignores ``groups`` for the weight gradient and overcounts depthwise
-    convolutions (the Med-Adapter's, ST-Adapter's) by a factor of the channel count.
-    """
-    from torch.utils.flop_counter import conv_flop_count
-
-    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed)
-    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
-
-
-def flop_counter() -> "torch.utils.flop_counter.FlopCounterMode":
-    """A ``FlopCounterMode`` with medtune's corrected convolution-backward formula."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    return FlopCounterMode(
-        display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops}
-    )
-
-
-def count_flops(model: torch.nn.Module, volume_shape: Sequence[int], device: str | torch.device = "meta") -> int:
+def forward_flops(model: torch.nn.Module, volume_shape: Sequence[int], device: str | torch.device = "meta") -> int:
     """FLOPs of ``model.forward_logits`` on a volume of ``volume_shape`` (no grad)."""
     volume = torch.zeros(tuple(volume_shape), device=device)
-    counter = flop_counter()
-    with torch.no_grad(), counter:
-        model.forward_logits(volume)
-    return int(counter.get_total_flops())
+    return count_flops(lambda: model.forward_logits(volume))
 
 
 def measure_method(cfg, num_classes: int = 4, flops_slices: int | None = None, device: str = "meta") -> MethodCost:
     """Build ``cfg``'s segmenter on ``device`` (default meta) and measure it."""
-    from medtune.finetune.segmentation import build_segmenter, trained_state_dict
+    from medtune.adapters import adapter_config_dict, adapter_state_dict
+    from medtune.finetune.segmentation import build_segmenter
+    from medtune.finetune.weights import head_state_dict
 
     try:
         with torch.device(device):
-            model, _ = build_segmenter(cfg, num_classes, load_pretrained=False)
+            model = build_segmenter(cfg, num_classes, load_pretrained=False)
     except (RuntimeError, NotImplementedError) as exc:
         if torch.device(device).type != "meta":
             raise
         # e.g. MONAI's SwinTransformer calls .item() while building: build it for real
         log.warning("%s cannot be built on the meta device (%s); building it on the CPU", cfg.backbone.name, exc)
         device = "cpu"
-        model, _ = build_segmenter(cfg, num_classes, load_pretrained=False)
+        model = build_segmenter(cfg, num_classes, load_pretrained=False)
     model.eval()
-    seen: set[int] = set()
-    total = trainable = backbone_trainable = 0
-    for name, param in model.named_parameters():
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
-        total += param.numel()
-        if param.requires_grad:
-            trainable += param.numel()
-            if name.startswith("backbone."):
-                backbone_trainable += param.numel()
+    total, trainable = count_parameters(model)
+    backbone_trainable = count_parameters(model.backbone)[1]
+    # what a run writes: adapter.safetensors (see save_adapter) + head.safetensors
+    adapter = adapter_config_dict(model.backbone)
     trained_bytes = safetensors_size(
-        trained_state_dict(model), {"method": cfg.adapter["method"], "task": "segmentation"}
-    )
+        adapter_state_dict(model.backbone), {"method": adapter["method"], "backbone": adapter["backbone"]}
+    ) + safetensors_size(head_state_dict(model), {"task": "segmentation"})
     h, w, slices = cfg.roi_size
     counted = slices if flops_slices is None else min(int(flops_slices), slices)
     if counted < 1:
         raise ConfigError(f"--flops-slices must be >= 1, got {flops_slices}")
-    flops = count_flops(model, (1, cfg.backbone.in_chans, h, w, counted), device) * slices / counted
+    flops = forward_flops(model, (1, cfg.backbone.in_chans, h, w, counted), device) * slices / counted
     return MethodCost(
         method=cfg.adapter["method"],
         total=total,
@@ -269,10 +236,7 @@ def count_train_flops(model: torch.nn.Module, volume_shape: Sequence[int], devic
         "label": torch.zeros((b, *spatial), dtype=torch.long, device=device),
     }
     model.train()
-    counter = flop_counter()
-    with counter:
-        model(batch)["loss"].backward()
-    return int(counter.get_total_flops())
+    return count_flops(lambda: model(batch)["loss"], backward=True)
 
 
 def compare_self_distill(
@@ -312,8 +276,8 @@ def compare_self_distill(
         costs = {}
         for key, sd in (("plain", None), ("sd", sd_cfg)):
             with torch.device("meta"):
-                model, _ = build_segmenter(replace(cfg, self_distill=sd), num_classes, load_pretrained=False)
-            params = sum(p.numel() for p in model.parameters())
+                model = build_segmenter(replace(cfg, self_distill=sd), num_classes, load_pretrained=False)
+            params = count_parameters(model)[0]
             flops = count_train_flops(model, (1, in_chans, img_size, img_size, counted)) * slices / counted
             costs[key] = (params, flops)
         rows.append(

@@ -36,7 +36,7 @@ from medtune.config import parse_override, read_yaml
 from medtune.errors import ConfigError
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, argv: list[str] = ()) -> None:
     parser.add_argument("--backbone", default="vit_base_patch16_224", help="backbone registry name (default vit_base_patch16_224; vit_*, swin_*, convnext_*, swinunetr, timm:<name>)")
     parser.add_argument("--in-chans", type=int, default=4, help="modalities M (default 4)")
     parser.add_argument("--img-size", type=int, default=128, help="slice side H = W (default 128)")
@@ -78,11 +78,11 @@ def _options(items: list[str]) -> dict:
 def _referring_overhead(source: str, fmt: str) -> str:
     from dataclasses import dataclass
 
-    from medtune.checkpoints.io import load_json
-    from medtune.finetune.referring import self_distill_overhead
+    from medtune.checkpoints.runs import read_run_config
+    from medtune.finetune.referring.overhead import self_distill_overhead
 
     path = Path(source)
-    data = load_json(path / "config.json") if path.is_dir() else read_yaml(path)
+    data = read_run_config(path).config if path.is_dir() else read_yaml(path)
     if "model" not in data:
         raise ConfigError(f"{source}: no 'model' section (a referring recipe or run folder?)")
     cost = self_distill_overhead(data["model"])

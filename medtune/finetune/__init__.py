@@ -1,41 +1,38 @@
-"""Finetuning: slice-wise volumetric segmentation (Med-Tuning, LoRA, ...), metrics,
-whole-volume inference; referring segmentation and VQA live beside it.
+"""Finetuning tasks: segmentation, referring segmentation, VQA; one interface, one registry.
+
+A task is one folder here plus one registry line below (see :mod:`medtune.finetune.base`
+for the interface and a toy task). ``medtune finetune``, ``predict``, ``evaluate`` and
+``export`` find tasks only through :data:`TASKS`.
 
 Python API::
 
-    from medtune.finetune import load_segmenter
-    model = load_segmenter("checkpoints/medtuning")      # run folder or any export
-    labels = model.predict_volume(volume.image)            # (M, H, W, D) -> (H, W, D) uint8
+    from medtune.finetune import finetune, get_task, load_trained
+    result = finetune(get_task("segmentation"), cfg, output="checkpoints/run")
+    loaded = load_trained("checkpoints/run")          # any task's run folder or export
+    from medtune.finetune import load_segmenter        # segmentation, ready for predict_volume
 
-Names are imported on first use so that ``import medtune.finetune.<module>`` stays light.
+Names other than the registry are imported on first use.
 """
 
 from __future__ import annotations
 
 import importlib
 
+from medtune.finetune.base import TASKS, Loaded, Task, TaskData, get_task
+
+TASKS.register_path("segmentation", "medtune.finetune.segmentation.task:TASK")
+TASKS.register_path("referring", "medtune.finetune.referring.task:TASK")
+TASKS.register_path("vqa", "medtune.finetune.vqa.task:TASK")
+
 _EXPORTS = {
+    "finetune": "medtune.finetune.runner",
+    "load_trained": "medtune.finetune.weights",
+    "load_segmenter": "medtune.finetune.segmentation",
     "SliceSegmenter": "medtune.finetune.segmentation",
-    "build_segmenter": "medtune.finetune.segmentation",
-    "finetune_segmentation": "medtune.finetune.segmentation",
-    "trained_state_dict": "medtune.finetune.segmentation",
-    "validate_segmenter": "medtune.finetune.segmentation",
-    "slices_to_volume": "medtune.finetune.segmentation",
-    "volume_to_slices": "medtune.finetune.segmentation",
-    "FinetuneConfig": "medtune.finetune.config",
-    "SegmentationModelConfig": "medtune.finetune.config",
-    "ValidationConfig": "medtune.finetune.config",
-    "load_segmenter": "medtune.checkpoints.export",
-    "export_run": "medtune.checkpoints.export",
-    "evaluate_case": "medtune.finetune.metrics",
-    "dice_scores": "medtune.finetune.metrics",
-    "hd95_scores": "medtune.finetune.metrics",
-    "sliding_window_probs": "medtune.finetune.inference",
-    "predict_label_map": "medtune.finetune.inference",
-    "write_label_map": "medtune.finetune.inference",
+    "SegmentationConfig": "medtune.finetune.segmentation",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(["TASKS", "Loaded", "Task", "TaskData", "get_task", *_EXPORTS])
 
 
 def __getattr__(name: str):

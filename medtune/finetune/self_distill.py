@@ -173,11 +173,11 @@ def distill_loss(
         # KL and entropy-corrected CE are the same number: sum p_t (log p_t - log p_s).
         return (p_teacher * (log_p_teacher - log_p_student)).sum(dim=1).mean()
     if activation == "sigmoid":
-        return binary_distill_loss(student_logits, teacher_logits, kind)
+        return _binary_distill_loss(student_logits, teacher_logits, kind)
     raise ConfigError(f"distill activation must be one of {ACTIVATIONS}, got '{activation}'")
 
 
-def binary_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "bce") -> torch.Tensor:
+def _binary_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-element binary consistency on sigmoid probabilities; teacher detached.
 
     ``"bce"`` and ``"kl"`` give BCE(p_s; p_t) - H(p_t) = KL(Bern(p_t) || Bern(p_s)), which

@@ -53,14 +53,22 @@ class TextConfig:
     context_length: int = 32  # tokens per question, start/end tokens included; longer ones are truncated
 
 
+Tokenize = Callable[[Sequence[str]], "tuple[torch.Tensor, torch.Tensor]"]
+
+
 class TextEncoder(nn.Module):
-    """Base class: ``tokenize`` questions, then ``forward(ids, mask) -> (B, L, width)``."""
+    """Base class: ``tokenize`` questions, then ``forward(ids, mask) -> (B, L, width)``.
+
+    Each kind also builds its tokenizer alone (:meth:`build_tokenizer`), so datasets can
+    tokenize without the encoder's weights.
+    """
 
     width: int
     context_length: int
+    tokenize: Tokenize  # questions -> ids (N, L) long, mask (N, L) bool (True = a real token)
 
-    def tokenize(self, questions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``questions`` -> ``ids (N, L) long``, ``mask (N, L) bool`` (True = a real token)."""
+    @classmethod
+    def build_tokenizer(cls, cfg: TextConfig) -> Tokenize:
         raise NotImplementedError
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -161,9 +169,21 @@ class OpenCLIPText(TextEncoder):
             output_dim=None,  # VQA reads the tokens, not CLIP's projected sentence vector
             output_tokens=True,
         )
-        self.tokenizer = _bpe_tokenizer()
+        self.tokenize = self.build_tokenizer(cfg)
         if cfg.weights:
             self.load_clip_weights(cfg.weights, cfg.name)
+
+    @classmethod
+    def build_tokenizer(cls, cfg: TextConfig) -> Tokenize:
+        """open_clip's BPE: start token, BPE ids, end token, padded with 0."""
+        bpe = _bpe_tokenizer()
+        context_length = cfg.context_length
+
+        def tokenize(questions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+            token_lists = [[bpe.sot_token_id] + bpe.encode(q) + [bpe.eot_token_id] for q in questions]
+            return pad_token_lists(token_lists, context_length, 0, questions)
+
+        return tokenize
 
     def load_clip_weights(self, path: str | Path, model_name: str) -> None:
         """Load the text tower from a local CLIP checkpoint or a text tower's state dict.
@@ -192,11 +212,6 @@ class OpenCLIPText(TextEncoder):
         if report.missing:
             log.warning("%s: %d text tower tensors missing (first: %s)", path, len(report.missing), report.missing[0])
 
-    def tokenize(self, questions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        start, end = self.tokenizer.sot_token_id, self.tokenizer.eot_token_id
-        token_lists = [[start] + self.tokenizer.encode(q) + [end] for q in questions]
-        return pad_token_lists(token_lists, self.context_length, 0, questions)
-
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``ids (B, L)`` -> ``(B, L, width)``; causal attention, so padding never leaks back."""
         _, tokens = self.tower(ids)
@@ -209,33 +224,60 @@ class HFText(TextEncoder):
 
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
+        transformers = _transformers(cfg)
+        self.tokenize = self.build_tokenizer(cfg)
         try:
-            import transformers
-        except ImportError:
-            raise ConfigError(
-                "text.kind 'hf' needs the 'transformers' package, which is not installed "
-                "(pip install transformers)"
-            ) from None
-        if not cfg.path or not Path(cfg.path).is_dir():
-            raise ConfigError(f"text.path must be a local Hugging Face model folder, got {cfg.path!r}")
-        try:
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.path, local_files_only=True)
             self.model = transformers.AutoModel.from_pretrained(cfg.path, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{cfg.path}: cannot load a Hugging Face model ({str(exc).splitlines()[0]})") from None
         self.width = int(self.model.config.hidden_size)
         self.context_length = cfg.context_length
 
-    def tokenize(self, questions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        token_lists = self.tokenizer(list(questions), truncation=False, padding=False)["input_ids"]
-        return pad_token_lists(token_lists, self.context_length, self.tokenizer.pad_token_id or 0, questions)
+    @classmethod
+    def build_tokenizer(cls, cfg: TextConfig) -> Tokenize:
+        """The folder's own tokenizer (its start/end tokens), padded with its pad id."""
+        transformers = _transformers(cfg)
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.path, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{cfg.path}: cannot load a Hugging Face tokenizer ({str(exc).splitlines()[0]})") from None
+        context_length, pad_id = cfg.context_length, tokenizer.pad_token_id or 0
+
+        def tokenize(questions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+            token_lists = tokenizer(list(questions), truncation=False, padding=False)["input_ids"]
+            return pad_token_lists(token_lists, context_length, pad_id, questions)
+
+        return tokenize
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
 
 
-def build_text_encoder(cfg: TextConfig) -> TextEncoder:
-    """The text encoder named by ``cfg.kind``."""
+def _transformers(cfg: TextConfig):
+    """The ``transformers`` module for ``text.kind: hf`` (a clear error when it or the folder is missing)."""
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError(
+            "text.kind 'hf' needs the 'transformers' package, which is not installed (pip install transformers)"
+        ) from None
+    if not cfg.path or not Path(cfg.path).is_dir():
+        raise ConfigError(f"text.path must be a local Hugging Face model folder, got {cfg.path!r}")
+    return transformers
+
+
+def _check(cfg: TextConfig) -> None:
     if cfg.context_length < 2:
         raise ConfigError(f"text.context_length must be at least 2, got {cfg.context_length}")
+
+
+def build_text_encoder(cfg: TextConfig) -> TextEncoder:
+    """The text encoder named by ``cfg.kind``."""
+    _check(cfg)
     return TEXT_ENCODERS.get(cfg.kind)(cfg)
+
+
+def build_tokenizer(cfg: TextConfig) -> Tokenize:
+    """The tokenizer of ``cfg``'s encoder alone (no weights): ``questions -> (ids, mask)``."""
+    _check(cfg)
+    return TEXT_ENCODERS.get(cfg.kind).build_tokenizer(cfg)

@@ -22,19 +22,20 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
 from medtune.checkpoints.io import LoadReport, load_state, load_weights
+from medtune.checkpoints.runs import BACKBONE_FILE, read_run_config
 from medtune.errors import CheckpointError
-from medtune.models.backbones import Backbone
+
+if TYPE_CHECKING:  # annotations only: backbones.py imports this module to load weights
+    from medtune.models.backbones import Backbone
 
 log = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
-
-BACKBONE_FILE = "backbone.safetensors"
 # wrappers around a whole state dict: DDP, torch.compile
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # sub-models holding a backbone inside a larger checkpoint: medtune models, MONAI SwinUNETR
@@ -54,6 +55,26 @@ def resolve_weight_path(path: str | Path) -> Path:
     if not path.is_file():
         raise CheckpointError(f"pretrained weights not found: {path}")
     return path
+
+
+def pretrained_section(path: str | Path) -> dict[str, Any]:
+    """What ``--backbone PATH`` puts into a run config's ``backbone:`` section.
+
+    A run folder (pretraining, or any run with a ``backbone`` section and
+    ``backbone.safetensors``): its whole backbone section with ``pretrained`` pointing
+    at the folder. A weight file: ``{"pretrained": file}`` only (the architecture stays
+    the config's).
+    """
+    path = Path(path)
+    if path.is_dir():
+        section = read_run_config(path).config.get("backbone")
+        if not isinstance(section, dict):
+            raise CheckpointError(f"--backbone {path}: its config.json has no 'backbone' section")
+        resolve_weight_path(path)
+        return {**section, "pretrained": str(path)}
+    if not path.is_file():
+        raise CheckpointError(f"--backbone {path}: no such run folder or weight file")
+    return {"pretrained": str(path)}
 
 
 def normalize_keys(state: Mapping[str, torch.Tensor], backbone: Backbone) -> StateDict:
@@ -235,6 +256,7 @@ __all__ = [
     "keep_own_derived_buffers",
     "load_pretrained",
     "normalize_keys",
+    "pretrained_section",
     "resample_pos_embed",
     "resize_relative_position_tables",
     "resolve_weight_path",

@@ -20,28 +20,28 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any
 
+from medtune import distributed
+from medtune.checkpoints.runs import (
+    BACKBONE_FILE,
+    CONFIG_FILE,
+    FIGURE_FILE,
+    PRETRAIN_FILE,
+    PRETRAIN_TASK,
+    RunConfig,
+    read_run_config,
+    resolve_run_dir,
+    write_run_config,
+)
 from medtune.cli import add_run_arguments
-from medtune.errors import CheckpointError, ConfigError, DataError, MedtuneError
+from medtune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OUTPUT_PARENT = Path("checkpoints")
-CONFIG_FILE = "config.json"
-BACKBONE_FILE = "backbone.safetensors"
-PRETRAIN_FILE = "pretrain.safetensors"
-FIGURE_FILE = "reconstruction.png"
-# what makes a folder "hold a run" that a fresh run must not overwrite (a run that failed
-# before its first save left only config.json/metrics.jsonl, which a new run replaces)
-RUN_MARKERS = (BACKBONE_FILE, PRETRAIN_FILE, "state")
 
-T = TypeVar("T")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, argv: list[str] = ()) -> None:
     add_run_arguments(
         parser, config_required=True, output_help="run folder (default checkpoints/<config stem>-<YYYYmmdd-HHMMSS>)",
         resume_help="continue a run: 'latest' (newest saved state of --output, or of the newest "
@@ -50,11 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
     from medtune.pretrain.config import load_pretrain_config
-    from medtune.trainer import make_accelerator, wait_for_everyone
+    from medtune.trainer import make_accelerator
 
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its save/load chatter
     overrides = list(args.set)
@@ -66,16 +63,14 @@ def run(args: argparse.Namespace) -> int:
 
     # The process group first (the run folder's timestamp must be the same on every
     # process), the Accelerator once the run folder (its trackers' log dir) is known.
-    processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    processes = distributed.processes()
     if not processes.is_main_process:  # one copy of the logs, from the main process
         logging.getLogger().setLevel(logging.WARNING)
-    run_dir = _agree(processes, lambda: choose_run_dir(args.config, args.output, args.resume))
     resume = args.resume
-    check_run_dir(run_dir, resuming=resume)
+    run_dir = resolve_run_dir(processes, args.output, Path(args.config).stem, resume)
     accelerator = make_accelerator(cfg.train, run_dir)
-    wait_for_everyone(accelerator)  # every rank checked before anything is written
 
-    dataset = _main_first(accelerator, lambda: _build_dataset(cfg, run_dir, accelerator.is_main_process))
+    dataset = distributed.main_first(accelerator, lambda: _build_dataset(cfg, run_dir, accelerator.is_main_process))
     objective = _build_objective(cfg)
     freeze_unused(objective, dataset, cfg)
     if accelerator.is_main_process:
@@ -91,64 +86,23 @@ def run(args: argparse.Namespace) -> int:
         if "figure" in written:
             print(f"reconstruction figure:            {written['figure']}")
         print(f"config:                           {run_dir / CONFIG_FILE}")
-    wait_for_everyone(accelerator)
+    distributed.barrier(accelerator)
     return 0
 
 
 # --------------------------------------------------------------------------- run folder
 
 
-def choose_run_dir(config_path: str | Path, output: str | None, resume: str | None) -> Path:
-    """``--output``; else the run that ``--resume`` names; else a new timestamped folder."""
-    if output is not None:
-        return Path(output)
-    stem = Path(config_path).stem
-    if resume == "latest":
-        candidates = sorted(
-            (p for p in DEFAULT_OUTPUT_PARENT.glob(f"{stem}-*") if (p / "state").is_dir()),
-            key=lambda p: p.stat().st_mtime,
-        )
-        if not candidates:
-            raise CheckpointError(
-                f"--resume latest: no run of '{stem}' with saved state under {DEFAULT_OUTPUT_PARENT}/ "
-                f"(pass --output RUN_DIR)"
-            )
-        return candidates[-1]
-    if resume is not None:
-        path = Path(resume)
-        if path.parent.name == "state":  # a state/step_N folder
-            return path.parent.parent
-        return path
-    return DEFAULT_OUTPUT_PARENT / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def check_run_dir(run_dir: Path, resuming: str | None) -> None:
-    """A fresh run refuses a folder that holds a run; ``--resume latest`` needs its state
-    (another ``--resume`` folder is checked when its state is loaded)."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"run folder {run_dir} is a file")
-    held = [name for name in RUN_MARKERS if (run_dir / name).exists()]
-    if not resuming and held:
-        raise CheckpointError(
-            f"run folder {run_dir} already holds a run ({', '.join(held)}); "
-            f"continue it with --resume latest or choose another --output"
-        )
-    if resuming == "latest" and not (run_dir / "state").is_dir():
-        raise CheckpointError(f"run folder {run_dir} has no saved state to resume (state/ is missing)")
-
-
 def _write_config(cfg, run_dir: Path, resuming: bool) -> None:
-    from medtune.checkpoints.io import load_json, save_json
     from medtune.config import to_dict
 
     resolved = to_dict(cfg)
-    path = run_dir / CONFIG_FILE
-    if resuming and path.is_file():
-        before = _flatten(load_json(path))
+    if resuming and (run_dir / CONFIG_FILE).is_file():
+        before = _flatten(read_run_config(run_dir).config)
         changed = sorted(k for k, v in _flatten(resolved).items() if before.get(k) != v)
         if changed:
             log.warning("resuming with a changed config: %s", ", ".join(changed))
-    save_json(resolved, path)
+    write_run_config(run_dir, RunConfig(PRETRAIN_TASK, resolved))
 
 
 # --------------------------------------------------------------------------- building
@@ -265,56 +219,6 @@ def _figure_indices(dataset, count: int) -> list[int]:
     probe = sorted({round(i * (total - 1) / max(1, 4 * count - 1)) for i in range(4 * count)})
     scored = sorted(probe, key=lambda i: -float(dataset[i]["foreground"].float().mean()))
     return sorted(scored[:count])
-
-
-# --------------------------------------------------------------------------- multi-process
-
-
-def _agree(processes, decide: Callable[[], T]) -> T:
-    """``decide()`` on the main process, the same answer on all (e.g. a timestamped name)."""
-    if processes.num_processes == 1:
-        return decide()
-    from accelerate.utils import broadcast_object_list
-
-    box: list[Any] = [None]
-    if processes.is_main_process:
-        try:
-            box = [("ok", decide())]
-        except MedtuneError as exc:
-            box = [("error", exc)]
-    broadcast_object_list(box)
-    status, value = box[0]
-    if status == "error":
-        raise value
-    return value
-
-
-def _main_first(accelerator, build: Callable[[], T]) -> T:
-    """Run ``build`` on the main process first (it fills shared caches), then on the others.
-
-    Unlike ``accelerator.main_process_first``, an error on the main process reaches the
-    other processes (they raise it too) instead of leaving them waiting at a barrier.
-    """
-    if accelerator.num_processes == 1:
-        return build()
-    from accelerate.utils import broadcast_object_list
-
-    result: Any = None
-    failure: BaseException | None = None
-    if accelerator.is_main_process:
-        try:
-            result = build()
-        except BaseException as exc:  # noqa: BLE001 - re-raised below, on every process
-            failure = exc
-    box = [None if failure is None else (type(failure).__name__, str(failure))]
-    broadcast_object_list(box)
-    if failure is not None:
-        raise failure
-    if box[0] is not None:
-        name, message = box[0]
-        error_type = {cls.__name__: cls for cls in (DataError, ConfigError, CheckpointError)}.get(name, MedtuneError)
-        raise error_type(message)
-    return result if accelerator.is_main_process else build()
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

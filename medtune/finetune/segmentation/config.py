@@ -2,7 +2,7 @@
 
 ::
 
-    task: segmentation
+    task: segmentation                             # picks the task; not a field of the config
     data:      {root: ..., mode: 3d, crop_size: [64, 64, 16], val_fraction: 0.2}
     backbone:  {name: vit_base_patch16_224, in_chans: 4, img_size: 64, pretrained: ...}
     adapter:   {method: med-tuning, ratio: 6}      # any registered adapter method
@@ -24,8 +24,6 @@ from medtune.data.config import DataConfig
 from medtune.finetune.self_distill import SelfDistillConfig
 from medtune.models.backbones import BackboneConfig
 from medtune.trainer import TrainConfig
-
-TASKS = ("segmentation", "referring", "vqa")
 
 
 def _default_data() -> DataConfig:
@@ -65,10 +63,9 @@ class ValidationConfig:
 
 
 @dataclass
-class FinetuneConfig:
+class SegmentationConfig:
     """A segmentation finetuning run: data, backbone, adapter, decoder, training, validation."""
 
-    task: str = "segmentation"  # which finetuning task the CLI dispatches to
     data: DataConfig = field(default_factory=_default_data)  # labeled volumes; mode must be 3d
     backbone: BackboneConfig = field(default_factory=BackboneConfig)  # the (frozen) 2D backbone
     # the tuning method: {"method": <registry name>, **its options}; see medtune.adapters
@@ -77,12 +74,9 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=TrainConfig)  # the training loop
     validation: ValidationConfig = field(default_factory=ValidationConfig)  # held-out evaluation
     self_distill: SelfDistillConfig | None = None  # masked self-distillation regulariser, off if null
-    output: str = "checkpoints/finetune"  # run folder (the CLI's --output overrides it)
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got '{self.task}'")
-        if self.task == "segmentation" and self.data.mode != "3d":
+        if self.data.mode != "3d":
             raise ValueError("segmentation finetuning trains on 3D crops: set data.mode: 3d")
         if not isinstance(self.adapter, dict) or "method" not in self.adapter:
             raise ValueError("adapter must be a section with a 'method' key (e.g. med-tuning, lora)")

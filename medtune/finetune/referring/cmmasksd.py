@@ -17,9 +17,10 @@ very same network, every weight shared:
    features of the other (identical values, gradients into the same weights); the
    fusion neck, decoder and projector run once on both branches as a 2B batch. So a
    step costs one extra pass of each CLIP tower and two of the head.
-5. ``distill_loss``: the masked branches' mask probabilities are pulled towards the
-   stop-gradient main prediction with the entropy-corrected binary cross-entropy
-   (= Bernoulli KL(main || masked), exactly 0 when they agree), or "mse".
+5. :func:`medtune.finetune.self_distill.distill_loss` (``activation="sigmoid"``): the
+   masked branches' mask probabilities are pulled towards the stop-gradient main
+   prediction with the Bernoulli KL(main || masked) (= the entropy-corrected binary
+   cross-entropy, exactly 0 when they agree), or "mse".
 
     loss = BCE(main, gt) + lambda_v * D(image branch, sg(main)) + lambda_l * D(word branch, sg(main))
 
@@ -38,8 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medtune.errors import ConfigError
-from medtune.finetune.self_distill import binary_distill_loss
+from medtune.finetune.self_distill import DISTILL_KINDS, distill_loss
 
 
 @dataclass
@@ -51,15 +51,15 @@ class CMMaskSDConfig:
     word_mask_ratio: float = 0.25  # fraction of the expression's words masked, in [0, 1)
     lambda_v: float = 1.0  # weight of the image-masked branch's distillation loss
     lambda_l: float = 1.0  # weight of the word-masked branch's distillation loss
-    loss: str = "bce"  # "bce" (entropy-corrected = KL), "kl" (same value) or "mse"
+    loss: str = "kl"  # "kl", "bce" (entropy-corrected: the same value as kl) or "mse" (medtune.finetune.self_distill)
     guidance: str = "similarity"  # "similarity" (CLIP patch-word) or "random" masking
 
     def __post_init__(self) -> None:
         for name in ("visual_mask_ratio", "word_mask_ratio"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.loss not in ("bce", "kl", "mse"):
-            raise ValueError(f"loss must be bce, kl or mse, got '{self.loss}'")
+        if self.loss not in DISTILL_KINDS:
+            raise ValueError(f"loss must be one of {DISTILL_KINDS}, got '{self.loss}'")
         if self.guidance not in ("similarity", "random"):
             raise ValueError(f"guidance must be similarity or random, got '{self.guidance}'")
 
@@ -139,20 +139,6 @@ def random_masks(
     return patch_mask, word_mask
 
 
-def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "bce") -> torch.Tensor:
-    """Masked-branch mask logits vs the main branch's, teacher detached; 0 when equal.
-
-    Args:
-        student_logits, teacher_logits: ``(B, 1, h, w)`` mask logits.
-        kind: ``"bce"``/``"kl"`` (Bernoulli KL, = BCE minus the teacher's entropy) or ``"mse"``.
-    """
-    if student_logits.shape != teacher_logits.shape:
-        raise ConfigError(
-            f"masked branch logits {tuple(student_logits.shape)} differ from main {tuple(teacher_logits.shape)}"
-        )
-    return binary_distill_loss(student_logits, teacher_logits, kind)
-
-
 class CMMaskSD(nn.Module):
     """The coordinating parameters and the mask selection of CM-MaskSD.
 
@@ -186,8 +172,8 @@ class CMMaskSD(nn.Module):
         self, image_branch_logits: torch.Tensor, word_branch_logits: torch.Tensor, main_logits: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """``{"loss_sd", "loss_sd_v", "loss_sd_l"}``; ``loss_sd`` is the weighted sum."""
-        loss_v = distill_loss(image_branch_logits, main_logits, self.cfg.loss)
-        loss_l = distill_loss(word_branch_logits, main_logits, self.cfg.loss)
+        loss_v = distill_loss(image_branch_logits, main_logits, self.cfg.loss, activation="sigmoid")
+        loss_l = distill_loss(word_branch_logits, main_logits, self.cfg.loss, activation="sigmoid")
         return {
             "loss_sd": self.cfg.lambda_v * loss_v + self.cfg.lambda_l * loss_l,
             "loss_sd_v": loss_v,

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from pathlib import Path
 from typing import Callable, ContextManager
 
 import torch
 from monai.losses import DiceCELoss
 from torch import nn
 
-from medtune.adapters.context import slices_to_volume, volume_to_slices
-from medtune.errors import CheckpointError, ConfigError, DataError
+from medtune.adapters import slices_to_volume, volume_to_slices
+from medtune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +118,7 @@ class SliceSegmenter(nn.Module):
     def predict_volume(self, image, *, overlap: float = 0.25, tta: bool = False, sw_batch_size: int = 1):
         """Raw image ``(M, H, W, D)`` (numpy) -> label map ``(H, W, D)`` uint8 in the
         dataset's values; needs a model from :func:`medtune.finetune.load_segmenter`."""
-        from medtune.finetune.inference import predict_label_map
+        from medtune.finetune.segmentation.inference import predict_label_map
 
         if getattr(self, "label_spec", None) is None or getattr(self, "roi_size", None) is None:
             raise ConfigError("predict_volume needs a model loaded with medtune.finetune.load_segmenter")
@@ -150,31 +149,18 @@ def _persistent_slice_context(backbone: nn.Module, num_slices: int) -> ContextMa
     return contextlib.nullcontext()
 
 
-def build_segmenter(
-    cfg,
-    num_classes: int,
-    *,
-    load_pretrained: bool = True,
-    base_state: dict[str, torch.Tensor] | None = None,
-) -> tuple[SliceSegmenter, dict[str, torch.Tensor]]:
-    """Backbone -> (base weights) -> adapter -> decoder -> :class:`SliceSegmenter`.
+def build_segmenter(cfg, num_classes: int, *, load_pretrained: bool = True) -> SliceSegmenter:
+    """Backbone -> adapter -> decoder -> :class:`SliceSegmenter`.
 
     Args:
-        cfg: a :class:`medtune.finetune.config.FinetuneConfig`.
+        cfg: a :class:`medtune.finetune.segmentation.SegmentationConfig`.
         num_classes: K (the dataset's label values, background included).
         load_pretrained: load ``cfg.backbone.pretrained`` (False when the weights come
-            from a finetuned checkpoint anyway).
-        base_state: backbone weights (``backbone.state_dict()`` names) loaded before
-            the adapter is injected (an adapter export's base weights).
-
-    Returns:
-        ``(segmenter, base backbone state)``; the base state is the backbone as it was
-        before the adapter, i.e. what ``backbone.safetensors`` of the run holds.
+            from a checkpoint anyway).
     """
     import dataclasses
 
     from medtune.adapters import adapter_config_from_dict, apply_adapter, slice_context
-    from medtune.checkpoints.io import load_state
     from medtune.models.backbones import create_backbone
     from medtune.models.decoders import create_decoder
 
@@ -186,9 +172,6 @@ def build_segmenter(
             f"data.crop_size {list(roi)} must start with the backbone's img_size "
             f"{backbone.img_size} (crops are (img_size, img_size, slices))"
         )
-    if base_state is not None:
-        load_state(backbone, base_state, strict=True, source="base backbone weights")
-    base = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
     apply_adapter(backbone, adapter_config_from_dict(cfg.adapter))
     decoder = create_decoder(
         cfg.model.decoder,
@@ -215,142 +198,4 @@ def build_segmenter(
     )
     if cfg.model.gradient_checkpointing:
         model.set_gradient_checkpointing(True)
-    return model, base
-
-
-def trained_state_dict(model: SliceSegmenter) -> dict[str, torch.Tensor]:
-    """What finetuning changed: the adapter's tensors (incl. trained backbone extras and
-    the adapter's buffers) and the whole decoder, by ``model.state_dict()`` name."""
-    from medtune.adapters import adapter_state_dict
-
-    state = {f"backbone.{k}": v for k, v in adapter_state_dict(model.backbone).items()}
-    state.update({f"decoder.{k}": v.detach() for k, v in model.decoder.state_dict().items()})
-    return state
-
-
-# --------------------------------------------------------------------------- training
-
-
-@torch.no_grad()
-def validate_segmenter(model: SliceSegmenter, val_set, label_spec, roi_size, cfg, accelerator=None) -> dict[str, float]:
-    """Mean Dice per region over held-out whole volumes (sliding window, BraTS rules).
-
-    ``val_set`` is a :class:`medtune.data.VolumeDataset` with labels (cropped volumes);
-    ``cfg`` a :class:`ValidationConfig`. With several processes each one scores every
-    ``num_processes``-th case and the scores are gathered, so no case is done twice.
-    Returns ``{"Dice_<region>": .., "Dice_mean": ..}``.
-    """
-    from medtune.finetune.inference import sliding_window_probs
-    from medtune.finetune.metrics import dice_scores
-
-    count = len(val_set) if cfg.max_cases is None else min(cfg.max_cases, len(val_set))
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    rows = []
-    for index in range(rank, count, world):
-        item = val_set[index]
-        probs = sliding_window_probs(
-            model, item["image"], roi_size, overlap=cfg.overlap, sw_batch_size=cfg.sw_batch_size,
-            tta=cfg.tta, mode=cfg.mode,
-        )  # (K, h, w, d)
-        pred_masks = label_spec.index_region_masks(probs.argmax(0))
-        true_masks = label_spec.index_region_masks(item["label"])
-        rows.append(dice_scores(pred_masks, true_masks).tolist())
-    if world > 1:
-        from accelerate.utils import gather_object
-
-        rows = gather_object(rows)
-    scores = torch.tensor(rows, dtype=torch.float64).mean(0).tolist()
-    metrics = {f"Dice_{name}": value for name, value in zip(label_spec.region_names, scores)}
-    metrics["Dice_mean"] = sum(scores) / len(scores)
-    return metrics
-
-
-def finetune_segmentation(cfg, run_dir: str | Path, resume: str | Path | None = None):
-    """Finetune ``cfg`` (a FinetuneConfig) into ``run_dir``; returns the TrainResult.
-
-    Writes ``config.json`` and ``backbone.safetensors`` first, validates every
-    ``train.eval_every`` steps on the held-out cases (keeping ``best/``), and writes
-    ``model.safetensors`` + ``adapter_config.json`` + ``adapter_model.safetensors`` at
-    the end (main process only).
-    """
-    from medtune.checkpoints.export import (
-        BACKBONE_FILE,
-        BEST_DIR,
-        CONFIG_FILE,
-        MODEL_FILE,
-        run_config_dict,
-        save_trained_weights,
-    )
-    from medtune.checkpoints.io import load_weights, save_json, save_safetensors
-    from medtune.data.cases import find_cases, resolve_modalities
-    from medtune.data.config import build_labeled_dataset, label_spec_for, split_cases
-    from medtune.trainer import higher_is_better, make_accelerator, train
-
-    run_dir = Path(run_dir)
-    held = [name for name in (MODEL_FILE, "state") if (run_dir / name).exists()]
-    if resume is None and held:
-        # a fresh run would overwrite the trained weights and the base that adapter exports point at
-        raise CheckpointError(
-            f"run folder {run_dir} already holds a run ({', '.join(held)}); "
-            f"continue it with --resume latest or choose another --output"
-        )
-    accelerator = make_accelerator(cfg.train, run_dir)
-    main = accelerator.is_main_process
-    label_spec = label_spec_for(cfg.data)
-    if cfg.data.modalities is None:
-        # record the channel order this run trains on, so that prediction on a dataset of
-        # another layout (a BraTS-trained model on an MSD folder) reads the same channels
-        cfg.data.modalities = resolve_modalities(cfg.data.root, cfg.data.layout)
-    cases = find_cases(cfg.data.root, cfg.data.layout, cfg.data.modalities, require_labels=True)
-    if cases and cases[0].num_modalities != cfg.backbone.in_chans:
-        raise ConfigError(
-            f"{cfg.data.root}: cases have {cases[0].num_modalities} modalities but backbone.in_chans is "
-            f"{cfg.backbone.in_chans} (set data.modalities or backbone.in_chans)"
-        )
-    validate = cfg.data.val_fraction > 0 and bool(split_cases(cases, cfg.data.val_fraction)[1])
-    if cfg.data.val_fraction > 0 and not validate:
-        log.warning("%d labeled case(s): none held out, training without validation", len(cases))
-    with accelerator.main_process_first():  # the main process builds the shared cache
-        train_set = build_labeled_dataset(cfg.data, "train", run_dir, show_progress=main)
-        val_set = build_labeled_dataset(cfg.data, "val", run_dir, show_progress=main) if validate else None
-    saved_base = run_dir / BACKBONE_FILE
-    if resume is not None and saved_base.is_file():
-        # the base the run started from (the training state restores the rest)
-        model, base_state = build_segmenter(
-            cfg, label_spec.num_classes, load_pretrained=False, base_state=load_weights(saved_base)
-        )
-    else:
-        model, base_state = build_segmenter(cfg, label_spec.num_classes)
-    model.label_spec, model.roi_size = label_spec, cfg.roi_size
-    run_config = run_config_dict(cfg, label_spec)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_json(run_config, run_dir / CONFIG_FILE)
-        if not (resume is not None and saved_base.is_file()):
-            save_safetensors(base_state, saved_base, metadata={"backbone": cfg.backbone.name})
-    del base_state
-
-    def save_weights(trained: SliceSegmenter, folder: Path) -> None:
-        save_safetensors(trained.state_dict(), folder / MODEL_FILE, metadata={"task": "segmentation"})
-        save_trained_weights(trained, folder, run_config, run_dir / BACKBONE_FILE)
-
-    evaluate = is_better = on_best = None
-    if val_set is not None:
-
-        def evaluate(trained: SliceSegmenter) -> dict[str, float]:
-            return validate_segmenter(trained, val_set, label_spec, cfg.roi_size, cfg.validation, accelerator)
-
-        is_better = higher_is_better(cfg.validation.best_metric)
-
-        def on_best(trained: SliceSegmenter, metrics) -> None:
-            save_weights(trained, run_dir / BEST_DIR)
-            save_json({k: float(v) for k, v in metrics.items()}, run_dir / BEST_DIR / "metrics.json")
-
-    result = train(
-        model, train_set, cfg.train, run_dir, resume=resume, evaluate=evaluate, is_better=is_better,
-        on_best=on_best, accelerator=accelerator, unit="crops",
-    )
-    if main:
-        save_weights(model, run_dir)
-    accelerator.wait_for_everyone()
-    return result
+    return model

@@ -1,0 +1,262 @@
+"""The run folder: its file names and its rules, in one place.
+
+Every medtune training command (pretraining and every finetuning task) writes one run
+folder; every command that reads one (predict, evaluate, export, ``--backbone``) reads
+it through this module::
+
+    RUN/
+      config.json                 {"task": ..., <the run's config>, "derived": {...}}
+      backbone.safetensors        pretraining: the encoder; finetuning: the base backbone before adapters
+      pretrain.safetensors        pretraining: encoder + decoder
+      model.safetensors           finetuning: the whole model (last step)
+      adapter.json                adapter methods: the adapter's config + the base weights' path and sha256
+      adapter.safetensors         adapter methods: the trained backbone tensors only (backbone names)
+      head.safetensors            adapter methods: every model tensor outside the backbone (task head)
+      best/                       the same weight files at the best evaluation + summary.json
+      summary.json                evaluations: {"final", "best", "best_step", ...}
+      metrics.jsonl               one JSON line per logged step
+      state/step_NNNNNNN/         resumable Accelerate states
+      reconstruction.png          pretraining figure
+
+Rules:
+
+- A folder *holds a run* when it has trained weights (:data:`RUN_MARKERS`) or saved
+  state: a fresh run refuses it, ``--resume`` continues it.
+- A run folder's name is chosen once (rank 0) and shared with every rank
+  (:func:`resolve_run_dir`).
+- Which weights to read: ``"best"`` (the best evaluation, when the run kept one; else
+  the last step) by default everywhere, or ``"last"``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from medtune.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+BACKBONE_FILE = "backbone.safetensors"
+PRETRAIN_FILE = "pretrain.safetensors"
+MODEL_FILE = "model.safetensors"
+ADAPTER_CONFIG_FILE = "adapter.json"
+ADAPTER_WEIGHTS_FILE = "adapter.safetensors"
+HEAD_FILE = "head.safetensors"
+BEST_DIR = "best"
+SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.jsonl"
+STATE_DIR = "state"
+TRAINER_STATE_FILE = "trainer_state.json"
+FIGURE_FILE = "reconstruction.png"
+
+DEFAULT_PARENT = Path("checkpoints")
+CHECKPOINTS = ("best", "last")
+DEFAULT_CHECKPOINT = "best"
+PRETRAIN_TASK = "pretrain"  # the "task" of a pretraining run's config.json
+
+# what makes a folder "hold a run" that a fresh run must not overwrite. A run that failed
+# before its first save left only config.json, metrics.jsonl (and a finetuning run's base
+# backbone.safetensors), which a new run replaces.
+RUN_MARKERS = (MODEL_FILE, PRETRAIN_FILE, ADAPTER_WEIGHTS_FILE, BEST_DIR, STATE_DIR)
+_STEP_DIR = re.compile(r"^step_(\d{7,})$")
+
+
+# --------------------------------------------------------------------------- starting a run
+
+
+def held_run(folder: str | Path) -> list[str]:
+    """The :data:`RUN_MARKERS` present in ``folder`` (empty: no run to protect)."""
+    folder = Path(folder)
+    return [name for name in RUN_MARKERS if (folder / name).exists()]
+
+
+def check_run_dir(folder: str | Path, resume: str | Path | None) -> None:
+    """A fresh run refuses a folder that holds a run; ``--resume latest`` needs its state.
+
+    (Another ``--resume`` folder is checked when its state is loaded.)
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"run folder {folder} is a file")
+    held = held_run(folder)
+    if resume is None and held:
+        raise CheckpointError(
+            f"run folder {folder} already holds a run ({', '.join(held)}); "
+            f"continue it with --resume latest or choose another --output"
+        )
+    if str(resume) == "latest" and find_latest_state(folder) is None:
+        raise CheckpointError(f"run folder {folder} has no saved state to resume ({STATE_DIR}/ is missing or empty)")
+
+
+def choose_run_dir(output: str | Path | None, stem: str, resume: str | Path | None = None,
+                   parent: str | Path = DEFAULT_PARENT) -> Path:
+    """``output``; else the run that ``resume`` names; else ``parent/<stem>-<YYYYmmdd-HHMMSS>``.
+
+    ``resume="latest"`` without ``output`` picks the newest ``parent/<stem>-*`` run
+    with saved state.
+    """
+    if output is not None:
+        return Path(output)
+    parent = Path(parent)
+    if str(resume) == "latest":
+        candidates = sorted(
+            (p for p in parent.glob(f"{stem}-*") if (p / STATE_DIR).is_dir()), key=lambda p: p.stat().st_mtime
+        )
+        if not candidates:
+            raise CheckpointError(
+                f"--resume latest: no run of '{stem}' with saved state under {parent}/ (pass --output RUN_DIR)"
+            )
+        return candidates[-1]
+    if resume is not None:
+        path = Path(resume)
+        return path.parent.parent if path.parent.name == STATE_DIR else path  # a state/step_N folder
+    return parent / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def resolve_run_dir(processes: Any, output: str | Path | None, stem: str,
+                    resume: str | Path | None = None) -> Path:
+    """The run folder of a training command, decided on rank 0 and shared with every rank,
+    then checked (:func:`check_run_dir`) before anything is written."""
+    from medtune.distributed import agree
+
+    def decide() -> Path:
+        folder = choose_run_dir(output, stem, resume)
+        check_run_dir(folder, resume)
+        return folder
+
+    return agree(processes, decide)
+
+
+# --------------------------------------------------------------------------- config.json
+
+
+@dataclass
+class RunConfig:
+    """``config.json`` of a run: the task, the run's config mapping and derived facts
+    (values read from the data at training time: label values, answer vocabulary, ...)."""
+
+    task: str
+    config: dict[str, Any]
+    derived: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"task": self.task, **self.config, "derived": self.derived}
+
+    @classmethod
+    def from_json(cls, data: Any, source: str | Path) -> "RunConfig":
+        if not isinstance(data, Mapping) or not isinstance(data.get("task"), str):
+            raise CheckpointError(f"{source}: not a medtune run config (no 'task')")
+        config = {k: v for k, v in data.items() if k not in ("task", "derived")}
+        derived = data.get("derived") or {}
+        if not isinstance(derived, Mapping):
+            raise CheckpointError(f"{source}: 'derived' must be a mapping")
+        return cls(task=data["task"], config=config, derived=dict(derived))
+
+
+def write_run_config(folder: str | Path, run_config: RunConfig) -> Path:
+    from medtune.checkpoints.io import save_json
+
+    return save_json(run_config.to_json(), Path(folder) / CONFIG_FILE)
+
+
+def read_run_config(folder: str | Path) -> RunConfig:
+    """``folder/config.json`` as a :class:`RunConfig` (:class:`CheckpointError` if absent or foreign)."""
+    from medtune.checkpoints.io import load_json
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"run folder not found: {folder}")
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no {CONFIG_FILE} (not a medtune run or export folder)")
+    return RunConfig.from_json(load_json(path), path)
+
+
+# --------------------------------------------------------------------------- reading weights
+
+
+def weights_dir(folder: str | Path, which: str = DEFAULT_CHECKPOINT) -> Path:
+    """Where the weights of ``which`` checkpoint are: ``best/`` if asked for and kept, else the folder."""
+    if which not in CHECKPOINTS:
+        raise ConfigError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got '{which}'")
+    folder = Path(folder)
+    best = folder / BEST_DIR
+    if which == "best" and any((best / name).is_file() for name in (MODEL_FILE, ADAPTER_WEIGHTS_FILE)):
+        return best
+    return folder
+
+
+def write_summary(folder: str | Path, summary: Mapping[str, Any]) -> Path:
+    """``folder/summary.json``: an evaluation summary (the same file name for every task)."""
+    from medtune.checkpoints.io import save_json
+
+    return save_json(dict(summary), Path(folder) / SUMMARY_FILE)
+
+
+# --------------------------------------------------------------------------- resumable state
+
+
+def state_root(folder: str | Path) -> Path:
+    return Path(folder) / STATE_DIR
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def is_step_dir(path: Path) -> bool:
+    return bool(_STEP_DIR.match(path.name))
+
+
+def find_latest_state(path: str | Path) -> Path | None:
+    """The newest complete ``step_NNNNNNN`` state under ``path`` or ``path/state``."""
+    path = Path(path)
+    root = path / STATE_DIR if (path / STATE_DIR).is_dir() else path
+    if not root.is_dir():
+        return None
+    done = [
+        (int(m.group(1)), d)
+        for d in root.iterdir()
+        if (m := _STEP_DIR.match(d.name)) and (d / TRAINER_STATE_FILE).is_file()
+    ]
+    return max(done)[1] if done else None
+
+
+def resolve_resume(resume: str | Path, folder: str | Path) -> Path:
+    """The state folder ``--resume`` names: ``latest`` (of ``folder``), a run folder or a step folder."""
+    if str(resume) == "latest":
+        found = find_latest_state(folder)
+        if found is None:
+            raise CheckpointError(f"{state_root(folder)}: no saved state to resume from")
+        return found
+    path = Path(resume)
+    if (path / TRAINER_STATE_FILE).is_file():
+        return path
+    found = find_latest_state(path)
+    if found is None:
+        raise CheckpointError(f"{path}: no saved state to resume from (expected {STATE_DIR}/step_NNNNNNN)")
+    return found
+
+
+def read_metrics(folder: str | Path) -> list[dict[str, Any]]:
+    """The records of ``folder/metrics.jsonl`` (empty if there is none)."""
+    path = Path(folder) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+__all__ = [
+    "ADAPTER_CONFIG_FILE", "ADAPTER_WEIGHTS_FILE", "BACKBONE_FILE", "BEST_DIR", "CHECKPOINTS", "CONFIG_FILE",
+    "DEFAULT_CHECKPOINT", "FIGURE_FILE", "HEAD_FILE", "METRICS_FILE", "MODEL_FILE", "PRETRAIN_FILE",
+    "PRETRAIN_TASK", "RUN_MARKERS", "RunConfig", "STATE_DIR", "SUMMARY_FILE", "TRAINER_STATE_FILE",
+    "check_run_dir", "choose_run_dir", "find_latest_state", "held_run", "read_metrics", "read_run_config",
+    "resolve_resume", "resolve_run_dir", "step_dir_name", "weights_dir", "write_run_config", "write_summary",
+]

@@ -1,0 +1,165 @@
+"""Several processes, one run: the helpers every multi-process medtune command uses.
+
+Accelerate launches the processes; these helpers make them agree and fail together::
+
+    from medtune import distributed
+
+    processes = distributed.processes()                       # one per rank (PartialState)
+    run_dir = distributed.agree(processes, choose_run_dir)    # decided by rank 0, the same on all
+    data = distributed.main_first(processes, build_cache)      # rank 0 first (it fills shared caches)
+    distributed.barrier(processes)                             # CPU (gloo) and GPU groups alike
+    rows = distributed.split_gather(processes, len(cases), score)  # every case scored once
+
+``main_first`` and ``agree`` never leave a rank waiting: an error on rank 0 is sent to
+every rank and raised there too (a :class:`~medtune.errors.MedtuneError` keeps its class
+and message, so every rank prints the same one line and exits with 2).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence, TypeVar
+
+from medtune.errors import CheckpointError, ConfigError, DataError, MedtuneError
+
+T = TypeVar("T")
+Row = TypeVar("Row")
+
+# the errors that cross process boundaries by name (others arrive as MedtuneError)
+_KNOWN_ERRORS = {cls.__name__: cls for cls in (MedtuneError, ConfigError, DataError, CheckpointError)}
+
+
+def processes():
+    """The process group of this run (an ``accelerate.PartialState``; one process without a launcher).
+
+    ``ACCELERATE_USE_CPU=true`` makes it a CPU (gloo) group even where GPUs exist.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def rank_and_world(state: Any = None) -> tuple[int, int]:
+    """``(process index, number of processes)`` of an Accelerator/PartialState; ``(0, 1)`` for None."""
+    if state is None:
+        return 0, 1
+    return int(state.process_index), int(state.num_processes)
+
+
+def barrier(state: Any) -> None:
+    """Wait for every process; works for CPU process groups on GPU machines too.
+
+    Accelerate's ``wait_for_everyone`` passes ``device_ids=[local rank]`` to the barrier
+    even for a gloo (CPU) group, which fails with "invalid device ordinal" when
+    ``ACCELERATE_USE_CPU`` runs more processes than the machine has GPUs.
+    ``state``: an Accelerator or PartialState.
+    """
+    if state.num_processes == 1:
+        return
+    from accelerate.utils import DistributedType
+
+    if state.distributed_type == DistributedType.MULTI_CPU:
+        import torch.distributed
+
+        torch.distributed.barrier()
+    else:
+        state.wait_for_everyone()
+
+
+def _broadcast(state: Any, value: Any) -> Any:
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box)
+    return box[0]
+
+
+def _pack_error(exc: BaseException) -> tuple[str, str]:
+    return type(exc).__name__, str(exc)
+
+
+def _raise_packed(packed: tuple[str, str]) -> None:
+    name, message = packed
+    raise _KNOWN_ERRORS.get(name, MedtuneError)(message if name in _KNOWN_ERRORS else f"{message} (on rank 0: {name})")
+
+
+def agree(state: Any, decide: Callable[[], T]) -> T:
+    """``decide()`` on rank 0, its answer (or its error) on every rank.
+
+    For values that must be the same everywhere but may differ when computed on each
+    rank (a timestamped run-folder name, a resolved path).
+    """
+    if state is None or state.num_processes == 1:
+        return decide()
+    outcome: tuple[str, Any] = ("ok", None)
+    failure: BaseException | None = None
+    if state.is_main_process:
+        try:
+            outcome = ("ok", decide())
+        except BaseException as exc:  # noqa: BLE001 - sent to every rank, re-raised below
+            failure, outcome = exc, ("error", _pack_error(exc))
+    outcome = _broadcast(state, outcome)
+    if failure is not None:
+        raise failure
+    if outcome[0] == "error":
+        _raise_packed(outcome[1])
+    return outcome[1]
+
+
+def main_first(state: Any, build: Callable[[], T]) -> T:
+    """Run ``build`` on rank 0, then (if it succeeded) on the other ranks.
+
+    For work whose first run fills something shared (a preprocessing cache, generated
+    files) that the others then read. Unlike ``accelerator.main_process_first``, an error
+    on rank 0 reaches every rank, which raises it too, instead of leaving them waiting
+    at a barrier.
+    """
+    if state is None or state.num_processes == 1:
+        return build()
+    result: Any = None
+    failure: BaseException | None = None
+    if state.is_main_process:
+        try:
+            result = build()
+        except BaseException as exc:  # noqa: BLE001 - sent to every rank, re-raised below
+            failure = exc
+    packed = _broadcast(state, None if failure is None else _pack_error(failure))
+    if failure is not None:
+        raise failure
+    if packed is not None:
+        _raise_packed(packed)
+    return result if state.is_main_process else build()
+
+
+def shard(count: int, state: Any = None) -> list[int]:
+    """This process's share of ``range(count)``: indices ``rank, rank + world, ...``."""
+    rank, world = rank_and_world(state)
+    return list(range(rank, count, world))
+
+
+def split_gather(state: Any, count: int, score: Callable[[list[int]], list[Row]]) -> list[Row]:
+    """Score ``range(count)`` split over the processes; every process gets every row.
+
+    ``score(indices)`` returns rows for this process's share (:func:`shard`); the rows of
+    all processes are gathered and sorted, so when each row starts with its item's index
+    the result is the same as one process scoring everything, whatever the process
+    count. Every process must call this.
+    """
+    rows = list(score(shard(count, state)))
+    if state is not None and state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        rows = gather_object(rows)
+    return sorted(rows)
+
+
+def gather_rows(state: Any, rows: Sequence[Row]) -> list[Row]:
+    """Every process's ``rows``, concatenated in rank order, on every process."""
+    if state is None or state.num_processes == 1:
+        return list(rows)
+    from accelerate.utils import gather_object
+
+    return list(gather_object(list(rows)))
+
+
+__all__ = ["agree", "barrier", "gather_rows", "main_first", "processes", "rank_and_world", "shard", "split_gather"]

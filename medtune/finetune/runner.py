@@ -1,0 +1,91 @@
+"""``finetune(task, cfg)``: the one way any task trains, on one process or many.
+
+In order, the same for every task:
+
+1. the run folder: ``--output`` or ``checkpoints/<config stem>-<time>``, decided on
+   rank 0 and shared; refused when it holds a run and ``--resume`` is not given;
+2. the data: :meth:`Task.build_data` on rank 0 first (it fills caches and resolves
+   values left to the data), then on the other ranks; an error on rank 0 ends every rank;
+3. the model: :meth:`Task.build_model` (pretrained weights unless resuming);
+4. ``config.json`` (the task, the config, the derived facts) and, for adapter methods,
+   ``backbone.safetensors`` (the base) when the run starts;
+5. :func:`medtune.trainer.train` with :meth:`Task.evaluate` every ``train.eval_every``
+   steps and at the end, ``best/`` on each new best of :meth:`Task.best_metric_of`;
+6. the final weights (:func:`medtune.finetune.weights.save_trained`) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from medtune import distributed
+from medtune.checkpoints.runs import BEST_DIR, RunConfig, resolve_run_dir, write_run_config, write_summary
+from medtune.finetune.base import Task, TaskData
+from medtune.finetune.weights import save_base_backbone, save_trained
+
+log = logging.getLogger(__name__)
+
+
+def finetune(task: Task, cfg: Any, *, output: str | Path | None = None, resume: str | Path | None = None,
+             stem: str | None = None):
+    """Train ``cfg`` (the task's config) into a run folder; returns the :class:`TrainResult`
+    (the same on every process; ``result.run_dir`` is the folder).
+
+    Args:
+        output: the run folder (default ``checkpoints/<stem>-<YYYYmmdd-HHMMSS>``).
+        resume: ``"latest"`` or a run / ``state/step_N`` folder to continue.
+        stem: default run-folder prefix (the config file's stem; default the task name).
+    """
+    from accelerate.utils import set_seed
+
+    from medtune.config import to_dict
+    from medtune.trainer import build_loader, higher_is_better, make_accelerator, train
+
+    processes = distributed.processes()
+    if not processes.is_main_process:  # one copy of the logs, from the main process
+        logging.getLogger().setLevel(logging.WARNING)
+    run_dir = resolve_run_dir(processes, output, stem or task.name, resume)
+    accelerator = make_accelerator(cfg.train, run_dir)
+    main = accelerator.is_main_process
+
+    data: TaskData = distributed.main_first(accelerator, lambda: task.build_data(cfg, run_dir))
+    set_seed(cfg.train.seed)  # the same initial weights on every process and every rerun
+    model = task.build_model(cfg, data.derived, pretrained=resume is None)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_config(run_dir, RunConfig(task.name, to_dict(cfg), data.derived))
+        if resume is None:  # a resumed run keeps the base it started from
+            save_base_backbone(model, run_dir, metadata={"task": task.name})
+
+    def evaluate(trained) -> dict[str, float]:
+        return task.evaluate(trained, data, cfg, accelerator)
+
+    def on_best(trained, metrics, step) -> None:
+        save_trained(trained, run_dir / BEST_DIR, run_dir, task.name)
+        write_summary(run_dir / BEST_DIR, {"step": step, "metrics": dict(metrics)})
+
+    key = task.best_metric_of(cfg) if data.eval is not None else None
+
+    loader = build_loader(data.train, cfg.train, num_workers=data.num_workers)
+    result = train(
+        model, loader, cfg.train, run_dir, resume=resume,
+        evaluate=evaluate if data.eval is not None else None,
+        is_better=higher_is_better(key) if key is not None else None,
+        on_best=on_best if key is not None else None,
+        accelerator=accelerator, unit=task.unit,
+    )
+    if main:
+        save_trained(model, run_dir, run_dir, task.name)
+        write_summary(run_dir, {
+            "task": task.name, "steps": result.step, "final": result.eval_metrics,
+            "best": result.best_metrics, "best_step": result.best_step, **task.summary_extras(cfg, data),
+        })
+        best = f"; best {task.best_metric_of(cfg)} {result.best_metrics} at step {result.best_step}" if result.best_metrics else ""
+        log.info("%s finetuning finished after %d steps in %s%s", task.name, result.step, run_dir, best)
+    distributed.barrier(accelerator)
+    return result
+
+
+__all__ = ["finetune"]

@@ -1,0 +1,95 @@
+"""The training loop's config: ``train:`` sections of every run config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer, built over the model's ``requires_grad`` parameters."""
+
+    name: str = "adamw"  # "adam" (L2 penalty in the gradient) or "adamw" (decoupled decay)
+    lr: float = 1e-4  # peak learning rate, reached at the end of warmup
+    weight_decay: float = 0.0  # applied to every trainable parameter
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam moment decay rates
+    amsgrad: bool = False  # AMSGrad variant (Med-Tuning's recipe uses it)
+
+    def __post_init__(self) -> None:
+        if self.name not in ("adam", "adamw"):
+            raise ValueError(f"optim.name must be 'adam' or 'adamw', got '{self.name}'")
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas must have two values, got {self.betas}")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule: linear warmup, then decay to ``min_lr_ratio * lr``."""
+
+    name: str = "poly"  # "poly" (1 - t)^power, "cosine", or "constant" after warmup
+    warmup_steps: int = 0  # optimizer steps of linear warmup from lr/warmup_steps to lr
+    power: float = 0.9  # exponent of the poly decay
+    min_lr_ratio: float = 0.0  # floor of the decay, as a fraction of the peak lr
+
+    def __post_init__(self) -> None:
+        if self.name not in ("poly", "cosine", "constant"):
+            raise ValueError(f"schedule.name must be poly, cosine or constant, got '{self.name}'")
+        if self.warmup_steps < 0:
+            raise ValueError(f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class TrainConfig:
+    """How to train: steps, batches, precision, seeding, logging and saving."""
+
+    max_steps: int = 1000  # optimizer steps (each of grad_accum micro-batches)
+    batch_size: int = 8  # samples per micro-batch per process
+    grad_accum: int = 1  # micro-batches accumulated into one optimizer step
+    grad_clip: float | None = 1.0  # max global gradient norm; null disables clipping
+    mixed_precision: str = "auto"  # "auto" (bf16 on CUDA with bf16, else fp32), "no", "bf16", "fp16"
+    seed: int = 0  # seeds data order (seed + epoch) and per-micro-batch randomness
+    log_every: int = 10  # optimizer steps between metrics.jsonl lines / progress updates
+    save_every: int = 0  # optimizer steps between resumable states (and at the end); 0 never saves
+    keep_last: int = 2  # how many saved states to keep under run_dir/state
+    eval_every: int = 0  # optimizer steps between evaluate() calls (0: only at the end)
+    num_workers: int | None = None  # DataLoader workers of build_loader; None: the run's data.num_workers (CLIs) or 0
+    find_unused_parameters: bool = False  # DDP flag for models with parameters unused in forward
+    trackers: list[str] = field(default_factory=list)  # extra loggers, e.g. ["tensorboard"]
+    optim: OptimConfig = field(default_factory=OptimConfig)  # the optimizer
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # the lr schedule
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "log_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("save_every", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(
+                f"train.mixed_precision must be auto, no, bf16 or fp16, got '{self.mixed_precision}'"
+            )
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError(f"train.num_workers must be >= 0 or null, got {self.num_workers}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"train.grad_clip must be > 0 or null, got {self.grad_clip}")
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns (identical on every process)."""
+
+    step: int  # optimizer steps done in total (including those before a resume)
+    run_dir: Path
+    metrics: dict[str, float] = field(default_factory=dict)  # last logged training metrics
+    eval_metrics: dict[str, float] = field(default_factory=dict)  # last evaluation
+    best_metrics: dict[str, float] | None = None  # best evaluation under is_better
+    best_step: int | None = None  # the step of best_metrics
+    state_dir: Path | None = None  # the last saved resumable state
+    seconds: float = 0.0  # wall time of this call
+    samples_per_s: float = 0.0  # global training throughput of this call

@@ -1,0 +1,348 @@
+"""The one training loop (see :mod:`medtune.trainer` for what it does)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from medtune.checkpoints.runs import (
+    METRICS_FILE,
+    TRAINER_STATE_FILE,
+    is_step_dir,
+    resolve_resume,
+    state_root,
+    step_dir_name,
+)
+from medtune.distributed import barrier
+from medtune.errors import CheckpointError, ConfigError, DataError, MedtuneError
+from medtune.trainer.config import TrainConfig, TrainResult
+from medtune.trainer.setup import _loss_of, build_loader, build_optimizer, lr_factor, make_accelerator
+
+log = logging.getLogger(__name__)
+
+
+def train(
+    model: nn.Module,
+    train_loader: DataLoader | Dataset,
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    *,
+    resume: str | Path | None = None,
+    evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
+    is_better: Callable[[Mapping[str, float], Mapping[str, float]], bool] | None = None,
+    on_best: Callable[[nn.Module, Mapping[str, float], int], None] | None = None,
+    accelerator: Any | None = None,
+    trackers: Sequence[str] | None = None,
+    unit: str = "samples",
+) -> TrainResult:
+    """Train ``model`` for ``cfg.max_steps`` optimizer steps; see the module docstring.
+
+    Args:
+        model: ``model(batch)`` returns ``{"loss": scalar tensor, **scalar logs}``.
+            It is trained in place (on return it holds the final weights, unwrapped).
+        train_loader: a loader from :func:`build_loader` (or any DataLoader; a
+            ``RandomSampler`` is made reproducible by Accelerate), or a Dataset, for
+            which :func:`build_loader` is called.
+        cfg: the :class:`TrainConfig`.
+        run_dir: where ``metrics.jsonl``, ``state/`` and tracker logs go.
+        resume: ``"latest"`` (newest state under ``run_dir``), a run folder or a
+            ``state/step_NNNNNNN`` folder to continue from.
+        evaluate: ``evaluate(model) -> {name: float}``, called on every process with
+            the unwrapped model in eval mode every ``cfg.eval_every`` steps and at the end.
+        is_better: ``is_better(new, best) -> bool`` picks the best evaluation
+            (:func:`higher_is_better`, :func:`lower_is_better`).
+        on_best: ``on_best(model, metrics, step)`` on the main process whenever a new best
+            evaluation is found (e.g. to save the best weights).
+        accelerator: an Accelerator from :func:`make_accelerator`; made here if None.
+        trackers: overrides ``cfg.trackers`` (e.g. ``["tensorboard"]``).
+        unit: what one sample is called in the progress bar ("slices", "crops").
+    """
+    if on_best is not None and is_better is None:
+        raise ConfigError("train(): on_best needs is_better to know which evaluation is best")
+    from accelerate.utils import set_seed
+
+    run_dir = Path(run_dir)
+    if accelerator is None:
+        accelerator = make_accelerator(cfg, run_dir, trackers)
+    elif accelerator.gradient_accumulation_steps != cfg.grad_accum:
+        raise ConfigError(
+            f"train(): the accelerator accumulates {accelerator.gradient_accumulation_steps} "
+            f"micro-batches but train.grad_accum is {cfg.grad_accum}; build it with make_accelerator(cfg)"
+        )
+    set_seed(cfg.seed)
+    if isinstance(train_loader, Dataset) and not isinstance(train_loader, DataLoader):
+        train_loader = build_loader(train_loader, cfg)
+    if len(train_loader) == 0:
+        raise DataError(
+            f"training data has {len(train_loader.dataset)} samples, fewer than one batch of "
+            f"{cfg.batch_size}; lower train.batch_size or add data"
+        )
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("train(): the model has no trainable parameters (all requires_grad=False)")
+    optimizer = build_optimizer(params, cfg.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, cfg.max_steps, cfg.schedule)
+    )
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    batches_per_epoch = len(loader)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    state = _LoopState()
+    if resume is not None:
+        state_dir = resolve_resume(resume, run_dir)
+        accelerator.load_state(str(state_dir))
+        state = _LoopState.from_json(state_dir / TRAINER_STATE_FILE)
+        log.info("resumed from %s at step %d", state_dir, state.step)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(run_dir / METRICS_FILE, state.step)
+        if accelerator.log_with:
+            accelerator.init_trackers(run_dir.name, config=_flat_config(cfg))
+
+    global_batch = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+    log.info(
+        "training %d steps of %d %s (%d per process x %d accumulated x %d processes), %s precision",
+        cfg.max_steps, global_batch, unit, cfg.batch_size, cfg.grad_accum,
+        accelerator.num_processes, accelerator.mixed_precision,
+    )
+    batches = _batch_stream(loader, batches_per_epoch, state.step * cfg.grad_accum)
+    progress = _progress(accelerator, cfg.max_steps, state.step, unit)
+    sums: dict[str, torch.Tensor] = {}  # running sums of the logs since the last log line
+    counts: dict[str, int] = {}
+    window_samples, window_start = 0, time.perf_counter()
+    call_samples, call_start = 0, time.perf_counter()
+    result = TrainResult(step=state.step, run_dir=run_dir)
+
+    model.train()
+    while state.step < cfg.max_steps:
+        for micro in range(cfg.grad_accum):
+            batch = next(batches)
+            _seed_micro_batch(cfg.seed, state.step * cfg.grad_accum + micro, accelerator.process_index)
+            with accelerator.accumulate(model):
+                out = model(batch)
+                loss = _loss_of(out)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    if cfg.grad_clip is not None:
+                        grad_norm = accelerator.clip_grad_norm_(trainable, cfg.grad_clip)
+                        _add(sums, counts, "grad_norm", grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            _add_logs(sums, counts, out)
+            window_samples += _batch_len(batch)
+        lr = scheduler.get_last_lr()[0]
+        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep the lr where it was
+            scheduler.step()
+        state.step += 1
+        progress.update(1)
+
+        if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+            elapsed = time.perf_counter() - window_start
+            metrics = _reduce_logs(accelerator, sums, counts)
+            metrics["lr"] = lr
+            metrics["samples_per_s"] = window_samples * accelerator.num_processes / max(elapsed, 1e-9)
+            metrics["epoch"] = state.step * cfg.grad_accum / batches_per_epoch
+            _check_finite(metrics, state.step)
+            _log_metrics(accelerator, run_dir, state.step, metrics)
+            progress.set_postfix(loss=f"{metrics['loss']:.4g}", **{f"{unit}/s": f"{metrics['samples_per_s']:.1f}"})
+            result.metrics = metrics
+            call_samples += window_samples
+            sums, counts, window_samples, window_start = {}, {}, 0, time.perf_counter()
+
+        is_last = state.step == cfg.max_steps
+        if evaluate is not None and ((cfg.eval_every and state.step % cfg.eval_every == 0) or is_last):
+            result.eval_metrics = _run_evaluation(accelerator, model, evaluate, is_better, on_best, state, run_dir)
+        if cfg.save_every and (state.step % cfg.save_every == 0 or is_last):
+            result.state_dir = _save_state(accelerator, run_dir, state, cfg.keep_last)
+    progress.close()
+
+    barrier(accelerator)
+    if accelerator.log_with:
+        accelerator.end_training()
+    result.step = state.step
+    result.best_metrics, result.best_step = state.best_metrics, state.best_step
+    result.seconds = time.perf_counter() - call_start
+    result.samples_per_s = (call_samples * accelerator.num_processes) / max(result.seconds, 1e-9)
+    return result
+
+
+# --------------------------------------------------------------------------- internals
+
+
+@dataclass
+class _LoopState:
+    """What the loop needs on resume besides Accelerate's state (stored as JSON)."""
+
+    step: int = 0
+    best_metrics: dict[str, float] | None = None
+    best_step: int | None = None
+
+    def to_json(self) -> dict:
+        return {"step": self.step, "best_metrics": self.best_metrics, "best_step": self.best_step}
+
+    @classmethod
+    def from_json(cls, path: Path) -> "_LoopState":
+        try:
+            data = json.loads(path.read_text())
+            return cls(step=int(data["step"]), best_metrics=data.get("best_metrics"), best_step=data.get("best_step"))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path}: not a medtune trainer state ({exc})") from None
+
+
+def _batch_stream(loader, batches_per_epoch: int, consumed: int) -> Iterator[Any]:
+    """Batches from micro-batch number ``consumed`` on, epoch after epoch, reproducibly."""
+    from accelerate import skip_first_batches
+
+    epoch, skip = divmod(consumed, batches_per_epoch)
+    while True:
+        loader.set_epoch(epoch)  # the seedable sampler shuffles with seed + epoch
+        if hasattr(loader.dataset, "set_epoch"):  # e.g. crop positions; Accelerate skips it when sharded
+            loader.dataset.set_epoch(epoch)
+        source = skip_first_batches(loader, skip) if skip else loader
+        if skip:
+            source.set_epoch(epoch)
+        yield from source
+        epoch, skip = epoch + 1, 0
+
+
+def _seed_micro_batch(seed: int, micro_index: int, process_index: int) -> None:
+    """Reseed torch/numpy/random from (seed, micro-batch, process): replayable randomness."""
+    value = int(np.random.SeedSequence([seed, micro_index, process_index]).generate_state(1)[0])
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
+def _add(sums: dict[str, torch.Tensor], counts: dict[str, int], key: str, value: Any) -> None:
+    value = value.detach().float().reshape(()) if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+    sums[key] = sums[key] + value if key in sums else value
+    counts[key] = counts.get(key, 0) + 1
+
+
+def _add_logs(sums: dict[str, torch.Tensor], counts: dict[str, int], out: Mapping[str, Any]) -> None:
+    for key, value in out.items():
+        if isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1):
+            _add(sums, counts, key, value)
+
+
+def _reduce_logs(accelerator, sums: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, float]:
+    """Means over the window's micro-batches (steps for grad_norm) and processes (one sync)."""
+    if not sums:
+        return {}
+    keys = sorted(sums)
+    means = torch.stack([sums[k].to(accelerator.device) / counts[k] for k in keys])
+    means = accelerator.reduce(means, reduction="mean")
+    return dict(zip(keys, means.tolist()))
+
+
+def _check_finite(metrics: Mapping[str, float], step: int) -> None:
+    loss = metrics.get("loss")
+    if loss is not None and not math.isfinite(loss):
+        raise MedtuneError(f"training diverged: loss is {loss} at step {step} (lower optim.lr?)")
+
+
+def _log_metrics(accelerator, run_dir: Path, step: int, metrics: Mapping[str, float]) -> None:
+    if accelerator.is_main_process:
+        with open(run_dir / METRICS_FILE, "a") as handle:
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+    if accelerator.log_with:
+        accelerator.log(dict(metrics), step=step)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after ``step`` by a run that was killed before its next save."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _run_evaluation(accelerator, model, evaluate, is_better, on_best, state: _LoopState, run_dir: Path) -> dict:
+    bare = accelerator.unwrap_model(model)
+    bare.eval()
+    try:
+        metrics = {k: float(v) for k, v in dict(evaluate(bare)).items()}
+    finally:
+        bare.train()
+    record = {f"eval/{k}": v for k, v in metrics.items()}
+    if is_better is not None and (state.best_metrics is None or is_better(metrics, state.best_metrics)):
+        state.best_metrics, state.best_step = metrics, state.step
+        record["eval/is_best"] = 1.0
+        if on_best is not None and accelerator.is_main_process:
+            on_best(bare, metrics, state.step)
+    _log_metrics(accelerator, run_dir, state.step, record)
+    log.info("step %d evaluation: %s", state.step, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return metrics
+
+
+def _save_state(accelerator, run_dir: Path, state: _LoopState, keep_last: int) -> Path:
+    """``save_state`` into ``state/step_N.tmp``, then rename: a kill never leaves a half state."""
+    root = state_root(run_dir)
+    final = root / step_dir_name(state.step)
+    partial = root / f"{step_dir_name(state.step)}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    barrier(accelerator)
+    accelerator.save_state(str(partial), safe_serialization=True)
+    barrier(accelerator)
+    if accelerator.is_main_process:
+        (partial / TRAINER_STATE_FILE).write_text(json.dumps(state.to_json(), indent=2) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        finished = sorted(d for d in root.iterdir() if is_step_dir(d))
+        for old in finished[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(accelerator)
+    return final
+
+
+def _progress(accelerator, total: int, initial: int, unit: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+        disable=not accelerator.is_main_process,
+    )
+
+
+def _batch_len(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        for item in batch:
+            if isinstance(item, torch.Tensor):
+                return int(item.shape[0])
+    return 0
+
+
+def _flat_config(cfg: TrainConfig) -> dict:
+    from medtune.config import to_dict
+
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            flat[prefix[:-1]] = node if isinstance(node, (int, float, str, bool)) else str(node)
+
+    walk("", to_dict(cfg))
+    return flat

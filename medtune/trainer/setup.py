@@ -1,0 +1,183 @@
+"""The pieces :func:`medtune.trainer.train` is built from: schedule, optimizer, loader,
+Accelerator, best-checkpoint rules, unused-parameter probe."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from medtune.errors import ConfigError, MedtuneError
+from medtune.trainer.config import OptimConfig, ScheduleConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def lr_factor(step: int, total_steps: int, schedule: ScheduleConfig) -> float:
+    """Multiplier of the peak lr used by the optimizer update number ``step`` (0-based).
+
+    Warmup: ``(step + 1) / warmup_steps`` for ``step < warmup_steps`` (no zero-lr step).
+    After it, with ``t = (step - warmup) / (total_steps - warmup)`` in ``[0, 1)`` and
+    ``m = min_lr_ratio``: poly ``m + (1 - m)(1 - t)^power``, cosine
+    ``m + (1 - m)(1 + cos(pi t)) / 2``, constant ``1``.
+    """
+    warmup = schedule.warmup_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule.name == "constant":
+        return 1.0
+    t = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    if schedule.name == "poly":
+        decay = (1.0 - t) ** schedule.power
+    elif schedule.name == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * t))
+    else:
+        raise ConfigError(f"unknown schedule.name '{schedule.name}'")
+    return schedule.min_lr_ratio + (1.0 - schedule.min_lr_ratio) * decay
+
+
+def resolve_mixed_precision(requested: str) -> str:
+    """``"auto"`` -> ``"bf16"`` on a CUDA device that supports it, else ``"no"`` (fp32)."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def build_optimizer(params: Sequence[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """Adam or AdamW over ``params`` as configured."""
+    optim_cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    return optim_cls(
+        params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad
+    )
+
+
+def build_loader(
+    dataset: Dataset,
+    cfg: TrainConfig,
+    *,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    collate_fn: Callable | None = None,
+    num_workers: int | None = None,
+) -> DataLoader:
+    """The per-process training loader for :func:`train`.
+
+    Shuffling uses a plain ``RandomSampler``; once the loader is prepared by Accelerate
+    it becomes a sampler reseeded with ``cfg.seed + epoch`` on every process, which is
+    what makes the data order reproducible on resume. Workers: ``num_workers``, else
+    ``cfg.num_workers``, else 0. They are not persistent, so that a dataset's
+    ``set_epoch`` (called by :func:`train`) reaches them.
+    """
+    sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
+    workers = num_workers if num_workers is not None else (cfg.num_workers or 0)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        num_workers=workers,
+        collate_fn=collate_fn,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def make_accelerator(cfg: TrainConfig, run_dir: str | Path | None = None, trackers: Sequence[str] | None = None):
+    """The Accelerator :func:`train` expects (pass it back in to share it with evaluation).
+
+    Accumulation is driven by ``cfg.grad_accum`` and does not resync at epoch ends,
+    so every optimizer step sees exactly ``grad_accum`` micro-batches.
+    """
+    from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+    from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
+
+    log_with = []
+    for name in trackers if trackers is not None else cfg.trackers:
+        if name == "tensorboard" and not _tensorboard_available():
+            log.warning("tracker 'tensorboard' requested but tensorboard is not installed; not logging to it")
+            continue
+        log_with.append(name)
+    project = None
+    if run_dir is not None:
+        project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(Path(run_dir) / "logs"))
+    return Accelerator(
+        mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=cfg.grad_accum, sync_with_dataloader=False
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        step_scheduler_with_optimizer=False,
+        log_with=log_with or None,
+        project_config=project,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)],
+    )
+
+
+def higher_is_better(key: str) -> Callable[[Mapping[str, float], Mapping[str, float]], bool]:
+    """``is_better`` for :func:`train`: the new evaluation wins when ``key`` is larger."""
+
+    def is_better(new: Mapping[str, float], best: Mapping[str, float]) -> bool:
+        return _metric(new, key) > _metric(best, key)
+
+    is_better.key = key  # type: ignore[attr-defined]
+    return is_better
+
+
+def lower_is_better(key: str) -> Callable[[Mapping[str, float], Mapping[str, float]], bool]:
+    """``is_better`` for :func:`train`: the new evaluation wins when ``key`` is smaller."""
+
+    def is_better(new: Mapping[str, float], best: Mapping[str, float]) -> bool:
+        return _metric(new, key) < _metric(best, key)
+
+    is_better.key = key  # type: ignore[attr-defined]
+    return is_better
+
+
+def unused_parameters(model: nn.Module, batch: Any) -> list[str]:
+    """Names of trainable parameters that get no gradient from ``model(batch)["loss"]``.
+
+    DDP refuses such parameters unless told to search for them on every step
+    (``find_unused_parameters``, slower); a model whose graph never changes can freeze
+    them instead (they would never be updated anyway). Gradients are cleared and buffers
+    (e.g. BatchNorm running statistics) restored afterwards, so the model is unchanged.
+    """
+    was_training = model.training
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    model.train()
+    try:
+        _loss_of(model(batch)).backward()
+        unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+    return unused
+
+
+def _loss_of(out: Any) -> torch.Tensor:
+    if not isinstance(out, Mapping) or "loss" not in out:
+        raise MedtuneError(f"the model's forward must return a dict with a 'loss', got {type(out).__name__}")
+    loss = out["loss"]
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise MedtuneError("the model's 'loss' must be a scalar tensor")
+    return loss
+
+
+def _metric(metrics: Mapping[str, float], key: str) -> float:
+    if key not in metrics:
+        raise ConfigError(f"evaluation has no metric '{key}' (has: {', '.join(metrics)})")
+    return float(metrics[key])
+
+
+def _tensorboard_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
