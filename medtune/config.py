@@ -158,7 +158,7 @@ def _unknown_keys_message(cls: type, data: Mapping[str, Any], unknown: list, whe
         if names:
             owners.setdefault(names, []).append(str(unknown_key))
     belong = "; ".join(
-        f"{', '.join(keys)} {'belongs' if len(keys) == 1 else 'belong'} to {' and '.join(repr(n) for n in names)}"
+        f"{', '.join(keys)} {'belongs' if len(keys) == 1 else 'belong'} to {', '.join(repr(n) for n in names)}"
         for names, keys in owners.items()
     )
     tag = data.get(key, fields[key].default)
