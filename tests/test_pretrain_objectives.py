@@ -208,7 +208,7 @@ def test_objective_config_is_picked_by_name_and_strict():
     assert type(cfg) is FreMAEConfig and cfg.radius == 10.0 and isinstance(cfg.radius, float)
     assert from_dict(ObjectiveConfig, {}) == FreMAEConfig()  # no name: FreMAE
     assert from_dict(ObjectiveConfig, {"name": "simmim", "mask_block": 16}) == SimMIMConfig(mask_block=16)
-    assert from_dict(ObjectiveConfig, to_dict(MFMConfig(mfm_band="low"))) == MFMConfig(mfm_band="low")
+    assert from_dict(ObjectiveConfig, to_dict(MFMConfig(band="low"))) == MFMConfig(band="low")
     with pytest.raises(ConfigError, match="mask_raito"):
         from_dict(ObjectiveConfig, {"mask_raito": 0.5})
     with pytest.raises(ConfigError) as info:
@@ -221,8 +221,8 @@ def test_objective_config_is_picked_by_name_and_strict():
         from_dict(ObjectiveConfig, {"name": "byol"}, "objective")
     with pytest.raises(ConfigError, match="mask_mode"):
         from_dict(ObjectiveConfig, {"mask_mode": "voxel"})
-    with pytest.raises(ConfigError, match="mfm_band"):
-        from_dict(ObjectiveConfig, {"name": "mfm", "mfm_band": "middle"})
+    with pytest.raises(ConfigError, match="objective.band"):
+        from_dict(ObjectiveConfig, {"name": "mfm", "band": "middle"})
     with pytest.raises(ConfigError, match="mask_ratio"):
         from_dict(ObjectiveConfig, {"name": "mae", "mask_ratio": 1.0})
     with pytest.raises(ConfigError, match="radius"):
@@ -316,7 +316,7 @@ def test_mfm_corruption_removes_exactly_the_band(band):
     from medtune.pretrain.frequency import spectrum
 
     torch.manual_seed(0)
-    mfm = build_objective(MFMConfig(mfm_band=band), tiny_vit(32))
+    mfm = build_objective(MFMConfig(band=band), tiny_vit(32))
     images = blobs(2, (32, 32))["image"]
     removed = mfm.removed_bins(images)  # (B, H, W)
     assert removed.shape == (2, 32, 32)

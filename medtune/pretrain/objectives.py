@@ -151,13 +151,13 @@ class MFMConfig(ObjectiveConfig):
     filter_kind: str = "circle"
     # the band removed from the input and predicted: "low", "high", or "random" (one of
     # the two per sample, p = 0.5, as MFM)
-    mfm_band: str = "random"
+    band: str = "random"
     # exponent of the focal frequency weight; 0 gives a plain (unweighted) frequency MSE
     focal_alpha: float = 1.0
 
     def __post_init__(self) -> None:
         check_one_of("filter_kind", self.filter_kind, FILTER_KINDS)
-        check_one_of("mfm_band", self.mfm_band, ("low", "high", "random"))
+        check_one_of("band", self.band, ("low", "high", "random"))
         if self.radius is not None and self.radius < 0:
             raise ValueError(f"objective.radius must be >= 0, got {self.radius}")
 
@@ -191,7 +191,7 @@ def build_mfm(cfg: MFMConfig, backbone: nn.Module) -> nn.Module:
     from medtune.pretrain.mfm import MFM
 
     return MFM(
-        backbone, radius=cfg.radius, filter_kind=cfg.filter_kind, band=cfg.mfm_band, focal_alpha=cfg.focal_alpha
+        backbone, radius=cfg.radius, filter_kind=cfg.filter_kind, band=cfg.band, focal_alpha=cfg.focal_alpha
     )
 
 
