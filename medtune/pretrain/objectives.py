@@ -43,10 +43,12 @@ class ObjectiveConfig:
     # registry name of the objective: fremae, mae, simmim or mfm (see OBJECTIVES)
     name: str = "fremae"
 
+    # ``name`` picks the config class when a section is loaded (medtune.config.from_dict)
     variant_key: ClassVar[str] = "name"
 
     @classmethod
     def variant_classes(cls) -> dict[str, type[ObjectiveConfig]]:
+        """``{objective name: its config class}``, from :data:`OBJECTIVES`."""
         return {name: OBJECTIVES.get(name).config_class for name in OBJECTIVES}
 
 
@@ -190,9 +192,7 @@ def build_simmim(cfg: SimMIMConfig, backbone: nn.Module) -> nn.Module:
 def build_mfm(cfg: MFMConfig, backbone: nn.Module) -> nn.Module:
     from medtune.pretrain.mfm import MFM
 
-    return MFM(
-        backbone, radius=cfg.radius, filter_kind=cfg.filter_kind, band=cfg.band, focal_alpha=cfg.focal_alpha
-    )
+    return MFM(backbone, radius=cfg.radius, filter_kind=cfg.filter_kind, band=cfg.band, focal_alpha=cfg.focal_alpha)
 
 
 @dataclass(frozen=True)
