@@ -31,14 +31,21 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from medtune.errors import MedtuneError
 from medtune.models import BackboneConfig, create_backbone
-from medtune.pretrain.objectives import ObjectiveConfig, build_objective
+from medtune.pretrain.objectives import (
+    FreMAEConfig,
+    MAEConfig,
+    MFMConfig,
+    ObjectiveConfig,
+    SimMIMConfig,
+    build_objective,
+)
 
-VARIANTS: dict[str, dict] = {
-    "fremae": {"name": "fremae"},
-    "fremae-pixel": {"name": "fremae", "loss": "pixel"},
-    "mae": {"name": "mae"},
-    "simmim": {"name": "simmim", "mask_block": 16},
-    "mfm": {"name": "mfm"},
+VARIANTS: dict[str, ObjectiveConfig] = {
+    "fremae": FreMAEConfig(),
+    "fremae-pixel": FreMAEConfig(loss="pixel"),
+    "mae": MAEConfig(),
+    "simmim": SimMIMConfig(mask_block=16),
+    "mfm": MFMConfig(),
 }
 
 
@@ -134,7 +141,7 @@ def main() -> None:
     for variant in args.variants:
         torch.manual_seed(0)
         try:
-            objective = build_objective(ObjectiveConfig(**VARIANTS[variant]), create_backbone(backbone_config(args)))
+            objective = build_objective(VARIANTS[variant], create_backbone(backbone_config(args)))
         except (MedtuneError, ImportError, ValueError) as exc:
             print(f"{variant:>13}: skipped ({str(exc).splitlines()[0]})")
             continue

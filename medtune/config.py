@@ -4,6 +4,24 @@ Every run is described by a dataclass tree (see e.g. ``medtune.pretrain.config``
 ``load_config`` reads a YAML file, applies ``--set a.b=value`` overrides to the raw
 mapping, then builds the dataclasses; a key that no dataclass declares is an error that
 names the key's full path, never silently ignored.
+
+A section can be a *tagged union*: one of its keys picks its dataclass, as
+``objective.name`` picks ``MAEConfig`` or ``FreMAEConfig``. The declared class says so
+with ``variant_key`` (the picking field) and a classmethod ``variant_classes()``
+(``{value: dataclass}``, each a subclass of the declared class)::
+
+    @dataclass
+    class ObjectiveConfig:
+        name: str = "fremae"
+        variant_key: ClassVar[str] = "name"
+
+        @classmethod
+        def variant_classes(cls) -> dict[str, type]:
+            return {"fremae": FreMAEConfig, "mae": MAEConfig}
+
+``from_dict(ObjectiveConfig, {"name": "mae", ...})`` then builds a ``MAEConfig`` with
+its own strict keys (a missing ``name`` picks the declared class's default), and
+``to_dict`` writes the variant's fields, ``name`` included, so the two round-trip.
 """
 
 from __future__ import annotations
@@ -96,16 +114,70 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _key_path(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _init_fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+def variant_class(cls: type[C], data: Mapping[str, Any], where: str = "") -> type[C]:
+    """The dataclass that builds ``data``: ``cls`` itself, or for a tagged union (see the
+    module docstring) the variant named by ``data[cls.variant_key]``, or by ``cls``'s
+    default for that key when ``data`` has none."""
+    key = getattr(cls, "variant_key", None)
+    if key is None:
+        return cls
+    variants = cls.variant_classes()
+    path = _key_path(where, key)
+    tag = data.get(key, _init_fields(cls)[key].default)
+    if tag is dataclasses.MISSING:
+        raise ConfigError(f"config key '{path}' is required (one of: {', '.join(variants)})")
+    variant = variants.get(tag) if isinstance(tag, str) else None
+    if variant is None:
+        raise ConfigError(f"unknown {path} {tag!r} (known: {', '.join(variants)})")
+    if not issubclass(variant, cls):
+        raise ConfigError(f"{path} '{tag}' is a {variant.__name__}, not a {cls.__name__}")
+    return variant
+
+
+def _unknown_keys_message(cls: type, data: Mapping[str, Any], unknown: list, where: str) -> str:
+    """One line naming the unknown keys by full path; for a variant of a tagged union, also
+    which variants they belong to (e.g. keys left over after changing ``objective.name``)."""
+    full = ", ".join(_key_path(where, k) for k in unknown)
+    fields = _init_fields(cls)
+    known = ", ".join(fields)
+    key = getattr(cls, "variant_key", None)
+    if key is None:
+        return f"unknown config key '{full}' (known: {known})"
+    others = {name: _init_fields(v) for name, v in cls.variant_classes().items() if v is not cls}
+    owners: dict[tuple[str, ...], list[str]] = {}
+    for unknown_key in unknown:
+        names = tuple(name for name, other_fields in others.items() if unknown_key in other_fields)
+        if names:
+            owners.setdefault(names, []).append(str(unknown_key))
+    belong = "; ".join(
+        f"{', '.join(keys)} {'belongs' if len(keys) == 1 else 'belong'} to {', '.join(repr(n) for n in names)}"
+        for names, keys in owners.items()
+    )
+    tag = data.get(key, fields[key].default)
+    section = f"{where} {tag!r}" if where else cls.__name__
+    verb = "is not a key" if len(unknown) == 1 else "are not keys"
+    return f"{full} {verb} of {section}{f' ({belong})' if belong else ''}; its keys: {known}"
+
+
 def from_dict(cls: type[C], data: Mapping[str, Any], where: str = "") -> C:
-    """Build dataclass ``cls`` from a mapping; unknown keys raise :class:`ConfigError`."""
+    """Build dataclass ``cls`` (for a tagged union: the variant that ``data`` names) from a
+    mapping; unknown keys raise :class:`ConfigError`."""
+    cls = variant_class(cls, data, where)
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = _init_fields(cls)
     unknown = [k for k in data if k not in fields]
     if unknown:
-        full = ", ".join(f"{where}.{k}" if where else str(k) for k in unknown)
-        raise ConfigError(f"unknown config key '{full}' (known: {', '.join(fields)})")
+        raise ConfigError(_unknown_keys_message(cls, data, unknown, where))
     kwargs = {
-        name: _convert(value, hints[name], f"{where}.{name}" if where else name)
+        name: _convert(value, hints[name], _key_path(where, name))
         for name, value in data.items()
     }
     try:

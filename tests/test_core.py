@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -66,6 +67,76 @@ def test_overrides_apply_yaml_values(tmp_path: Path):
         load_config(Outer, path, ["inner.nope=1"])
     with pytest.raises(ConfigError, match="not of the form"):
         apply_overrides({}, ["steps"])
+
+
+@dataclass
+class Shape:
+    """A tagged union: ``kind`` picks the dataclass."""
+
+    kind: str = "circle"
+    variant_key: ClassVar[str] = "kind"
+
+    @classmethod
+    def variant_classes(cls) -> dict[str, type]:
+        return {"circle": Circle, "square": Square}
+
+
+@dataclass
+class Circle(Shape):
+    kind: str = "circle"
+    radius: float = 1.0
+
+
+@dataclass
+class Square(Shape):
+    kind: str = "square"
+    side: int = 2
+    radius: float = 0.0  # of the rounded corners: a key of both variants
+
+
+@dataclass
+class Drawing:
+    shape: Shape = field(default_factory=Circle)
+    layers: list[Shape] = field(default_factory=list)
+
+
+def test_tagged_union_picks_the_variant_by_its_key():
+    cfg = from_dict(Drawing, {"shape": {"kind": "square", "side": 3.0}, "layers": [{"kind": "square"}, {"radius": 2}]})
+    assert cfg.shape == Square(side=3) and isinstance(cfg.shape.side, int)
+    assert cfg.layers == [Square(), Circle(radius=2.0)]  # no kind: the declared class's default, circle
+    assert from_dict(Drawing, {}).shape == Circle()
+    assert from_dict(Drawing, {"shape": {}}).shape == Circle()
+    assert from_dict(Shape, {"kind": "square"}) == Square()
+    # a variant asked for by its own class keeps its own default
+    assert from_dict(Square, {"side": 5}) == Square(side=5)
+
+
+def test_tagged_union_round_trips_through_to_dict():
+    cfg = from_dict(Drawing, {"shape": {"kind": "square", "side": 4}, "layers": [{"radius": 0.5}]})
+    data = to_dict(cfg)
+    assert data == {"shape": {"kind": "square", "side": 4, "radius": 0.0}, "layers": [{"kind": "circle", "radius": 0.5}]}
+    assert from_dict(Drawing, data) == cfg
+
+
+def test_tagged_union_key_of_another_variant_names_path_and_owner():
+    with pytest.raises(ConfigError) as info:
+        from_dict(Drawing, {"shape": {"kind": "circle", "side": 3}})
+    assert str(info.value) == "shape.side is not a key of shape 'circle' (side belongs to 'square'); its keys: kind, radius"
+    with pytest.raises(ConfigError) as info:
+        from_dict(Drawing, {"layers": [{}, {"kind": "square", "sides": 4, "colour": "red"}]})
+    assert str(info.value) == "layers[1].sides, layers[1].colour are not keys of layers[1] 'square'; its keys: kind, side, radius"
+    with pytest.raises(ConfigError, match=r"^side is not a key of Circle \(side belongs to 'square'\)"):
+        from_dict(Shape, {"side": 3})
+
+
+def test_tagged_union_unknown_variant_lists_the_known_ones():
+    with pytest.raises(ConfigError) as info:
+        from_dict(Drawing, {"shape": {"kind": "hexagon", "side": 3}})
+    assert str(info.value) == "unknown shape.kind 'hexagon' (known: circle, square)"
+    with pytest.raises(ConfigError, match=r"unknown shape.kind None \(known: circle, square\)"):
+        from_dict(Drawing, {"shape": {"kind": None}})
+    with pytest.raises(ConfigError, match="shape.kind 'square' is a Square, not a Circle"):
+        from_dict(Circle, {"kind": "square"}, "shape")
 
 
 def test_registry_exact_and_pattern():

@@ -198,6 +198,15 @@ def test_unknown_config_key_is_named(synth_brats, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_keys_of_another_objective_are_named(synth_brats, tmp_path, capsys):
+    # the demo recipe's FreMAE keys (and TINY's objective.radius) do not fit MAE
+    assert pretrain(synth_brats, tmp_path / "run", "objective.name=mae") == 2
+    line = error_line(capsys)
+    assert "demo_pretrain.yaml: objective.decoder_width, objective.radius are not keys of objective 'mae'" in line
+    assert "(decoder_width belongs to 'fremae'; radius belongs to 'fremae', 'mfm')" in line
+    assert not (tmp_path / "run").exists()
+
+
 def test_inconsistent_sections_are_named(synth_brats, tmp_path, capsys):
     assert pretrain(synth_brats, tmp_path / "run", "backbone.img_size=64") == 2
     line = error_line(capsys)

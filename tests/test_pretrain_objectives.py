@@ -3,13 +3,24 @@ visible tokens; configs are strict; the reconstruction figure is written."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from medtune.config import from_dict
+from medtune.config import from_dict, to_dict
 from medtune.errors import ConfigError
 from medtune.models import BackboneConfig, create_backbone
-from medtune.pretrain import ObjectiveConfig, build_objective, save_reconstruction
+from medtune.pretrain import (
+    OBJECTIVES,
+    FreMAEConfig,
+    MAEConfig,
+    MFMConfig,
+    ObjectiveConfig,
+    SimMIMConfig,
+    build_objective,
+    save_reconstruction,
+)
 from medtune.pretrain.decoder import MultiStageDecoder, pyramid_strides
 from medtune.pretrain.fremae import FreMAE
 
@@ -75,7 +86,7 @@ def assert_loss_falls(losses: list[float], factor: float = 0.9) -> None:
 def test_objective_loss_falls_on_generated_data(name, backbone, shape, cfg):
     torch.manual_seed(0)
     net = backbone()
-    objective = build_objective(ObjectiveConfig(**cfg), net)
+    objective = build_objective(from_dict(ObjectiveConfig, cfg), net)
     assert objective.backbone is net  # what backbone.safetensors is written from
     losses = train_losses(objective, blobs(8, shape), steps=25)
     assert_loss_falls(losses)
@@ -84,7 +95,7 @@ def test_objective_loss_falls_on_generated_data(name, backbone, shape, cfg):
 def test_fremae_2d_and_3d_share_one_code_path_and_report_logs():
     torch.manual_seed(0)
     for dims, size, patch in ((2, 32, 2), (3, 16, 1)):
-        objective = build_objective(ObjectiveConfig(name="fremae", radius=1, decoder_width=8), swinunetr(dims, size, patch))
+        objective = build_objective(FreMAEConfig(radius=1, decoder_width=8), swinunetr(dims, size, patch))
         assert type(objective) is FreMAE and type(objective.decoder) is MultiStageDecoder
         data = blobs(2, (size,) * dims)
         out = objective(data)
@@ -108,7 +119,7 @@ def test_fremae_losses_by_hand_from_the_unmasked_image():
     from medtune.pretrain.frequency import apply_band, band_mask, focal_frequency_loss, spectrum
 
     torch.manual_seed(0)
-    objective = build_objective(ObjectiveConfig(name="fremae", radius=2, decoder_width=8), swinunetr(2, 32))
+    objective = build_objective(FreMAEConfig(radius=2, decoder_width=8), swinunetr(2, 32))
     data = blobs(2, (32, 32))
     images = data["image"]
     seen = {}
@@ -143,8 +154,8 @@ def test_fremae_losses_by_hand_from_the_unmasked_image():
 def test_fremae_pixel_loss_variant_uses_the_same_model():
     torch.manual_seed(0)
     backbone = swinunetr(2, 32)
-    frequency = build_objective(ObjectiveConfig(name="fremae"), backbone)
-    pixel = build_objective(ObjectiveConfig(name="fremae", loss="pixel"), backbone)
+    frequency = build_objective(FreMAEConfig(), backbone)
+    pixel = build_objective(FreMAEConfig(loss="pixel"), backbone)
     assert frequency.state_dict().keys() == pixel.state_dict().keys()
     data = blobs(2, (32, 32))
     images = data["image"]
@@ -164,13 +175,13 @@ def _tokens_entering_blocks(vit) -> list[int]:
 def test_mae_encoder_sees_only_visible_tokens():
     torch.manual_seed(0)
     backbone = create_backbone(BackboneConfig("vit_tiny_patch16_224", 2, 64, 2, options={"depth": 4}))
-    mae = build_objective(ObjectiveConfig(name="mae", decoder_dim=32, decoder_depth=1), backbone)
+    mae = build_objective(MAEConfig(decoder_dim=32, decoder_depth=1), backbone)
     seen = _tokens_entering_blocks(backbone.model)
     out = mae(blobs(2, (64, 64)))
     # 16 patches, 25% visible = 4, plus the class token
     assert seen == [1 + 4]
     assert float(out["mask_ratio"]) == 0.75
-    fremae = build_objective(ObjectiveConfig(name="fremae", mask_mode="patch", mask_ratio=0.5, radius=3), backbone)
+    fremae = build_objective(FreMAEConfig(mask_mode="patch", mask_ratio=0.5, radius=3), backbone)
     seen.clear()
     fremae(blobs(2, (64, 64)))
     assert seen == [1 + 8]
@@ -178,28 +189,65 @@ def test_mae_encoder_sees_only_visible_tokens():
     assert recon["prediction"].shape == (2, 2, 64, 64) and recon["mask"].float().mean() == 0.75
 
 
-def test_objective_config_is_strict_and_backbone_checked():
+def test_each_objective_has_its_own_config_with_its_own_defaults():
+    classes = {name: OBJECTIVES.get(name).config_class for name in OBJECTIVES}
+    assert classes == {"fremae": FreMAEConfig, "mae": MAEConfig, "mfm": MFMConfig, "simmim": SimMIMConfig}
+    assert all(cls().name == name and issubclass(cls, ObjectiveConfig) for name, cls in classes.items())
+    assert [f.name for f in dataclasses.fields(ObjectiveConfig)] == ["name"]
+    assert (FreMAEConfig().mask_ratio, MAEConfig().mask_ratio, SimMIMConfig().mask_ratio) == (0.25, 0.75, 0.6)
+    assert "mask_ratio" not in {f.name for f in dataclasses.fields(MFMConfig)}
+    assert (FreMAEConfig().radius, FreMAEConfig().filter_kind) == (10.0, "square")
+    assert (MFMConfig().radius, MFMConfig().filter_kind) == (None, "circle")
+    fields = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in classes.items()}
+    assert fields["simmim"] == {"name", "mask_ratio", "mask_block"}
+    assert fields["mae"] == {"name", "mask_ratio", "decoder_dim", "decoder_depth", "decoder_heads", "norm_pix_loss"}
+
+
+def test_objective_config_is_picked_by_name_and_strict():
     cfg = from_dict(ObjectiveConfig, {"name": "fremae", "radius": 10, "low_weight": 1.3})
-    assert cfg.radius == 10.0 and cfg.resolved_mask_ratio() == 0.25
-    assert ObjectiveConfig(name="mae").resolved_mask_ratio() == 0.75
+    assert type(cfg) is FreMAEConfig and cfg.radius == 10.0 and isinstance(cfg.radius, float)
+    assert from_dict(ObjectiveConfig, {}) == FreMAEConfig()  # no name: FreMAE
+    assert from_dict(ObjectiveConfig, {"name": "simmim", "mask_block": 16}) == SimMIMConfig(mask_block=16)
+    assert from_dict(ObjectiveConfig, to_dict(MFMConfig(band="low"))) == MFMConfig(band="low")
     with pytest.raises(ConfigError, match="mask_raito"):
         from_dict(ObjectiveConfig, {"mask_raito": 0.5})
+    with pytest.raises(ConfigError) as info:
+        from_dict(ObjectiveConfig, {"name": "simmim", "decoder_dim": 64}, "objective")
+    assert str(info.value) == (
+        "objective.decoder_dim is not a key of objective 'simmim' (decoder_dim belongs to 'mae'); "
+        "its keys: name, mask_ratio, mask_block"
+    )
+    with pytest.raises(ConfigError, match=r"^unknown objective.name 'byol' \(known: fremae, mae, mfm, simmim\)$"):
+        from_dict(ObjectiveConfig, {"name": "byol"}, "objective")
     with pytest.raises(ConfigError, match="mask_mode"):
         from_dict(ObjectiveConfig, {"mask_mode": "voxel"})
-    with pytest.raises(ConfigError, match="objective 'byol'"):
+    with pytest.raises(ConfigError, match="objective.band"):
+        from_dict(ObjectiveConfig, {"name": "mfm", "band": "middle"})
+    with pytest.raises(ConfigError, match="mask_ratio"):
+        from_dict(ObjectiveConfig, {"name": "mae", "mask_ratio": 1.0})
+    with pytest.raises(ConfigError, match="radius"):
+        from_dict(ObjectiveConfig, {"radius": None})  # FreMAE's radius is a number
+    with pytest.raises(ConfigError, match="filter_kind"):
+        from_dict(ObjectiveConfig, {"filter_kind": "diamond"})
+
+
+def test_build_objective_checks_config_class_and_backbone():
+    with pytest.raises(ConfigError, match="unknown objective 'byol'"):
         build_objective(ObjectiveConfig(name="byol"), tiny_vit())
+    with pytest.raises(ConfigError, match="objective 'mae' needs a MAEConfig, got FreMAEConfig"):
+        build_objective(FreMAEConfig(name="mae"), tiny_vit())
+    with pytest.raises(ConfigError, match="objective 'fremae' needs a FreMAEConfig, got ObjectiveConfig"):
+        build_objective(ObjectiveConfig(), tiny_vit())
     with pytest.raises(ConfigError, match="needs a ViT"):
-        build_objective(ObjectiveConfig(name="mae"), swinunetr(2, 32))
+        build_objective(MAEConfig(), swinunetr(2, 32))
     with pytest.raises(ConfigError, match="needs a ViT"):
-        build_objective(ObjectiveConfig(name="fremae", mask_mode="patch"), swinunetr(2, 32))
+        build_objective(FreMAEConfig(mask_mode="patch"), swinunetr(2, 32))
     with pytest.raises(ConfigError, match="mask_block"):
-        build_objective(ObjectiveConfig(name="simmim", mask_block=20), tiny_vit())
-    official = build_objective(ObjectiveConfig(name="fremae", filter_kind="square_official", radius=2), tiny_vit())
+        build_objective(SimMIMConfig(mask_block=20), tiny_vit())
+    official = build_objective(FreMAEConfig(filter_kind="square_official", radius=2), tiny_vit())
     high = official.high_spectrum(torch.randn(1, 2, 32, 32))  # centre 16: zeroed rows/cols 14..17
     assert float(high[0, :, 14:18, 14:18].abs().sum()) == 0
     assert bool((high[0, :, 18, 16].abs().sum(-1) > 0).all())  # kept, unlike the symmetric square
-    with pytest.raises(ConfigError, match="filter_kind"):
-        from_dict(ObjectiveConfig, {"filter_kind": "diamond"})
 
 
 def test_decoder_pyramid_for_plain_and_hierarchical_backbones():
@@ -217,10 +265,10 @@ def test_decoder_pyramid_for_plain_and_hierarchical_backbones():
 def test_reconstruction_figure_is_a_png(tmp_path, dims):
     torch.manual_seed(0)
     size, patch = (32, 2) if dims == 2 else (16, 1)
-    objective = build_objective(ObjectiveConfig(name="fremae", radius=1, decoder_width=8), swinunetr(dims, size, patch))
+    objective = build_objective(FreMAEConfig(radius=1, decoder_width=8), swinunetr(dims, size, patch))
     path = save_reconstruction(tmp_path / "reconstruction.png", objective.reconstruct(blobs(2, (size,) * dims)))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
-    simmim = build_objective(ObjectiveConfig(name="simmim", mask_block=8), swinunetr(dims, size, patch))
+    simmim = build_objective(SimMIMConfig(mask_block=8), swinunetr(dims, size, patch))
     path = save_reconstruction(tmp_path / "simmim.png", simmim.reconstruct(blobs(2, (size,) * dims)))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -229,7 +277,7 @@ def test_reconstruction_figure_is_a_png(tmp_path, dims):
 def test_simmim_writes_the_mask_token_over_masked_patch_embeddings_only(make):
     torch.manual_seed(0)
     backbone = make()
-    simmim = build_objective(ObjectiveConfig(name="simmim", mask_block=16), backbone).eval()
+    simmim = build_objective(SimMIMConfig(mask_block=16), backbone).eval()
     stride = simmim.site.stride
     x = torch.randn(1, 2, 64, 64)
     none = torch.zeros(1, 64 // stride, 64 // stride, dtype=torch.bool)
@@ -268,7 +316,7 @@ def test_mfm_corruption_removes_exactly_the_band(band):
     from medtune.pretrain.frequency import spectrum
 
     torch.manual_seed(0)
-    mfm = build_objective(ObjectiveConfig(name="mfm", mfm_band=band), tiny_vit(32))
+    mfm = build_objective(MFMConfig(band=band), tiny_vit(32))
     images = blobs(2, (32, 32))["image"]
     removed = mfm.removed_bins(images)  # (B, H, W)
     assert removed.shape == (2, 32, 32)
@@ -288,7 +336,7 @@ def test_baseline_losses_by_hand():
     from medtune.pretrain.simmim import masked_l1
 
     torch.manual_seed(0)
-    mae = build_objective(ObjectiveConfig(name="mae"), tiny_vit(32))  # 2 x 2 patches of 16 px, 2 channels
+    mae = build_objective(MAEConfig(), tiny_vit(32))  # 2 x 2 patches of 16 px, 2 channels
     images = torch.randn(1, 2, 32, 32)
     pred = torch.randn(1, 4, 16 * 16 * 2)
     mask = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
@@ -306,7 +354,7 @@ def test_baseline_losses_by_hand():
     pixel_mask = torch.tensor([[[True, False], [False, True]]])
     assert float(masked_l1(pred_pixels, target_pixels, pixel_mask)) == pytest.approx((1 + 4 + 1 + 8) / 4)
 
-    mfm = build_objective(ObjectiveConfig(name="mfm", radius=2, focal_alpha=0.0), tiny_vit(32))
+    mfm = build_objective(MFMConfig(radius=2, focal_alpha=0.0), tiny_vit(32))
     removed = mfm.removed_bins(images)
     pred_image = torch.randn(1, 2, 32, 32)
     distance = (spectrum(pred_image, 2) - spectrum(images, 2)).pow(2).sum(-1)  # (1, 2, 32, 32)

@@ -1,12 +1,14 @@
 """Self-supervised pretraining: FreMAE and the MIM baselines (MAE, SimMIM, MFM).
 
-Objectives are built by name from an :class:`ObjectiveConfig`::
+Objectives are built from their own config class (:class:`FreMAEConfig`,
+:class:`MAEConfig`, :class:`SimMIMConfig`, :class:`MFMConfig`, all
+:class:`ObjectiveConfig`; a recipe's ``objective.name`` picks one)::
 
     from medtune.models import BackboneConfig, create_backbone
-    from medtune.pretrain import ObjectiveConfig, build_objective
+    from medtune.pretrain import FreMAEConfig, build_objective
 
     backbone = create_backbone(BackboneConfig(name="swinunetr", img_size=64))
-    objective = build_objective(ObjectiveConfig(name="fremae"), backbone)
+    objective = build_objective(FreMAEConfig(), backbone)
     out = objective({"image": x, "foreground": fg})  # {"loss", "loss_high", "loss_low", "mask_ratio"}
 
 The frequency math (spectra, band masks, focal frequency loss, global filter) is in
@@ -24,11 +26,23 @@ from medtune.pretrain.frequency import (
     spectrum,
 )
 from medtune.pretrain.masking import block_masking, pixel_masking, random_masking
-from medtune.pretrain.objectives import OBJECTIVES, ObjectiveConfig, build_objective
+from medtune.pretrain.objectives import (
+    OBJECTIVES,
+    FreMAEConfig,
+    MAEConfig,
+    MFMConfig,
+    ObjectiveConfig,
+    SimMIMConfig,
+    build_objective,
+)
 
 __all__ = [
     "OBJECTIVES",
     "ObjectiveConfig",
+    "FreMAEConfig",
+    "MAEConfig",
+    "SimMIMConfig",
+    "MFMConfig",
     "build_objective",
     "GlobalFilter",
     "band_mask",

@@ -19,7 +19,7 @@ from medtune.config import load_config
 from medtune.data.config import DataConfig
 from medtune.errors import ConfigError
 from medtune.models import BackboneConfig
-from medtune.pretrain.objectives import ObjectiveConfig
+from medtune.pretrain.objectives import FreMAEConfig, ObjectiveConfig
 from medtune.trainer import TrainConfig
 
 
@@ -31,8 +31,9 @@ class PretrainConfig:
     """Dataset folder, 2D slices or 3D crops and their size, cache, workers."""
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     """The encoder being pretrained (what ``backbone.safetensors`` holds)."""
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    """FreMAE, MAE, SimMIM or MFM and their masking/loss settings."""
+    objective: ObjectiveConfig = field(default_factory=FreMAEConfig)
+    """FreMAE, MAE, SimMIM or MFM: ``objective.name`` picks the config class
+    (:class:`FreMAEConfig`, ``MAEConfig`` ...), whose fields are the section's only keys."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Steps, batch, optimizer, schedule, precision, saving (see ``medtune.trainer``)."""
     figure: bool = True

@@ -40,7 +40,7 @@ from medtune.pretrain.mae import fill_mask_tokens, require_vit, vit_forward_visi
 from medtune.pretrain.masking import PatchMask, foreground_of, pixel_masking, random_masking, upsample_mask
 
 if TYPE_CHECKING:
-    from medtune.pretrain.objectives import ObjectiveConfig
+    from medtune.pretrain.objectives import FreMAEConfig
 
 
 def backbone_image_size(backbone: nn.Module) -> int:
@@ -84,10 +84,8 @@ class FreMAE(nn.Module):
     Args:
         backbone: a :class:`medtune.models.Backbone` (``forward_stages``,
             ``feature_channels``, ``feature_strides``, ``spatial_dims``, ``in_chans``).
-        cfg: an :class:`~medtune.pretrain.objectives.ObjectiveConfig` (``mask_ratio``,
-            ``mask_mode``, ``mask_scope``, ``jitter``, ``radius``, ``filter_kind``,
-            ``low_pool``, ``high_weight``, ``low_weight``, ``loss``, ``focal_alpha``,
-            ``decoder_width``, ``filter_per_channel``).
+        cfg: a :class:`~medtune.pretrain.objectives.FreMAEConfig` (masking, bands,
+            loss weights, decoder width).
 
     ``forward(batch)``: ``batch["image"]`` ``(B, M, *S)`` and optionally
     ``batch["foreground"]`` ``(B, *S)`` (default: all modalities nonzero) ->
@@ -95,17 +93,17 @@ class FreMAE(nn.Module):
     fraction of foreground pixels, or of patches, actually masked).
     """
 
-    def __init__(self, backbone: nn.Module, cfg: "ObjectiveConfig") -> None:
+    def __init__(self, backbone: nn.Module, cfg: "FreMAEConfig") -> None:
         super().__init__()
         self.backbone = backbone
         self.spatial_dims = int(backbone.spatial_dims)
         self.modalities = int(backbone.in_chans)
-        self.mask_ratio = cfg.resolved_mask_ratio()
+        self.mask_ratio = cfg.mask_ratio
         self.mask_mode = cfg.mask_mode
         self.mask_scope = cfg.mask_scope
         self.jitter = cfg.jitter
-        self.radius = 10.0 if cfg.radius is None else float(cfg.radius)
-        self.filter_kind = cfg.filter_kind or "square"
+        self.radius = float(cfg.radius)
+        self.filter_kind = cfg.filter_kind
         self.low_pool = cfg.low_pool
         self.high_weight = cfg.high_weight
         self.low_weight = cfg.low_weight

@@ -1,11 +1,15 @@
-"""Pretraining objectives by name: ``ObjectiveConfig``, ``OBJECTIVES``, ``build_objective``.
+"""Pretraining objectives by name: their configs, ``OBJECTIVES`` and ``build_objective``.
+
+Each objective has its own config dataclass with only its own fields, deriving from
+:class:`ObjectiveConfig`; ``objective.name`` in a recipe picks it (a tagged union, see
+:mod:`medtune.config`), so a key of another objective is an error.
 
 Each objective is an ``nn.Module`` built around a backbone; it keeps the backbone as its
 ``.backbone`` attribute (so ``objective.backbone.state_dict()`` is what
 ``backbone.safetensors`` holds) and ``forward(batch)`` returns a dict with a scalar
 ``"loss"`` plus scalar logs, as ``medtune.trainer.train`` expects::
 
-    objective = build_objective(ObjectiveConfig(name="fremae"), backbone)
+    objective = build_objective(FreMAEConfig(), backbone)   # or MAEConfig(decoder_dim=256), ...
     out = objective({"image": x, "foreground": fg})   # x (B, M, *S), fg (B, *S)
     out["loss"].backward()
 """
@@ -13,7 +17,7 @@ Each objective is an ``nn.Module`` built around a backbone; it keeps the backbon
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar, Sequence
 
 from torch import nn
 
@@ -21,122 +25,157 @@ from medtune.errors import ConfigError
 from medtune.pretrain.frequency import FILTER_KINDS
 from medtune.registry import Registry
 
-OBJECTIVES: Registry[Callable[["ObjectiveConfig", nn.Module], nn.Module]] = Registry("objective")
 
-# Per-objective defaults for the fields left as None.
-DEFAULT_MASK_RATIO = {"fremae": 0.25, "mae": 0.75, "simmim": 0.6, "mfm": 0.0}
+def check_one_of(key: str, value: object, allowed: Sequence) -> None:
+    if value not in allowed:
+        raise ValueError(f"objective.{key} must be one of {tuple(allowed)}, got {value!r}")
+
+
+def check_mask_ratio(ratio: float) -> None:
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"objective.mask_ratio must be in [0, 1), got {ratio}")
 
 
 @dataclass
 class ObjectiveConfig:
-    """What the pretraining objective is and how it masks, predicts and scores.
+    """What every objective's config has: its name, which picks the config class."""
 
-    Attributes:
-        name: ``"fremae"`` (frequency targets, multi-stage decoder), ``"mae"`` (ViT
-            only), ``"simmim"`` or ``"mfm"``.
-        mask_ratio: fraction masked; None = the objective's default (FreMAE 0.25 of the
-            foreground pixels, MAE 0.75 of the patches, SimMIM 0.6 of the patches;
-            unused by MFM).
-        mask_mode: FreMAE only. ``"pixel"``: per-pixel foreground masking with a
-            learnable per-modality token (the paper); ``"patch"``: MAE-style, mask whole
-            patches and encode only the visible tokens (ViT backbones only).
-        mask_scope: FreMAE pixel masking. ``"sample"``: each sample loses ``mask_ratio``
-            of its own foreground; ``"batch"``: drawn over the whole batch (official code).
-        jitter: FreMAE pixel masking. Masked inputs are scaled by ``U(1-j, 1+j)`` and
-            shifted by ``U(-j, j)`` per (sample, modality); 0 disables.
-        radius: band radius in frequency bins. FreMAE: half-width of the central square
-            (or circle radius), default 10. MFM: None = 16 at 224 px, scaled with the
-            image side.
-        filter_kind: ``"square"`` (symmetric, ``2r + 1`` bins per axis),
-            ``"square_official"`` (FreMIM's ``2r``-bin slice ``[n//2 - r, n//2 + r)``)
-            or ``"circle"``; None = square for FreMAE, circle for MFM (see
-            :mod:`medtune.pretrain.frequency`).
-        low_pool: FreMAE. The low band is taken from the image average-pooled by this
-            factor (128 -> 32); the bottom-up head predicts at that size.
-        high_weight: FreMAE weight of the high-band loss.
-        low_weight: FreMAE weight of the low-band loss.
-        loss: FreMAE. ``"frequency"``: focal frequency loss on the bands (the paper);
-            ``"pixel"``: MSE in image space on the same predictions (for comparisons).
-        focal_alpha: exponent of the focal frequency weight ``log(1 + d^alpha)``; for MFM
-            0 gives a plain (unweighted) frequency MSE.
-        decoder_width: channels of FreMAE's multi-stage decoder paths.
-        filter_per_channel: FreMAE global filters with one transfer function per channel
-            (official) or one shared by all channels (far fewer parameters for 3D).
-        decoder_dim: MAE transformer decoder width.
-        decoder_depth: MAE transformer decoder blocks.
-        decoder_heads: MAE transformer decoder attention heads.
-        norm_pix_loss: MAE. Normalise each target patch by its mean and std.
-        mask_block: SimMIM. Side, in pixels, of the square blocks that are masked
-            together (32 in SimMIM); must be a multiple of the patch-embedding stride.
-        mfm_band: MFM. Which band is removed from the input and predicted: ``"low"``,
-            ``"high"``, or ``"random"`` (one of the two per sample, p = 0.5, as MFM).
-    """
+    # registry name of the objective: fremae, mae, simmim or mfm (see OBJECTIVES)
+    name: str = "fremae"
+
+    # ``name`` picks the config class when a section is loaded (medtune.config.from_dict)
+    variant_key: ClassVar[str] = "name"
+
+    @classmethod
+    def variant_classes(cls) -> dict[str, type[ObjectiveConfig]]:
+        """``{objective name: its config class}``, from :data:`OBJECTIVES`."""
+        return {name: OBJECTIVES.get(name).config_class for name in OBJECTIVES}
+
+
+@dataclass
+class FreMAEConfig(ObjectiveConfig):
+    """FreMAE (FreMIM, WACV 2024): masked input, frequency-band targets, multi-stage decoder."""
 
     name: str = "fremae"
-    mask_ratio: float | None = None
+    # fraction masked: of each sample's foreground pixels (pixel mode) or of the patches
+    # (patch mode)
+    mask_ratio: float = 0.25
+    # "pixel": per-pixel foreground masking with a learnable per-modality token (the
+    # paper); "patch": MAE-style, mask whole patches and encode only the visible tokens
+    # (ViT backbones only)
     mask_mode: str = "pixel"
+    # pixel masking. "sample": each sample loses mask_ratio of its own foreground;
+    # "batch": drawn over the whole batch (official code)
     mask_scope: str = "sample"
+    # pixel masking. Masked inputs are scaled by U(1-j, 1+j) and shifted by U(-j, j) per
+    # (sample, modality); 0 disables
     jitter: float = 0.1
-    radius: float | None = None
-    filter_kind: str | None = None
+    # half-width, in frequency bins, of the central low-band square (or circle radius)
+    radius: float = 10.0
+    # band shape: "square" (symmetric, 2r + 1 bins per axis), "square_official" (FreMIM's
+    # 2r-bin slice [n//2 - r, n//2 + r)) or "circle" (see medtune.pretrain.frequency)
+    filter_kind: str = "square"
+    # the low band is taken from the image average-pooled by this factor (128 -> 32);
+    # the bottom-up head predicts at that size
     low_pool: int = 4
+    # weight of the high-band loss in the total
     high_weight: float = 1.0
+    # weight of the low-band loss in the total
     low_weight: float = 1.3
+    # "frequency": focal frequency loss on the bands (the paper); "pixel": MSE in image
+    # space on the same predictions (for comparisons)
     loss: str = "frequency"
+    # exponent of the focal frequency weight log(1 + d^alpha)
     focal_alpha: float = 1.0
+    # channels of the multi-stage decoder's paths
     decoder_width: int = 32
+    # global filters with one transfer function per channel (official) or one shared by
+    # all channels (far fewer parameters in 3D)
     filter_per_channel: bool = True
-    decoder_dim: int = 128
-    decoder_depth: int = 2
-    decoder_heads: int = 4
-    norm_pix_loss: bool = True
-    mask_block: int = 32
-    mfm_band: str = "random"
 
     def __post_init__(self) -> None:
-        choices = {
-            "mask_mode": ("pixel", "patch"),
-            "mask_scope": ("sample", "batch"),
-            "loss": ("frequency", "pixel"),
-            "mfm_band": ("low", "high", "random"),
-        }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"objective.{key} must be one of {allowed}, got {getattr(self, key)!r}")
-        if self.filter_kind not in (None, *FILTER_KINDS):
-            raise ValueError(f"objective.filter_kind must be one of {FILTER_KINDS}, got {self.filter_kind!r}")
-        if self.mask_ratio is not None and not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"objective.mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        check_mask_ratio(self.mask_ratio)
+        check_one_of("mask_mode", self.mask_mode, ("pixel", "patch"))
+        check_one_of("mask_scope", self.mask_scope, ("sample", "batch"))
+        check_one_of("filter_kind", self.filter_kind, FILTER_KINDS)
+        check_one_of("loss", self.loss, ("frequency", "pixel"))
+        if self.radius is None or self.radius < 0:
+            raise ValueError(f"objective.radius must be a number >= 0, got {self.radius}")
+        if self.low_pool < 1 or self.decoder_width < 1:
+            raise ValueError("objective.low_pool and decoder_width must be >= 1")
+
+
+@dataclass
+class MAEConfig(ObjectiveConfig):
+    """MAE (He et al., CVPR 2022) on a ViT: encode visible patches, MSE on masked ones."""
+
+    name: str = "mae"
+    # fraction of the patches masked
+    mask_ratio: float = 0.75
+    # width of the light transformer decoder
+    decoder_dim: int = 128
+    # transformer blocks of the decoder
+    decoder_depth: int = 2
+    # attention heads of the decoder blocks
+    decoder_heads: int = 4
+    # normalise each target patch by its own mean and std
+    norm_pix_loss: bool = True
+
+    def __post_init__(self) -> None:
+        check_mask_ratio(self.mask_ratio)
+
+
+@dataclass
+class SimMIMConfig(ObjectiveConfig):
+    """SimMIM (Xie et al., CVPR 2022): mask token over masked patch embeddings, L1 on masked pixels."""
+
+    name: str = "simmim"
+    # fraction of the mask blocks masked per sample
+    mask_ratio: float = 0.6
+    # side, in pixels, of the square blocks masked together (32 in SimMIM); a multiple
+    # of the patch-embedding stride
+    mask_block: int = 32
+
+    def __post_init__(self) -> None:
+        check_mask_ratio(self.mask_ratio)
+        if self.mask_block < 1:
+            raise ValueError(f"objective.mask_block must be >= 1, got {self.mask_block}")
+
+
+@dataclass
+class MFMConfig(ObjectiveConfig):
+    """MFM (Xie et al., ICLR 2023): remove a band of the spectrum, predict it back."""
+
+    name: str = "mfm"
+    # band radius in frequency bins; None: 16 at 224 px, scaled with the image side
+    radius: float | None = None
+    # band shape: "circle" (MFM), "square" or "square_official"
+    filter_kind: str = "circle"
+    # the band removed from the input and predicted: "low", "high", or "random" (one of
+    # the two per sample, p = 0.5, as MFM)
+    band: str = "random"
+    # exponent of the focal frequency weight; 0 gives a plain (unweighted) frequency MSE
+    focal_alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_one_of("filter_kind", self.filter_kind, FILTER_KINDS)
+        check_one_of("band", self.band, ("low", "high", "random"))
         if self.radius is not None and self.radius < 0:
             raise ValueError(f"objective.radius must be >= 0, got {self.radius}")
-        if self.low_pool < 1 or self.mask_block < 1 or self.decoder_width < 1:
-            raise ValueError("objective.low_pool, mask_block and decoder_width must be >= 1")
-
-    def resolved_mask_ratio(self) -> float:
-        return DEFAULT_MASK_RATIO.get(self.name, 0.0) if self.mask_ratio is None else self.mask_ratio
 
 
-def build_objective(cfg: ObjectiveConfig, backbone: nn.Module) -> nn.Module:
-    """The objective ``cfg.name`` around ``backbone`` (a :class:`medtune.models.Backbone`)."""
-    if not isinstance(cfg, ObjectiveConfig):
-        raise ConfigError(f"build_objective needs an ObjectiveConfig, got {type(cfg).__name__}")
-    return OBJECTIVES.get(cfg.name)(cfg, backbone)
-
-
-@OBJECTIVES.register("fremae")
-def build_fremae(cfg: ObjectiveConfig, backbone: nn.Module) -> nn.Module:
+def build_fremae(cfg: FreMAEConfig, backbone: nn.Module) -> nn.Module:
     from medtune.pretrain.fremae import FreMAE
 
     return FreMAE(backbone, cfg)
 
 
-@OBJECTIVES.register("mae")
-def build_mae(cfg: ObjectiveConfig, backbone: nn.Module) -> nn.Module:
+def build_mae(cfg: MAEConfig, backbone: nn.Module) -> nn.Module:
     from medtune.pretrain.mae import MAE
 
     return MAE(
         backbone,
-        mask_ratio=cfg.resolved_mask_ratio(),
+        mask_ratio=cfg.mask_ratio,
         decoder_dim=cfg.decoder_dim,
         decoder_depth=cfg.decoder_depth,
         decoder_heads=cfg.decoder_heads,
@@ -144,24 +183,50 @@ def build_mae(cfg: ObjectiveConfig, backbone: nn.Module) -> nn.Module:
     )
 
 
-@OBJECTIVES.register("simmim")
-def build_simmim(cfg: ObjectiveConfig, backbone: nn.Module) -> nn.Module:
+def build_simmim(cfg: SimMIMConfig, backbone: nn.Module) -> nn.Module:
     from medtune.pretrain.simmim import SimMIM
 
-    return SimMIM(backbone, mask_ratio=cfg.resolved_mask_ratio(), mask_block=cfg.mask_block)
+    return SimMIM(backbone, mask_ratio=cfg.mask_ratio, mask_block=cfg.mask_block)
 
 
-@OBJECTIVES.register("mfm")
-def build_mfm(cfg: ObjectiveConfig, backbone: nn.Module) -> nn.Module:
+def build_mfm(cfg: MFMConfig, backbone: nn.Module) -> nn.Module:
     from medtune.pretrain.mfm import MFM
 
-    return MFM(
-        backbone,
-        radius=cfg.radius,
-        filter_kind=cfg.filter_kind or "circle",
-        band=cfg.mfm_band,
-        focal_alpha=cfg.focal_alpha,
-    )
+    return MFM(backbone, radius=cfg.radius, filter_kind=cfg.filter_kind, band=cfg.band, focal_alpha=cfg.focal_alpha)
 
 
-__all__ = ["ObjectiveConfig", "OBJECTIVES", "build_objective", "DEFAULT_MASK_RATIO"]
+@dataclass(frozen=True)
+class Objective:
+    """A registered objective: its config class and what builds it around a backbone."""
+
+    config_class: type[ObjectiveConfig]
+    build: Callable[[ObjectiveConfig, nn.Module], nn.Module]
+
+
+OBJECTIVES: Registry[Objective] = Registry("objective")
+OBJECTIVES.register("fremae")(Objective(FreMAEConfig, build_fremae))
+OBJECTIVES.register("mae")(Objective(MAEConfig, build_mae))
+OBJECTIVES.register("simmim")(Objective(SimMIMConfig, build_simmim))
+OBJECTIVES.register("mfm")(Objective(MFMConfig, build_mfm))
+
+
+def build_objective(cfg: ObjectiveConfig, backbone: nn.Module) -> nn.Module:
+    """The objective ``cfg.name`` around ``backbone`` (a :class:`medtune.models.Backbone`)."""
+    objective = OBJECTIVES.get(cfg.name)
+    if not isinstance(cfg, objective.config_class):
+        raise ConfigError(
+            f"objective '{cfg.name}' needs a {objective.config_class.__name__}, got {type(cfg).__name__}"
+        )
+    return objective.build(cfg, backbone)
+
+
+__all__ = [
+    "ObjectiveConfig",
+    "FreMAEConfig",
+    "MAEConfig",
+    "SimMIMConfig",
+    "MFMConfig",
+    "Objective",
+    "OBJECTIVES",
+    "build_objective",
+]
