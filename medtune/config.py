@@ -26,6 +26,7 @@ its own strict keys (a missing ``name`` picks the declared class's default), and
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -167,19 +168,46 @@ def _unknown_keys_message(cls: type, data: Mapping[str, Any], unknown: list, whe
     return f"{full} {verb} of {section}{f' ({belong})' if belong else ''}; its keys: {known}"
 
 
-def from_dict(cls: type[C], data: Mapping[str, Any], where: str = "") -> C:
+def _field_default(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return dataclasses.MISSING
+
+
+def from_dict(cls: type[C], data: Mapping[str, Any], where: str = "", base: Any = None) -> C:
     """Build dataclass ``cls`` (for a tagged union: the variant that ``data`` names) from a
-    mapping; unknown keys raise :class:`ConfigError`."""
+    mapping; unknown keys raise :class:`ConfigError`.
+
+    A section given in part keeps the rest of its default: ``train: {lr: ...}`` changes
+    the learning rate of the ``train`` section's default (which may differ from the
+    section class's own defaults, e.g. a task's default crop size), section by section.
+    ``base`` is that default for ``cls`` itself (an instance of it, or None).
+    """
+    key = getattr(cls, "variant_key", None)
+    if key is not None and key not in data and isinstance(base, cls):
+        cls = type(base)  # a tagged union given in part stays the variant of its default
     cls = variant_class(cls, data, where)
+    if base is not None and type(base) is not cls:
+        base = None  # another variant was chosen: its keys start from their own defaults
     hints = typing.get_type_hints(cls)
     fields = _init_fields(cls)
     unknown = [k for k in data if k not in fields]
     if unknown:
         raise ConfigError(_unknown_keys_message(cls, data, unknown, where))
-    kwargs = {
-        name: _convert(value, hints[name], _key_path(where, name))
-        for name, value in data.items()
-    }
+    kwargs = {}
+    for name, field in fields.items():
+        default = getattr(base, name) if base is not None else _field_default(field)
+        if name in data:
+            value, path = data[name], _key_path(where, name)
+            section = _strip_optional(hints[name])
+            if isinstance(value, Mapping) and dataclasses.is_dataclass(section) and dataclasses.is_dataclass(default):
+                kwargs[name] = from_dict(section, value, path, base=default)
+            else:
+                kwargs[name] = _convert(value, hints[name], path)
+        elif base is not None:
+            kwargs[name] = copy.deepcopy(default)
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a required field is missing

@@ -48,6 +48,26 @@ def test_from_dict_builds_nested_and_converts_types():
     assert to_dict(cfg)["inner"]["betas"] == [0.5, 0.6]
 
 
+@dataclass
+class Recipe:
+    """A section whose default differs from its class's defaults (as a task's crop size does)."""
+
+    outer: Outer = field(default_factory=lambda: Outer(steps=99, inner=Inner(lr=0.5)))
+    shape: Shape = field(default_factory=lambda: Square(side=7))
+
+
+def test_a_section_given_in_part_keeps_the_rest_of_its_default():
+    cfg = from_dict(Recipe, {"outer": {"name": "mae"}})
+    assert cfg.outer == Outer(name="mae", steps=99, inner=Inner(lr=0.5))  # not Outer's own steps=10
+    cfg = from_dict(Recipe, {"outer": {"inner": {"betas": [0.1, 0.2]}}})
+    assert cfg.outer.steps == 99 and cfg.outer.inner == Inner(lr=0.5, betas=(0.1, 0.2))  # section by section
+    assert from_dict(Recipe, {"shape": {"radius": 1.5}}).shape == Square(side=7, radius=1.5)
+    # choosing another variant starts from that variant's own defaults
+    assert from_dict(Recipe, {"shape": {"kind": "circle"}}).shape == Circle()
+    assert from_dict(Recipe, {}) == Recipe()
+    assert Recipe().outer.inner is not from_dict(Recipe, {"outer": {}}).outer.inner  # no shared defaults
+
+
 def test_unknown_key_names_its_full_path():
     with pytest.raises(ConfigError, match=r"inner\.lrr"):
         from_dict(Outer, {"inner": {"lrr": 1}})
