@@ -26,8 +26,9 @@ Layouts read (field names as the datasets ship them):
   slices whose answers depend on the image (presence, count, side and size of lesions).
 
 Images are read with PIL, resized to ``img_size`` and cached as ``uint8`` arrays (one
-decode per image, however many questions it has); items are z-scored over their
-nonzero pixels like the volumetric preprocessing, so a backbone pretrained on BraTS
+decode per image, however many questions it has); items are z-scored per channel over
+their nonzero pixels with the volumetric preprocessing's own
+:func:`~medtune.data.preprocess.zscore_nonzero`, so a backbone pretrained on BraTS
 slices sees familiar statistics.
 """
 
@@ -45,6 +46,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from medtune.data.preprocess import zscore_nonzero
 from medtune.errors import DataError
 from medtune.registry import Registry
 
@@ -288,16 +290,6 @@ def load_image(path: Path, img_size: int, in_chans: int, source: str = "") -> np
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
-def zscore_nonzero(image: torch.Tensor) -> torch.Tensor:
-    """``(C, H, W)`` -> z-scored per channel over nonzero pixels; background stays 0."""
-    image = image.float()
-    foreground = image != 0
-    count = foreground.sum(dim=(-2, -1), keepdim=True).clamp_min(1)
-    mean = (image * foreground).sum(dim=(-2, -1), keepdim=True) / count
-    var = (((image - mean) * foreground) ** 2).sum(dim=(-2, -1), keepdim=True) / count
-    return torch.where(foreground, (image - mean) / var.sqrt().clamp_min(1e-6), torch.zeros_like(image))
-
-
 # tokenize(questions) -> (ids (N, L) long, mask (N, L) bool); see medtune.models.text
 Tokenize = Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor]]
 
@@ -330,7 +322,7 @@ class VQADataset(Dataset):
         array = self._images.get(record.image)
         if array is None:
             array = self._images[record.image] = load_image(record.image, self.img_size, self.in_chans, record.source)
-        return zscore_nonzero(torch.from_numpy(array))
+        return torch.from_numpy(zscore_nonzero(array))
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {

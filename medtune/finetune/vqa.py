@@ -618,7 +618,8 @@ def finetune_main(args: Any) -> int:
 
 def answer_questions(model: VQAModel, answers: Sequence[str], cfg: VQAConfig, images: Sequence[Path], question: str) -> list[dict]:
     """Answer ``question`` about each image: ``[{"image", "question", "answer", "probability"}]``."""
-    from medtune.data.vqa import load_image, zscore_nonzero
+    from medtune.data.preprocess import zscore_nonzero
+    from medtune.data.vqa import load_image
 
     ids, mask = model.text.tokenize([question])
     device = _model_device(model)
