@@ -48,6 +48,8 @@ _EXPORTS: dict[str, str] = {
     "preprocess": "preprocess",
     "zscore_nonzero": "preprocess",
     "synthesize_brats": "synth",
+    "synthesize_referring": "synth",
+    "synthesize_vqa": "synth",
     "Volume": "volume",
     "load_case": "volume",
 }

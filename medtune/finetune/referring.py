@@ -510,7 +510,7 @@ def _collect_records(cfg: ReferringConfig, run_dir: Path) -> tuple[list, list]:
     if root is None:
         if data.synthetic_images <= 0:
             raise ConfigError("referring data: set data.root (or --data), or data.synthetic_images > 0")
-        from medtune.data.synth_shapes import synthesize_referring
+        from medtune.data.synth import synthesize_referring
 
         root = str(synthesize_referring(run_dir / "data", data.synthetic_images, data.synthetic_image_size, cfg.train.seed))
         log.info("generated %d shapes images under %s", data.synthetic_images, run_dir / "data")

@@ -412,7 +412,7 @@ def majority_baseline(dataset) -> dict[str, float]:
 
 def resolve_dataset_root(cfg: VQADataConfig) -> Path:
     """The dataset folder; for format ``generated``, draws the set there on first use."""
-    from medtune.data.vqa import synthesize_vqa
+    from medtune.data.synth import synthesize_vqa
 
     if not cfg.root:
         raise ConfigError("data.root is not set (pass --data DIR)")
