@@ -50,6 +50,7 @@ _EXPORTS: dict[str, str] = {
     "synthesize_brats": "synth",
     "synthesize_referring": "synth",
     "synthesize_vqa": "synth",
+    "write_synthetic": "synth",
     "Volume": "volume",
     "load_case": "volume",
 }
