@@ -279,7 +279,8 @@ def test_data_cli_does_not_import_torch():
     import sys
 
     code = (
-        "import sys, medtune.data, medtune.data.cli, medtune.data.check, medtune.data.synth;"
+        "import sys, medtune.data, medtune.data.cli, medtune.data.check, medtune.data.synth.brats,"
+        " medtune.data.synth.shapes, medtune.data.synth.vqa;"
         "medtune.data.find_cases; assert 'torch' not in sys.modules, 'torch imported'"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -35,6 +35,21 @@ def test_zscore_nonzero_hand_worked():
     assert np.all(out[0, 1] == 0) and np.count_nonzero(out[1]) == 0
 
 
+def test_zscore_nonzero_tensor_hand_worked():
+    # a uint8 (C, H, W) image as VQADataset and `predict` hand it over
+    image = torch.tensor([[[0, 2], [4, 6]], [[7, 0], [7, 7]]], dtype=torch.uint8)
+    out = zscore_nonzero(image)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.shape == (2, 2, 2)
+    std = np.sqrt(8 / 3)  # of 2, 4, 6 around their mean 4; the zero stays background
+    np.testing.assert_allclose(out[0].numpy(), [[0.0, -2 / std], [0.0, 2 / std]], rtol=1e-6)
+    assert torch.equal(out[1], torch.zeros(2, 2))  # one distinct value: shifted to 0
+    # a tensor gets exactly the numbers its numpy array gets
+    pixels = torch.randint(0, 256, (3, 9, 7), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    assert np.array_equal(zscore_nonzero(pixels).numpy(), zscore_nonzero(pixels.numpy()))
+    with pytest.raises(TypeError, match="list"):
+        zscore_nonzero([[1.0, 2.0]])
+
+
 def test_zscore_nonzero_statistics_and_background():
     rng = np.random.default_rng(0)
     image = rng.uniform(1, 100, size=(3, 10, 12, 8)).astype(np.float32) * rng.uniform(1, 5, size=(3, 1, 1, 1))

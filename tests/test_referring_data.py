@@ -17,7 +17,7 @@ from medtune.data.referring import (
     rasterize_polygons,
     segmentation_to_mask,
 )
-from medtune.data.synth_shapes import synthesize_referring
+from medtune.data.synth import synthesize_referring
 from medtune.errors import DataError
 from medtune.models.clip import ClipTokenizer
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medtune.data.referring import ReferringDataset, load_referring_records
-from medtune.data.synth_shapes import synthesize_referring
+from medtune.data.synth import synthesize_referring
 from medtune.finetune.cmmasksd import CMMaskSDConfig
 from medtune.finetune.referring import (
     ReferringModelConfig,

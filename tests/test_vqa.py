@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from medtune.data.synth import draw_brain_slices
 from medtune.data.vqa import (
     AnswerVocab,
     VQADataset,
     VQARecord,
-    draw_brain_slices,
     load_vqa_records,
     normalize_answer,
 )

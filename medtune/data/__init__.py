@@ -48,6 +48,9 @@ _EXPORTS: dict[str, str] = {
     "preprocess": "preprocess",
     "zscore_nonzero": "preprocess",
     "synthesize_brats": "synth",
+    "synthesize_referring": "synth",
+    "synthesize_vqa": "synth",
+    "write_synthetic": "synth",
     "Volume": "volume",
     "load_case": "volume",
 }

@@ -1,30 +1,40 @@
 """``medtune data``: generate a synthetic dataset or check one on disk.
 
     medtune data synth --out data/synth --cases 8 [--shape 64 64 48] [--seed 0]
+    medtune data synth --kind shapes --out data/shapes [--images 150] [--image-size 32]
+    medtune data synth --kind vqa --out data/vqa [--images 240] [--image-size 64]
     medtune data check data/synth [--layout auto]
+
+The kinds and their flags come from :data:`medtune.data.synth.SYNTH_KINDS`.
 """
 
 from __future__ import annotations
 
 import argparse
-import filecmp
-import os
-import tempfile
-from pathlib import Path
+import textwrap
 
 from medtune.data.cases import LAYOUTS
+from medtune.data.synth import SYNTH_KINDS, SynthOption, write_synthetic
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, argv: list[str] = ()) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
-    synth = sub.add_parser("synth", help="write a synthetic BraTS-2020-style dataset (NIfTI)")
-    synth.add_argument("--out", required=True, help="output folder (case folders are created in it; files already there are kept "
-                       "when identical, and a different one is refused)")
-    synth.add_argument("--cases", type=int, default=4, help="number of cases (default 4)")
-    synth.add_argument("--shape", type=int, nargs=3, default=(64, 64, 48), metavar=("H", "W", "D"),
-                       help="volume shape (default 64 64 48)")
+    kinds = "\n".join(
+        textwrap.fill(SYNTH_KINDS.get(name).help, width=88, initial_indent=f"  {name:<11}", subsequent_indent=" " * 13)
+        for name in SYNTH_KINDS
+    )
+    synth = sub.add_parser(
+        "synth", help="write a generated dataset (--kind brats, shapes, referring or vqa)",
+        description=f"Write a generated dataset into --out. Kinds:\n{kinds}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    synth.add_argument("--kind", default="brats", choices=SYNTH_KINDS.names(),
+                       help="what to generate (default brats); shapes and referring write the same set")
+    synth.add_argument("--out", required=True, help="output folder (files already there are kept when identical, "
+                       "and a different one is refused)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    _add_synth_options(synth)
 
     check = sub.add_parser("check", help="check files, shapes, label values and NaN/Inf of a dataset")
     check.add_argument("root", help="dataset folder")
@@ -36,49 +46,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check.add_argument("--require-labels", action="store_true", help="a case without a label is a problem")
 
 
-def write_synthetic(out: str | Path, cases: int, shape: tuple[int, int, int], seed: int) -> list[Path]:
-    """``synthesize_brats`` without touching what is already on disk.
+def _per_kind(values: list[tuple[str, str]]) -> str:
+    """``"32 for shapes/referring, 64 for vqa"``; just ``"4"`` when every kind agrees."""
+    kinds_of: dict[str, list[str]] = {}
+    for kind, value in values:
+        kinds_of.setdefault(value, []).append(kind)
+    if len(kinds_of) == 1:
+        return next(iter(kinds_of))
+    return ", ".join(f"{value} for {'/'.join(kinds)}" for value, kinds in kinds_of.items())
 
-    Generates into a temporary folder next to ``out``, then moves in only the files
-    that are missing; a file that exists with other content (another dataset, other
-    --shape/--seed) is refused by name. Re-running the same command writes nothing.
-    Returns the files written.
-    """
-    from medtune.data.synth import synthesize_brats
-    from medtune.errors import DataError
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"synth: --out {out} is a file")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.synth-", dir=out.parent) as tmp:
-        synthesize_brats(tmp, cases=cases, shape=shape, seed=seed)
-        generated = sorted(p.relative_to(tmp) for p in Path(tmp).rglob("*") if p.is_file())
-        for name in generated:
-            target = out / name
-            if target.exists() and (not target.is_file() or not filecmp.cmp(target, Path(tmp) / name, shallow=False)):
-                raise DataError(
-                    f"synth: {target} already exists with other content; choose another --out "
-                    f"(nothing was written)"
-                )
-        written = []
-        for name in generated:
-            target = out / name
-            if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(Path(tmp) / name, target)
-                written.append(target)
-    return written
+def _add_synth_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting name over all kinds; its help names the kinds and their defaults."""
+    uses: dict[str, list[tuple[str, SynthOption]]] = {}
+    for kind in SYNTH_KINDS:
+        for option in SYNTH_KINDS.get(kind).options:
+            uses.setdefault(option.name, []).append((kind, option))
+    for name, kind_options in uses.items():
+        option = kind_options[0][1]
+        if any((o.nargs, o.metavar, o.help) != (option.nargs, option.metavar, option.help) for _, o in kind_options):
+            raise ValueError(f"synth setting '{name}' is declared differently by {[k for k, _ in kind_options]}")
+        kinds = "/".join(kind for kind, _ in kind_options)
+        shown = [(k, " ".join(map(str, o.default)) if o.nargs else str(o.default)) for k, o in kind_options]
+        default = _per_kind(shown)
+        minimum = _per_kind([(k, str(o.minimum)) for k, o in kind_options])
+        # default None: only the flags given reach write_synthetic, which refuses another kind's flag
+        parser.add_argument(option.flag, dest=name, type=int, nargs=option.nargs, default=None, metavar=option.metavar,
+                            help=f"[{kinds}] {option.help}; default {default}; at least {minimum}")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.data_command == "synth":
-        from medtune.errors import DataError
-
-        if args.cases < 1 or min(args.shape) < 8:
-            raise DataError(f"synth: need --cases >= 1 and every --shape size >= 8, got {args.cases}, {args.shape}")
-        written = write_synthetic(args.out, args.cases, tuple(args.shape), args.seed)
-        print(f"wrote {len(written)} files of {args.cases} cases of shape {tuple(args.shape)} to {args.out}"
+        kind = SYNTH_KINDS.get(args.kind)
+        names = {option.name for name in SYNTH_KINDS for option in SYNTH_KINDS.get(name).options}
+        options = {name: getattr(args, name) for name in sorted(names) if getattr(args, name) is not None}
+        written = write_synthetic(args.kind, args.out, seed=args.seed, **options)
+        settings = ", ".join(f"{name} {value}" for name, value in kind.settings(options).items())
+        print(f"wrote {len(written)} files of a generated {args.kind} set ({settings}, seed {args.seed}) to {args.out}"
               + ("" if written else " (all already there, identical)"))
         return 0
 

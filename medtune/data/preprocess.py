@@ -7,23 +7,41 @@ number of spatial dims ``S``; masks and labels are ``(*S)``.
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence, TypeVar
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 BBox = tuple[tuple[int, int], ...]
 """A box as ``((start, stop), ...)``, one half-open range per spatial axis."""
 
 
-def zscore_nonzero(image: np.ndarray, eps: float = 1e-8) -> np.ndarray:
+ArrayOrTensor = TypeVar("ArrayOrTensor", np.ndarray, "torch.Tensor")
+
+
+def zscore_nonzero(image: ArrayOrTensor, eps: float = 1e-8) -> ArrayOrTensor:
     """Normalise each modality to mean 0 / std 1 over its own nonzero voxels.
 
+    The one intensity normalisation of medtune: volumes (``(M, H, W, D)`` from the
+    cache) and 2D images (``(C, H, W)`` VQA items) alike. Statistics are taken in
+    float64 with the population std.
+
     Args:
-        image: ``(M, *S)``; zero marks background (skull-stripped MRI).
+        image: ``(M, *S)`` numpy array or torch tensor, modalities/channels first; zero
+            marks background (skull-stripped MRI, the black border of a slice).
     Returns:
-        ``(M, *S)`` float32; background voxels stay exactly 0. A modality with fewer
-        than two distinct nonzero values is only shifted (std taken as 1).
+        ``(M, *S)`` float32, of the input's kind (a tensor comes back as a tensor on the
+        input's device); background stays exactly 0. A modality whose std is at most
+        ``eps`` is only shifted by its mean (a single distinct nonzero value becomes 0).
     """
+    if not isinstance(image, np.ndarray):
+        import torch  # only a caller holding a tensor pays for importing torch
+
+        if not isinstance(image, torch.Tensor):
+            raise TypeError(f"zscore_nonzero takes a numpy array or a torch tensor, got {type(image).__name__}")
+        return torch.from_numpy(zscore_nonzero(image.detach().cpu().numpy(), eps)).to(image.device)
     out = np.zeros(image.shape, dtype=np.float32)
     for m in range(image.shape[0]):
         modality = image[m]

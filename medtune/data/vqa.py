@@ -22,19 +22,20 @@ Layouts read (field names as the datasets ship them):
   ``<image id>|<question>|<answer>`` (train/validation ``All_QA_Pairs_*.txt``) or
   ``<image id>|<category>|<question>|<answer>`` (test), images ``<image id>.jpg`` in the
   split's image folder. It has no answer types; yes/no answers count as closed.
-- ``generated``: :func:`synthesize_vqa` writes a small VQA-RAD-style set of brain-like
-  slices whose answers depend on the image (presence, count, side and size of lesions).
+- ``generated``: :func:`medtune.data.synth.synthesize_vqa` writes a small VQA-RAD-style
+  set of brain-like slices whose answers depend on the image (presence, count, side and
+  size of lesions); it is read as ``vqa_rad``.
 
 Images are read with PIL, resized to ``img_size`` and cached as ``uint8`` arrays (one
-decode per image, however many questions it has); items are z-scored over their
-nonzero pixels like the volumetric preprocessing, so a backbone pretrained on BraTS
+decode per image, however many questions it has); items are z-scored per channel over
+their nonzero pixels with the volumetric preprocessing's own
+:func:`~medtune.data.preprocess.zscore_nonzero`, so a backbone pretrained on BraTS
 slices sees familiar statistics.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -45,10 +46,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from medtune.data.preprocess import zscore_nonzero
 from medtune.errors import DataError
 from medtune.registry import Registry
-
-log = logging.getLogger(__name__)
 
 CLOSED = "closed"
 OPEN = "open"
@@ -288,16 +288,6 @@ def load_image(path: Path, img_size: int, in_chans: int, source: str = "") -> np
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
-def zscore_nonzero(image: torch.Tensor) -> torch.Tensor:
-    """``(C, H, W)`` -> z-scored per channel over nonzero pixels; background stays 0."""
-    image = image.float()
-    foreground = image != 0
-    count = foreground.sum(dim=(-2, -1), keepdim=True).clamp_min(1)
-    mean = (image * foreground).sum(dim=(-2, -1), keepdim=True) / count
-    var = (((image - mean) * foreground) ** 2).sum(dim=(-2, -1), keepdim=True) / count
-    return torch.where(foreground, (image - mean) / var.sqrt().clamp_min(1e-6), torch.zeros_like(image))
-
-
 # tokenize(questions) -> (ids (N, L) long, mask (N, L) bool); see medtune.models.text
 Tokenize = Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor]]
 
@@ -330,7 +320,7 @@ class VQADataset(Dataset):
         array = self._images.get(record.image)
         if array is None:
             array = self._images[record.image] = load_image(record.image, self.img_size, self.in_chans, record.source)
-        return zscore_nonzero(torch.from_numpy(array))
+        return torch.from_numpy(zscore_nonzero(array))
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {
@@ -341,110 +331,3 @@ class VQADataset(Dataset):
             "closed": self.closed[index],
             "index": torch.tensor(index),
         }
-
-
-# ---------------------------------------------------------------------------------------
-# Generated data: brain-like slices whose answers depend on the image
-
-
-@dataclass(frozen=True)
-class GeneratedQuestion:
-    """A question template of the generated set and its answer type."""
-
-    kind: str
-    text: str
-    answer_type: str
-
-
-GENERATED_QUESTIONS = (
-    GeneratedQuestion("presence", "is there a lesion in the brain?", CLOSED),
-    GeneratedQuestion("count", "how many lesions are there?", OPEN),
-    GeneratedQuestion("side", "which side of the image is the lesion on?", OPEN),
-    GeneratedQuestion("size", "is the lesion large or small?", CLOSED),
-)
-
-
-def draw_brain_slices(
-    count: int, img_size: int, rng: np.random.Generator, max_lesions: int = 2
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Draw ``count`` grey brain-like slices with 0..``max_lesions`` bright round lesions.
-
-    All lesions of a slice lie on one side (``"left"`` = left half of the image as
-    displayed) and share one size class, so "which side" and "large or small" have one
-    answer. Returns ``images uint8 (N, s, s)`` and per-slice facts ``lesions (N,)``,
-    ``side (N,)`` (0 left, 1 right), ``large (N,)`` bool.
-    """
-    s = img_size
-    yy, xx = np.meshgrid(np.linspace(-1, 1, s), np.linspace(-1, 1, s), indexing="ij")  # (s, s)
-    # brain: an ellipse with a wobbly boundary and smooth texture; background exactly 0
-    angle = np.arctan2(yy, xx)[None]  # (1, s, s)
-    phase = rng.uniform(0, 2 * np.pi, (count, 1, 1))
-    wobble = 1 + 0.05 * np.sin(3 * angle + phase)
-    axes = rng.uniform(0.75, 0.85, (count, 2, 1, 1))
-    brain = ((yy / axes[:, 0]) ** 2 + (xx / axes[:, 1]) ** 2) < wobble**2  # (N, s, s)
-    coarse = rng.normal(0, 1, (count, 4, 4))
-    texture = np.kron(coarse, np.ones((s // 4 + 1, s // 4 + 1)))[:, :s, :s]  # (N, s, s)
-    tissue = 0.45 + 0.05 * texture + 0.03 * rng.normal(0, 1, (count, s, s))
-
-    lesions = rng.integers(0, max_lesions + 1, count)
-    side = rng.integers(0, 2, count)
-    large = rng.random(count) < 0.5
-    radius = np.where(large, 0.22, 0.1)[:, None]  # (N, 1)
-    # lesion centres: x inside the chosen half, y spread so two lesions do not overlap
-    x_sign = np.where(side == 0, -1.0, 1.0)[:, None]
-    centre_x = x_sign * rng.uniform(0.3, 0.45, (count, max_lesions))
-    slots = (np.arange(max_lesions) + 0.5) / max_lesions * 1.1 - 0.55  # (K,)
-    centre_y = slots[None] + rng.uniform(-0.05, 0.05, (count, max_lesions))
-    dist = np.hypot(yy[None, None] - centre_y[..., None, None], xx[None, None] - centre_x[..., None, None])
-    present = np.arange(max_lesions)[None] < lesions[:, None]  # (N, K)
-    lesion_mask = ((dist < radius[..., None, None]) & present[..., None, None]).any(axis=1)  # (N, s, s)
-    image = np.where(lesion_mask, 0.95, tissue) * brain
-    images = np.clip(image * 255, 0, 255).astype(np.uint8)
-    return images, {"lesions": lesions, "side": side, "large": large}
-
-
-def _generated_answers(lesions: int, side: int, large: bool) -> list[tuple[GeneratedQuestion, str]]:
-    presence, count, side_q, size_q = GENERATED_QUESTIONS
-    pairs = [(presence, "yes" if lesions else "no"), (count, str(lesions))]
-    if lesions:
-        pairs += [(side_q, "left" if side == 0 else "right"), (size_q, "large" if large else "small")]
-    return pairs
-
-
-def synthesize_vqa(
-    out_dir: str | Path, images: int = 200, img_size: int = 64, seed: int = 0, test_fraction: float = 0.25
-) -> Path:
-    """Write a generated VQA set in VQA-RAD's layout (read it with format ``vqa_rad``).
-
-    ``out_dir/images/synth_XXXX.png`` plus ``trainset.json`` and ``testset.json`` whose
-    records carry VQA-RAD's fields (``qid``, ``image_name``, ``question``, ``answer``,
-    ``answer_type`` CLOSED/OPEN, and ``question_type`` = the question's kind). Images
-    are split (not questions), so test images are unseen. Returns ``out_dir``.
-    """
-    from PIL import Image
-
-    out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    slices, facts = draw_brain_slices(images, img_size, rng)
-    test_count = int(round(images * test_fraction))
-    splits: dict[str, list[dict]] = {"trainset.json": [], "testset.json": []}
-    for i in range(images):
-        name = f"synth_{i:04d}.png"
-        Image.fromarray(slices[i]).save(out_dir / "images" / name)
-        split = "testset.json" if i >= images - test_count else "trainset.json"
-        for question, answer in _generated_answers(int(facts["lesions"][i]), int(facts["side"][i]), bool(facts["large"][i])):
-            splits[split].append(
-                {
-                    "qid": len(splits["trainset.json"]) + len(splits["testset.json"]),
-                    "image_name": name,
-                    "question": question.text,
-                    "answer": answer,
-                    "answer_type": question.answer_type.upper(),
-                    "question_type": question.kind,
-                }
-            )
-    for name, entries in splits.items():
-        (out_dir / name).write_text(json.dumps(entries, indent=1) + "\n")
-    log.info("wrote a generated VQA set of %d images to %s", images, out_dir)
-    return out_dir

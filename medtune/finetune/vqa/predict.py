@@ -18,7 +18,8 @@ from medtune.finetune.vqa.model import VQAModel
 
 def answer_questions(model: VQAModel, answers: Sequence[str], cfg: VQAConfig, images: Sequence[Path], question: str) -> list[dict]:
     """Answer ``question`` about each image: ``[{"image", "question", "answer", "probability"}]``."""
-    from medtune.data.vqa import load_image, zscore_nonzero
+    from medtune.data.preprocess import zscore_nonzero
+    from medtune.data.vqa import load_image
 
     ids, mask = model.text.tokenize([question])
     device = next(model.parameters()).device

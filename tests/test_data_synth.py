@@ -1,0 +1,118 @@
+"""``medtune data synth --kind``: every kind through the CLI, with the same on-disk guarantees."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medtune.cli import main
+from medtune.data.synth import SYNTH_KINDS, synthesize_brats, synthesize_referring, synthesize_vqa, write_synthetic
+from medtune.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+# kind -> (tiny CLI settings, the same set made by calling its generator, the file to tamper with)
+KINDS = {
+    "brats": (
+        ["--cases", "2", "--shape", "16", "16", "8"],
+        lambda out: synthesize_brats(out, cases=2, shape=(16, 16, 8), seed=5),
+        "BraTS20_Training_001/BraTS20_Training_001_seg.nii.gz",
+    ),
+    "shapes": (
+        ["--images", "3", "--image-size", "24"],
+        lambda out: synthesize_referring(out, num_images=3, image_size=24, seed=5),
+        "referring.jsonl",
+    ),
+    "referring": (
+        ["--images", "3", "--image-size", "24"],
+        lambda out: synthesize_referring(out, num_images=3, image_size=24, seed=5),
+        "masks/img_00001_0.png",
+    ),
+    "vqa": (
+        ["--images", "4", "--image-size", "16"],
+        lambda out: synthesize_vqa(out, images=4, img_size=16, seed=5),
+        "trainset.json",
+    ),
+}
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _expected_names(kind: str, root: Path) -> set[str]:
+    """The files a kind's own index names (plus the index), to check nothing more or less is written."""
+    if kind == "brats":
+        return {f"BraTS20_Training_00{i}/BraTS20_Training_00{i}_{m}.nii.gz"
+                for i in (1, 2) for m in ("flair", "t1", "t1ce", "t2", "seg")}
+    if kind in ("shapes", "referring"):
+        lines = [json.loads(line) for line in (root / "referring.jsonl").read_text().splitlines()]
+        return {"referring.jsonl"} | {line["image"] for line in lines} | {line["mask"] for line in lines}
+    records = [r for name in ("trainset.json", "testset.json") for r in json.loads((root / name).read_text())]
+    return {"trainset.json", "testset.json"} | {f"images/{r['image_name']}" for r in records}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_synth_kind_writes_once_and_refuses_other_content(kind, tmp_path, capsys):
+    flags, generate, tampered = KINDS[kind]
+    out = tmp_path / "out"
+    argv = ["data", "synth", "--kind", kind, "--out", str(out), "--seed", "5", *flags]
+    assert main(argv) == 0
+    files = _files(out)
+    assert f"wrote {len(files)} files" in capsys.readouterr().out
+    assert set(files) == _expected_names(kind, out)
+    generate(tmp_path / "direct")
+    assert files == _files(tmp_path / "direct")  # the CLI's settings reach the generator unchanged
+
+    stamps = {name: (out / name).stat().st_mtime_ns for name in files}
+    assert main(argv) == 0  # the same command again: nothing rewritten
+    assert "wrote 0 files" in capsys.readouterr().out
+    assert {name: (out / name).stat().st_mtime_ns for name in files} == stamps
+
+    (out / tampered).write_bytes(b"other content")
+    missing = next(name for name in sorted(files) if name != tampered)
+    (out / missing).unlink()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already exists with other content" in err[0] and str(out / tampered) in err[0]
+    assert (out / tampered).read_bytes() == b"other content"
+    assert not (out / missing).exists()  # refused before anything was written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["direct", "out"]  # no temporary folder left
+
+
+def test_shapes_and_referring_are_one_set(tmp_path):
+    assert write_synthetic("shapes", tmp_path / "a", seed=2, images=2, image_size=24)
+    assert write_synthetic("referring", tmp_path / "b", seed=2, images=2, image_size=24)
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+
+
+def test_synth_defaults_match_the_demo_configs():
+    referring = yaml.safe_load((REPO / "configs/demo_referring.yaml").read_text())["data"]
+    vqa = yaml.safe_load((REPO / "configs/demo_vqa.yaml").read_text())["data"]
+    assert SYNTH_KINDS.get("shapes").settings({}) == {"images": 150, "image_size": 32}
+    assert SYNTH_KINDS.get("referring").settings({}) == {"images": 150, "image_size": 32}
+    assert (referring["synthetic_images"], referring["synthetic_image_size"]) == (150, 32)
+    assert SYNTH_KINDS.get("vqa").settings({}) == {"images": 240, "image_size": 64}
+    assert (vqa["generated_images"], vqa["generated_img_size"]) == (240, 64)
+    assert SYNTH_KINDS.get("brats").settings({"cases": 2}) == {"cases": 2, "shape": (64, 64, 48)}
+
+
+def test_synth_refuses_bad_settings(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert main(["data", "synth", "--kind", "vqa", "--out", out, "--cases", "2"]) == 2  # a brats flag
+    assert "synth vqa: --cases is not one of its options (--images, --image-size)" in capsys.readouterr().err
+    assert main(["data", "synth", "--kind", "shapes", "--out", out, "--image-size", "16"]) == 2
+    assert "synth shapes: --image-size must be >= 24, got 16" in capsys.readouterr().err
+    assert main(["data", "synth", "--out", out, "--shape", "16", "4", "8"]) == 2
+    assert "synth brats: --shape must be >= 8" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "file").write_text("x")
+    assert main(["data", "synth", "--kind", "vqa", "--out", str(tmp_path / "file"), "--images", "1"]) == 2
+    assert "is a file" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="unknown synthetic dataset kind 'mnist'"):
+        write_synthetic("mnist", tmp_path / "m")
+    with pytest.raises(ConfigError, match="takes 3 integer"):
+        write_synthetic("brats", tmp_path / "m", shape=(16, 16))
