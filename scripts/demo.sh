@@ -62,6 +62,7 @@ medtune evaluate --pred "$OUT/predictions" --gt "$DATA" --csv "$OUT/scores.csv"
 
 # --- 5. export: adapter-only (trained tensors, peft spirit) and the full model
 step "7/9 export safetensors: adapter-only and full"
+rm -rf "$OUT/export"  # exports never overwrite: write them anew on every demo run
 medtune export "$FINETUNE" --format adapter --out "$OUT/export/adapter" --copy-base
 medtune export "$FINETUNE" --format full --out "$OUT/export/full"
 du -h "$OUT"/export/*/*.safetensors
@@ -74,13 +75,16 @@ medtune params --backbone vit_tiny_patch16_224 --in-chans 4 --img-size 64 --slic
 
 # --- 7. vision-language on generated data: CM-MaskSD referring segmentation, MF2-MVQA
 step "9/9 vision-language: referring segmentation with CM-MaskSD, then medical VQA with MF2-MVQA"
+medtune data synth --kind referring --out "$OUT/shapes"
 if [[ ! -f "$OUT/referring/model.safetensors" ]]; then
     RESUME=()
     [[ -d "$OUT/referring/state" ]] && RESUME=(--resume latest)
-    medtune finetune --config configs/demo_referring.yaml --output "$OUT/referring" --self-distill "${RESUME[@]}"
+    medtune finetune --config configs/demo_referring.yaml --data "$OUT/shapes" --output "$OUT/referring" \
+        --self-distill "${RESUME[@]}"
 fi
-medtune predict --model "$OUT/referring" --input "$OUT/referring/data/referring.jsonl" \
-    --output "$OUT/referring/predictions"
+rm -rf "$OUT/referring/predictions"  # predictions are written anew on every demo run
+medtune predict --model "$OUT/referring" --input "$OUT/shapes/referring.jsonl" --output "$OUT/referring/predictions"
+medtune data synth --kind vqa --out "$OUT/vqa_data"
 if [[ ! -f "$OUT/vqa/model.safetensors" ]]; then
     RESUME=()
     [[ -d "$OUT/vqa/state" ]] && RESUME=(--resume latest)

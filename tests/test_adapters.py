@@ -504,7 +504,8 @@ def test_adapter_state_roundtrip_reproduces_outputs(tmp_path):
     assert bn_buffers and set(state) == param_names | bn_buffers
 
     save_adapter(backbone, tmp_path)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.json", "adapter.safetensors"]
+    config = json.loads((tmp_path / "adapter.json").read_text())
     assert config == adapter_config_dict(backbone)
     assert config["method"] == "med-tuning" and config["backbone"] == "vit_tiny_patch16_224"
 
@@ -518,6 +519,30 @@ def test_adapter_state_roundtrip_reproduces_outputs(tmp_path):
     with torch.no_grad():
         for a, b in zip(stages(backbone, x_eval, 3), stages(fresh, x_eval, 3)):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+@pytest.mark.parametrize("method", list(METHOD_CONFIGS))
+def test_base_state_is_the_backbone_before_the_adapter(family, method):
+    """base_state_dict reads the pre-adapter backbone back from an adapted one (own tensors
+    left out, LoRA's base_layer names mapped back); load_base_state puts it into another."""
+    from medtune.adapters import base_state_dict, load_base_state
+
+    if method == "vpt" and family == "swin":
+        pytest.skip("VPT-deep is for ViT")
+    torch.manual_seed(0)
+    backbone = BACKBONES[family]()
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    apply_adapter(backbone, METHOD_CONFIGS[method]())
+    base = base_state_dict(backbone)
+    assert set(base) == set(before)
+    assert all(torch.equal(base[k], before[k]) for k in before)
+    torch.manual_seed(1)
+    other = apply_adapter(BACKBONES[family](), METHOD_CONFIGS[method]())
+    load_base_state(other, base, source="base.safetensors")
+    assert all(torch.equal(base_state_dict(other)[k], before[k]) for k in before)
+    with pytest.raises(CheckpointError, match="base.safetensors: not the base weights"):
+        load_base_state(other, {**base, "model.extra": torch.zeros(1)}, source="base.safetensors")
 
 
 def test_adapter_of_another_backbone_is_refused():

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from medtune.checkpoints.io import load_state, save_safetensors
 from medtune.cli import main
+from medtune.checkpoints.runs import read_run_config
 from medtune.config import from_dict
 from medtune.models import BackboneConfig, create_backbone
 from medtune.pretrain.config import PretrainConfig, load_pretrain_config
@@ -70,7 +71,9 @@ def test_pretrain_writes_a_loadable_run_folder(finished_run, synth_brats):
     assert (run_dir / "reconstruction.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # config.json is the full resolved config: it rebuilds the run's config and backbone
-    resolved = json.loads((run_dir / "config.json").read_text())
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["task"] == "pretrain" and saved["derived"] == {}
+    resolved = read_run_config(run_dir).config
     cfg = from_dict(PretrainConfig, resolved)
     assert cfg == load_pretrain_config(DEMO_CONFIG, TINY + [f"data.root={json.dumps(str(synth_brats))}"])
     assert cfg.backbone.img_size == 32 and cfg.train.max_steps == 3

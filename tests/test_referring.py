@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import tempfile
@@ -15,7 +14,7 @@ from PIL import Image
 
 from medtune.checkpoints.io import save_safetensors
 from medtune.errors import CheckpointError, ConfigError
-from medtune.finetune.ris_metrics import ReferringMetrics, referring_metrics
+from medtune.finetune.referring.metrics import ReferringMetrics, referring_metrics
 from medtune.models.clip import (
     TINY_CLIP,
     build_clip,
@@ -87,68 +86,55 @@ def test_clip_features_match_open_clip_and_weights_load_from_local_file(tmp_path
 
 
 def test_tiny_model_learns_from_text_and_beats_text_blind_union(tmp_path):
-    """finetune_main on generated shapes: loss falls, oIoU beats 'union of all shapes'."""
-    from medtune.finetune.referring import finetune_main, predict_main
+    """The CLI on a generated shapes set: loss falls, oIoU beats 'union of all shapes'."""
+    from medtune.cli import main
 
-    run = tmp_path / "run"
-    args = argparse.Namespace(
-        config="configs/demo_referring.yaml", output=str(run), data=None, resume=None, backbone=None,
-        clip_weights=None, text_weights=None, self_distill=False, task=None,
-        set=["train.max_steps=120", "train.eval_every=0", "train.log_every=20"],
-    )
-    assert finetune_main(args) == 0
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert main(["data", "synth", "--kind", "referring", "--out", str(data), "--images", "150"]) == 0
+    argv = ["finetune", "--config", "configs/demo_referring.yaml", "--data", str(data), "--output", str(run),
+            "--set", "train.max_steps=120", "train.eval_every=0", "train.log_every=20"]
+    assert main(argv) == 0
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
     assert len(losses) == 6 and losses[-1] < 0.6 * losses[0]
-    scores = json.loads((run / "eval.json").read_text())["final"]
+    scores = json.loads((run / "summary.json").read_text())["final"]
 
     # Text-blind baseline: for every expression, predict the union of all shapes in its image.
-    lines = [json.loads(l) for l in (run / "data" / "referring.jsonl").read_text().splitlines()]
-    val = [l for l in lines if l["split"] == "val"]
-    masks = {l["mask"]: np.asarray(Image.open(run / "data" / l["mask"])) > 0 for l in val}
+    lines = [json.loads(line) for line in (data / "referring.jsonl").read_text().splitlines()]
+    val = [line for line in lines if line["split"] == "val"]
+    masks = {line["mask"]: np.asarray(Image.open(data / line["mask"])) > 0 for line in val}
     by_image = collections.defaultdict(list)
-    for l in val:
-        by_image[l["image"]].append(masks[l["mask"]])
-    union = torch.from_numpy(np.stack([np.any(by_image[l["image"]], axis=0) for l in val]))
-    truth = torch.from_numpy(np.stack([masks[l["mask"]] for l in val]))
+    for line in val:
+        by_image[line["image"]].append(masks[line["mask"]])
+    union = torch.from_numpy(np.stack([np.any(by_image[line["image"]], axis=0) for line in val]))
+    truth = torch.from_numpy(np.stack([masks[line["mask"]] for line in val]))
     blind = referring_metrics(union, truth)
     assert scores["num_samples"] == len(val)
     assert scores["oIoU"] > blind["oIoU"] + 0.05, (scores, blind)
     assert scores["mIoU"] > blind["mIoU"] + 0.05, (scores, blind)
 
     # the run folder predicts masks at the input image's size
-    image = run / "data" / val[0]["image"]
     out = tmp_path / "mask.png"
-    predict_args = argparse.Namespace(model=str(run), input=str(image), expression=val[0]["expression"],
-                                      output=str(out))
-    assert predict_main(predict_args, run) == 0
+    assert main(["predict", "--model", str(run), "--input", str(data / val[0]["image"]),
+                 "--expression", val[0]["expression"], "--output", str(out)]) == 0
     predicted = np.asarray(Image.open(out))
     assert predicted.shape == (32, 32) and set(np.unique(predicted)) <= {0, 255}
-    with pytest.raises(ConfigError, match="--text-weights"):
-        finetune_main(argparse.Namespace(**{**vars(args), "text_weights": "x.pt"}))
-
-
-def test_finetune_refuses_a_folder_holding_a_run(tmp_path):
-    from medtune.finetune.referring import finetune_main
-
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "model.safetensors").write_bytes(b"finished run")
-    args = argparse.Namespace(
-        config="configs/demo_referring.yaml", output=str(run), data=None, resume=None, backbone=None,
-        clip_weights=None, text_weights=None, self_distill=False, task=None, set=["train.max_steps=1"],
-    )
-    with pytest.raises(CheckpointError, match="already holds a run"):
-        finetune_main(args)
-    assert (run / "model.safetensors").read_bytes() == b"finished run"
-    assert not (run / "data").exists()
+    # every expression of a .jsonl: masks and the summary of their scores
+    assert main(["predict", "--model", str(run), "--input", str(data / "referring.jsonl"),
+                 "--output", str(tmp_path / "all")]) == 0
+    summary = json.loads((tmp_path / "all" / "summary.json").read_text())
+    assert summary["expressions"] == len(lines) and 0 < summary["metrics"]["oIoU"] <= 1
+    # flags of other tasks are not flags of this one
+    with pytest.raises(SystemExit):
+        main(argv + ["--text-weights", "x.pt"])
 
 
 def test_letterbox_and_scoring_at_original_size(tmp_path):
     """Letterboxed inputs keep the aspect ratio; scores are taken on each image's own grid."""
     from medtune.data.referring import ReferringDataset, load_referring_records
-    from medtune.finetune.cmmasksd import CMMaskSDConfig
-    from medtune.finetune.referring import BranchOutput, ReferringModelConfig, build_referring_model, evaluate_referring
+    from medtune.finetune.referring import CMMaskSDConfig, ReferringModelConfig, build_referring_model
+    from medtune.finetune.referring.evaluate import evaluate_referring
+    from medtune.finetune.referring.model import BranchOutput
 
     Image.new("RGB", (40, 20), (200, 10, 10)).save(tmp_path / "img.png")  # width 40, height 20
     top_rows = np.zeros((20, 40), np.uint8)
@@ -188,7 +174,7 @@ def test_cris_heads_by_hand():
     makes the result independent of the deepest map)."""
     import torch.nn.functional as F
 
-    from medtune.finetune.referring import DynamicKernelProjector, FPNFusion
+    from medtune.finetune.referring.layers import DynamicKernelProjector, FPNFusion
 
     torch.manual_seed(0)
     projector = DynamicKernelProjector(dim=16, sentence_dim=12).eval()

@@ -7,14 +7,9 @@ import torch
 
 from medtune.data.referring import ReferringDataset, load_referring_records
 from medtune.data.synth import synthesize_referring
-from medtune.finetune.cmmasksd import CMMaskSDConfig
-from medtune.finetune.referring import (
-    ReferringModelConfig,
-    build_referring_model,
-    evaluate_referring,
-    merge_referring_counts,
-    referring_shard_counts,
-)
+from medtune import distributed
+from medtune.finetune.referring import CMMaskSDConfig, ReferringModelConfig, build_referring_model
+from medtune.finetune.referring.evaluate import evaluate_referring, merge_referring_counts, referring_counts
 
 TINY = {
     "embed_dim": 32,
@@ -34,17 +29,22 @@ def test_sharded_evaluation_gives_the_single_process_metrics(tmp_path, original_
     assert len(dataset) >= 4
 
     whole = evaluate_referring(model, dataset, batch_size=3, threshold=0.5, original_size=original_size)
-    shards = [referring_shard_counts(model, dataset, rank, 2, 3, 0.5, original_size) for rank in (0, 1)]
+
+    class Rank:  # what distributed.shard reads from an Accelerator
+        def __init__(self, rank: int) -> None:
+            self.process_index, self.num_processes = rank, 2
+
+    shards = [referring_counts(model, dataset, distributed.shard(len(dataset), Rank(r)), 3, 0.5, original_size)
+              for r in (0, 1)]
     assert [row[0] for row in shards[0]] == list(range(0, len(dataset), 2))
     assert [row[0] for row in shards[1]] == list(range(1, len(dataset), 2))
     # what gather_object hands every process: rank 0's rows, then rank 1's
     assert merge_referring_counts(shards[0] + shards[1]) == whole
     assert whole["num_samples"] == len(dataset)
     # per sample, too: each (index, I, U) row is the one a single process finds
-    assert sorted(shards[0] + shards[1]) == referring_shard_counts(model, dataset, 0, 1, 3, 0.5, original_size)
+    assert sorted(shards[0] + shards[1]) == referring_counts(model, dataset, None, 3, 0.5, original_size)
     # a rank without samples (more processes than samples) adds nothing
-    empty = referring_shard_counts(model, dataset, len(dataset), len(dataset) + 1, 3, 0.5, original_size)
-    assert empty == []
+    assert referring_counts(model, dataset, [], 3, 0.5, original_size) == []
 
 
 def test_merge_by_hand():

@@ -20,16 +20,14 @@ from medtune.data.vqa import (
     normalize_answer,
 )
 from medtune.errors import ConfigError, DataError
-from medtune.finetune.vqa import (
-    VQAConfig,
-    VQAModel,
-    VQAModelConfig,
-    load_vqa_config,
-    majority_baseline,
-    report_unknown_answers,
-    sincos_position_code,
-    vqa_accuracy,
-)
+from medtune.finetune import get_task
+from medtune.finetune.vqa import VQAConfig, VQAModel, VQAModelConfig
+from medtune.finetune.vqa.evaluate import majority_baseline, report_unknown_answers, vqa_accuracy
+from medtune.finetune.vqa.model import sincos_position_code
+
+
+def load_vqa_config(path=None, overrides=()) -> VQAConfig:
+    return get_task("vqa").read_config(path, overrides)
 from medtune.models.backbones import BackboneConfig, create_backbone
 from medtune.models.text import TextConfig, build_text_encoder
 
@@ -194,7 +192,11 @@ def test_long_question_truncated_with_warning(caplog):
     with caplog.at_level(logging.WARNING):
         ids, mask = encoder.tokenize(["is there a lesion?", "which side of the image is the lesion on today?"])
     assert ids.shape == (2, 8) and mask[1].all()
-    assert ids[1, -1] == encoder.tokenizer.eot_token_id  # the end token survives the cut
+    from medtune.models.text import build_tokenizer
+
+    eot = build_tokenizer(TextConfig(context_length=8))(["."])[0][0, 2]  # start, ".", end
+    assert ids[1, -1] == eot  # the end token survives the cut
+    assert torch.equal(build_tokenizer(TextConfig(context_length=8))(["is there a lesion?"])[0], ids[:1])
     assert "1 question(s) longer than the context of 8 tokens" in caplog.text
     assert encoder(ids, mask).shape == (2, 8, 32)
 
@@ -290,7 +292,7 @@ def test_fusion_uses_every_stage(fusion):
 def test_stagewise_fusion_is_a_shallow_to_deep_chain():
     """MF2-MVQA: the question attends to stage 0, the result to stage 1, ... (not a sum of
     independent per-stage fusions), then a masked mean over the real question tokens."""
-    from medtune.finetune.vqa import StagewiseFusion, VQAModelConfig, masked_mean
+    from medtune.finetune.vqa.model import StagewiseFusion, masked_mean
 
     torch.manual_seed(0)
     fusion = StagewiseFusion([4, 6, 8], 16, VQAModelConfig(heads=2, dropout=0.0)).eval()
@@ -326,7 +328,8 @@ def test_model_config_checks():
     frozen = VQAModel(backbone, text, 3, VQAModelConfig(heads=2, stages=[1, 3], freeze_backbone=True))
     assert not any(p.requires_grad for p in frozen.backbone.parameters())
     assert len(frozen.fusion.blocks) == 2
-    assert VQAConfig().task == "vqa"
+    with pytest.raises(ConfigError, match="a recipe of task 'referring', not 'vqa'"):
+        get_task("vqa").read_config(Path(__file__).resolve().parents[1] / "configs" / "demo_referring.yaml")
 
 
 # --------------------------------------------------------------------------- run folders
@@ -336,10 +339,15 @@ def _demo_config(*overrides: str) -> VQAConfig:
     return load_vqa_config(Path(__file__).resolve().parents[1] / "configs" / "demo_vqa.yaml", list(overrides))
 
 
-def test_lora_adapter_trains_only_lora_and_reloads(tmp_path):
-    from medtune.checkpoints.io import save_json
+def test_lora_adapter_trains_only_lora_and_reloads_from_run_and_adapter_export(tmp_path):
+    """The shared weight files serve VQA too: model.safetensors, and adapter files with the
+    text tower, fusion and answer head as the task head."""
+    from medtune.checkpoints.export import export_run
+    from medtune.checkpoints.runs import RunConfig, write_run_config
     from medtune.config import to_dict
-    from medtune.finetune.vqa import build_vqa_model, load_vqa_run, save_vqa_model
+    from medtune.finetune import load_trained
+    from medtune.finetune.vqa import build_vqa_model
+    from medtune.finetune.weights import save_base_backbone, save_trained
 
     torch.manual_seed(0)
     cfg = _demo_config("adapter={method: lora, r: 4}")
@@ -347,37 +355,45 @@ def test_lora_adapter_trains_only_lora_and_reloads(tmp_path):
     trainable = [n for n, p in model.backbone.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert all(p.requires_grad for p in model.fusion.parameters())  # fusion and head always train
-    save_json({**to_dict(cfg), "answers": ["yes", "no", "1"]}, tmp_path / "config.json")
-    save_vqa_model(model, tmp_path / "model.safetensors")
-    reloaded, reloaded_cfg, answers = load_vqa_run(tmp_path)
-    assert answers == ["yes", "no", "1"] and reloaded_cfg.adapter == {"method": "lora", "r": 4}
+    write_run_config(tmp_path / "run", RunConfig("vqa", to_dict(cfg), {"answers": ["yes", "no", "1"]}))
+    save_base_backbone(model, tmp_path / "run")
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.01 * torch.randn_like(param))
+    save_trained(model, tmp_path / "run", tmp_path / "run", "vqa")
     ids, mask = model.text.tokenize(["is there a lesion in the brain?", "how many lesions are there?"])
     image = torch.randn(2, 1, 32, 32)
     model.eval()
-    with torch.no_grad():
-        assert torch.equal(model.answer_logits(image, ids, mask), reloaded.answer_logits(image, ids, mask))
+    export_run(tmp_path / "run", tmp_path / "adapter", "adapter")
+    assert (tmp_path / "adapter" / "head.safetensors").stat().st_size > 0
+    for folder in ("run", "adapter"):
+        loaded = load_trained(tmp_path / folder)
+        assert loaded.derived["answers"] == ["yes", "no", "1"] and loaded.config.adapter == {"method": "lora", "r": 4}
+        with torch.no_grad():
+            assert torch.equal(model.answer_logits(image, ids, mask), loaded.model.answer_logits(image, ids, mask))
 
 
 def test_backbone_flag_takes_a_pretrain_run(tmp_path):
-    from types import SimpleNamespace
-
-    from medtune.checkpoints.io import save_json, save_safetensors
+    from medtune.checkpoints.io import save_safetensors
+    from medtune.checkpoints.runs import RunConfig, write_run_config
+    from medtune.cli import build_parser
     from medtune.config import to_dict
-    from medtune.finetune.vqa import _apply_cli_flags
+    from medtune.finetune.cli import build_config
 
     pretrained_cfg = BackboneConfig(name="vit_tiny_patch16_224", in_chans=4, img_size=32,
                                     options={"depth": 4, "patch_size": 8, "embed_dim": 64, "num_heads": 2})
     pretrained = create_backbone(pretrained_cfg)
     run = tmp_path / "fremae-run"
-    save_json({"backbone": to_dict(pretrained_cfg)}, run / "config.json")
+    write_run_config(run, RunConfig("pretrain", {"backbone": to_dict(pretrained_cfg)}))
     save_safetensors(pretrained.state_dict(), run / "backbone.safetensors")
-    flags = SimpleNamespace(backbone=str(run), data=str(tmp_path / "data"), text_weights=None, clip_weights=None,
-                            self_distill=False)
-    cfg = _apply_cli_flags(_demo_config(), flags)
+    demo = str(Path(__file__).resolve().parents[1] / "configs" / "demo_vqa.yaml")
+    argv = ["finetune", "--config", demo, "--backbone", str(run), "--data", str(tmp_path / "data")]
+    cfg = build_config(get_task("vqa"), build_parser("finetune", argv).parse_args(argv), {})
     assert cfg.backbone.in_chans == 4 and cfg.backbone.img_size == 32 and cfg.backbone.pretrained == str(run)
     assert cfg.data.root == str(tmp_path / "data")
     loaded = create_backbone(cfg.backbone)
     for name, tensor in pretrained.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
-    with pytest.raises(ConfigError, match="--self-distill"):
-        _apply_cli_flags(_demo_config(), SimpleNamespace(self_distill=True))
+    with pytest.raises(SystemExit):  # --self-distill is not a flag of the vqa task
+        build_parser("finetune", argv + ["--self-distill"]).parse_args(argv + ["--self-distill"])

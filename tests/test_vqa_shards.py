@@ -10,14 +10,26 @@ import torch
 from PIL import Image
 
 from medtune.data.vqa import AnswerVocab, VQADataset, VQARecord
-from medtune.finetune.vqa import build_vqa_model, evaluate_vqa, load_vqa_config, merge_vqa_rows, predict_shard
+from medtune import distributed
+from medtune.finetune import get_task
+from medtune.finetune.vqa import build_vqa_model
+from medtune.finetune.vqa.evaluate import answer_rows, evaluate_vqa, merge_vqa_rows
+
+
+class Rank:  # what distributed.shard reads from an Accelerator
+    def __init__(self, rank: int, world: int = 2) -> None:
+        self.process_index, self.num_processes = rank, world
+
+
+def predict_shard(model, dataset, rank=0, world=1, batch_size=64):
+    return answer_rows(model, dataset, distributed.shard(len(dataset), Rank(rank, world)), batch_size)
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_vqa.yaml"
 
 
 def test_sharded_evaluation_gives_the_single_process_metrics(tmp_path):
     torch.manual_seed(0)
-    cfg = load_vqa_config(DEMO_CONFIG)
+    cfg = get_task("vqa").read_config(DEMO_CONFIG)
     answers = ["yes", "no", "1", "2", "left"]
     model = build_vqa_model(cfg, len(answers))
     questions = ["is there a lesion?", "how many lesions?", "which side?"]

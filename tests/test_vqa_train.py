@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from medtune.cli import main as cli_main
 from medtune.data.vqa import AnswerVocab, VQADataset, load_vqa_records
-from medtune.finetune.vqa import evaluate_vqa, load_vqa_run, predict_main
+from medtune.finetune import load_trained
+from medtune.finetune.vqa.evaluate import evaluate_vqa
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_vqa.yaml"
 
@@ -27,14 +27,15 @@ def _question_prior_accuracy(train, test) -> float:
 
 def test_tiny_vqa_learns_from_the_image_and_reloads(tmp_path, capsys):
     data, run = tmp_path / "data", tmp_path / "run"
-    overrides = ["train.max_steps=60", "train.eval_every=30", "train.log_every=30", "data.generated_images=160"]
+    assert cli_main(["data", "synth", "--kind", "vqa", "--out", str(data), "--images", "160"]) == 0
+    overrides = ["train.max_steps=60", "train.eval_every=30", "train.log_every=30"]
     argv = ["finetune", "--task", "vqa", "--config", str(DEMO_CONFIG), "--data", str(data), "--output", str(run)]
     argv += [arg for item in overrides for arg in ("--set", item)]
     assert cli_main(argv) == 0
-    for name in ("config.json", "model.safetensors", "best/model.safetensors", "metrics.jsonl", "eval_metrics.json"):
+    for name in ("config.json", "model.safetensors", "best/model.safetensors", "metrics.jsonl", "summary.json"):
         assert (run / name).is_file(), name
 
-    summary = json.loads((run / "eval_metrics.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
     final, majority = summary["final"], summary["majority_baseline"]
     train = load_vqa_records("vqa_rad", data, "train")
     test = load_vqa_records("vqa_rad", data, "test")
@@ -44,7 +45,8 @@ def test_tiny_vqa_learns_from_the_image_and_reloads(tmp_path, capsys):
     assert final["n_all"] == len(test) and final["n_closed"] + final["n_open"] == len(test)
 
     # the run folder alone rebuilds the model: same answers, same accuracy
-    model, cfg, answers = load_vqa_run(run)
+    loaded = load_trained(run, "last")
+    model, cfg, answers = loaded.model, loaded.config, loaded.derived["answers"]
     assert cfg.model.fusion == "stagewise" and len(answers) == len(AnswerVocab.from_records(train))
     dataset = VQADataset(test, AnswerVocab(answers), model.text.tokenize, cfg.backbone.img_size, cfg.backbone.in_chans)
     assert evaluate_vqa(model, dataset) == pytest.approx(final)
@@ -60,12 +62,11 @@ def test_tiny_vqa_learns_from_the_image_and_reloads(tmp_path, capsys):
 
     # one question about one image
     out = tmp_path / "answers.jsonl"
-    question = SimpleNamespace(model=str(run), input=str(test[0].image), question="is there a lesion in the brain?",
-                               output=str(out), checkpoint="best", device=None)
-    assert predict_main(question) == 0
+    assert cli_main(["predict", "--model", str(run), "--input", str(test[0].image),
+                     "--question", "is there a lesion in the brain?", "--output", str(out)]) == 0
     row = json.loads(out.read_text().splitlines()[0])
     assert row["answer"] in ("yes", "no") and 0 < row["probability"] <= 1
 
     # a finished run is never overwritten
     assert cli_main(argv) == 2
-    assert "already holds a finished run" in capsys.readouterr().err
+    assert "already holds a run" in capsys.readouterr().err
