@@ -63,7 +63,7 @@ def measure(args: argparse.Namespace, method: str) -> dict:
         backbone_options={"depth": args.depth} if args.depth else None,
     )
     cfg.model.gradient_checkpointing = variant == "gc"
-    model, _ = build_segmenter(cfg, args.num_classes, load_pretrained=False)
+    model = build_segmenter(cfg, args.num_classes, load_pretrained=False)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-4)

@@ -24,12 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medtune.config import from_dict, read_yaml
-from medtune.finetune.referring import (
-    ReferringModelConfig,
-    example_batch,
-    build_referring_model,
-    self_distill_overhead,
-)
+from medtune.finetune.referring import ReferringModelConfig, build_referring_model
+from medtune.finetune.referring.overhead import example_batch, self_distill_overhead
 from medtune.finetune.self_distill import SelfDistillation, SelfDistillConfig
 from medtune.models.clip import TINY_CLIP
 

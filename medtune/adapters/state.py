@@ -16,6 +16,7 @@ loads such a file into one.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,6 +28,8 @@ from medtune.checkpoints.io import load_json, load_state, load_trained_state, lo
 from medtune.checkpoints.runs import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from medtune.config import from_dict, to_dict
 from medtune.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
 
 # keys of adapter.json that are not the method's config
 RECORD_KEYS = ("backbone", "base_weights")
@@ -112,7 +115,9 @@ def load_base_state(
             f"{source}: not the base weights of this {info.backbone_name} backbone ({what}; "
             f"{len(unknown)} unexpected, {len(missing)} missing)"
         )
-    load_state(backbone, {adapted[name]: tensor for name, tensor in state.items()}, strict=False, source=source)
+    load_state(backbone, {adapted[name]: tensor for name, tensor in state.items()}, strict=False, source=source,
+               quiet=True)
+    log.info("%s: loaded %d base tensors", source, len(state))
 
 
 def save_adapter(model: nn.Module, folder: str | Path, records: Mapping[str, Any] | None = None) -> Path:

@@ -123,11 +123,13 @@ def load_state(
     *,
     strict: bool = True,
     source: str | Path = "<state>",
+    quiet: bool = False,
 ) -> LoadReport:
     """Load ``state`` into ``module``; a shape mismatch is always an error naming the tensor.
 
     With ``strict`` any missing or unexpected key is an error too; without it they are
-    reported (logged and returned) so the caller can decide.
+    reported (logged and returned) so the caller can decide. ``quiet``: the caller logs
+    its own summary (a partial state whose "missing" tensors come from elsewhere).
     """
     own = module.state_dict()
     report = LoadReport()
@@ -150,7 +152,8 @@ def load_state(
             parts.append(f"unexpected {len(report.unexpected)} keys (first: '{report.unexpected[0]}')")
         raise CheckpointError(f"{source}: {'; '.join(parts)} (checkpoint of another architecture?)")
     module.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
-    log.info("%s: %s", source, report.summary())
+    if not quiet:
+        log.info("%s: %s", source, report.summary())
     return report
 
 
@@ -178,5 +181,7 @@ def load_trained_state(
     missing = [name for name in expected if name not in state]
     if missing:
         raise CheckpointError(f"{source}: missing {len(missing)} {what}s (first: '{missing[0]}')")
-    return load_state(module, state, strict=False, source=source)
+    report = load_state(module, state, strict=False, source=source, quiet=True)
+    log.info("%s: loaded %d %ss", source, len(report.loaded), what)
+    return report
 
