@@ -28,9 +28,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def add_run_arguments(
-    parser: argparse.ArgumentParser, *, config_required: bool, output_help: str, resume_help: str
-) -> None:
+RESUME_HELP = (
+    "continue a run: 'latest' (the newest saved state of --output, or without --output of the newest "
+    "checkpoints/<config stem>-* run), 'latest-valid' (the newest whose files are whole), or a run / "
+    "state/step_N folder; without it, an --output that holds a run (trained weights or state/) is refused"
+)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, config_required: bool, output_help: str) -> None:
     """The flags every training command shares: --config, --data, --output, --set, --resume."""
     parser.add_argument("--config", required=config_required, default=None, help="YAML recipe (configs/*.yaml)")
     parser.add_argument("--data", default=None, help="dataset folder (sets data.root)")
@@ -39,7 +44,7 @@ def add_run_arguments(
         "--set", dest="set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
         help="override config values, e.g. --set train.max_steps=10 train.optim.lr=1e-3 (repeatable)",
     )
-    parser.add_argument("--resume", default=None, metavar="latest|DIR", help=resume_help)
+    parser.add_argument("--resume", default=None, metavar="latest|latest-valid|DIR", help=RESUME_HELP)
 
 
 def peek(argv: list[str], flag: str) -> str | None:
@@ -87,11 +92,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._module.run(args) or 0)
     except MedtuneError as exc:
-        print(f"medtune: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(str(exc))
+    except OSError as exc:
+        if exc.filename is None:  # not about a file: a bug to see in full
+            raise
+        # a folder that is not writable, a full disk, a path that is a file: the user's to fix
+        return _error(f"{exc.strerror or type(exc).__name__}: {exc.filename}")
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("medtune: interrupted", file=sys.stderr)
         return 130
+
+
+def _error(message: str) -> int:
+    """One line on stderr, on a line of its own, and exit code 2."""
+    _close_progress_bars()
+    print(f"medtune: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _close_progress_bars() -> None:
+    """End the line of any progress bar still drawn, so that a message gets its own line."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", [])):
+        bar.close()
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -96,14 +97,18 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         item_tp = args[0] if args else Any
         items = [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if tp in (int, float) and isinstance(value, bool):  # YAML true/false are not numbers
+        raise ConfigError(f"config key '{where}' must be {tp.__name__}, got {value!r} (a boolean)")
     if tp is float and isinstance(value, str):
         # YAML 1.1 reads "1e-3" (no dot in the mantissa) as a string; it is a float
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if tp in (int, float) and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key '{where}' must be a finite number, got {value!r}")
+    if tp is float and isinstance(value, (int, float)):
+        return float(value)
     if tp is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if tp in (int, float, str, bool) and not isinstance(value, tp):

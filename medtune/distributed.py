@@ -17,6 +17,10 @@ and message, so every rank prints the same one line and exits with 2).
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+import time
 from typing import Any, Callable, Sequence, TypeVar
 
 from medtune.errors import CheckpointError, ConfigError, DataError, MedtuneError
@@ -31,12 +35,46 @@ _KNOWN_ERRORS = {cls.__name__: cls for cls in (MedtuneError, ConfigError, DataEr
 def processes():
     """The process group of this run (an ``accelerate.PartialState``; one process without a launcher).
 
-    ``ACCELERATE_USE_CPU=true`` makes it a CPU (gloo) group even where GPUs exist.
+    ``ACCELERATE_USE_CPU=true`` makes it a CPU (gloo) group even where GPUs exist. Under
+    a launcher, each worker also watches the launcher (:func:`watch_launcher`).
     """
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    if state.num_processes > 1:
+        watch_launcher()
+    return state
+
+
+WATCHDOG_SECONDS = 5.0
+
+
+def watch_launcher(interval: float = WATCHDOG_SECONDS) -> None:
+    """End this worker soon after its launcher dies (``kill -9`` of ``accelerate launch``).
+
+    A daemon thread checks every ``interval`` seconds whether the parent process is still
+    the one that started this worker; when the worker has been re-parented, the launcher
+    is gone and nobody would ever collect this worker's result, so it exits (code 1) with
+    one line. The run's last saved state is complete (states are renamed into place), so
+    ``--resume latest`` continues it. Started once per process.
+    """
+    if any(t.name == "medtune-launcher-watch" for t in threading.enumerate()):
+        return
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != launcher:
+                sys.stderr.write(
+                    f"medtune: error: the launcher (pid {launcher}) is gone; this worker stops "
+                    "(continue the run with --resume latest)\n"
+                )
+                sys.stderr.flush()
+                os._exit(1)
+
+    threading.Thread(target=watch, name="medtune-launcher-watch", daemon=True).start()
 
 
 def rank_and_world(state: Any = None) -> tuple[int, int]:
@@ -162,4 +200,7 @@ def gather_rows(state: Any, rows: Sequence[Row]) -> list[Row]:
     return list(gather_object(list(rows)))
 
 
-__all__ = ["agree", "barrier", "gather_rows", "main_first", "processes", "rank_and_world", "shard", "split_gather"]
+__all__ = [
+    "agree", "barrier", "gather_rows", "main_first", "processes", "rank_and_world", "shard", "split_gather",
+    "watch_launcher",
+]

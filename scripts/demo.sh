@@ -55,7 +55,7 @@ fi
 
 # --- 4. predict NIfTI label maps (input affine/header, labels 1/2/4) and score them
 step "5/9 predict label maps for every case (sliding window over whole volumes)"
-medtune predict --model "$FINETUNE" --input "$DATA" --output "$OUT/predictions"
+medtune predict --model "$FINETUNE" --input "$DATA" --output "$OUT/predictions" --overwrite  # the demo's own earlier ones
 
 step "6/9 evaluate Dice and HD95 for ET, TC, WT (BraTS rules for empty regions)"
 medtune evaluate --pred "$OUT/predictions" --gt "$DATA" --csv "$OUT/scores.csv"
@@ -82,15 +82,15 @@ if [[ ! -f "$OUT/referring/model.safetensors" ]]; then
     medtune finetune --config configs/demo_referring.yaml --data "$OUT/shapes" --output "$OUT/referring" \
         --self-distill "${RESUME[@]}"
 fi
-rm -rf "$OUT/referring/predictions"  # predictions are written anew on every demo run
-medtune predict --model "$OUT/referring" --input "$OUT/shapes/referring.jsonl" --output "$OUT/referring/predictions"
+medtune predict --model "$OUT/referring" --input "$OUT/shapes/referring.jsonl" --output "$OUT/referring/predictions" \
+    --overwrite
 medtune data synth --kind vqa --out "$OUT/vqa_data"
 if [[ ! -f "$OUT/vqa/model.safetensors" ]]; then
     RESUME=()
     [[ -d "$OUT/vqa/state" ]] && RESUME=(--resume latest)
     medtune finetune --config configs/demo_vqa.yaml --data "$OUT/vqa_data" --output "$OUT/vqa" "${RESUME[@]}"
 fi
-medtune predict --model "$OUT/vqa" --input "$OUT/vqa_data" --output "$OUT/vqa/predictions"
+medtune predict --model "$OUT/vqa" --input "$OUT/vqa_data" --output "$OUT/vqa/predictions" --overwrite
 
 step "done"
 echo "pretrained encoder    $PRETRAIN/backbone.safetensors (figure: $PRETRAIN/reconstruction.png)"

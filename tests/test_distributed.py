@@ -60,7 +60,9 @@ report["rows"] = distributed.split_gather(state, 7, lambda idx: [(i, i * i, rank
 
 # the run folder's timestamp is taken on rank 0 only (the clocks of the ranks differ here)
 time.strftime = lambda fmt: f"2026010{rank}-000000"
-report["run_dir"] = str(runs.resolve_run_dir(state, None, "stem"))
+with runs.open_run(state, None, "stem") as run_dir:
+    report["run_dir"] = str(run_dir)
+    report["locked"] = (run_dir / "run.lock").is_file()
 
 distributed.barrier(state)
 (out / f"rank{rank}.json").write_text(json.dumps(report))
@@ -89,6 +91,8 @@ def test_two_process_toolkit(tmp_path):
         assert [row[:2] for row in report["rows"]] == [[i, i * i] for i in range(7)]
         assert [row[2] for row in report["rows"]] == [0, 1, 0, 1, 0, 1, 0]  # rank r scored r, r + 2, ...
         assert report["run_dir"] == str(Path("checkpoints") / "stem-20260100-000000")
+        assert report["locked"]  # rank 0 holds the folder's lock (the folder is shared)
+    assert not (tmp_path / "checkpoints" / "stem-20260100-000000").exists()  # left empty: removed
 
 
 def test_one_process_needs_no_launcher():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,20 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def refuse_existing(paths: Iterable[str | Path], overwrite: bool = False, what: str = "prediction") -> None:
+    """Refuse to write over files that exist (unless ``overwrite``), naming the first one,
+    before anything is written."""
+    if overwrite:
+        return
+    for path in map(Path, paths):
+        if path.is_dir():
+            raise CheckpointError(f"{what} {path} is a folder; choose another --output")
+        if path.exists():
+            raise CheckpointError(
+                f"{what} {path} already exists; medtune never overwrites: choose another --output or pass --overwrite"
+            )
+
+
 def save_json(obj: Any, path: str | Path) -> Path:
     text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
     return atomic_write(path, lambda tmp: tmp.write_text(text))
@@ -70,6 +85,19 @@ def save_safetensors(
     plain = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     return atomic_write(path, lambda tmp: save_file(plain, str(tmp), metadata=meta or None))
+
+
+def check_safetensors(path: str | Path) -> None:
+    """Refuse a safetensors file that is truncated or garbled (its header does not cover
+    the file), naming it; reads the header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: not a complete safetensors file ({first})") from None
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -96,6 +124,11 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
                 return {k: torch.from_numpy(archive[k]) for k in archive.files}
     except CheckpointError:
         raise
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path}: not a plain weights file (it pickles more than tensors, which medtune never "
+            "executes); give a .safetensors file, or a .pt/.pth state dict of tensors only"
+        ) from None
     except (SafetensorError, RuntimeError, OSError, ValueError, EOFError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{path}: cannot read weights ({first})") from None

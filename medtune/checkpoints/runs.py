@@ -22,21 +22,26 @@ Rules:
 
 - A folder *holds a run* when it has trained weights (:data:`RUN_MARKERS`) or saved
   state: a fresh run refuses it, ``--resume`` continues it.
-- A run folder's name is chosen once (rank 0) and shared with every rank
-  (:func:`resolve_run_dir`).
+- A run folder's name is chosen once (rank 0) and shared with every rank, and the main
+  process holds an exclusive OS lock on it (``run.lock``) while the run lives
+  (:func:`open_run`): a second run on the folder, fresh or ``--resume``, is refused
+  naming the holder. The OS drops the lock of a process that dies.
+- A resume that changes a key defining the model (:data:`MODEL_KEYS`) is refused naming
+  the key; other changes (steps, learning rate, logging) are logged.
 - Which weights to read: ``"best"`` (the best evaluation, when the run kept one; else
   the last step) by default everywhere, or ``"last"``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from medtune.errors import CheckpointError, ConfigError
 
@@ -55,6 +60,7 @@ METRICS_FILE = "metrics.jsonl"
 STATE_DIR = "state"
 TRAINER_STATE_FILE = "trainer_state.json"
 FIGURE_FILE = "reconstruction.png"
+LOCK_FILE = "run.lock"
 
 DEFAULT_PARENT = Path("checkpoints")
 CHECKPOINTS = ("best", "last")
@@ -91,8 +97,10 @@ def check_run_dir(folder: str | Path, resume: str | Path | None) -> None:
             f"run folder {folder} already holds a run ({', '.join(held)}); "
             f"continue it with --resume latest or choose another --output"
         )
-    if str(resume) == "latest" and find_latest_state(folder) is None:
+    if str(resume) in ("latest", "latest-valid") and find_latest_state(folder) is None:
         raise CheckpointError(f"run folder {folder} has no saved state to resume ({STATE_DIR}/ is missing or empty)")
+    if resume is not None:
+        resolve_resume(resume, folder)  # a damaged state is refused before anything is written
 
 
 def choose_run_dir(output: str | Path | None, stem: str, resume: str | Path | None = None,
@@ -105,7 +113,7 @@ def choose_run_dir(output: str | Path | None, stem: str, resume: str | Path | No
     if output is not None:
         return Path(output)
     parent = Path(parent)
-    if str(resume) == "latest":
+    if str(resume) in ("latest", "latest-valid"):
         candidates = sorted(
             (p for p in parent.glob(f"{stem}-*") if (p / STATE_DIR).is_dir()), key=lambda p: p.stat().st_mtime
         )
@@ -120,18 +128,191 @@ def choose_run_dir(output: str | Path | None, stem: str, resume: str | Path | No
     return parent / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def resolve_run_dir(processes: Any, output: str | Path | None, stem: str,
-                    resume: str | Path | None = None) -> Path:
-    """The run folder of a training command, decided on rank 0 and shared with every rank,
-    then checked (:func:`check_run_dir`) before anything is written."""
+class RunLock:
+    """An exclusive lock on a run folder (``run.lock``), held by one process.
+
+    ``fcntl.flock`` on the lock file: the kernel releases it when the holder exits, even by
+    ``kill -9``, so a lock is never stale. The file records the holder (pid, host, start
+    time) for the message another run gets. Where the file system has no ``flock``, the
+    recorded pid is checked instead (a dead pid on this host is a stale lock).
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        import os
+        import socket
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if not self._flock(fd):
+                raise CheckpointError(
+                    f"run folder {self.folder} is in use by another run ({self._holder(fd)}); "
+                    "wait for it to end or choose another --output"
+                )
+            holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return self
+
+    def _flock(self, fd: int) -> bool:
+        """Take the lock; False when another process holds it."""
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system
+            return self._holder_is_gone(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        except OSError:  # a file system without flock (some network mounts)
+            return self._holder_is_gone(fd)
+
+    def _read_holder(self, fd: int) -> dict:
+        import os
+
+        try:
+            data = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _holder(self, fd: int) -> str:
+        holder = self._read_holder(fd)
+        if not holder:
+            return f"see {self.path}"
+        return f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}"
+
+    def _holder_is_gone(self, fd: int) -> bool:
+        import os
+        import socket
+
+        holder = self._read_holder(fd)
+        if not holder or holder.get("host") != socket.gethostname():
+            return not holder  # another host's lock cannot be checked: respected
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            log.warning("%s: taking over the stale lock of pid %s", self.path, holder["pid"])
+            return True
+        except (OSError, ValueError, KeyError):
+            return False
+        return int(holder["pid"]) == os.getpid()
+
+    def release(self) -> None:
+        """Drop the lock; a folder that holds nothing but the lock file is removed."""
+        import os
+
+        if self._fd is None:
+            return
+        os.close(self._fd)  # closing the descriptor drops the flock
+        self._fd = None
+        if self.folder.is_dir() and [p.name for p in self.folder.iterdir()] == [LOCK_FILE]:
+            self.path.unlink(missing_ok=True)
+            try:
+                self.folder.rmdir()
+            except OSError:
+                pass
+
+
+@contextlib.contextmanager
+def open_run(processes: Any, output: str | Path | None, stem: str, resume: str | Path | None = None,
+             run_config: RunConfig | None = None) -> Iterator[Path]:
+    """The run folder of a training command, for the run's lifetime.
+
+    Chosen on rank 0 (:func:`choose_run_dir`), checked (:func:`check_run_dir`; a resume
+    also against ``run_config``, :func:`check_resume`) before anything is written, locked
+    there (:class:`RunLock`) and shared with every rank; on exit the lock is released
+    (and a folder left empty removed).
+    """
     from medtune.distributed import agree
 
+    lock: RunLock | None = None
+
     def decide() -> Path:
+        nonlocal lock
         folder = choose_run_dir(output, stem, resume)
-        check_run_dir(folder, resume)
+        check_run_dir(folder, resume)  # before the lock: a refused run leaves the folder untouched
+        if resume is not None and run_config is not None:
+            check_resume(folder, run_config)
+        lock = RunLock(folder).acquire()
+        try:
+            check_run_dir(folder, resume)  # again under the lock: another run may have started meanwhile
+        except BaseException:
+            lock.release()
+            raise
         return folder
 
-    return agree(processes, decide)
+    try:
+        yield agree(processes, decide)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+# which config keys define the model a run's state holds: a resume may not change them
+MODEL_KEYS = (
+    "backbone", "adapter", "model", "objective", "text", "data.mode", "data.img_size", "data.crop_size",
+    "data.modalities", "data.label_values",
+)
+# where the initial weights came from: the saved state holds every weight, so these may differ
+INITIAL_WEIGHT_KEYS = ("backbone.pretrained", "model.clip_weights", "text.weights", "text.path")
+
+
+def check_resume_config(saved: Mapping[str, Any], new: Mapping[str, Any], source: str | Path) -> list[str]:
+    """Compare a resumed run's new config with its saved one (``config.json``).
+
+    A changed key under :data:`MODEL_KEYS` is a :class:`ConfigError` naming it (the
+    saved state would not fit, or would silently mean another model); the other changed
+    keys are returned (and logged by the caller).
+    """
+    before, after = _flatten(saved), _flatten(new)
+    changed = sorted(
+        k for k in set(before) | set(after)
+        if before.get(k) != after.get(k)
+        and not (after.get(k) is None and k in before)  # left to the data again: resolved as before
+        and k not in INITIAL_WEIGHT_KEYS
+    )
+    defining = [k for k in changed if any(k == key or k.startswith(key + ".") for key in MODEL_KEYS)]
+    if defining:
+        key = defining[0]
+        raise ConfigError(
+            f"--resume changes {key} ({before.get(key)!r} -> {after.get(key)!r}), which defines the model saved in "
+            f"{source}; start a new run (another --output) to train another model"
+        )
+    return changed
+
+
+def check_resume(folder: str | Path, run_config: RunConfig) -> None:
+    """Before a resume writes anything: the run in ``folder`` must be of the same task and
+    model as ``run_config`` (:func:`check_resume_config`); other changes are logged."""
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file():
+        return
+    saved = read_run_config(folder)
+    if saved.task != run_config.task:
+        raise ConfigError(f"--resume: {folder} is a '{saved.task}' run, not '{run_config.task}'")
+    changed = check_resume_config(saved.config, run_config.config, folder / CONFIG_FILE)
+    if changed:
+        log.warning("resuming with a changed config: %s", ", ".join(changed))
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, Mapping):
+        flat: dict[str, Any] = {}
+        for key, value in tree.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: tree}
 
 
 # --------------------------------------------------------------------------- config.json
@@ -217,32 +398,83 @@ def is_step_dir(path: Path) -> bool:
 
 def find_latest_state(path: str | Path) -> Path | None:
     """The newest complete ``step_NNNNNNN`` state under ``path`` or ``path/state``."""
+    states = saved_states(path)
+    return states[0] if states else None
+
+
+def saved_states(path: str | Path) -> list[Path]:
+    """The complete ``step_NNNNNNN`` states under ``path`` or ``path/state``, newest first."""
     path = Path(path)
     root = path / STATE_DIR if (path / STATE_DIR).is_dir() else path
     if not root.is_dir():
-        return None
+        return []
     done = [
         (int(m.group(1)), d)
         for d in root.iterdir()
         if (m := _STEP_DIR.match(d.name)) and (d / TRAINER_STATE_FILE).is_file()
     ]
-    return max(done)[1] if done else None
+    return [d for _, d in sorted(done, reverse=True)]
+
+
+def state_problem(step_dir: Path) -> str | None:
+    """Why a saved state cannot be resumed (a truncated or garbled file, named), or None.
+
+    Reads the safetensors headers, checks the archives' CRCs (``torch.save`` files are
+    zip archives) and parses the trainer state: cheap next to training.
+    """
+    import zipfile
+
+    from medtune.checkpoints.io import check_safetensors
+
+    try:
+        json.loads((step_dir / TRAINER_STATE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        return f"{step_dir / TRAINER_STATE_FILE}: unreadable ({exc})"
+    for path in sorted(step_dir.rglob("*")):
+        try:
+            if path.suffix == ".safetensors":
+                check_safetensors(path)
+            elif path.suffix in (".bin", ".pt", ".pth") and zipfile.is_zipfile(path):
+                with zipfile.ZipFile(path) as archive:
+                    if archive.testzip() is not None:
+                        return f"{path}: a damaged archive member"
+            elif path.suffix in (".bin", ".pt", ".pth") and path.stat().st_size == 0:
+                return f"{path}: empty file"
+        except CheckpointError as exc:
+            return str(exc)
+        except (OSError, zipfile.BadZipFile) as exc:
+            return f"{path}: unreadable ({exc})"
+    return None
 
 
 def resolve_resume(resume: str | Path, folder: str | Path) -> Path:
-    """The state folder ``--resume`` names: ``latest`` (of ``folder``), a run folder or a step folder."""
-    if str(resume) == "latest":
-        found = find_latest_state(folder)
-        if found is None:
-            raise CheckpointError(f"{state_root(folder)}: no saved state to resume from")
-        return found
-    path = Path(resume)
-    if (path / TRAINER_STATE_FILE).is_file():
-        return path
-    found = find_latest_state(path)
-    if found is None:
-        raise CheckpointError(f"{path}: no saved state to resume from (expected {STATE_DIR}/step_NNNNNNN)")
-    return found
+    """The state folder ``--resume`` names, checked for damaged files.
+
+    ``latest`` (the newest state of ``folder``), ``latest-valid`` (the newest one whose
+    files are whole, skipping damaged ones with a warning), a run folder (its newest
+    state) or a ``state/step_NNNNNNN`` folder.
+    """
+    mode = str(resume)
+    if mode in ("latest", "latest-valid"):
+        states = saved_states(folder)
+        where = state_root(folder)
+    else:
+        path = Path(resume)
+        states = [path] if (path / TRAINER_STATE_FILE).is_file() else saved_states(path)
+        where = path
+    if not states:
+        raise CheckpointError(f"{where}: no saved state to resume from (expected {STATE_DIR}/step_NNNNNNN)")
+    for number, state in enumerate(states):
+        problem = state_problem(state)
+        if problem is None:
+            return state
+        older = states[number + 1:]
+        if mode != "latest-valid":
+            hint = (f"; resume from the previous one with --resume latest-valid (or --resume {older[0]})"
+                    if older else "; no older state to fall back to")
+            raise CheckpointError(f"cannot resume: {problem}{hint}")
+        log.warning("skipping damaged state %s: %s", state, problem)
+    raise CheckpointError(f"{where}: every saved state is damaged (newest: {state_problem(states[0])})")
 
 
 def read_metrics(folder: str | Path) -> list[dict[str, Any]]:
@@ -257,6 +489,7 @@ __all__ = [
     "ADAPTER_CONFIG_FILE", "ADAPTER_WEIGHTS_FILE", "BACKBONE_FILE", "BEST_DIR", "CHECKPOINTS", "CONFIG_FILE",
     "DEFAULT_CHECKPOINT", "FIGURE_FILE", "HEAD_FILE", "METRICS_FILE", "MODEL_FILE", "PRETRAIN_FILE",
     "PRETRAIN_TASK", "RUN_MARKERS", "RunConfig", "STATE_DIR", "SUMMARY_FILE", "TRAINER_STATE_FILE",
-    "check_run_dir", "choose_run_dir", "find_latest_state", "held_run", "read_metrics", "read_run_config",
-    "resolve_resume", "resolve_run_dir", "step_dir_name", "weights_dir", "write_run_config", "write_summary",
+    "LOCK_FILE", "MODEL_KEYS", "RunLock", "check_resume", "check_resume_config", "check_run_dir", "choose_run_dir",
+    "find_latest_state", "held_run", "open_run", "read_metrics", "read_run_config", "resolve_resume",
+    "saved_states", "state_problem", "step_dir_name", "weights_dir", "write_run_config", "write_summary",
 ]

@@ -239,11 +239,9 @@ class VolumeCache:
     def _build_case(self, index: int) -> dict:
         case = self.cases[index]
         image_sources, label_source = self._sources(case)
-        volume = load_case(case, with_label=self.with_labels)
+        volume = load_case(case, with_label=self.with_labels, label_spec=self.label_spec)
         image = volume.image
         label = volume.label
-        if label is not None and self.label_spec is not None:
-            self.label_spec.check(label, f"case {case.case_id}: label {case.label}")
         original_shape = list(image.shape[1:])
         bbox: BBox = tuple((0, n) for n in original_shape)
         if self.crop:

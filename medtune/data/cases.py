@@ -18,6 +18,7 @@ layouts are understood:
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +94,7 @@ def detect_layout(root: Path) -> str:
         if isinstance(training, list) and training and isinstance(training[0], dict):
             # nnU-Net v1 json files list images by case name, without the _0000 files
             first = training[0].get("image")
-            if isinstance(first, str) and not _resolve(root, first).is_file() and (root / "imagesTr").is_dir():
+            if isinstance(first, str) and not (root / first).is_file() and (root / "imagesTr").is_dir():
                 return "nnunet"
             return "msd"
         return "nnunet"
@@ -314,7 +315,8 @@ def _select_channels(
         hits = [i for i, n in enumerate(normalised) if n in wanted]
         if len(hits) != 1:
             raise DataError(
-                f"{where}: modality '{modality}' not found among channels {channel_names}"
+                f"{where}: modality '{modality}' not found among channels {channel_names} "
+                f"(asked for {', '.join(modalities)})"
             )
         indices.append(hits[0])
     return tuple(indices)
@@ -333,8 +335,16 @@ def _channel_names(meta: dict, key: str, where: Path) -> list[str] | None:
     return [str(mapping[k]) for k in order]
 
 
-def _resolve(root: Path, relative: str) -> Path:
-    return (root / relative).resolve() if not Path(relative).is_absolute() else Path(relative)
+def inside_root(root: Path, name: str, where: str | Path) -> Path:
+    """``root / name``, refusing a name that leaves ``root`` (``../..``, an absolute path
+    elsewhere): every reader of a listing file goes through here, so a dataset file can
+    never point training at a file outside the dataset. Checked on the names as written
+    (symbolic links inside the dataset may point anywhere)."""
+    root = Path(os.path.abspath(root))
+    path = Path(os.path.normpath(root / Path(name).expanduser()))
+    if path != root and root not in path.parents:
+        raise DataError(f"{where}: '{name}' lies outside the dataset folder {root}")
+    return path
 
 
 def _scan_msd(root: Path, modalities: Sequence[str] | None, problems: list[str]) -> list[Case]:
@@ -355,9 +365,9 @@ def _scan_msd(root: Path, modalities: Sequence[str] | None, problems: list[str])
         if not isinstance(entry, dict) or "image" not in entry:
             problems.append(f"{where}: training[{index}] has no 'image'")
             continue
-        image = _resolve(root, entry["image"])
+        image = inside_root(root, entry["image"], where)
         case_id = nifti_stem(image)
-        label = _resolve(root, entry["label"]) if entry.get("label") else None
+        label = inside_root(root, entry["label"], where) if entry.get("label") else None
         ok = True
         for path, what in ((image, "image"), (label, "label")):
             if path is not None and not path.is_file():
@@ -424,6 +434,26 @@ def find_msd_image_cases(images_dir: str | Path, modalities: Sequence[str] | Non
     if not files:
         raise DataError(f"{images_dir}: no NIfTI images")
     return [Case(nifti_stem(f), [f], None, channels) for f in files]
+
+
+def find_image_file_cases(images_dir: str | Path) -> list[Case]:
+    """Unlabeled cases from a plain folder of images, one case per file, named by the file:
+    a 3D file is a one-channel case, a 4D file a case with its channels in order."""
+    import nibabel as nib
+
+    images_dir = Path(images_dir)
+    files = sorted(f for f in images_dir.iterdir() if f.is_file() and is_nifti(f) and not f.name.startswith("."))
+    if not files:
+        raise DataError(f"{images_dir}: no NIfTI images")
+    cases = []
+    for path in files:
+        try:
+            shape = nib.load(str(path)).shape
+        except Exception as exc:  # noqa: BLE001 - nibabel raises several kinds; reported by name
+            raise DataError(f"case {nifti_stem(path)}: cannot read NIfTI {path} ({exc})") from None
+        channels = tuple(range(shape[3])) if len(shape) == 4 and shape[3] > 1 else None
+        cases.append(Case(nifti_stem(path), [path], None, channels))
+    return cases
 
 
 def is_channel_file_folder(folder: Path) -> bool:

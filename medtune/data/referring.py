@@ -53,6 +53,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from medtune.data.cases import inside_root
 from medtune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -146,10 +147,10 @@ def load_jsonl_records(path: str | Path, split: str | None = None) -> list[Refer
         if split is not None and item.get("split", split) != split:
             continue
         record = ReferringRecord(
-            image=_resolve(path.parent, item["image"]),
+            image=inside_root(path.parent, item["image"], path),
             expression=str(item["expression"]),
             source=where,
-            mask_path=_resolve(path.parent, item["mask"]),
+            mask_path=inside_root(path.parent, item["mask"], path),
             split=item.get("split"),
         )
         _check_files(record)
@@ -159,11 +160,6 @@ def load_jsonl_records(path: str | Path, split: str | None = None) -> list[Refer
     if not records:
         raise DataError(f"{path}: no records" + (f" of split '{split}'" if split else ""))
     return records
-
-
-def _resolve(base: Path, name: str) -> Path:
-    candidate = Path(name).expanduser()
-    return candidate if candidate.is_absolute() else base / candidate
 
 
 def _check_files(record: ReferringRecord) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -94,53 +95,112 @@ def read_label(path: Path, case_id: str) -> tuple[np.ndarray, nib.Nifti1Image]:
     return label_to_uint8(raw, path, case_id), img
 
 
-def load_case(case: Case, with_label: bool = True) -> Volume:
-    """Read all modalities (and the label) of ``case``.
+AFFINE_TOLERANCE = 1e-3  # mm; the files of one case must share the voxel grid
+
+
+def _spatial_shape(img: nib.Nifti1Image, path: Path, case_id: str, channels: bool) -> tuple[int, ...]:
+    """The 3D voxel grid of one file (a trailing channel axis of 1 dropped), or a DataError."""
+    shape = tuple(int(n) for n in img.shape)
+    if not channels and len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if channels:
+        if len(shape) != 4:
+            raise DataError(f"case {case_id}: expected a 4D image (channels last) in {path}, got shape {shape}")
+        return shape[:3]
+    if len(shape) == 4:
+        raise DataError(
+            f"case {case_id}: {path} is a 4D image with {shape[3]} channels; "
+            "expected one 3D volume per modality file"
+        )
+    if len(shape) != 3:
+        raise DataError(f"case {case_id}: {path} is not a 3D volume (shape {shape}); medtune reads 3D images")
+    return shape
+
+
+def read_case(
+    case: Case, with_label: bool = True, label_spec: Any = None
+) -> tuple[Volume | None, list[str]]:
+    """Read ``case`` and find every problem of it: the one reader that ``data check``,
+    training (the cache) and prediction share.
+
+    Problems, each naming the case and file: an unreadable or missing file, a file that
+    is not a 3D volume (or 4D, for multi-channel images), files of different shapes or
+    voxel grids (affines differing by more than 1e-3 mm), NaN/Inf voxels, a label of
+    another shape or grid than the image, label values outside ``label_spec``.
+
+    Returns:
+        ``(volume, problems)``: the :class:`Volume` when there is no problem (else None).
+    """
+    problems: list[str] = []
+    arrays: list[np.ndarray] = []
+    grid: tuple[Path, tuple[int, ...], np.ndarray, nib.Nifti1Header] | None = None  # the first file's
+    for path in case.images:
+        try:
+            img = open_nifti(path, case.case_id)
+            shape = _spatial_shape(img, path, case.case_id, channels=case.channels is not None)
+        except DataError as exc:
+            problems.append(str(exc))
+            continue
+        if grid is None:
+            grid = (path, shape, np.asarray(img.affine), img.header)
+        elif shape != grid[1]:
+            problems.append(f"case {case.case_id}: {path} has shape {shape}, {grid[0].name} has {grid[1]}")
+            continue
+        elif not np.allclose(img.affine, grid[2], atol=AFFINE_TOLERANCE):
+            problems.append(f"case {case.case_id}: {path} has another voxel-to-world affine than {grid[0].name}")
+            continue
+        if case.channels is not None and max(case.channels) >= img.shape[3]:
+            problems.append(
+                f"case {case.case_id}: {path} has {img.shape[3]} channels, channel {max(case.channels)} requested"
+            )
+            continue
+        try:
+            data = read_array(img, path, case.case_id)
+            if case.channels is not None:
+                data = np.moveaxis(data[..., list(case.channels)], -1, 0)  # (M, H, W, D)
+            else:
+                data = data.reshape((1,) + shape)
+            check_finite(data, path, case.case_id)
+            arrays.append(data)
+        except DataError as exc:
+            problems.append(str(exc))
+    label = None
+    if with_label and case.label is not None:
+        try:
+            label, label_img = read_label(case.label, case.case_id)
+            if grid is not None and label.shape != grid[1]:
+                problems.append(f"case {case.case_id}: label {case.label} has shape {label.shape}, image has {grid[1]}")
+            elif grid is not None and not np.allclose(label_img.affine, grid[2], atol=AFFINE_TOLERANCE):
+                problems.append(
+                    f"case {case.case_id}: label {case.label} has another voxel-to-world affine than {grid[0].name}"
+                )
+            elif label_spec is not None and (bad := label_spec.invalid_values(label)):
+                problems.append(
+                    f"case {case.case_id}: label {case.label} has values {bad} "
+                    f"outside the declared set {list(label_spec.values)}"
+                )
+        except DataError as exc:
+            problems.append(str(exc))
+    if problems or grid is None:
+        return None, problems
+    image = np.ascontiguousarray(np.concatenate(arrays, axis=0), dtype=np.float32)
+    return Volume(case.case_id, image, label, grid[2], grid[3]), problems
+
+
+def load_case(case: Case, with_label: bool = True, label_spec: Any = None) -> Volume:
+    """Read all modalities (and the label) of ``case`` (:func:`read_case`).
 
     Returns:
         :class:`Volume` with ``image (M, H, W, D)`` float32 and ``label (H, W, D)``
         uint8 (raw dataset values) or None.
 
     Raises:
-        DataError: unreadable/corrupt file, modalities of different shapes, a label
-            of another shape, NaN/Inf voxels; the message names the case and file.
+        DataError: the case's first problem (and how many more there are), naming the
+            case and file.
     """
-    first = open_nifti(case.images[0], case.case_id)
-    if case.channels is not None:
-        # One 4D file, modalities on the last axis (MSD).
-        path = case.images[0]
-        if len(first.shape) != 4:
-            raise DataError(f"case {case.case_id}: expected a 4D image in {path}, got shape {first.shape}")
-        if max(case.channels) >= first.shape[3]:
-            raise DataError(
-                f"case {case.case_id}: {path} has {first.shape[3]} channels, "
-                f"channel {max(case.channels)} requested"
-            )
-        data = read_array(first, path, case.case_id)
-        image = np.ascontiguousarray(np.moveaxis(data[..., list(case.channels)], -1, 0))
-        check_finite(image, path, case.case_id)
-    else:
-        shape = tuple(first.shape[:3])
-        image = np.empty((len(case.images),) + shape, dtype=np.float32)
-        for m, path in enumerate(case.images):
-            img = first if m == 0 else open_nifti(path, case.case_id)
-            modality_shape = tuple(img.shape)
-            if len(modality_shape) == 4 and modality_shape[3] == 1:
-                modality_shape = modality_shape[:3]
-            if modality_shape != shape:
-                raise DataError(
-                    f"case {case.case_id}: {path} has shape {modality_shape}, "
-                    f"{case.images[0].name} has {shape}"
-                )
-            data = read_array(img, path, case.case_id).reshape(shape)
-            check_finite(data, path, case.case_id)
-            image[m] = data
-    label = None
-    if with_label and case.label is not None:
-        label, _ = read_label(case.label, case.case_id)
-        if label.shape != image.shape[1:]:
-            raise DataError(
-                f"case {case.case_id}: label {case.label} has shape {label.shape}, "
-                f"image has {image.shape[1:]}"
-            )
-    return Volume(case.case_id, image, label, np.asarray(first.affine), first.header)
+    volume, problems = read_case(case, with_label, label_spec)
+    if problems:
+        more = f" (and {len(problems) - 1} more problems; medtune data check lists them)" if len(problems) > 1 else ""
+        raise DataError(problems[0] + more)
+    assert volume is not None
+    return volume

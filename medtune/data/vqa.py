@@ -47,6 +47,7 @@ import torch
 from torch.utils.data import Dataset
 
 from medtune.data.preprocess import zscore_nonzero
+from medtune.data.cases import inside_root
 from medtune.errors import DataError
 from medtune.registry import Registry
 
@@ -109,7 +110,7 @@ def _records_from_json(
         answer = normalize_answer(_field(entry, "answer", where))
         records.append(
             VQARecord(
-                image=image_dir / str(_field(entry, image_key, where)),
+                image=inside_root(image_dir, str(_field(entry, image_key, where)), where),
                 question=str(_field(entry, "question", where)).strip(),
                 answer=answer,
                 answer_type=_answer_type(entry.get("answer_type"), answer, where),
@@ -212,7 +213,8 @@ def load_vqa_med_2019(root: str | Path, split: str = "train", image_dir: str | N
             raise DataError(f"{where}: expected 'image|question|answer', got {len(fields)} fields")
         answer = normalize_answer(answer)
         records.append(
-            VQARecord(images / f"{image_id.strip()}.jpg", question.strip(), answer, _answer_type(None, answer, where), where)
+            VQARecord(inside_root(images, f"{image_id.strip()}.jpg", where), question.strip(), answer,
+                      _answer_type(None, answer, where), where)
         )
     return records
 

@@ -46,8 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser, argv: list[str] = ()) -> None
     add_run_arguments(
         parser, config_required=False,
         output_help="run folder (default checkpoints/<config stem>-<YYYYmmdd-HHMMSS>)",
-        resume_help="continue a run: 'latest' (newest state/step_N of --output) or a run / state/step_N "
-        "folder; without it, an --output that holds a trained run is refused",
     )
     parser.add_argument(
         "--task", default=None, choices=TASKS.names(),

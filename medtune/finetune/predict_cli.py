@@ -3,7 +3,8 @@
 The task is the one the run (or export) folder records in ``config.json``; the task's
 own flags are added to the command (``medtune predict --model RUN --help`` lists them).
 Every task loads the model the same way (``--checkpoint best|last``, ``--device``,
-``--base-weights`` for an adapter export) and then predicts its own way:
+``--base-weights`` for an adapter export) and then predicts its own way; no task writes
+over a file that exists unless ``--overwrite`` is given:
 
 - segmentation: NIfTI label maps of a case / dataset / ``imagesTs/`` folder;
 - referring: a mask for ``--input IMAGE --expression TEXT``, or every record of a ``.jsonl``;
@@ -43,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser, argv: list[str] = ()) -> None
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--base-weights", default=None, help="base backbone file of an adapter export, if moved")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="write over predictions that exist (without it an existing file is refused, before anything is written)",
+    )
     model = peek(list(argv), "--model")
     try:
         task = get_task(read_run_config(model).task) if model else None

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune import distributed
-from medtune.checkpoints.runs import BEST_DIR, RunConfig, resolve_run_dir, write_run_config, write_summary
+from medtune.checkpoints.runs import BEST_DIR, RunConfig, open_run, write_run_config, write_summary
 from medtune.finetune.base import Task, TaskData
 from medtune.finetune.weights import save_base_backbone, save_trained
 
@@ -38,26 +38,31 @@ def finetune(task: Task, cfg: Any, *, output: str | Path | None = None, resume: 
         resume: ``"latest"`` or a run / ``state/step_N`` folder to continue.
         stem: default run-folder prefix (the config file's stem; default the task name).
     """
+    processes = distributed.processes()
+    if not processes.is_main_process:  # one copy of the logs, from the main process
+        logging.getLogger().setLevel(logging.WARNING)
+    from medtune.config import to_dict
+
+    with open_run(processes, output, stem or task.name, resume, RunConfig(task.name, to_dict(cfg))) as run_dir:
+        return _finetune_in(task, cfg, run_dir, resume, processes)
+
+
+def _finetune_in(task: Task, cfg: Any, run_dir: Path, resume: str | Path | None, processes: Any):
     from accelerate.utils import set_seed
 
     from medtune.config import to_dict
     from medtune.trainer import build_loader, higher_is_better, make_accelerator, train
 
-    processes = distributed.processes()
-    if not processes.is_main_process:  # one copy of the logs, from the main process
-        logging.getLogger().setLevel(logging.WARNING)
-    run_dir = resolve_run_dir(processes, output, stem or task.name, resume)
     accelerator = make_accelerator(cfg.train, run_dir)
     main = accelerator.is_main_process
 
     data: TaskData = distributed.main_first(accelerator, lambda: task.build_data(cfg, run_dir))
+    run_config = RunConfig(task.name, to_dict(cfg), data.derived)  # build_data may resolve values of cfg
     set_seed(cfg.train.seed)  # the same initial weights on every process and every rerun
     model = task.build_model(cfg, data.derived, pretrained=resume is None)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_config(run_dir, RunConfig(task.name, to_dict(cfg), data.derived))
-        if resume is None:  # a resumed run keeps the base it started from
-            save_base_backbone(model, run_dir, metadata={"task": task.name})
+    if main and resume is None:
+        write_run_config(run_dir, run_config)
+        save_base_backbone(model, run_dir, metadata={"task": task.name})  # a resumed run keeps its base
 
     def evaluate(trained) -> dict[str, float]:
         return task.evaluate(trained, data, cfg, accelerator)
@@ -66,14 +71,17 @@ def finetune(task: Task, cfg: Any, *, output: str | Path | None = None, resume: 
         save_trained(trained, run_dir / BEST_DIR, run_dir, task.name)
         write_summary(run_dir / BEST_DIR, {"step": step, "metrics": dict(metrics)})
 
-    key = task.best_metric_of(cfg) if data.eval is not None else None
+    def on_start() -> None:  # a resumed run's config.json changes only once its state has loaded
+        if resume is not None:
+            write_run_config(run_dir, run_config)
 
+    key = task.best_metric_of(cfg) if data.eval is not None else None
     loader = build_loader(data.train, cfg.train, num_workers=data.num_workers)
     result = train(
         model, loader, cfg.train, run_dir, resume=resume,
         evaluate=evaluate if data.eval is not None else None,
         is_better=higher_is_better(key) if key is not None else None,
-        on_best=on_best if key is not None else None,
+        on_best=on_best if key is not None else None, on_start=on_start,
         accelerator=accelerator, unit=task.unit,
     )
     if main:
@@ -82,7 +90,7 @@ def finetune(task: Task, cfg: Any, *, output: str | Path | None = None, resume: 
             "task": task.name, "steps": result.step, "final": result.eval_metrics,
             "best": result.best_metrics, "best_step": result.best_step, **task.summary_extras(cfg, data),
         })
-        best = f"; best {task.best_metric_of(cfg)} {result.best_metrics} at step {result.best_step}" if result.best_metrics else ""
+        best = f"; best {key} {result.best_metrics} at step {result.best_step}" if result.best_metrics else ""
         log.info("%s finetuning finished after %d steps in %s%s", task.name, result.step, run_dir, best)
     distributed.barrier(accelerator)
     return result

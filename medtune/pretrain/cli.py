@@ -21,7 +21,6 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 from medtune import distributed
 from medtune.checkpoints.runs import (
@@ -31,8 +30,7 @@ from medtune.checkpoints.runs import (
     PRETRAIN_FILE,
     PRETRAIN_TASK,
     RunConfig,
-    read_run_config,
-    resolve_run_dir,
+    open_run,
     write_run_config,
 )
 from medtune.cli import add_run_arguments
@@ -44,20 +42,17 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser, argv: list[str] = ()) -> None:
     add_run_arguments(
         parser, config_required=True, output_help="run folder (default checkpoints/<config stem>-<YYYYmmdd-HHMMSS>)",
-        resume_help="continue a run: 'latest' (newest saved state of --output, or of the newest "
-        "checkpoints/<config stem>-* run) or a run folder / state/step_N folder",
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    from medtune.config import to_dict
     from medtune.pretrain.config import load_pretrain_config
-    from medtune.trainer import make_accelerator
 
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its save/load chatter
-    overrides = list(args.set)
-    if args.data is not None:
-        overrides.append(f"data.root={json.dumps(str(args.data))}")  # JSON: always a YAML string
-    cfg = load_pretrain_config(args.config, overrides)
+    # --data is a shorthand for data.root, applied before --set (which wins), as in finetune
+    overrides = [f"data.root={json.dumps(str(args.data))}"] if args.data is not None else []  # JSON: a YAML string
+    cfg = load_pretrain_config(args.config, overrides + list(args.set))
     if cfg.data.root is None:
         raise ConfigError(f"{args.config}: no dataset; pass --data or set data.root")
 
@@ -66,16 +61,24 @@ def run(args: argparse.Namespace) -> int:
     processes = distributed.processes()
     if not processes.is_main_process:  # one copy of the logs, from the main process
         logging.getLogger().setLevel(logging.WARNING)
-    resume = args.resume
-    run_dir = resolve_run_dir(processes, args.output, Path(args.config).stem, resume)
+    run_config = RunConfig(PRETRAIN_TASK, to_dict(cfg))
+    with open_run(processes, args.output, Path(args.config).stem, args.resume, run_config) as run_dir:
+        return _pretrain_in(cfg, run_config, run_dir, args.resume)
+
+
+def _pretrain_in(cfg, run_config: RunConfig, run_dir: Path, resume) -> int:
+    from medtune.trainer import make_accelerator
+
     accelerator = make_accelerator(cfg.train, run_dir)
 
     dataset = distributed.main_first(accelerator, lambda: _build_dataset(cfg, run_dir, accelerator.is_main_process))
     objective = _build_objective(cfg)
     freeze_unused(objective, dataset, cfg)
-    if accelerator.is_main_process:
-        _write_config(cfg, run_dir, resuming=resume is not None)
-    result = _train(objective, dataset, cfg, run_dir, resume, accelerator)
+    if accelerator.is_main_process and resume is None:
+        write_run_config(run_dir, run_config)
+    # a resumed run's config.json changes only once its state has loaded
+    on_start = (lambda: write_run_config(run_dir, run_config)) if resume is not None else None
+    result = _train(objective, dataset, cfg, run_dir, resume, accelerator, on_start)
 
     if accelerator.is_main_process:
         written = save_outputs(objective, dataset, cfg, run_dir)
@@ -88,21 +91,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"config:                           {run_dir / CONFIG_FILE}")
     distributed.barrier(accelerator)
     return 0
-
-
-# --------------------------------------------------------------------------- run folder
-
-
-def _write_config(cfg, run_dir: Path, resuming: bool) -> None:
-    from medtune.config import to_dict
-
-    resolved = to_dict(cfg)
-    if resuming and (run_dir / CONFIG_FILE).is_file():
-        before = _flatten(read_run_config(run_dir).config)
-        changed = sorted(k for k, v in _flatten(resolved).items() if before.get(k) != v)
-        if changed:
-            log.warning("resuming with a changed config: %s", ", ".join(changed))
-    write_run_config(run_dir, RunConfig(PRETRAIN_TASK, resolved))
 
 
 # --------------------------------------------------------------------------- building
@@ -159,13 +147,14 @@ def freeze_unused(objective, dataset, cfg) -> list[str]:
     return unused
 
 
-def _train(objective, dataset, cfg, run_dir: Path, resume, accelerator):
+def _train(objective, dataset, cfg, run_dir: Path, resume, accelerator, on_start=None):
     from medtune.trainer import build_loader, train
 
     workers = cfg.train.num_workers if cfg.train.num_workers is not None else cfg.data.num_workers
     loader = build_loader(dataset, cfg.train, num_workers=workers)
     unit = "slices" if cfg.data.mode == "2d" else "crops"
-    return train(objective, loader, cfg.train, run_dir, resume=resume, accelerator=accelerator, unit=unit)
+    return train(objective, loader, cfg.train, run_dir, resume=resume, accelerator=accelerator, unit=unit,
+                 on_start=on_start)
 
 
 # --------------------------------------------------------------------------- outputs
@@ -219,12 +208,3 @@ def _figure_indices(dataset, count: int) -> list[int]:
     probe = sorted({round(i * (total - 1) / max(1, 4 * count - 1)) for i in range(4 * count)})
     scored = sorted(probe, key=lambda i: -float(dataset[i]["foreground"].float().mean()))
     return sorted(scored[:count])
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        flat: dict[str, Any] = {}
-        for key, value in tree.items():
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        return flat
-    return {prefix[:-1]: tree}

@@ -43,6 +43,7 @@ def train(
     evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
     is_better: Callable[[Mapping[str, float], Mapping[str, float]], bool] | None = None,
     on_best: Callable[[nn.Module, Mapping[str, float], int], None] | None = None,
+    on_start: Callable[[], None] | None = None,
     accelerator: Any | None = None,
     trackers: Sequence[str] | None = None,
     unit: str = "samples",
@@ -65,6 +66,9 @@ def train(
             (:func:`higher_is_better`, :func:`lower_is_better`).
         on_best: ``on_best(model, metrics, step)`` on the main process whenever a new best
             evaluation is found (e.g. to save the best weights).
+        on_start: ``on_start()`` on the main process once a resumed state has loaded
+            (or at once for a fresh run), before the first step: e.g. to write the run's
+            config only when the state it describes is known to load.
         accelerator: an Accelerator from :func:`make_accelerator`; made here if None.
         trackers: overrides ``cfg.trackers`` (e.g. ``["tensorboard"]``).
         unit: what one sample is called in the progress bar ("slices", "crops").
@@ -97,6 +101,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, cfg.max_steps, cfg.schedule)
     )
+    _use_sync_batchnorm(accelerator, model)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     batches_per_epoch = len(loader)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -104,12 +109,18 @@ def train(
     state = _LoopState()
     if resume is not None:
         state_dir = resolve_resume(resume, run_dir)
-        accelerator.load_state(str(state_dir))
+        try:
+            accelerator.load_state(str(state_dir))
+        except (RuntimeError, OSError, ValueError, KeyError) as exc:  # a state of another model or run
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CheckpointError(f"cannot resume from {state_dir}: {first}") from None
         state = _LoopState.from_json(state_dir / TRAINER_STATE_FILE)
         log.info("resumed from %s at step %d", state_dir, state.step)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(run_dir / METRICS_FILE, state.step)
+        if on_start is not None:
+            on_start()
         if accelerator.log_with:
             accelerator.init_trackers(run_dir.name, config=_flat_config(cfg))
 
@@ -164,9 +175,13 @@ def train(
             sums, counts, window_samples, window_start = {}, {}, 0, time.perf_counter()
 
         is_last = state.step == cfg.max_steps
-        if evaluate is not None and ((cfg.eval_every and state.step % cfg.eval_every == 0) or is_last):
+        evaluating = evaluate is not None and ((cfg.eval_every and state.step % cfg.eval_every == 0) or is_last)
+        saving = cfg.save_every and (state.step % cfg.save_every == 0 or is_last)
+        if evaluating or saving or is_last:
+            _average_batchnorm_statistics(accelerator, model)
+        if evaluating:
             result.eval_metrics = _run_evaluation(accelerator, model, evaluate, is_better, on_best, state, run_dir)
-        if cfg.save_every and (state.step % cfg.save_every == 0 or is_last):
+        if saving:
             result.state_dir = _save_state(accelerator, run_dir, state, cfg.keep_last)
     progress.close()
 
@@ -264,11 +279,58 @@ def _log_metrics(accelerator, run_dir: Path, step: int, metrics: Mapping[str, fl
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines logged after ``step`` by a run that was killed before its next save."""
+    """Drop lines logged after ``step`` by a run that was killed before its next save, and
+    a line torn by the kill (written in part), with a warning."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    kept = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            log.warning("%s: dropping line %d, written in part when the run stopped: %.60s", path, number, line)
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def _batchnorms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def _use_sync_batchnorm(accelerator, model: nn.Module) -> None:
+    """Several GPU processes: BatchNorm normalises with the statistics of the whole global
+    batch (SyncBatchNorm, as FreMIM's official training), in place. CPU process groups
+    cannot (torch's SyncBatchNorm is GPU-only); there the running statistics are
+    averaged over the processes instead (:func:`_average_batchnorm_statistics`)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.MULTI_GPU and _batchnorms(model):
+        converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if converted is not model:  # only when the model itself is a BatchNorm
+            raise ConfigError("train(): the model is a bare BatchNorm layer; wrap it in a module")
+        log.info("BatchNorm layers synchronised across %d processes (SyncBatchNorm)", accelerator.num_processes)
+
+
+def _average_batchnorm_statistics(accelerator, model: nn.Module) -> None:
+    """Average BatchNorm running statistics over the processes (every process calls this),
+    so that evaluations and saved states are the same on every rank. DDP broadcasts rank
+    0's buffers at each forward, so without this the ranks differ by their last batch."""
+    if accelerator.num_processes == 1:
+        return
+    buffers = [b for m in _batchnorms(model) for b in (m.running_mean, m.running_var) if b is not None]
+    if not buffers:
+        return
+    flat = torch.cat([b.detach().float().flatten() for b in buffers]).to(accelerator.device)
+    flat = accelerator.reduce(flat, reduction="mean")
+    offset = 0
+    with torch.no_grad():
+        for b in buffers:
+            b.copy_(flat[offset : offset + b.numel()].view_as(b).to(b.dtype))
+            offset += b.numel()
 
 
 def _run_evaluation(accelerator, model, evaluate, is_better, on_best, state: _LoopState, run_dir: Path) -> dict:

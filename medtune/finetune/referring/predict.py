@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medtune.checkpoints.runs import write_summary
+from medtune.checkpoints.io import refuse_existing
+from medtune.checkpoints.runs import SUMMARY_FILE, write_summary
 from medtune.errors import ConfigError, DataError
 from medtune.finetune.referring.metrics import ReferringMetrics
 
@@ -41,6 +42,8 @@ def predict(loaded, args: argparse.Namespace) -> int:
     size = model.cfg.image_size
     if source.suffix == ".jsonl":
         records = load_jsonl_records(source)
+        names = [output / f"{number:05d}_{record.image.stem}.png" for number, record in enumerate(records)]
+        refuse_existing([*names, output / SUMMARY_FILE], args.overwrite, "prediction")
         output.mkdir(parents=True, exist_ok=True)
         metrics = ReferringMetrics()
         for number, record in enumerate(records):
@@ -50,7 +53,7 @@ def predict(loaded, args: argparse.Namespace) -> int:
             tokens = model.tokenizer([record.expression]).to(device)
             prob = model.predict(pixels.to(device), tokens, size=(height, width))[0].cpu()
             pred = (prob > threshold).numpy()
-            Image.fromarray(pred.astype(np.uint8) * 255).save(output / f"{number:05d}_{record.image.stem}.png")
+            Image.fromarray(pred.astype(np.uint8) * 255).save(names[number])
             with Image.open(record.mask_path) as mask:
                 truth = np.asarray(mask.convert("L")) > 0
             metrics.update(torch.from_numpy(pred)[None], torch.from_numpy(truth)[None])
@@ -71,8 +74,8 @@ def predict(loaded, args: argparse.Namespace) -> int:
         raise DataError(f"{source}: cannot read image ({exc})") from None
     prob = model.predict(pixels.to(device), model.tokenizer([expression]).to(device), size=(height, width))[0].cpu()
     if output.suffix.lower() != ".png":
-        output.mkdir(parents=True, exist_ok=True)
         output = output / f"{source.stem}_mask.png"
+    refuse_existing([output], args.overwrite, "mask")
     output.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((prob > threshold).numpy().astype(np.uint8) * 255).save(output)
     log.info("'%s' -> %s (%d foreground pixels)", expression, output, int((prob > threshold).sum()))

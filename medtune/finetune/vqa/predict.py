@@ -43,6 +43,12 @@ def answer_questions(model: VQAModel, answers: Sequence[str], cfg: VQAConfig, im
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
+def answers_path(output: str | Path) -> Path:
+    """``--output`` as the answers file: a ``.jsonl``/``.json`` path itself, else ``<folder>/answers.jsonl``."""
+    path = Path(output)
+    return path if path.suffix.lower() in (".jsonl", ".json") else path / "answers.jsonl"
+
+
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--question", default=None, help="the question for one input image or a folder of images")
 
@@ -58,6 +64,10 @@ def predict(loaded, args: argparse.Namespace) -> int:
     ``answers.jsonl``.
     """
     model, cfg, answers = loaded.model, loaded.config, loaded.derived["answers"]
+    if args.output:
+        from medtune.checkpoints.io import refuse_existing
+
+        refuse_existing([answers_path(args.output)], args.overwrite, "answers file")
     source = Path(args.input)
     question = args.question
     if question:
@@ -95,9 +105,7 @@ def predict(loaded, args: argparse.Namespace) -> int:
     if output:
         from medtune.checkpoints.io import atomic_write
 
-        path = Path(output)
-        if path.suffix.lower() not in (".jsonl", ".json"):
-            path = path / "answers.jsonl"
+        path = answers_path(output)
         text = "".join(json.dumps(row) + "\n" for row in rows)
         atomic_write(path, lambda tmp: tmp.write_text(text))
         print(f"answers written to {path}")

@@ -1,0 +1,460 @@
+"""Nothing lost, nothing silent: careless users and hostile files, one table.
+
+Every case runs a `medtune` command in-process against files prepared for it and checks
+the same contract: exit code 2, exactly one `medtune: error:` line (no traceback) that
+names the file, case or key at fault, and every file that existed before is unchanged
+(safetensors compared tensor by tensor, other files byte by byte).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medtune.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+PRETRAIN = [
+    "--config", str(REPO / "configs" / "demo_pretrain.yaml"), "--set", "data.img_size=32", "backbone.img_size=32",
+    "train.batch_size=4", "train.max_steps=2", "train.log_every=1", "train.save_every=1", "figure=false",
+    "objective.radius=3",
+]
+FINETUNE_RECIPE = {
+    "data": {"mode": "3d", "crop_size": [32, 32, 4], "val_fraction": 0.34, "num_workers": 0},
+    "backbone": {"name": "vit_tiny_patch16_224", "in_chans": 4, "img_size": 32, "options": {"depth": 4}},
+    "adapter": {"method": "med-tuning"},
+    "model": {"decoder_options": {"channels": 8}},
+    "train": {"max_steps": 2, "batch_size": 2, "eval_every": 2, "log_every": 1, "save_every": 1},
+}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def world(synth_brats, tmp_path_factory) -> dict[str, Path]:
+    """A dataset, a finetuning run (best/ and state/) and a pretraining run (state/)."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("world")
+    data = root / "data"
+    shutil.copytree(synth_brats, data)
+    recipe = root / "finetune.yaml"
+    recipe.write_text(yaml.safe_dump(FINETUNE_RECIPE))
+    assert main(["finetune", "--config", str(recipe), "--data", str(data), "--output", str(root / "run")]) == 0
+    assert main(["pretrain", *PRETRAIN, "--data", str(data), "--output", str(root / "pre")]) == 0
+    return {"root": root, "data": data, "recipe": recipe, "run": root / "run", "pre": root / "pre"}
+
+
+def snapshot(folder: Path) -> dict[str, object]:
+    """What every file holds: tensors for safetensors files, bytes (hashed) for the rest."""
+    seen: dict[str, object] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        key = str(path.relative_to(folder))
+        if path.suffix == ".safetensors":
+            try:
+                seen[key] = {k: v.clone() for k, v in load_file(str(path)).items()}
+                continue
+            except Exception:  # noqa: BLE001 - a deliberately damaged file: compare its bytes
+                pass
+        seen[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return seen
+
+
+def same(before: dict, after: dict) -> list[str]:
+    """Files of ``before`` that are gone or differ in ``after``."""
+    changed = []
+    for key, value in before.items():
+        now = after.get(key)
+        if isinstance(value, dict):
+            if not isinstance(now, dict) or set(now) != set(value) or any(not torch.equal(now[k], value[k]) for k in value):
+                changed.append(key)
+        elif now != value:
+            changed.append(key)
+    return changed
+
+
+@dataclass
+class Fault:
+    """One row: ``prepare(world, tmp) -> argv`` and what the error line must name."""
+
+    name: str
+    prepare: Callable[[dict, Path], list[str]]
+    names: Callable[[dict, Path], list[str]]
+
+
+# --------------------------------------------------------------------------- preparations
+
+
+def _msd_copy(world: dict, tmp: Path) -> Path:
+    """The first two BraTS cases as an MSD task (4D images, dataset.json)."""
+    msd = tmp / "msd"
+    (msd / "imagesTr").mkdir(parents=True)
+    (msd / "labelsTr").mkdir()
+    cases = sorted(p for p in world["data"].iterdir() if p.is_dir())[:2]
+    training = []
+    for case in cases:
+        ref = nib.load(str(case / f"{case.name}_flair.nii.gz"))
+        stack = np.stack([np.asarray(nib.load(str(case / f"{case.name}_{m}.nii.gz")).dataobj)
+                          for m in ("flair", "t1ce", "t1", "t2")], -1)
+        nib.save(nib.Nifti1Image(stack, ref.affine), str(msd / "imagesTr" / f"{case.name}.nii.gz"))
+        shutil.copy(case / f"{case.name}_seg.nii.gz", msd / "labelsTr" / f"{case.name}.nii.gz")
+        training.append({"image": f"./imagesTr/{case.name}.nii.gz", "label": f"./labelsTr/{case.name}.nii.gz"})
+    meta = {"modality": {"0": "FLAIR", "1": "T1gd", "2": "T1w", "3": "T2w"},
+            "labels": {"0": "background", "1": "core", "2": "edema", "4": "enhancing"}, "training": training}
+    (msd / "dataset.json").write_text(json.dumps(meta))
+    return msd
+
+
+def predict_into_labels(world, tmp):
+    msd = _msd_copy(world, tmp)
+    return ["predict", "--model", str(world["run"]), "--input", str(msd), "--output", str(msd / "labelsTr")]
+
+
+def predict_over_existing(world, tmp):
+    out = tmp / "preds"
+    out.mkdir()
+    case = sorted(p.name for p in world["data"].iterdir() if p.is_dir())[0]
+    (out / f"{case}.nii.gz").write_bytes(b"an earlier prediction")
+    return ["predict", "--model", str(world["run"]), "--input", str(world["data"]), "--output", str(out)]
+
+
+def predict_output_is_a_file(world, tmp):
+    (tmp / "out.nii.gz").write_bytes(b"a file")
+    return ["predict", "--model", str(world["run"]), "--input", str(world["data"]), "--output", str(tmp / "out.nii.gz")]
+
+
+def export_out_is_a_file(world, tmp):
+    (tmp / "export").write_bytes(b"a file")
+    return ["export", str(world["run"]), "--format", "full", "--out", str(tmp / "export")]
+
+
+def run_folder_in_use(world, tmp):
+    """Another run holds the folder's lock (an OS lock, here taken by this process)."""
+    run = tmp / "busy"
+    run.mkdir()
+    fd = os.open(run / "run.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, json.dumps({"pid": 4242, "host": "elsewhere", "started": "now"}).encode())
+    LOCKS.append(fd)
+    return ["finetune", "--config", str(world["recipe"]), "--data", str(world["data"]), "--output", str(run)]
+
+
+def resume_with_another_objective(world, tmp):
+    pre = tmp / "pre"
+    shutil.copytree(world["pre"], pre)
+    return ["pretrain", *PRETRAIN, "objective.name=mae", "--data", str(world["data"]), "--output", str(pre),
+            "--resume", "latest"]
+
+
+def resume_with_another_decoder(world, tmp):
+    pre = tmp / "pre"
+    shutil.copytree(world["pre"], pre)
+    return ["pretrain", *PRETRAIN, "objective.decoder_width=16", "--data", str(world["data"]), "--output", str(pre),
+            "--resume", "latest"]
+
+
+def resume_with_another_adapter(world, tmp):
+    run = tmp / "run"
+    shutil.copytree(world["run"], run)
+    return ["finetune", "--config", str(world["recipe"]), "--data", str(world["data"]), "--output", str(run),
+            "--resume", "latest", "--set", "adapter={method: lora}"]
+
+
+def modalities_on_other_grids(world, tmp):
+    data = tmp / "data"
+    shutil.copytree(world["data"], data)
+    case = sorted(p for p in data.iterdir() if p.is_dir())[1]
+    img = nib.load(str(case / f"{case.name}_t2.nii.gz"))
+    affine = img.affine.copy()
+    affine[0, 3] += 5.0  # shifted by 5 mm
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine), str(case / f"{case.name}_t2.nii.gz"))
+    return ["pretrain", *PRETRAIN, "--data", str(data), "--output", str(tmp / "p")]
+
+
+def msd_path_outside_the_dataset(world, tmp):
+    msd = _msd_copy(world, tmp)
+    outside = tmp / "outside.nii.gz"
+    shutil.copy(msd / "imagesTr" / sorted(os.listdir(msd / "imagesTr"))[0], outside)
+    meta = json.loads((msd / "dataset.json").read_text())
+    meta["training"][0]["image"] = "../outside.nii.gz"
+    (msd / "dataset.json").write_text(json.dumps(meta))
+    return ["pretrain", *PRETRAIN, "--data", str(msd), "--output", str(tmp / "p")]
+
+
+def boolean_step_count(world, tmp):
+    return ["finetune", "--config", str(world["recipe"]), "--data", str(world["data"]), "--output", str(tmp / "r"),
+            "--set", "train.max_steps=true"]
+
+
+def nan_learning_rate(world, tmp):
+    return ["finetune", "--config", str(world["recipe"]), "--data", str(world["data"]), "--output", str(tmp / "r"),
+            "--set", "train.optim.lr=.nan"]
+
+
+def two_dimensional_images(world, tmp):
+    data = tmp / "data"
+    shutil.copytree(world["data"], data)
+    case = sorted(p for p in data.iterdir() if p.is_dir())[0]
+    img = nib.load(str(case / f"{case.name}_t1.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, 0], img.affine), str(case / f"{case.name}_t1.nii.gz"))
+    return ["pretrain", *PRETRAIN, "--data", str(data), "--output", str(tmp / "p")]
+
+
+def output_below_a_file(world, tmp):
+    (tmp / "plain_file").write_bytes(b"not a folder")
+    return ["finetune", "--config", str(world["recipe"]), "--data", str(world["data"]),
+            "--output", str(tmp / "plain_file" / "run")]
+
+
+def pickle_that_runs_code(world, tmp):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo this must never run",))
+
+    (tmp / "weights.pt").write_bytes(pickle.dumps({"model.cls_token": Payload()}))
+    return ["finetune", "--config", str(world["recipe"]), "--data", str(world["data"]), "--output", str(tmp / "r"),
+            "--backbone", str(tmp / "weights.pt")]
+
+
+def truncated_state(world, tmp):
+    run = tmp / "run"
+    shutil.copytree(world["run"], run)
+    newest = run / "state" / "step_0000002" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    return ["finetune", "--config", str(world["recipe"]), "--data", str(world["data"]), "--output", str(run),
+            "--resume", "latest", "--set", "train.max_steps=3"]
+
+
+def two_channel_images_for_a_four_channel_model(world, tmp):
+    images = tmp / "imagesTs"
+    images.mkdir()
+    nib.save(nib.Nifti1Image(np.random.rand(32, 32, 16, 2).astype(np.float32), np.eye(4)), str(images / "p_01.nii.gz"))
+    return ["predict", "--model", str(world["run"]), "--input", str(images), "--output", str(tmp / "o")]
+
+
+def four_d_file_as_a_modality(world, tmp):
+    data = tmp / "data"
+    shutil.copytree(world["data"], data)
+    case = sorted(p for p in data.iterdir() if p.is_dir())[0]
+    flair = case / f"{case.name}_flair.nii.gz"
+    img = nib.load(str(flair))
+    nib.save(nib.Nifti1Image(np.stack([np.asarray(img.dataobj)] * 2, -1), img.affine), str(flair))
+    return ["pretrain", *PRETRAIN, "--data", str(data), "--output", str(tmp / "p")]
+
+
+LOCKS: list[int] = []
+
+FAULTS = [
+    Fault("predict into the dataset's label folder", predict_into_labels, lambda w, t: ["labelsTr", "ground-truth"]),
+    Fault("predict over an existing prediction", predict_over_existing, lambda w, t: ["already exists", "--overwrite"]),
+    Fault("predict --output names a file", predict_output_is_a_file, lambda w, t: ["out.nii.gz", "is a file"]),
+    Fault("export --out names a file", export_out_is_a_file, lambda w, t: ["export", "is a file"]),
+    Fault("a run folder in use by another run", run_folder_in_use, lambda w, t: ["busy", "pid 4242 on elsewhere"]),
+    Fault("resume with another objective", resume_with_another_objective, lambda w, t: ["objective", "'mae'"]),
+    Fault("resume with another decoder", resume_with_another_decoder, lambda w, t: ["objective.decoder_width", "32 -> 16"]),
+    Fault("resume with another adapter", resume_with_another_adapter, lambda w, t: ["adapter.method", "lora"]),
+    Fault("modalities on other voxel grids", modalities_on_other_grids, lambda w, t: ["_t2.nii.gz", "affine"]),
+    Fault("dataset.json names a file outside", msd_path_outside_the_dataset, lambda w, t: ["../outside.nii.gz", "outside"]),
+    Fault("a boolean step count", boolean_step_count, lambda w, t: ["train.max_steps", "boolean"]),
+    Fault("a NaN learning rate", nan_learning_rate, lambda w, t: ["train.optim.lr", "finite"]),
+    Fault("2D NIfTI images", two_dimensional_images, lambda w, t: ["_t1.nii.gz", "not a 3D volume"]),
+    Fault("an output below a file", output_below_a_file, lambda w, t: ["plain_file"]),
+    Fault("a pickle that would run code", pickle_that_runs_code, lambda w, t: ["weights.pt", "not a plain weights file"]),
+    Fault("a truncated saved state", truncated_state, lambda w, t: ["step_0000002", "latest-valid"]),
+    Fault("2-channel images for a 4-channel model", two_channel_images_for_a_four_channel_model,
+          lambda w, t: ["p_01", "2 channel", "trained on 4 (flair, t1ce, t1, t2)"]),
+    Fault("a 4D file as one modality", four_d_file_as_a_modality, lambda w, t: ["_flair.nii.gz", "4D image with 2 channels"]),
+]
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
+def test_bad_input_gives_one_line_exit_2_and_changes_nothing(fault, world, tmp_path, capsys):
+    argv = fault.prepare(world, tmp_path)
+    before = {"world": snapshot(world["root"]), "tmp": snapshot(tmp_path)}
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    finally:
+        while LOCKS:
+            os.close(LOCKS.pop())
+    err = capsys.readouterr().err
+    errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("medtune: error:")]
+    assert code == 2, err[-3000:]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    for expected in fault.names(world, tmp_path):
+        assert expected in errors[0], (expected, errors[0])
+    assert not same(before["world"], snapshot(world["root"]))
+    assert not same(before["tmp"], snapshot(tmp_path))
+
+
+# --------------------------------------------------------------------------- what those refusals allow
+
+
+def test_latest_valid_resumes_from_the_newest_whole_state(world, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)
+    newest = run / "state" / "step_0000002" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    argv = ["finetune", "--config", str(world["recipe"]), "--data", str(world["data"]), "--output", str(run),
+            "--resume", "latest-valid", "--set", "train.max_steps=3", "train.eval_every=0"]
+    assert main(argv) == 0
+    assert json.loads((run / "state" / "step_0000003" / "trainer_state.json").read_text())["step"] == 3
+
+
+def test_a_torn_metrics_line_is_dropped_at_resume(world, tmp_path, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)
+    with open(run / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 3, "loss": 0.')  # the kill came mid-write
+    argv = ["finetune", "--config", str(world["recipe"]), "--data", str(world["data"]), "--output", str(run),
+            "--resume", "latest", "--set", "train.max_steps=3", "train.eval_every=0"]
+    assert main(argv) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert "written in part" in caplog.text
+
+
+def test_resume_may_change_steps_and_writes_the_config_once_the_state_has_loaded(world, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)
+    argv = ["finetune", "--config", str(world["recipe"]), "--data", str(world["data"]), "--output", str(run),
+            "--resume", "latest", "--set", "train.max_steps=3", "train.optim.lr=5e-4", "train.eval_every=0"]
+    assert main(argv) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["max_steps"] == 3 and config["train"]["optim"]["lr"] == 5e-4
+
+
+def test_overwrite_writes_over_predictions_when_asked(world, tmp_path):
+    argv = ["predict", "--model", str(world["run"]), "--input", str(world["data"]), "--output", str(tmp_path / "p")]
+    assert main(argv) == 0
+    assert main(argv) == 2
+    assert main(argv + ["--overwrite"]) == 0
+
+
+def test_a_stale_lock_of_a_dead_run_is_taken_over(world, tmp_path):
+    """A lock file left by a run that died (its OS lock went with it) does not block."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.lock").write_text(json.dumps({"pid": 999999, "host": "this", "started": "long ago"}))
+    argv = ["finetune", "--config", str(world["recipe"]), "--data", str(world["data"]), "--output", str(run),
+            "--set", "train.max_steps=1", "data.val_fraction=0"]
+    assert main(argv) == 0
+    holder = json.loads((run / "run.lock").read_text())
+    assert holder["pid"] == os.getpid()
+
+
+# --------------------------------------------------------------------------- processes
+
+
+BATCHNORM_SCRIPT = """
+import json, sys
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from accelerate import PartialState
+from medtune.trainer import OptimConfig, TrainConfig, train
+
+class Data(Dataset):
+    def __len__(self): return 64
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return {"x": torch.randn(3, generator=g) * (1 + i % 5), "y": torch.randn(1, generator=g)}
+
+class WithBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.out = nn.BatchNorm1d(3), nn.Linear(3, 1)
+    def forward(self, batch):
+        return {"loss": ((self.out(self.norm(batch["x"])) - batch["y"]) ** 2).mean()}
+
+torch.manual_seed(0)
+model = WithBatchNorm()
+cfg = TrainConfig(max_steps=5, batch_size=4, log_every=5, mixed_precision="no", optim=OptimConfig(lr=0.01))
+train(model, Data(), cfg, sys.argv[1])
+rank = PartialState().process_index
+stats = {k: v.tolist() for k, v in model.state_dict().items() if "running" in k}
+open(f"{sys.argv[1]}/rank{rank}.json", "w").write(json.dumps(stats))
+"""
+
+
+def _launch(script: Path, *args: str, port: int) -> subprocess.Popen:
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(port), *([str(script)] if script else []), *args]
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+@pytest.mark.slow
+def test_every_rank_ends_with_the_same_batchnorm_statistics(tmp_path):
+    script = tmp_path / "bn.py"
+    script.write_text(BATCHNORM_SCRIPT)
+    proc = _launch(script, str(tmp_path), port=29541)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0 == rank1 and set(rank0) == {"norm.running_mean", "norm.running_var"}
+    assert rank0["norm.running_var"] != [1.0, 1.0, 1.0]  # they did learn statistics
+
+
+def _pids_of(marker: str) -> list[int]:
+    """Processes whose command line holds ``marker`` (the workers of one run)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return [pid for pid in pids if pid != os.getpid()]
+
+
+@pytest.mark.slow
+def test_workers_stop_when_the_launcher_is_killed_and_the_run_resumes(world, tmp_path):
+    run = tmp_path / "killed_run"
+    proc = _launch(None, "-m", "medtune", "pretrain", *PRETRAIN, "train.max_steps=100000", "train.save_every=2",
+                   "--data", str(world["data"]), "--output", str(run), port=29543)
+    deadline = time.time() + 180
+    while time.time() < deadline and not list(run.glob("state/step_*/trainer_state.json")):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(1)
+    workers = _pids_of(str(run))
+    workers = [pid for pid in workers if pid != proc.pid]
+    assert len(workers) >= 2, workers
+    os.kill(proc.pid, 9)  # kill -9 of the launcher alone: its workers are left behind
+    proc.wait()
+    deadline = time.time() + 60
+    while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
+        time.sleep(1)
+    alive = [pid for pid in workers if Path(f"/proc/{pid}").exists() and
+             "Z" not in (Path(f"/proc/{pid}/stat").read_text().split()[2:3] or [""])[0]]
+    assert not alive, f"workers still running 60 s after the launcher died: {alive}"
+    saved = json.loads(sorted(run.glob("state/step_*/trainer_state.json"))[-1].read_text())["step"]
+    argv = ["pretrain", *PRETRAIN, f"train.max_steps={saved + 1}", "--data", str(world["data"]),
+            "--output", str(run), "--resume", "latest"]
+    assert main(argv) == 0  # the state the workers left resumes (and the lock died with them)
