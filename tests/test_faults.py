@@ -458,3 +458,29 @@ def test_workers_stop_when_the_launcher_is_killed_and_the_run_resumes(world, tmp
     argv = ["pretrain", *PRETRAIN, f"train.max_steps={saved + 1}", "--data", str(world["data"]),
             "--output", str(run), "--resume", "latest"]
     assert main(argv) == 0  # the state the workers left resumes (and the lock died with them)
+
+
+def test_interrupted_and_error_lines_start_their_own_line(monkeypatch, capsys):
+    """A Ctrl-C or an error during a progress bar is reported on a line of its own."""
+    from tqdm.auto import tqdm
+
+    from medtune.checkpoints import params_cli
+    from medtune.errors import DataError
+
+    def interrupted(args):
+        bar = tqdm(total=10, desc="train")
+        bar.update(3)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(params_cli, "run", interrupted)
+    assert main(["params"]) == 130
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert lines[-1] == "medtune: interrupted"
+
+    def failing(args):
+        tqdm(total=10, desc="cache").update(1)
+        raise DataError("case 3: broken")
+
+    monkeypatch.setattr(params_cli, "run", failing)
+    assert main(["params"]) == 2
+    assert capsys.readouterr().err.replace("\r", "\n").splitlines()[-1] == "medtune: error: case 3: broken"
