@@ -128,102 +128,6 @@ def choose_run_dir(output: str | Path | None, stem: str, resume: str | Path | No
     return parent / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-class RunLock:
-    """An exclusive lock on a run folder (``run.lock``), held by one process.
-
-    ``fcntl.flock`` on the lock file: the kernel releases it when the holder exits, even by
-    ``kill -9``, so a lock is never stale. The file records the holder (pid, host, start
-    time) for the message another run gets. Where the file system has no ``flock``, the
-    recorded pid is checked instead (a dead pid on this host is a stale lock).
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
-        self.path = self.folder / LOCK_FILE
-        self._fd: int | None = None
-
-    def acquire(self) -> "RunLock":
-        import os
-        import socket
-
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            if not self._flock(fd):
-                raise CheckpointError(
-                    f"run folder {self.folder} is in use by another run ({self._holder(fd)}); "
-                    "wait for it to end or choose another --output"
-                )
-            holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
-        return self
-
-    def _flock(self, fd: int) -> bool:
-        """Take the lock; False when another process holds it."""
-        try:
-            import fcntl
-        except ImportError:  # not a POSIX system
-            return self._holder_is_gone(fd)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            return False
-        except OSError:  # a file system without flock (some network mounts)
-            return self._holder_is_gone(fd)
-
-    def _read_holder(self, fd: int) -> dict:
-        import os
-
-        try:
-            data = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-            return data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            return {}
-
-    def _holder(self, fd: int) -> str:
-        holder = self._read_holder(fd)
-        if not holder:
-            return f"see {self.path}"
-        return f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}"
-
-    def _holder_is_gone(self, fd: int) -> bool:
-        import os
-        import socket
-
-        holder = self._read_holder(fd)
-        if not holder or holder.get("host") != socket.gethostname():
-            return not holder  # another host's lock cannot be checked: respected
-        try:
-            os.kill(int(holder["pid"]), 0)
-        except ProcessLookupError:
-            log.warning("%s: taking over the stale lock of pid %s", self.path, holder["pid"])
-            return True
-        except (OSError, ValueError, KeyError):
-            return False
-        return int(holder["pid"]) == os.getpid()
-
-    def release(self) -> None:
-        """Drop the lock; a folder that holds nothing but the lock file is removed."""
-        import os
-
-        if self._fd is None:
-            return
-        os.close(self._fd)  # closing the descriptor drops the flock
-        self._fd = None
-        if self.folder.is_dir() and [p.name for p in self.folder.iterdir()] == [LOCK_FILE]:
-            self.path.unlink(missing_ok=True)
-            try:
-                self.folder.rmdir()
-            except OSError:
-                pass
-
-
 @contextlib.contextmanager
 def open_run(processes: Any, output: str | Path | None, stem: str, resume: str | Path | None = None,
              run_config: RunConfig | None = None) -> Iterator[Path]:
@@ -236,27 +140,41 @@ def open_run(processes: Any, output: str | Path | None, stem: str, resume: str |
     """
     from medtune.distributed import agree
 
-    lock: RunLock | None = None
+    from medtune.checkpoints.lock import FileLock
+
+    locked: list[tuple[Path, FileLock]] = []
 
     def decide() -> Path:
-        nonlocal lock
         folder = choose_run_dir(output, stem, resume)
         check_run_dir(folder, resume)  # before the lock: a refused run leaves the folder untouched
         if resume is not None and run_config is not None:
             check_resume(folder, run_config)
-        lock = RunLock(folder).acquire()
-        try:
-            check_run_dir(folder, resume)  # again under the lock: another run may have started meanwhile
-        except BaseException:
-            lock.release()
-            raise
+        lock = FileLock(folder / LOCK_FILE)
+        if not lock.acquire(blocking=False):
+            raise CheckpointError(
+                f"run folder {folder} is in use by another run ({lock.holder()}); "
+                "wait for it to end or choose another --output"
+            )
+        locked.append((folder, lock))
+        check_run_dir(folder, resume)  # again under the lock: another run may have started meanwhile
         return folder
 
     try:
         yield agree(processes, decide)
     finally:
-        if lock is not None:
+        for folder, lock in locked:
             lock.release()
+            _remove_if_only_the_lock(folder)
+
+
+def _remove_if_only_the_lock(folder: Path) -> None:
+    """A run that stopped before writing anything leaves no folder behind."""
+    if folder.is_dir() and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+        (folder / LOCK_FILE).unlink(missing_ok=True)
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
 
 
 # which config keys define the model a run's state holds: a resume may not change them
@@ -489,7 +407,7 @@ __all__ = [
     "ADAPTER_CONFIG_FILE", "ADAPTER_WEIGHTS_FILE", "BACKBONE_FILE", "BEST_DIR", "CHECKPOINTS", "CONFIG_FILE",
     "DEFAULT_CHECKPOINT", "FIGURE_FILE", "HEAD_FILE", "METRICS_FILE", "MODEL_FILE", "PRETRAIN_FILE",
     "PRETRAIN_TASK", "RUN_MARKERS", "RunConfig", "STATE_DIR", "SUMMARY_FILE", "TRAINER_STATE_FILE",
-    "LOCK_FILE", "MODEL_KEYS", "RunLock", "check_resume", "check_resume_config", "check_run_dir", "choose_run_dir",
+    "LOCK_FILE", "MODEL_KEYS", "check_resume", "check_resume_config", "check_run_dir", "choose_run_dir",
     "find_latest_state", "held_run", "open_run", "read_metrics", "read_run_config", "resolve_resume",
     "saved_states", "state_problem", "step_dir_name", "weights_dir", "write_run_config", "write_summary",
 ]

@@ -21,7 +21,6 @@ of them build a case while the other waits and then reads it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -29,20 +28,16 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from medtune.checkpoints.lock import FileLock
 from medtune.data.cases import Case
 from medtune.data.labels import LabelSpec
 from medtune.data.preprocess import BBox, crop_to_bbox, foreground_mask, nonzero_bbox, zscore_nonzero
 from medtune.data.volume import load_case
 from medtune.errors import DataError
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -68,23 +63,6 @@ class CachedVolume:
     label: np.ndarray | None
     label_locations: np.ndarray | None
     meta: dict
-
-
-@contextlib.contextmanager
-def _case_lock(folder: Path) -> Iterator[None]:
-    """Exclusive lock on ``folder/.lock`` (POSIX ``flock``), so that of several processes
-    building one cache, one builds a case and the others then find it built. Where
-    ``fcntl`` is missing, no lock: the atomic renames still keep every file whole."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:
-        yield
-        return
-    with open(folder / ".lock", "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def is_main_process() -> bool:
@@ -231,7 +209,7 @@ class VolumeCache:
 
                 iterator = tqdm(stale, desc="cache", unit="case")
             for i in iterator:
-                with _case_lock(self.case_dir(i)):
+                with FileLock(self.case_dir(i) / ".lock"):
                     # another process may have built it while this one waited
                     metas[i] = self._valid_meta(i, self._sources(self.cases[i])) or self._build_case(i)
         return [m for m in metas if m is not None]
