@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "medtune"
+from tests import REPO
+
+PACKAGE = REPO / "medtune"
 
 # floors, lowest first: a module may import modules of its floor or below, never above
 CORE, LIBRARIES, TASKS, REPORTING, CLI = range(5)

@@ -20,7 +20,8 @@ from medtune.config import from_dict
 from medtune.models import BackboneConfig, create_backbone
 from medtune.pretrain.config import PretrainConfig, load_pretrain_config
 
-REPO = Path(__file__).resolve().parents[1]
+from tests import REPO
+
 DEMO_CONFIG = REPO / "configs" / "demo_pretrain.yaml"
 # the demo recipe shrunk to 32 px slices (the synth_brats volumes are 32 x 32 x 16)
 TINY = [

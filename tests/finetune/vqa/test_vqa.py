@@ -31,6 +31,8 @@ def load_vqa_config(path=None, overrides=()) -> VQAConfig:
 from medtune.models.backbones import BackboneConfig, create_backbone
 from medtune.models.text import TextConfig, build_text_encoder
 
+from tests import REPO
+
 TINY_TEXT = TextConfig(width=32, layers=1, heads=2, context_length=16)
 
 
@@ -329,14 +331,14 @@ def test_model_config_checks():
     assert not any(p.requires_grad for p in frozen.backbone.parameters())
     assert len(frozen.fusion.blocks) == 2
     with pytest.raises(ConfigError, match="a recipe of task 'referring', not 'vqa'"):
-        get_task("vqa").read_config(Path(__file__).resolve().parents[1] / "configs" / "demo_referring.yaml")
+        get_task("vqa").read_config(REPO / "configs" / "demo_referring.yaml")
 
 
 # --------------------------------------------------------------------------- run folders
 
 
 def _demo_config(*overrides: str) -> VQAConfig:
-    return load_vqa_config(Path(__file__).resolve().parents[1] / "configs" / "demo_vqa.yaml", list(overrides))
+    return load_vqa_config(REPO / "configs" / "demo_vqa.yaml", list(overrides))
 
 
 def test_lora_adapter_trains_only_lora_and_reloads_from_run_and_adapter_export(tmp_path):
@@ -387,7 +389,7 @@ def test_backbone_flag_takes_a_pretrain_run(tmp_path):
     run = tmp_path / "fremae-run"
     write_run_config(run, RunConfig("pretrain", {"backbone": to_dict(pretrained_cfg)}))
     save_safetensors(pretrained.state_dict(), run / "backbone.safetensors")
-    demo = str(Path(__file__).resolve().parents[1] / "configs" / "demo_vqa.yaml")
+    demo = str(REPO / "configs" / "demo_vqa.yaml")
     argv = ["finetune", "--config", demo, "--backbone", str(run), "--data", str(tmp_path / "data")]
     cfg = build_config(get_task("vqa"), build_parser("finetune", argv).parse_args(argv), {})
     assert cfg.backbone.in_chans == 4 and cfg.backbone.img_size == 32 and cfg.backbone.pretrained == str(run)

@@ -17,7 +17,9 @@ from medtune.models import create_backbone
 from medtune.pretrain import OBJECTIVES, MAEConfig, build_objective
 from medtune.pretrain.config import PretrainConfig, load_pretrain_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from tests import REPO
+
+CONFIGS = REPO / "configs"
 RECIPES = sorted(path for path in CONFIGS.glob("*.yaml") if "objective" in yaml.safe_load(path.read_text()))
 # the recipe's backbone with its widths and depths cut down (names, patch sizes, image
 # sizes and channel counts kept: they decide what the objective accepts)
