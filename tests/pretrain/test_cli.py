@@ -243,7 +243,8 @@ def test_two_process_accelerate_launch(synth_brats, tiny_pretrain_overrides, tmp
     import sys
 
     run_dir = tmp_path / "run"
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    # PYTHONPATH: the processes run in tmp_path and must import this checkout's medtune
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519",
