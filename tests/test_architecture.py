@@ -4,12 +4,15 @@ concept has one owner (file names, distributed helpers, FLOP counter, look-alike
 from __future__ import annotations
 
 import ast
+import functools
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "medtune"
+from tests import REPO
+
+PACKAGE = REPO / "medtune"
 
 # floors, lowest first: a module may import modules of its floor or below, never above
 CORE, LIBRARIES, TASKS, REPORTING, CLI = range(5)
@@ -22,6 +25,17 @@ def module_name(path: Path) -> str:
 
 
 MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+@functools.cache
+def source(path: Path) -> str:
+    return path.read_text()
+
+
+@functools.cache
+def syntax_tree(path: Path) -> ast.Module:
+    """The module's tree, parsed once: every check below walks the same trees."""
+    return ast.parse(source(path))
 
 
 def floor(module: str) -> int:
@@ -44,7 +58,7 @@ def _type_checking_block(node: ast.AST) -> bool:
 def imports_of(module: str) -> set[str]:
     """Every medtune module ``module`` imports, at module level or inside functions
     (imports under ``if TYPE_CHECKING:`` are never executed and do not count)."""
-    tree = ast.parse(MODULES[module].read_text())
+    tree = syntax_tree(MODULES[module])
     skipped = {id(n) for block in ast.walk(tree) if _type_checking_block(block) for n in ast.walk(block)}
     package = module if MODULES[module].name == "__init__.py" else module.rsplit(".", 1)[0]
     found = set()
@@ -124,25 +138,26 @@ def test_imports_flow_down_the_floors():
 
 
 def test_no_module_is_over_500_lines():
-    long = {module: n for module, path in MODULES.items() if (n := len(path.read_text().splitlines())) > 500}
+    long = {module: n for module, path in MODULES.items() if (n := len(source(path).splitlines())) > 500}
     assert not long, long
 
 
 # --------------------------------------------------------------------------- one owner per concept
 
 
-def string_literals(path: Path) -> list[str]:
-    tree = ast.parse(path.read_text())
+@functools.cache
+def string_literals(path: Path) -> tuple[str, ...]:
+    tree = syntax_tree(path)
     docstrings = {
         id(node.body[0].value)
         for node in ast.walk(tree)
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
         and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
     }
-    return [
+    return tuple(
         node.value for node in ast.walk(tree)
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
-    ]
+    )
 
 
 @pytest.mark.parametrize("file_name", [
@@ -158,7 +173,7 @@ def test_run_folder_file_names_are_written_once(file_name):
 def defined_functions(name: str) -> list[str]:
     return [
         module for module, path in MODULES.items()
-        for node in ast.walk(ast.parse(path.read_text()))
+        for node in ast.walk(syntax_tree(path))
         if isinstance(node, ast.FunctionDef) and node.name == name
     ]
 
@@ -172,7 +187,7 @@ def test_look_alike_functions_exist_once(name):
 def calls_of(attribute: str) -> list[str]:
     return sorted({
         module for module, path in MODULES.items()
-        for node in ast.walk(ast.parse(path.read_text()))
+        for node in ast.walk(syntax_tree(path))
         if isinstance(node, ast.Call) and (
             (isinstance(node.func, ast.Attribute) and node.func.attr == attribute)
             or (isinstance(node.func, ast.Name) and node.func.id == attribute)
@@ -196,7 +211,7 @@ def test_tasks_are_named_only_by_the_registry():
         literals = string_literals(MODULES[module])
         assert not {"referring", "vqa"} & set(literals), module
     registered = [
-        node for node in ast.walk(ast.parse(MODULES["medtune.finetune"].read_text()))
+        node for node in ast.walk(syntax_tree(MODULES["medtune.finetune"]))
         if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "register_path"
     ]
     assert [ast.literal_eval(call.args[0]) for call in registered] == ["segmentation", "referring", "vqa"]

@@ -13,6 +13,8 @@ import pytest
 
 from medtune import distributed
 
+from tests import REPO
+
 SCRIPT = """
 import json, sys, time
 from pathlib import Path
@@ -73,7 +75,8 @@ distributed.barrier(state)
 def test_two_process_toolkit(tmp_path):
     script = tmp_path / "toolkit.py"
     script.write_text(SCRIPT)
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    # PYTHONPATH: the processes run in tmp_path and must import this checkout's medtune
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -15,6 +13,8 @@ from medtune.finetune import get_task
 from medtune.finetune.vqa import build_vqa_model
 from medtune.finetune.vqa.evaluate import answer_rows, evaluate_vqa, merge_vqa_rows
 
+from tests import REPO
+
 
 class Rank:  # what distributed.shard reads from an Accelerator
     def __init__(self, rank: int, world: int = 2) -> None:
@@ -24,7 +24,7 @@ class Rank:  # what distributed.shard reads from an Accelerator
 def predict_shard(model, dataset, rank=0, world=1, batch_size=64):
     return answer_rows(model, dataset, distributed.shard(len(dataset), Rank(rank, world)), batch_size)
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_vqa.yaml"
+DEMO_CONFIG = REPO / "configs" / "demo_vqa.yaml"
 
 
 def test_sharded_evaluation_gives_the_single_process_metrics(tmp_path):

@@ -20,14 +20,9 @@ from medtune.config import from_dict
 from medtune.models import BackboneConfig, create_backbone
 from medtune.pretrain.config import PretrainConfig, load_pretrain_config
 
-REPO = Path(__file__).resolve().parents[1]
+from tests import REPO
+
 DEMO_CONFIG = REPO / "configs" / "demo_pretrain.yaml"
-# the demo recipe shrunk to 32 px slices (the synth_brats volumes are 32 x 32 x 16)
-TINY = [
-    "data.img_size=32", "backbone.img_size=32", "train.batch_size=4", "train.max_steps=3",
-    "train.log_every=1", "train.save_every=2", "train.optim.lr=1e-3", "objective.radius=3",
-    "figure_samples=2",
-]
 
 
 @pytest.fixture(autouse=True)
@@ -39,9 +34,16 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
-def pretrain(data: Path, output: Path, *extra: str, config: Path = DEMO_CONFIG) -> int:
-    return main(["pretrain", "--config", str(config), "--data", str(data), "--output", str(output),
-                 "--set", *TINY, *extra])
+@pytest.fixture(scope="module")
+def pretrain(tiny_pretrain_overrides):
+    """``pretrain(data, output, *extra)``: ``medtune pretrain`` of the demo recipe shrunk by
+    ``tiny_pretrain_overrides``; ``extra`` --set items come after them, so they win."""
+
+    def run(data: Path, output: Path, *extra: str, config: Path = DEMO_CONFIG) -> int:
+        return main(["pretrain", "--config", str(config), "--data", str(data), "--output", str(output),
+                     "--set", *tiny_pretrain_overrides, *extra])
+
+    return run
 
 
 def error_line(capsys) -> str:
@@ -58,13 +60,13 @@ def digest(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def finished_run(synth_brats, tmp_path_factory) -> Path:
+def finished_run(pretrain, synth_brats, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     assert pretrain(synth_brats, run_dir) == 0
     return run_dir
 
 
-def test_pretrain_writes_a_loadable_run_folder(finished_run, synth_brats):
+def test_pretrain_writes_a_loadable_run_folder(finished_run, synth_brats, tiny_pretrain_overrides):
     run_dir = finished_run
     for name in ("config.json", "backbone.safetensors", "pretrain.safetensors", "reconstruction.png", "metrics.jsonl"):
         assert (run_dir / name).is_file(), name
@@ -75,7 +77,8 @@ def test_pretrain_writes_a_loadable_run_folder(finished_run, synth_brats):
     assert saved["task"] == "pretrain" and saved["derived"] == {}
     resolved = read_run_config(run_dir).config
     cfg = from_dict(PretrainConfig, resolved)
-    assert cfg == load_pretrain_config(DEMO_CONFIG, TINY + [f"data.root={json.dumps(str(synth_brats))}"])
+    data_root = f"data.root={json.dumps(str(synth_brats))}"
+    assert cfg == load_pretrain_config(DEMO_CONFIG, [*tiny_pretrain_overrides, data_root])
     assert cfg.backbone.img_size == 32 and cfg.train.max_steps == 3
 
     torch.manual_seed(1)
@@ -99,7 +102,7 @@ def test_pretrain_writes_a_loadable_run_folder(finished_run, synth_brats):
     assert {"loss_high", "loss_low", "mask_ratio", "lr", "samples_per_s"} <= set(records[0])
 
 
-def test_rerun_refuses_a_finished_run_and_keeps_its_weights(finished_run, synth_brats, capsys):
+def test_rerun_refuses_a_finished_run_and_keeps_its_weights(pretrain, finished_run, synth_brats, capsys):
     before = {name: digest(finished_run / name) for name in ("backbone.safetensors", "pretrain.safetensors")}
     assert pretrain(synth_brats, finished_run) == 2
     line = error_line(capsys)
@@ -107,12 +110,12 @@ def test_rerun_refuses_a_finished_run_and_keeps_its_weights(finished_run, synth_
     assert {name: digest(finished_run / name) for name in before} == before
 
 
-def test_resume_latest_continues_a_run(synth_brats, tmp_path, capsys):
+def test_resume_latest_continues_a_run(pretrain, tiny_pretrain_overrides, synth_brats, tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert pretrain(synth_brats, run_dir, "train.max_steps=2") == 0
     first = load_file(str(run_dir / "backbone.safetensors"))
     assert main(["pretrain", "--config", str(DEMO_CONFIG), "--data", str(synth_brats), "--output", str(run_dir),
-                 "--resume", "latest", "--set", *TINY, "train.max_steps=4"]) == 0
+                 "--resume", "latest", "--set", *tiny_pretrain_overrides, "train.max_steps=4"]) == 0
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     second = load_file(str(run_dir / "backbone.safetensors"))
@@ -173,7 +176,7 @@ def empty_folder(root: Path) -> str:
 
 
 @pytest.mark.parametrize("damage", [missing_modality, shape_mismatch, nan_voxels, corrupt_file, empty_folder])
-def test_bad_data_is_one_line_and_exit_2(damage, synth_brats, tmp_path, capsys):
+def test_bad_data_is_one_line_and_exit_2(damage, pretrain, synth_brats, tmp_path, capsys):
     data = _copy(synth_brats, tmp_path)
     named = damage(data)
     run_dir = tmp_path / "run"
@@ -183,26 +186,27 @@ def test_bad_data_is_one_line_and_exit_2(damage, synth_brats, tmp_path, capsys):
     assert not (run_dir / "backbone.safetensors").exists()
 
 
-def test_failed_resume_keeps_the_weights_of_a_finished_run(finished_run, synth_brats, tmp_path, capsys):
+def test_failed_resume_keeps_the_weights_of_a_finished_run(finished_run, tiny_pretrain_overrides, synth_brats, tmp_path,
+                                                            capsys):
     before = digest(finished_run / "backbone.safetensors")
     data = _copy(synth_brats, tmp_path)
     corrupt_file(data)
     code = main(["pretrain", "--config", str(DEMO_CONFIG), "--data", str(data), "--output", str(finished_run),
-                 "--resume", "latest", "--set", *TINY, "train.max_steps=5"])
+                 "--resume", "latest", "--set", *tiny_pretrain_overrides, "train.max_steps=5"])
     assert code == 2
     assert "t1ce" in error_line(capsys)
     assert digest(finished_run / "backbone.safetensors") == before
 
 
-def test_unknown_config_key_is_named(synth_brats, tmp_path, capsys):
+def test_unknown_config_key_is_named(pretrain, synth_brats, tmp_path, capsys):
     assert pretrain(synth_brats, tmp_path / "run", "train.max_stepz=3") == 2
     line = error_line(capsys)
     assert "train.max_stepz" in line and "demo_pretrain.yaml" in line
     assert not (tmp_path / "run").exists()
 
 
-def test_keys_of_another_objective_are_named(synth_brats, tmp_path, capsys):
-    # the demo recipe's FreMAE keys (and TINY's objective.radius) do not fit MAE
+def test_keys_of_another_objective_are_named(pretrain, synth_brats, tmp_path, capsys):
+    # the demo recipe's FreMAE keys (and the tiny overrides' objective.radius) do not fit MAE
     assert pretrain(synth_brats, tmp_path / "run", "objective.name=mae") == 2
     line = error_line(capsys)
     assert "demo_pretrain.yaml: objective.decoder_width, objective.radius are not keys of objective 'mae'" in line
@@ -210,13 +214,13 @@ def test_keys_of_another_objective_are_named(synth_brats, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_inconsistent_sections_are_named(synth_brats, tmp_path, capsys):
+def test_inconsistent_sections_are_named(pretrain, synth_brats, tmp_path, capsys):
     assert pretrain(synth_brats, tmp_path / "run", "backbone.img_size=64") == 2
     line = error_line(capsys)
     assert "data.img_size" in line and "backbone.img_size" in line
 
 
-def test_pretrained_checkpoint_of_another_architecture_is_refused(synth_brats, tmp_path, capsys):
+def test_pretrained_checkpoint_of_another_architecture_is_refused(pretrain, synth_brats, tmp_path, capsys):
     other = create_backbone(BackboneConfig(name="vit_small_patch16_224", img_size=32, options={"depth": 4}))
     weights = save_safetensors(other.state_dict(), tmp_path / "vit_small.safetensors")
     assert pretrain(synth_brats, tmp_path / "run", f"backbone.pretrained={weights}") == 2
@@ -232,19 +236,20 @@ def test_resume_without_state_is_refused(synth_brats, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_two_process_accelerate_launch(synth_brats, tmp_path):
+def test_two_process_accelerate_launch(synth_brats, tiny_pretrain_overrides, tmp_path):
     """The command the demo runs: two synchronised CPU processes through Accelerate."""
     import os
     import subprocess
     import sys
 
     run_dir = tmp_path / "run"
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    # PYTHONPATH: the processes run in tmp_path and must import this checkout's medtune
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519",
         "-m", "medtune", "pretrain", "--config", str(DEMO_CONFIG), "--data", str(synth_brats),
-        "--output", str(run_dir), "--set", *TINY, "train.batch_size=2", "figure=false",
+        "--output", str(run_dir), "--set", *tiny_pretrain_overrides, "train.batch_size=2", "figure=false",
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -257,6 +262,7 @@ def test_two_process_accelerate_launch(synth_brats, tmp_path):
     # an epoch is the dataset cut into batches of 2, shared by the 2 processes
     from medtune.data.config import build_pretrain_dataset
 
-    cfg = load_pretrain_config(DEMO_CONFIG, TINY + [f"data.root={json.dumps(str(synth_brats))}"])
+    data_root = f"data.root={json.dumps(str(synth_brats))}"
+    cfg = load_pretrain_config(DEMO_CONFIG, [*tiny_pretrain_overrides, data_root])
     slices = len(build_pretrain_dataset(cfg.data, run_dir, show_progress=False))
     assert records[-1]["epoch"] == pytest.approx(3 / ((slices // 2) // 2))

@@ -12,7 +12,8 @@ from medtune.cli import main
 from medtune.data.synth import SYNTH_KINDS, synthesize_brats, synthesize_referring, synthesize_vqa, write_synthetic
 from medtune.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+from tests import REPO
+
 
 # kind -> (tiny CLI settings, the same set made by calling its generator, the file to tamper with)
 KINDS = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -23,13 +24,6 @@ from medtune.models import (
     vit_stage_indices,
 )
 from medtune.models.weights import adapt_conv_in_channels
-
-TINY_VIT = dict(name="vit_tiny_patch16_224", img_size=64, options={"depth": 4})
-TINY_SWIN = dict(
-    name="swin_tiny_patch4_window7_224",
-    img_size=64,
-    options={"embed_dim": 24, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 3, 4]},
-)
 
 
 def stage_shapes(backbone, x):
@@ -59,6 +53,12 @@ def _seed_and_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # weight files are written to the working directory
 
 
+@pytest.fixture
+def tiny_vit_64_config(tiny_vit_config) -> BackboneConfig:
+    """The tiny ViT (4 blocks, width 192, 16 px patches, 4 channels) on 64 px slices: 4 x 4 tokens."""
+    return dataclasses.replace(tiny_vit_config, img_size=64)
+
+
 def test_vit_stage_indices_are_last_block_of_each_quarter():
     assert vit_stage_indices(12) == (2, 5, 8, 11)  # the papers' blocks 3/6/9/12
     assert vit_stage_indices(4) == (0, 1, 2, 3)
@@ -67,8 +67,8 @@ def test_vit_stage_indices_are_last_block_of_each_quarter():
         vit_stage_indices(3)
 
 
-def test_vit_stages_are_block_outputs_as_maps():
-    backbone = create_backbone(BackboneConfig(**TINY_VIT, in_chans=4)).eval()
+def test_vit_stages_are_block_outputs_as_maps(tiny_vit_64_config):
+    backbone = create_backbone(tiny_vit_64_config).eval()
     assert backbone_family(backbone) == "vit"
     assert backbone.feature_channels == (192,) * 4 and backbone.feature_strides == (16,) * 4
     assert (backbone.num_blocks, backbone.embed_dim, backbone.patch_size) == (4, 192, 16)
@@ -95,11 +95,10 @@ def test_vit_stages_are_block_outputs_as_maps():
     assert not torch.allclose(stages[-1], block_tokens[-1][:, prefix:].transpose(1, 2).reshape(2, 192, 4, 4))
 
 
-def test_vit_out_indices_option():
+def test_vit_out_indices_option(tiny_vit_config):
     def vit(out_indices):
-        options = {"depth": 4, "out_indices": out_indices}
-        cfg = BackboneConfig(name="vit_tiny_patch16_224", img_size=32, options=options)
-        return create_backbone(cfg)
+        options = {**tiny_vit_config.options, "out_indices": out_indices}
+        return create_backbone(dataclasses.replace(tiny_vit_config, options=options))
 
     backbone = vit([1, -1])
     assert backbone.out_indices == (1, 3)
@@ -109,14 +108,14 @@ def test_vit_out_indices_option():
 
 
 @pytest.mark.parametrize(
-    "kwargs, family, channels, strides",
+    "config_fixture, family, channels, strides",
     [
-        (TINY_SWIN, "swin", (24, 48, 96, 192), (4, 8, 16, 32)),
-        (dict(name="convnext_atto", img_size=64), "convnext", (40, 80, 160, 320), (4, 8, 16, 32)),
+        ("tiny_swin_config", "swin", (24, 48, 96, 192), (4, 8, 16, 32)),
+        ("tiny_convnext_config", "convnext", (40, 80, 160, 320), (4, 8, 16, 32)),
     ],
 )
-def test_hierarchical_timm_stages(kwargs, family, channels, strides):
-    backbone = create_backbone(BackboneConfig(**kwargs, in_chans=4))
+def test_hierarchical_timm_stages(config_fixture, family, channels, strides, request):
+    backbone = create_backbone(request.getfixturevalue(config_fixture))
     assert backbone_family(backbone) == family
     assert backbone.feature_channels == channels and backbone.feature_strides == strides
     x = torch.randn(2, 4, 64, 64)
@@ -163,7 +162,7 @@ def test_unknown_name_lists_known_names():
     assert "swinunetr" in BACKBONES and "vit_base_patch16_224" in BACKBONES
 
 
-def test_config_and_size_errors():
+def test_config_and_size_errors(tiny_vit_64_config, tiny_swin_config):
     with pytest.raises(ConfigError, match="colour"):
         from_dict(BackboneConfig, {"name": "swinunetr", "colour": 1})
     cfg = from_dict(BackboneConfig, {"name": "swinunetr", "options": {"feature_size": 12}})
@@ -173,10 +172,10 @@ def test_config_and_size_errors():
     with pytest.raises(ConfigError, match="backbone.options.heads"):
         create_backbone(BackboneConfig(name="swinunetr", options={"heads": 3}))
     with pytest.raises(ConfigError, match="img_size 100"):
-        create_backbone(BackboneConfig(**{**TINY_SWIN, "img_size": 100}))
+        create_backbone(dataclasses.replace(tiny_swin_config, img_size=100))
     with pytest.raises(ConfigError, match="spatial_dims must be 2"):
-        create_backbone(BackboneConfig(**TINY_VIT, spatial_dims=3))
-    backbone = create_backbone(BackboneConfig(**TINY_VIT))
+        create_backbone(dataclasses.replace(tiny_vit_64_config, spatial_dims=3))
+    backbone = create_backbone(tiny_vit_64_config)
     with pytest.raises(DataError, match="img_size=64"):
         backbone(torch.randn(1, 4, 32, 32))
     with pytest.raises(DataError, match="C=4"):
@@ -184,13 +183,13 @@ def test_config_and_size_errors():
 
 
 @pytest.mark.parametrize("fmt", ["pth", "npz"])
-def test_rgb_timm_vit_adapts_stem_and_pos_embed(fmt, caplog):
+def test_rgb_timm_vit_adapts_stem_and_pos_embed(fmt, tiny_vit_64_config, caplog):
     source = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=4, num_classes=10)
     source_state = source.state_dict()  # 3 channels, 14x14 grid, a 10-class head
     path = save_weights(source_state, "timm_vit", fmt)
 
     with caplog.at_level(logging.INFO, logger="medtune"):
-        backbone = create_backbone(BackboneConfig(**TINY_VIT, in_chans=4, pretrained=str(path)))
+        backbone = create_backbone(dataclasses.replace(tiny_vit_64_config, pretrained=str(path)))
     own = backbone.state_dict()
 
     stem = own["model.patch_embed.proj.weight"]
@@ -209,12 +208,12 @@ def test_rgb_timm_vit_adapts_stem_and_pos_embed(fmt, caplog):
     assert "dropping classifier" in caplog.text
 
 
-def test_timm_swin_tables_follow_smaller_windows():
-    options = dict(TINY_SWIN["options"])
+def test_timm_swin_tables_follow_smaller_windows(tiny_swin_config):
+    options = dict(tiny_swin_config.options)
     source = timm.create_model(
         "swin_tiny_patch4_window7_224", pretrained=False, num_classes=5, **options
     )
-    backbone = create_backbone(BackboneConfig(**TINY_SWIN, in_chans=4))
+    backbone = create_backbone(tiny_swin_config)
     key = "layers.3.blocks.0.attn.relative_position_bias_table"
     assert source.state_dict()[key].shape == (13 * 13, 4)  # window 7 at 224 px
     assert backbone.state_dict()[f"model.{key}"].shape == (3 * 3, 4)  # clamped to 2 at 64 px
@@ -227,25 +226,25 @@ def test_timm_swin_tables_follow_smaller_windows():
     assert backbone.state_dict()["model.patch_embed.proj.weight"].shape[1] == 4
 
 
-def test_wrong_shape_is_refused_naming_the_tensor():
-    backbone = create_backbone(BackboneConfig(**TINY_VIT))
+def test_wrong_shape_is_refused_naming_the_tensor(tiny_vit_64_config):
+    backbone = create_backbone(tiny_vit_64_config)
     state = backbone.state_dict()
     state["model.blocks.1.attn.qkv.weight"] = torch.zeros(10, 192)
     path = save_weights(state, "broken")
     with pytest.raises(CheckpointError, match=r"model\.blocks\.1\.attn\.qkv\.weight"):
-        load_pretrained(create_backbone(BackboneConfig(**TINY_VIT)), path)
+        load_pretrained(create_backbone(tiny_vit_64_config), path)
     with pytest.raises(CheckpointError, match="no tensor matches"):
         load_pretrained(backbone, save_weights({"decoder.weight": torch.zeros(3)}, "other"))
     with pytest.raises(CheckpointError, match="has no backbone.safetensors"):
         load_pretrained(backbone, ".")
 
 
-def test_saved_backbone_reloads_from_run_folder():
-    cfg = BackboneConfig(**TINY_VIT)
+def test_saved_backbone_reloads_from_run_folder(tiny_vit_64_config):
+    cfg = tiny_vit_64_config
     trained = create_backbone(cfg).eval()
     save_safetensors(trained.state_dict(), "run/backbone.safetensors")
     fresh = create_backbone(cfg).eval()
-    reloaded = create_backbone(BackboneConfig(**TINY_VIT, pretrained="run")).eval()
+    reloaded = create_backbone(dataclasses.replace(cfg, pretrained="run")).eval()
     x = torch.randn(2, 4, 64, 64)
     with torch.no_grad():
         expected, before, after = trained(x), fresh(x), reloaded(x)

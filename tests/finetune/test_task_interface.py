@@ -20,6 +20,8 @@ from medtune.cli import main
 from medtune.finetune import TASKS, Task, TaskData
 from medtune.trainer import TrainConfig
 
+from tests import REPO
+
 
 # --------------------------------------------------------------------------- a toy task
 
@@ -177,7 +179,7 @@ RANK0_ERROR = {
 def test_an_error_on_rank_0_ends_every_rank_with_exit_2_for_every_task(tmp_path):
     """Data is built on rank 0 first; when it fails there, every rank reports the same one
     line and exits 2 within seconds (plain main_process_first left the others waiting)."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = REPO
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
     launched = {}
     start = time.perf_counter()

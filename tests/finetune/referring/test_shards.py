@@ -11,19 +11,13 @@ from medtune import distributed
 from medtune.finetune.referring import CMMaskSDConfig, ReferringModelConfig, build_referring_model
 from medtune.finetune.referring.evaluate import evaluate_referring, merge_referring_counts, referring_counts
 
-TINY = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-    "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-
 
 @pytest.mark.parametrize("original_size", [False, True])
-def test_sharded_evaluation_gives_the_single_process_metrics(tmp_path, original_size):
+def test_sharded_evaluation_gives_the_single_process_metrics(tmp_path, original_size, tiny_clip_config):
     records = load_referring_records(synthesize_referring(tmp_path, num_images=4, image_size=32, seed=1))
     torch.manual_seed(0)
-    cfg = ReferringModelConfig(tiny_clip=TINY, image_size=32, context_length=8, fusion_dim=16, decoder_layers=1,
-                               decoder_heads=2, decoder_ffn_dim=16, cmmasksd=CMMaskSDConfig())
+    cfg = ReferringModelConfig(tiny_clip=tiny_clip_config, image_size=32, context_length=8, fusion_dim=16,
+                               decoder_layers=1, decoder_heads=2, decoder_ffn_dim=16, cmmasksd=CMMaskSDConfig())
     model = build_referring_model(cfg)
     dataset = ReferringDataset(records, model.tokenizer, 32)
     assert len(dataset) >= 4

@@ -29,7 +29,8 @@ from medtune.trainer import (
     unused_parameters,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+from tests import REPO
+
 
 
 class Regression(Dataset):
@@ -227,10 +228,10 @@ def test_bad_inputs_are_reported(tmp_path):
 
 TWO_RANK_SCRIPT = """
 import os, sys
-sys.path.insert(0, {tests!r})
+sys.path.insert(0, {repo!r})  # the repository root, which holds the tests package
 from accelerate import PartialState
 from safetensors.torch import save_file
-from test_trainer import Regression, make_model, tiny_cfg
+from tests.trainer.test_trainer import Regression, make_model, tiny_cfg
 from medtune.trainer import train
 
 run_dir = sys.argv[1]
@@ -248,7 +249,7 @@ with open(f"{{run_dir}}/rank{{rank}}.txt", "w") as f:
 @pytest.mark.slow
 def test_two_process_cpu_run_keeps_ranks_identical(tmp_path):
     script = tmp_path / "two_ranks.py"
-    script.write_text(TWO_RANK_SCRIPT.format(tests=str(REPO / "tests")))
+    script.write_text(TWO_RANK_SCRIPT.format(repo=str(REPO)))
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

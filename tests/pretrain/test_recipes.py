@@ -17,21 +17,27 @@ from medtune.models import create_backbone
 from medtune.pretrain import OBJECTIVES, MAEConfig, build_objective
 from medtune.pretrain.config import PretrainConfig, load_pretrain_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from tests import REPO
+
+CONFIGS = REPO / "configs"
 RECIPES = sorted(path for path in CONFIGS.glob("*.yaml") if "objective" in yaml.safe_load(path.read_text()))
-# the recipe's backbone with its widths and depths cut down (names, patch sizes, image
-# sizes and channel counts kept: they decide what the objective accepts)
-TINY_OPTIONS = {
-    "swinunetr": {"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]},
-    "vit": {"depth": 4, "embed_dim": 48, "num_heads": 1},
-}
 
 
-def tiny_backbone(cfg: PretrainConfig):
-    family = "vit" if cfg.backbone.name.startswith("vit_") else cfg.backbone.name
-    options = {**cfg.backbone.options, **TINY_OPTIONS[family]}
-    options.pop("use_checkpoint", None)
-    return create_backbone(dataclasses.replace(cfg.backbone, pretrained=None, options=options))
+@pytest.fixture
+def tiny_backbone(tiny_swinunetr_options):
+    """``tiny_backbone(cfg)``: the recipe's backbone with its widths and depths cut down
+    (swinunetr: the tiny SwinUNETR options; ViT: 4 blocks of width 48 with one head), its
+    names, patch sizes, image sizes and channel counts kept: they decide what the
+    objective accepts."""
+    shrink = {"swinunetr": tiny_swinunetr_options, "vit": {"depth": 4, "embed_dim": 48, "num_heads": 1}}
+
+    def build(cfg: PretrainConfig):
+        family = "vit" if cfg.backbone.name.startswith("vit_") else cfg.backbone.name
+        options = {**cfg.backbone.options, **shrink[family]}
+        options.pop("use_checkpoint", None)
+        return create_backbone(dataclasses.replace(cfg.backbone, pretrained=None, options=options))
+
+    return build
 
 
 def test_every_objective_has_a_recipe():
@@ -41,7 +47,7 @@ def test_every_objective_has_a_recipe():
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda path: path.stem)
-def test_pretraining_recipe_loads_and_builds_its_objective(path: Path):
+def test_pretraining_recipe_loads_and_builds_its_objective(path: Path, tiny_backbone):
     cfg = load_pretrain_config(path)
     written = yaml.safe_load(path.read_text())["objective"]
     assert type(cfg.objective) is OBJECTIVES.get(written["name"]).config_class

@@ -22,22 +22,26 @@ from medtune.checkpoints.export import export_run
 BRATS = {"label_values": [0, 1, 2, 4], "regions": {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]}}
 
 
-def make_run(folder: Path, method: str) -> Path:
-    """A run folder as finetune writes it, with randomised trained tensors."""
-    cfg = segmentation_config(
-        "vit_tiny_patch16_224", 4, 32, 2, method, backbone_options={"depth": 4}, decoder_options={"channels": 8}
-    )
-    torch.manual_seed(0)
-    model = build_segmenter(cfg, 4, load_pretrained=False)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_run_config(folder, RunConfig("segmentation", to_dict(cfg), BRATS))
-    save_base_backbone(model, folder)  # when the run starts
-    with torch.no_grad():  # make the trained tensors non-trivial (zero-init up-projections, ...)
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                param.add_(0.01 * torch.randn_like(param))
-    save_trained(model, folder, folder, "segmentation")
-    return folder
+@pytest.fixture(scope="module")
+def make_run(tiny_segmenter_args):
+    """``make_run(folder, method)``: a run folder as finetune writes it, of the tiny
+    segmenter on crops of 2 slices, with randomised trained tensors."""
+
+    def make(folder: Path, method: str) -> Path:
+        cfg = segmentation_config(**{**tiny_segmenter_args, "slices": 2}, method=method)
+        torch.manual_seed(0)
+        model = build_segmenter(cfg, 4, load_pretrained=False)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_run_config(folder, RunConfig("segmentation", to_dict(cfg), BRATS))
+        save_base_backbone(model, folder)  # when the run starts
+        with torch.no_grad():  # make the trained tensors non-trivial (zero-init up-projections, ...)
+            for name, param in model.named_parameters():
+                if param.requires_grad:
+                    param.add_(0.01 * torch.randn_like(param))
+        save_trained(model, folder, folder, "segmentation")
+        return folder
+
+    return make
 
 
 def logits(model) -> torch.Tensor:
@@ -47,7 +51,7 @@ def logits(model) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
+def run(make_run, tmp_path_factory) -> Path:
     return make_run(tmp_path_factory.mktemp("run"), "med-tuning")
 
 
@@ -121,7 +125,7 @@ def test_copy_base_makes_a_self_contained_adapter_export(run, tmp_path):
     assert torch.equal(logits(load_segmenter(tmp_path / "moved")), logits(load_segmenter(run)))
 
 
-def test_merged_refusals_and_full_round_trip(run, tmp_path):
+def test_merged_refusals_and_full_round_trip(run, make_run, tmp_path):
     with pytest.raises(ConfigError, match="only LoRA merges"):
         export_run(run, tmp_path / "m", "merged")
     full_run = make_run(tmp_path / "full_run", "full")
@@ -135,7 +139,7 @@ def test_merged_refusals_and_full_round_trip(run, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "full_run"]  # refusals leave nothing behind
 
 
-def test_lora_merge_gives_a_plain_model_with_the_same_outputs(tmp_path):
+def test_lora_merge_gives_a_plain_model_with_the_same_outputs(make_run, tmp_path):
     lora = make_run(tmp_path / "lora_run", "lora")
     reference = logits(load_segmenter(lora))
     export_run(lora, tmp_path / "merged", "merged")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import pytest
 
@@ -13,7 +12,9 @@ from medtune.data.vqa import AnswerVocab, VQADataset, load_vqa_records
 from medtune.finetune import load_trained
 from medtune.finetune.vqa.evaluate import evaluate_vqa
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_vqa.yaml"
+from tests import REPO
+
+DEMO_CONFIG = REPO / "configs" / "demo_vqa.yaml"
 
 
 def _question_prior_accuracy(train, test) -> float:

@@ -55,19 +55,21 @@ def test_volume_slice_round_trip_keeps_slices_of_a_volume_together():
     assert torch.equal(slices_to_volume(slices, 6), volume)
 
 
-def _tiny_segmenter(num_classes: int = 4) -> SliceSegmenter:
-    from medtune.models.backbones import BackboneConfig, create_backbone
+@pytest.fixture
+def tiny_segmenter(tiny_vit_config) -> SliceSegmenter:
+    """The tiny ViT (4 blocks, width 192, 4-channel 32 px slices) with an auto decoder of 16
+    channels and 4 classes, no adapter; seeded."""
+    from medtune.models.backbones import create_backbone
 
+    num_classes = 4
     torch.manual_seed(0)
-    backbone = create_backbone(
-        BackboneConfig(name="vit_tiny_patch16_224", in_chans=4, img_size=32, options={"depth": 4})
-    )
+    backbone = create_backbone(tiny_vit_config)
     decoder = create_decoder("auto", backbone.feature_channels, backbone.feature_strides, num_classes, channels=16)
     return SliceSegmenter(backbone, decoder, num_classes)
 
 
-def test_slice_segmenter_shapes_loss_and_slice_independence():
-    model = _tiny_segmenter()
+def test_slice_segmenter_shapes_loss_and_slice_independence(tiny_segmenter):
+    model = tiny_segmenter
     volume = torch.randn(2, 4, 32, 32, 3)
     label = torch.randint(0, 4, (2, 32, 32, 3))
     out = model({"image": volume, "label": label})
@@ -82,18 +84,18 @@ def test_slice_segmenter_shapes_loss_and_slice_independence():
     assert torch.allclose(alone[0, ..., 0], logits[1, ..., 2], atol=1e-5)
 
 
-def test_loss_matches_monai_dice_ce_by_hand():
+def test_loss_matches_monai_dice_ce_by_hand(tiny_segmenter):
     from monai.losses import DiceCELoss
 
-    model = _tiny_segmenter()
+    model = tiny_segmenter
     logits = torch.randn(1, 4, 8, 8, 2)
     label = torch.randint(0, 4, (1, 8, 8, 2))
     reference = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)(logits, label[:, None])
     assert torch.allclose(model.compute_loss(logits, label), reference)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
-    model = _tiny_segmenter()
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_segmenter):
+    model = tiny_segmenter
     batch = {"image": torch.randn(1, 4, 32, 32, 2), "label": torch.randint(0, 4, (1, 32, 32, 2))}
     model.eval()  # no dropout / batch-norm updates between the two passes
     model(batch)["loss"].backward()
@@ -105,9 +107,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert torch.allclose(grad, dict(model.named_parameters())[name].grad, atol=1e-5), name
 
 
-def test_sliding_window_covers_any_volume_and_tta_averages_flips():
+def test_sliding_window_covers_any_volume_and_tta_averages_flips(tiny_segmenter):
     assert len(flip_axes_for_tta(3)) == 8 and flip_axes_for_tta(3)[0] == ()
-    model = _tiny_segmenter().eval()
+    model = tiny_segmenter.eval()
     volume = torch.randn(4, 40, 35, 5)
     probs = sliding_window_probs(model, volume, (32, 32, 3), overlap=0.5)
     assert probs.shape == (4, 40, 35, 5)
@@ -123,25 +125,30 @@ def test_sliding_window_covers_any_volume_and_tta_averages_flips():
     assert not labels[:4].any() and not labels[..., 0].any()
 
 
-def _adapted_segmenter(method: str, gradient_checkpointing: bool = False) -> SliceSegmenter:
+@pytest.fixture
+def adapted_segmenter(tiny_segmenter_args):
+    """``adapted_segmenter(method, gradient_checkpointing=False)``: the tiny segmenter (crops
+    of 4 slices, decoder of 8 channels) with ``method``'s adapter, its trained tensors
+    randomised away from their zero initialisation."""
     from medtune.checkpoints.params import segmentation_config
     from medtune.finetune.segmentation import build_segmenter
 
-    cfg = segmentation_config(
-        "vit_tiny_patch16_224", 4, 32, 4, method, backbone_options={"depth": 4}, decoder_options={"channels": 8}
-    )
-    cfg.model.gradient_checkpointing = gradient_checkpointing
-    torch.manual_seed(0)
-    model = build_segmenter(cfg, 4, load_pretrained=False)
-    with torch.no_grad():  # leave the zero-initialised up-projections
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.02 * torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())))
-    return model
+    def build(method: str, gradient_checkpointing: bool = False) -> SliceSegmenter:
+        cfg = segmentation_config(**tiny_segmenter_args, method=method)
+        cfg.model.gradient_checkpointing = gradient_checkpointing
+        torch.manual_seed(0)
+        model = build_segmenter(cfg, 4, load_pretrained=False)
+        with torch.no_grad():  # leave the zero-initialised up-projections
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.add_(0.02 * torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())))
+        return model
+
+    return build
 
 
-def test_med_tuning_segmenter_mixes_slices_of_one_volume_only():
-    model = _adapted_segmenter("med-tuning").eval()
+def test_med_tuning_segmenter_mixes_slices_of_one_volume_only(adapted_segmenter):
+    model = adapted_segmenter("med-tuning").eval()
     volume = torch.randn(2, 4, 32, 32, 4)
     changed = volume.clone()
     changed[0, ..., 0] += 1.0  # perturb slice 0 of volume 0
@@ -153,11 +160,11 @@ def test_med_tuning_segmenter_mixes_slices_of_one_volume_only():
 
 
 @pytest.mark.parametrize("method", ["med-tuning", "lora"])
-def test_checkpointed_adapters_give_the_same_gradients(method):
+def test_checkpointed_adapters_give_the_same_gradients(method, adapted_segmenter):
     batch = {"image": torch.randn(2, 4, 32, 32, 4), "label": torch.randint(0, 4, (2, 32, 32, 4))}
     grads = []
     for checkpointing in (False, True):
-        model = _adapted_segmenter(method, checkpointing).train()
+        model = adapted_segmenter(method, checkpointing).train()
         assert model.gradient_checkpointing is checkpointing
         torch.manual_seed(1)  # same dropout masks in the decoder
         model(batch)["loss"].backward()

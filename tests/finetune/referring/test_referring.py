@@ -129,7 +129,7 @@ def test_tiny_model_learns_from_text_and_beats_text_blind_union(tmp_path):
         main(argv + ["--text-weights", "x.pt"])
 
 
-def test_letterbox_and_scoring_at_original_size(tmp_path):
+def test_letterbox_and_scoring_at_original_size(tmp_path, tiny_clip_config):
     """Letterboxed inputs keep the aspect ratio; scores are taken on each image's own grid."""
     from medtune.data.referring import ReferringDataset, load_referring_records
     from medtune.finetune.referring import CMMaskSDConfig, ReferringModelConfig, build_referring_model
@@ -145,10 +145,9 @@ def test_letterbox_and_scoring_at_original_size(tmp_path):
 
     results = {}
     for letterbox in (False, True):
-        tiny = {"embed_dim": 32, "vision_cfg": {"image_size": 16, "patch_size": 4, "width": 32, "layers": 1, "head_width": 16},
-                "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-        cfg = ReferringModelConfig(tiny_clip=tiny, image_size=16, context_length=8, fusion_dim=16, decoder_layers=1,
-                                   decoder_heads=2, decoder_ffn_dim=16, letterbox=letterbox, cmmasksd=CMMaskSDConfig())
+        cfg = ReferringModelConfig(tiny_clip=tiny_clip_config, image_size=16, context_length=8, fusion_dim=16,
+                                   decoder_layers=1, decoder_heads=2, decoder_ffn_dim=16, letterbox=letterbox,
+                                   cmmasksd=CMMaskSDConfig())
         model = build_referring_model(cfg)
         dataset = ReferringDataset(records, model.tokenizer, 16, letterbox=letterbox)
         sample = dataset[0]

@@ -24,16 +24,27 @@ from medtune.pretrain import (
 from medtune.pretrain.decoder import MultiStageDecoder, pyramid_strides
 from medtune.pretrain.fremae import FreMAE
 
-TINY_SWIN = {"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1], "window_size": 4}
+
+@pytest.fixture
+def swinunetr(tiny_swinunetr_options):
+    """``swinunetr(spatial_dims, img_size, patch_size=2)``: the tiny SwinUNETR encoder
+    (feature size 12, one block and one head per stage) with windows of 4, on 2 channels."""
+
+    def build(spatial_dims: int, img_size: int, patch_size: int = 2):
+        options = dict(tiny_swinunetr_options, window_size=4, patch_size=patch_size)
+        return create_backbone(BackboneConfig("swinunetr", 2, img_size, spatial_dims, options=options))
+
+    return build
 
 
-def swinunetr(spatial_dims: int, img_size: int, patch_size: int = 2):
-    options = dict(TINY_SWIN, patch_size=patch_size)
-    return create_backbone(BackboneConfig("swinunetr", 2, img_size, spatial_dims, options=options))
+@pytest.fixture
+def tiny_vit(tiny_vit_config):
+    """``tiny_vit(img_size=32)``: the tiny ViT (4 blocks, width 192, 16 px patches) on 2 channels."""
 
+    def build(img_size: int = 32):
+        return create_backbone(dataclasses.replace(tiny_vit_config, in_chans=2, img_size=img_size))
 
-def tiny_vit(img_size: int = 32):
-    return create_backbone(BackboneConfig("vit_tiny_patch16_224", 2, img_size, 2, options={"depth": 4}))
+    return build
 
 
 def blobs(n: int, shape: tuple[int, ...], modalities: int = 2, seed: int = 0) -> dict:
@@ -74,25 +85,27 @@ def assert_loss_falls(losses: list[float], factor: float = 0.9) -> None:
 
 @pytest.mark.parametrize(
     "name,backbone,shape,cfg",
-    [
-        ("fremae-2d-swinunetr", lambda: swinunetr(2, 32), (32, 32), dict(name="fremae", radius=3)),
-        ("fremae-3d-swinunetr", lambda: swinunetr(3, 16, patch_size=1), (16, 16, 16), dict(name="fremae", radius=1, decoder_width=8)),
-        ("fremae-vit-patch", lambda: tiny_vit(32), (32, 32), dict(name="fremae", radius=3, mask_mode="patch", mask_ratio=0.5)),
-        ("mae", lambda: tiny_vit(32), (32, 32), dict(name="mae", decoder_dim=32, decoder_depth=1)),
-        ("simmim", lambda: tiny_vit(32), (32, 32), dict(name="simmim", mask_block=16, mask_ratio=0.5)),
-        ("mfm", lambda: tiny_vit(32), (32, 32), dict(name="mfm")),
+    [  # backbone: the builder fixture's name and its arguments
+        ("fremae-2d-swinunetr", ("swinunetr", 2, 32), (32, 32), dict(name="fremae", radius=3)),
+        ("fremae-3d-swinunetr", ("swinunetr", 3, 16, 1), (16, 16, 16), dict(name="fremae", radius=1, decoder_width=8)),
+        ("fremae-vit-patch", ("tiny_vit", 32), (32, 32), dict(name="fremae", radius=3, mask_mode="patch", mask_ratio=0.5)),
+        ("mae", ("tiny_vit", 32), (32, 32), dict(name="mae", decoder_dim=32, decoder_depth=1)),
+        ("simmim", ("tiny_vit", 32), (32, 32), dict(name="simmim", mask_block=16, mask_ratio=0.5)),
+        ("mfm", ("tiny_vit", 32), (32, 32), dict(name="mfm")),
     ],
 )
-def test_objective_loss_falls_on_generated_data(name, backbone, shape, cfg):
+def test_objective_loss_falls_on_generated_data(name, backbone, shape, cfg, request):
+    builder, *args = backbone
+    build = request.getfixturevalue(builder)
     torch.manual_seed(0)
-    net = backbone()
+    net = build(*args)
     objective = build_objective(from_dict(ObjectiveConfig, cfg), net)
     assert objective.backbone is net  # what backbone.safetensors is written from
     losses = train_losses(objective, blobs(8, shape), steps=25)
     assert_loss_falls(losses)
 
 
-def test_fremae_2d_and_3d_share_one_code_path_and_report_logs():
+def test_fremae_2d_and_3d_share_one_code_path_and_report_logs(swinunetr):
     torch.manual_seed(0)
     for dims, size, patch in ((2, 32, 2), (3, 16, 1)):
         objective = build_objective(FreMAEConfig(radius=1, decoder_width=8), swinunetr(dims, size, patch))
@@ -112,7 +125,7 @@ def test_fremae_2d_and_3d_share_one_code_path_and_report_logs():
         assert recon["target_low_spectrum"].shape == (2, 2) + (size // 4,) * dims
 
 
-def test_fremae_losses_by_hand_from_the_unmasked_image():
+def test_fremae_losses_by_hand_from_the_unmasked_image(swinunetr):
     """L_high / L_low recomputed from the decoder's predictions: the same band filter on
     prediction and target, targets from the *unmasked* image (whole image, pooled 4x for
     the low band), total 1.0 L_high + 1.3 L_low; the encoder sees the masked input."""
@@ -151,7 +164,7 @@ def test_fremae_losses_by_hand_from_the_unmasked_image():
     assert int(low.sum()) == 25 and int(high.sum()) == 32 * 32 - 25
 
 
-def test_fremae_pixel_loss_variant_uses_the_same_model():
+def test_fremae_pixel_loss_variant_uses_the_same_model(swinunetr):
     torch.manual_seed(0)
     backbone = swinunetr(2, 32)
     frequency = build_objective(FreMAEConfig(), backbone)
@@ -172,9 +185,9 @@ def _tokens_entering_blocks(vit) -> list[int]:
     return seen
 
 
-def test_mae_encoder_sees_only_visible_tokens():
+def test_mae_encoder_sees_only_visible_tokens(tiny_vit):
     torch.manual_seed(0)
-    backbone = create_backbone(BackboneConfig("vit_tiny_patch16_224", 2, 64, 2, options={"depth": 4}))
+    backbone = tiny_vit(64)
     mae = build_objective(MAEConfig(decoder_dim=32, decoder_depth=1), backbone)
     seen = _tokens_entering_blocks(backbone.model)
     out = mae(blobs(2, (64, 64)))
@@ -231,7 +244,7 @@ def test_objective_config_is_picked_by_name_and_strict():
         from_dict(ObjectiveConfig, {"filter_kind": "diamond"})
 
 
-def test_build_objective_checks_config_class_and_backbone():
+def test_build_objective_checks_config_class_and_backbone(swinunetr, tiny_vit):
     with pytest.raises(ConfigError, match="unknown objective 'byol'"):
         build_objective(ObjectiveConfig(name="byol"), tiny_vit())
     with pytest.raises(ConfigError, match="objective 'mae' needs a MAEConfig, got FreMAEConfig"):
@@ -262,7 +275,7 @@ def test_decoder_pyramid_for_plain_and_hierarchical_backbones():
 
 
 @pytest.mark.parametrize("dims", [2, 3])
-def test_reconstruction_figure_is_a_png(tmp_path, dims):
+def test_reconstruction_figure_is_a_png(tmp_path, dims, swinunetr):
     torch.manual_seed(0)
     size, patch = (32, 2) if dims == 2 else (16, 1)
     objective = build_objective(FreMAEConfig(radius=1, decoder_width=8), swinunetr(dims, size, patch))
@@ -273,10 +286,12 @@ def test_reconstruction_figure_is_a_png(tmp_path, dims):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("make", [lambda: tiny_vit(64), lambda: swinunetr(2, 64)])
-def test_simmim_writes_the_mask_token_over_masked_patch_embeddings_only(make):
+@pytest.mark.parametrize("make", [("tiny_vit", 64), ("swinunetr", 2, 64)], ids=["tiny_vit", "swinunetr"])
+def test_simmim_writes_the_mask_token_over_masked_patch_embeddings_only(make, request):
+    builder, *args = make
+    build = request.getfixturevalue(builder)
     torch.manual_seed(0)
-    backbone = make()
+    backbone = build(*args)
     simmim = build_objective(SimMIMConfig(mask_block=16), backbone).eval()
     stride = simmim.site.stride
     x = torch.randn(1, 2, 64, 64)
@@ -312,7 +327,7 @@ def test_simmim_writes_the_mask_token_over_masked_patch_embeddings_only(make):
 
 
 @pytest.mark.parametrize("band", ["low", "high"])
-def test_mfm_corruption_removes_exactly_the_band(band):
+def test_mfm_corruption_removes_exactly_the_band(band, tiny_vit):
     from medtune.pretrain.frequency import spectrum
 
     torch.manual_seed(0)
@@ -328,7 +343,7 @@ def test_mfm_corruption_removes_exactly_the_band(band):
     assert torch.allclose(corrupted[~on], original[~on], atol=1e-4)
 
 
-def test_baseline_losses_by_hand():
+def test_baseline_losses_by_hand(tiny_vit):
     """MAE: MSE to per-patch normalised pixels on masked patches only; SimMIM: L1 on
     masked pixels only; MFM: spectrum distance averaged over the removed bins only."""
     from medtune.pretrain.frequency import spectrum

@@ -1,11 +1,14 @@
 """End to end on generated BraTS data: finetune -> predict -> evaluate -> export -> reload.
 
-Tiny everything: vit_tiny with 4 blocks on 32x32 slices, crops of 4 slices, 3 steps.
+Tiny everything (the ``tiny_segmentation_recipe`` fixture): vit_tiny with 4 blocks on 32x32
+slices, crops of 4 slices, 3 steps.
 The CLI runs in-process (``medtune.cli.main``) to skip interpreter start-up.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -18,22 +21,21 @@ from safetensors import safe_open
 
 from medtune.cli import main
 
-TINY = {
-    "data": {"mode": "3d", "crop_size": [32, 32, 4], "val_fraction": 0.34, "num_workers": 0},
-    "backbone": {"name": "vit_tiny_patch16_224", "in_chans": 4, "img_size": 32, "options": {"depth": 4}},
-    "adapter": {"method": "med-tuning"},
-    "model": {"decoder_options": {"channels": 16}},
-    "train": {"max_steps": 3, "batch_size": 2, "eval_every": 2, "log_every": 1, "save_every": 2},
-}
 
+@pytest.fixture(scope="module")
+def write_config(tiny_segmentation_recipe):
+    """``write_config(folder, **sections)``: ``folder/config.yaml``, the tiny recipe with
+    the given sections replaced."""
 
-def write_config(folder: Path, **changes) -> Path:
-    config = {k: dict(v) for k, v in TINY.items()}
-    for key, value in changes.items():
-        config[key] = value
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    def write(folder: Path, **changes) -> Path:
+        config = copy.deepcopy(tiny_segmentation_recipe)
+        for key, value in changes.items():
+            config[key] = value
+        path = folder / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    return write
 
 
 def run_cli(*argv) -> int:
@@ -48,7 +50,7 @@ def error_line(stderr: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def medtuning_run(synth_brats, tmp_path_factory) -> Path:
+def medtuning_run(synth_brats, write_config, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("medtuning")
     config = write_config(folder)
     assert run_cli("finetune", "--config", config, "--data", synth_brats, "--output", folder / "run") == 0
@@ -56,7 +58,7 @@ def medtuning_run(synth_brats, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def lora_run(synth_brats, tmp_path_factory) -> Path:
+def lora_run(synth_brats, write_config, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("lora")
     config = write_config(folder, adapter={"method": "lora", "r": 2})
     code = run_cli(
@@ -92,7 +94,7 @@ def test_finetune_writes_a_complete_run_folder(medtuning_run):
         assert "backbone.model.blocks.0.attn.qkv.weight" in set(handle.keys())
 
 
-def test_resume_continues_from_the_last_state(medtuning_run, synth_brats, tmp_path):
+def test_resume_continues_from_the_last_state(medtuning_run, synth_brats, write_config, tmp_path):
     from medtune.checkpoints.io import load_json
     from medtune.finetune.weights import file_sha256
 
@@ -189,7 +191,7 @@ def test_set_takes_several_overrides_like_pretrain():
     assert args.set == ["train.max_steps=1", "train.seed=3", "data.val_fraction=0"]
 
 
-def test_finetune_and_export_refuse_to_overwrite_a_run(medtuning_run, synth_brats, tmp_path, capsys):
+def test_finetune_and_export_refuse_to_overwrite_a_run(medtuning_run, synth_brats, write_config, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(medtuning_run, run_dir)
     before = _file_hashes(run_dir)
@@ -219,7 +221,7 @@ def _rewrite_label(path: Path, change) -> None:
     nib.save(nib.Nifti1Image(data.astype(np.uint8), img.affine), str(path))
 
 
-def test_label_values_outside_the_declared_set_exit_2(synth_brats, tmp_path, capsys):
+def test_label_values_outside_the_declared_set_exit_2(synth_brats, write_config, tmp_path, capsys):
     data = _copy_dataset(synth_brats, tmp_path / "data")
     case = sorted(p for p in data.iterdir() if p.is_dir())[1]
     label = case / f"{case.name}_seg.nii.gz"
@@ -235,7 +237,7 @@ def test_label_values_outside_the_declared_set_exit_2(synth_brats, tmp_path, cap
     assert code == 2 and f"{case.name}_seg.nii.gz" in err and "[3]" in err
 
 
-def test_image_label_shape_mismatch_exit_2(synth_brats, tmp_path, capsys):
+def test_image_label_shape_mismatch_exit_2(synth_brats, write_config, tmp_path, capsys):
     data = _copy_dataset(synth_brats, tmp_path / "data")
     case = sorted(p for p in data.iterdir() if p.is_dir())[0]
     _rewrite_label(case / f"{case.name}_seg.nii.gz", lambda array: array[:, :, :-2])
@@ -245,7 +247,7 @@ def test_image_label_shape_mismatch_exit_2(synth_brats, tmp_path, capsys):
     assert code == 2 and f"{case.name}_seg.nii.gz" in err and "shape" in err
 
 
-def test_modality_count_other_than_in_chans_exit_2_before_writing(synth_brats, tmp_path, capsys):
+def test_modality_count_other_than_in_chans_exit_2_before_writing(synth_brats, write_config, tmp_path, capsys):
     config = write_config(tmp_path)
     code = run_cli("finetune", "--config", config, "--data", synth_brats, "--output", tmp_path / "run",
                    "--set", "data.modalities=[flair,t1ce,t1]")
@@ -254,12 +256,13 @@ def test_modality_count_other_than_in_chans_exit_2_before_writing(synth_brats, t
     assert not (tmp_path / "run").exists()
 
 
-def test_adapter_on_another_backbone_and_run_without_weights_exit_2(medtuning_run, synth_brats, tmp_path, capsys):
+def test_adapter_on_another_backbone_and_run_without_weights_exit_2(medtuning_run, synth_brats, tiny_vit_config,
+                                                                   tmp_path, capsys):
     from medtune.checkpoints.io import save_safetensors
-    from medtune.models.backbones import BackboneConfig, create_backbone
+    from medtune.models.backbones import create_backbone
 
     assert run_cli("export", medtuning_run, "--format", "adapter", "--out", tmp_path / "adapter") == 0
-    other = create_backbone(BackboneConfig(name="vit_tiny_patch16_224", in_chans=3, img_size=32, options={"depth": 4}))
+    other = create_backbone(dataclasses.replace(tiny_vit_config, in_chans=3))  # the run's ViT on 3 channels
     save_safetensors(other.state_dict(), tmp_path / "other.safetensors")
     capsys.readouterr()
     code = run_cli(

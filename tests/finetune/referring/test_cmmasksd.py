@@ -20,18 +20,21 @@ from medtune.finetune.referring.cmmasksd import (
 from medtune.finetune.referring.overhead import self_distill_overhead
 from medtune.finetune.self_distill import distill_loss
 
-TINY = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16},
-    "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 48, "heads": 2, "layers": 1},
-}
 
+@pytest.fixture
+def tiny_model_config(tiny_clip_config):
+    """``tiny_model_config(enabled, **cmmasksd)``: a referring model on the tiny CLIP (32 px
+    images as 4 x 4 patches of width 32, 12 tokens of width 48), fusion width 32, one
+    decoder layer of 4 heads, no dropout; CM-MaskSD on or off."""
 
-def tiny_model_config(enabled: bool, **cmmasksd) -> ReferringModelConfig:
-    return ReferringModelConfig(
-        tiny_clip=copy.deepcopy(TINY), image_size=32, context_length=12, fusion_dim=32, decoder_layers=1,
-        decoder_heads=4, decoder_ffn_dim=64, dropout=0.0, cmmasksd=CMMaskSDConfig(enabled=enabled, **cmmasksd),
-    )
+    def make(enabled: bool, **cmmasksd) -> ReferringModelConfig:
+        return ReferringModelConfig(
+            tiny_clip=copy.deepcopy(tiny_clip_config), image_size=32, context_length=12, fusion_dim=32,
+            decoder_layers=1, decoder_heads=4, decoder_ffn_dim=64, dropout=0.0,
+            cmmasksd=CMMaskSDConfig(enabled=enabled, **cmmasksd),
+        )
+
+    return make
 
 
 def test_masks_pick_the_most_related_patches_and_words():
@@ -91,7 +94,7 @@ def test_mask_distill_loss_is_zero_on_agreement_and_stops_gradient():
     assert value.item() == pytest.approx(0.5 * torch.log(torch.tensor(2 / 3)).item() + 0.5 * torch.log(torch.tensor(2.0)).item(), abs=1e-6)
 
 
-def test_masked_branches_share_every_weight():
+def test_masked_branches_share_every_weight(tiny_model_config):
     torch.manual_seed(0)
     plain = build_referring_model(tiny_model_config(False))
     torch.manual_seed(0)
@@ -106,7 +109,7 @@ def test_masked_branches_share_every_weight():
     assert count_parameters(with_sd)[1] - count_parameters(plain)[1] == 32 + 48
 
 
-def test_distillation_gradient_reaches_shared_weights_through_masked_branches():
+def test_distillation_gradient_reaches_shared_weights_through_masked_branches(tiny_model_config):
     torch.manual_seed(0)
     model = build_referring_model(tiny_model_config(True, lambda_v=1.0, lambda_l=1.0))
     model.train()
@@ -140,7 +143,7 @@ def test_distillation_gradient_reaches_shared_weights_through_masked_branches():
     assert set(model(batch)) == {"loss", "loss_mask"}
 
 
-def test_mask_tokens_replace_embeddings_before_the_position_embedding():
+def test_mask_tokens_replace_embeddings_before_the_position_embedding(tiny_model_config):
     """A masked patch (word) whose mask token equals its own patch (token) embedding gives
     exactly the unmasked features: the token replaces the embedding before positions are
     added, and nothing else changes; another token value changes the features."""
@@ -169,7 +172,7 @@ def test_mask_tokens_replace_embeddings_before_the_position_embedding():
         assert not torch.allclose(text_plain.sentence, text_other.sentence, atol=1e-3)
 
 
-def test_self_distill_overhead_reports_params_and_flops():
+def test_self_distill_overhead_reports_params_and_flops(tiny_model_config):
     report = self_distill_overhead(tiny_model_config(False), batch_size=2)
     assert set(report) == {"params_plain", "params_sd", "flops_plain", "flops_sd"}
     assert report["params_sd"] - report["params_plain"] == 32 + 48
@@ -196,14 +199,9 @@ def test_self_distill_overhead_reports_params_and_flops():
     assert plain_counter.get_total_flops() > report["flops_plain"]
 
 
-def test_resnet_clip_mask_token_is_a_colour():
-    tiny_rn = {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16},
-        "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
+def test_resnet_clip_mask_token_is_a_colour(tiny_model_config, tiny_resnet_clip_config):
     cfg = tiny_model_config(True)
-    cfg.tiny_clip, cfg.image_size = tiny_rn, 64
+    cfg.tiny_clip, cfg.image_size = tiny_resnet_clip_config, 64
     torch.manual_seed(0)
     model = build_referring_model(cfg)
     assert tuple(model.masksd.visual_mask_token.shape) == (3,)

@@ -17,27 +17,22 @@ from medtune.checkpoints.params import (
 )
 from medtune.cli import main
 
-TINY = dict(backbone="vit_tiny_patch16_224", in_chans=4, img_size=32, slices=4)
-OPTIONS = {"depth": 4}
-DECODER = {"channels": 8}
-
 
 @pytest.fixture(scope="module")
-def rows():
+def rows(tiny_segmenter_args):
     return {
         r.method: r
-        for r in compare_methods(
-            **TINY, methods=("full", "decoder-only", "lora", "med-tuning"),
-            backbone_options=OPTIONS, decoder_options=DECODER,
-        )
+        for r in compare_methods(**tiny_segmenter_args, methods=("full", "decoder-only", "lora", "med-tuning"))
     }
 
 
-def test_lora_row_equals_peft_trainable_count(rows):
+def test_lora_row_equals_peft_trainable_count(rows, tiny_segmenter_args):
     import timm
     from peft import LoraConfig, get_peft_model
 
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, in_chans=4, img_size=32, num_classes=0, depth=4)
+    args = tiny_segmenter_args
+    model = timm.create_model(args["backbone"], pretrained=False, in_chans=args["in_chans"], img_size=args["img_size"],
+                              num_classes=0, **args["backbone_options"])
     peft_model = get_peft_model(
         model, LoraConfig(r=8, lora_alpha=16, target_modules=["qkv", "attn.proj", "fc1", "fc2"], bias="none")
     )
@@ -61,12 +56,12 @@ def test_rows_are_consistent_across_methods(rows):
     assert rows["full"].trained_bytes > rows["med-tuning"].trained_bytes > rows["decoder-only"].trained_bytes
 
 
-def test_safetensors_size_is_exact_for_real_trained_tensors(tmp_path):
+def test_safetensors_size_is_exact_for_real_trained_tensors(tmp_path, tiny_segmenter_args):
     from medtune.checkpoints.io import save_safetensors
     from medtune.finetune.segmentation import build_segmenter
     from medtune.finetune.weights import head_state_dict, save_adapter_files
 
-    cfg = segmentation_config(**TINY, method="med-tuning", backbone_options=OPTIONS, decoder_options=DECODER)
+    cfg = segmentation_config(**tiny_segmenter_args, method="med-tuning")
     model = build_segmenter(cfg, 4, load_pretrained=False)
     state = head_state_dict(model)
     assert any(t.dtype == torch.int64 for t in state.values())  # BatchNorm counters: mixed dtypes
@@ -82,7 +77,7 @@ def test_safetensors_size_is_exact_for_real_trained_tensors(tmp_path):
     assert measure_method(cfg).trained_bytes == written
 
 
-def test_flops_hand_count_and_slice_scaling():
+def test_flops_hand_count_and_slice_scaling(tiny_segmenter_args):
     # One linear layer: 2 * in * out FLOPs per token.
     class Linear(torch.nn.Module):
         def __init__(self):
@@ -93,7 +88,7 @@ def test_flops_hand_count_and_slice_scaling():
             return self.fc(volume.movedim(1, -1))
 
     assert forward_flops(Linear(), (1, 3, 2, 2, 4), device="cpu") == 2 * 3 * 5 * (2 * 2 * 4)
-    cfg = segmentation_config(**TINY, method="lora", backbone_options=OPTIONS, decoder_options=DECODER)
+    cfg = segmentation_config(**tiny_segmenter_args, method="lora")
     exact = measure_method(cfg).gflops
     assert measure_method(cfg, flops_slices=2).gflops == pytest.approx(exact, rel=1e-9)
 

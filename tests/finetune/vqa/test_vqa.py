@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -24,14 +25,14 @@ from medtune.finetune import get_task
 from medtune.finetune.vqa import VQAConfig, VQAModel, VQAModelConfig
 from medtune.finetune.vqa.evaluate import majority_baseline, report_unknown_answers, vqa_accuracy
 from medtune.finetune.vqa.model import sincos_position_code
+from medtune.models.backbones import BackboneConfig, create_backbone
+from medtune.models.text import TextConfig, build_text_encoder
+
+from tests import REPO
 
 
 def load_vqa_config(path=None, overrides=()) -> VQAConfig:
     return get_task("vqa").read_config(path, overrides)
-from medtune.models.backbones import BackboneConfig, create_backbone
-from medtune.models.text import TextConfig, build_text_encoder
-
-TINY_TEXT = TextConfig(width=32, layers=1, heads=2, context_length=16)
 
 
 def _png(path: Path, value: int = 100, size: int = 16) -> None:
@@ -110,18 +111,18 @@ def test_vqa_med_2019_pipe_files(tmp_path):
         load_vqa_records("vqa_med_2019", tmp_path, "train")
 
 
-def test_missing_image_names_the_record(tmp_path):
+def test_missing_image_names_the_record(tmp_path, tiny_text_config):
     _png(tmp_path / "images" / "a.png")
     records = [
         VQARecord(tmp_path / "images" / "a.png", "is there a lesion?", "yes", "closed", "set.json#0"),
         VQARecord(tmp_path / "images" / "gone.png", "is there a lesion?", "no", "closed", "set.json#7"),
     ]
-    encoder = build_text_encoder(TINY_TEXT)
+    encoder = build_text_encoder(tiny_text_config)
     with pytest.raises(DataError, match=r"set.json#7.*gone.png"):
         VQADataset(records, AnswerVocab.from_records(records), encoder.tokenize, 16, 3)
 
 
-def test_dataset_items_and_unknown_answers_reported(tmp_path, caplog):
+def test_dataset_items_and_unknown_answers_reported(tmp_path, caplog, tiny_text_config):
     _png(tmp_path / "a.png", 50)
     _png(tmp_path / "b.png", 200)
     train = [
@@ -136,7 +137,7 @@ def test_dataset_items_and_unknown_answers_reported(tmp_path, caplog):
         VQARecord(tmp_path / "a.png", "what organ?", "liver", "open", "e#0"),
         VQARecord(tmp_path / "b.png", "is there a lesion?", "yes", "closed", "e#1"),
     ]
-    encoder = build_text_encoder(TINY_TEXT)
+    encoder = build_text_encoder(tiny_text_config)
     dataset = VQADataset(evaluation, vocab, encoder.tokenize, 16, 4)
     item = dataset[0]
     assert item["image"].shape == (4, 16, 16) and item["image"].dtype == torch.float32
@@ -187,8 +188,8 @@ def test_generated_slices_follow_their_answers():
 # --------------------------------------------------------------------------- text
 
 
-def test_long_question_truncated_with_warning(caplog):
-    encoder = build_text_encoder(TextConfig(width=32, layers=1, heads=2, context_length=8))
+def test_long_question_truncated_with_warning(caplog, tiny_text_config):
+    encoder = build_text_encoder(dataclasses.replace(tiny_text_config, context_length=8))
     with caplog.at_level(logging.WARNING):
         ids, mask = encoder.tokenize(["is there a lesion?", "which side of the image is the lesion on today?"])
     assert ids.shape == (2, 8) and mask[1].all()
@@ -271,10 +272,10 @@ def test_position_code_any_rank():
 
 
 @pytest.mark.parametrize("fusion", ["stagewise", "mmbert"])
-def test_fusion_uses_every_stage(fusion):
+def test_fusion_uses_every_stage(fusion, tiny_text_config):
     torch.manual_seed(0)
     backbone = create_backbone(BackboneConfig(name="convnext_atto", in_chans=1, img_size=32))
-    text = build_text_encoder(TINY_TEXT)
+    text = build_text_encoder(tiny_text_config)
     model = VQAModel(backbone, text, 5, VQAModelConfig(fusion=fusion, heads=2, dropout=0.0))
     ids, mask = text.tokenize(["is there a lesion?", "how many lesions are there?"])
     batch = {"image": torch.randn(2, 1, 32, 32), "question_ids": ids, "question_mask": mask,
@@ -316,9 +317,9 @@ def test_stagewise_fusion_is_a_shallow_to_deep_chain():
         assert not torch.allclose(probe[0], probe[1], atol=1e-4)
 
 
-def test_model_config_checks():
+def test_model_config_checks(tiny_text_config):
     backbone = create_backbone(BackboneConfig(name="convnext_atto", in_chans=1, img_size=32))
-    text = build_text_encoder(TINY_TEXT)
+    text = build_text_encoder(tiny_text_config)
     with pytest.raises(ConfigError, match="model.stages"):
         VQAModel(backbone, text, 3, VQAModelConfig(stages=[0, 4], heads=2))
     with pytest.raises(ConfigError, match="shallow to deep"):
@@ -329,14 +330,14 @@ def test_model_config_checks():
     assert not any(p.requires_grad for p in frozen.backbone.parameters())
     assert len(frozen.fusion.blocks) == 2
     with pytest.raises(ConfigError, match="a recipe of task 'referring', not 'vqa'"):
-        get_task("vqa").read_config(Path(__file__).resolve().parents[1] / "configs" / "demo_referring.yaml")
+        get_task("vqa").read_config(REPO / "configs" / "demo_referring.yaml")
 
 
 # --------------------------------------------------------------------------- run folders
 
 
 def _demo_config(*overrides: str) -> VQAConfig:
-    return load_vqa_config(Path(__file__).resolve().parents[1] / "configs" / "demo_vqa.yaml", list(overrides))
+    return load_vqa_config(REPO / "configs" / "demo_vqa.yaml", list(overrides))
 
 
 def test_lora_adapter_trains_only_lora_and_reloads_from_run_and_adapter_export(tmp_path):
@@ -387,7 +388,7 @@ def test_backbone_flag_takes_a_pretrain_run(tmp_path):
     run = tmp_path / "fremae-run"
     write_run_config(run, RunConfig("pretrain", {"backbone": to_dict(pretrained_cfg)}))
     save_safetensors(pretrained.state_dict(), run / "backbone.safetensors")
-    demo = str(Path(__file__).resolve().parents[1] / "configs" / "demo_vqa.yaml")
+    demo = str(REPO / "configs" / "demo_vqa.yaml")
     argv = ["finetune", "--config", demo, "--backbone", str(run), "--data", str(tmp_path / "data")]
     cfg = build_config(get_task("vqa"), build_parser("finetune", argv).parse_args(argv), {})
     assert cfg.backbone.in_chans == 4 and cfg.backbone.img_size == 32 and cfg.backbone.pretrained == str(run)
