@@ -1,5 +1,6 @@
 """Fixtures shared by every folder: a tiny generated BraTS dataset, written once per test
-session, and the tiny ViT that segmentation and pretraining tests build on."""
+session, the tiny ViT that segmentation and pretraining tests build on, and the tiny
+segmentation and pretraining recipes the CLI tests (and the fault table) run."""
 
 from __future__ import annotations
 
@@ -49,3 +50,33 @@ def tiny_segmenter_args() -> dict:
     vit = _tiny_vit()
     return dict(backbone=vit.name, in_chans=vit.in_chans, img_size=vit.img_size, slices=4,
                 backbone_options=vit.options, decoder_options={"channels": 8})
+
+
+@pytest.fixture(scope="session")
+def tiny_segmentation_recipe(tiny_segmenter_args) -> dict:
+    """A segmentation recipe (the mapping a ``--config`` YAML file holds) for the CLI on
+    ``synth_brats``: 3D crops of 32 x 32 x 4, a third of the cases for validation; the tiny
+    ViT (4 blocks, width 192, 4-channel 32 px slices) with Med-Tuning and a 16-channel
+    decoder; 3 steps of batch 2, evaluated at steps 2 and 3, saved at step 2. Shared by the
+    session: write a changed copy, never change it."""
+    side, slices = tiny_segmenter_args["img_size"], tiny_segmenter_args["slices"]
+    return {
+        "data": {"mode": "3d", "crop_size": [side, side, slices], "val_fraction": 0.34, "num_workers": 0},
+        "backbone": {"name": tiny_segmenter_args["backbone"], "in_chans": tiny_segmenter_args["in_chans"],
+                     "img_size": side, "options": dict(tiny_segmenter_args["backbone_options"])},
+        "adapter": {"method": "med-tuning"},
+        "model": {"decoder_options": {"channels": 16}},
+        "train": {"max_steps": 3, "batch_size": 2, "eval_every": 2, "log_every": 1, "save_every": 2},
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrain_overrides() -> tuple[str, ...]:
+    """``--set`` items that shrink ``configs/demo_pretrain.yaml`` to the 32 x 32 x 16
+    ``synth_brats`` volumes: 32 px slices, batches of 4, 3 steps logged each step and saved
+    at step 2, FreMAE band radius 3, 2 samples in the reconstruction figure."""
+    return (
+        "data.img_size=32", "backbone.img_size=32", "train.batch_size=4", "train.max_steps=3",
+        "train.log_every=1", "train.save_every=2", "train.optim.lr=1e-3", "objective.radius=3",
+        "figure_samples=2",
+    )

@@ -65,6 +65,7 @@ time.strftime = lambda fmt: f"2026010{rank}-000000"
 with runs.open_run(state, None, "stem") as run_dir:
     report["run_dir"] = str(run_dir)
     report["locked"] = (run_dir / "run.lock").is_file()
+    distributed.barrier(state)  # rank 0 leaves (and removes the empty folder) once every rank looked
 
 distributed.barrier(state)
 (out / f"rank{rank}.json").write_text(json.dumps(report))

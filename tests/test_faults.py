@@ -28,20 +28,8 @@ import torch
 from safetensors.torch import load_file
 
 from medtune.cli import main
+from tests import REPO
 
-REPO = Path(__file__).resolve().parents[1]
-PRETRAIN = [
-    "--config", str(REPO / "configs" / "demo_pretrain.yaml"), "--set", "data.img_size=32", "backbone.img_size=32",
-    "train.batch_size=4", "train.max_steps=2", "train.log_every=1", "train.save_every=1", "figure=false",
-    "objective.radius=3",
-]
-FINETUNE_RECIPE = {
-    "data": {"mode": "3d", "crop_size": [32, 32, 4], "val_fraction": 0.34, "num_workers": 0},
-    "backbone": {"name": "vit_tiny_patch16_224", "in_chans": 4, "img_size": 32, "options": {"depth": 4}},
-    "adapter": {"method": "med-tuning"},
-    "model": {"decoder_options": {"channels": 8}},
-    "train": {"max_steps": 2, "batch_size": 2, "eval_every": 2, "log_every": 1, "save_every": 1},
-}
 
 
 @pytest.fixture(autouse=True)
@@ -54,18 +42,27 @@ def fresh_accelerate_state():
 
 
 @pytest.fixture(scope="module")
-def world(synth_brats, tmp_path_factory) -> dict[str, Path]:
-    """A dataset, a finetuning run (best/ and state/) and a pretraining run (state/)."""
+def world(synth_brats, tiny_segmentation_recipe, tiny_pretrain_overrides, tmp_path_factory) -> dict:
+    """A dataset, a finetuning run (best/ and two states) and a pretraining run (two
+    states), from the tiny recipes shortened to 2 steps saved at each step; ``pretrain``
+    holds the pretraining command's flags before ``--data``."""
+    import copy
+
     import yaml
 
     root = tmp_path_factory.mktemp("world")
     data = root / "data"
     shutil.copytree(synth_brats, data)
-    recipe = root / "finetune.yaml"
-    recipe.write_text(yaml.safe_dump(FINETUNE_RECIPE))
-    assert main(["finetune", "--config", str(recipe), "--data", str(data), "--output", str(root / "run")]) == 0
-    assert main(["pretrain", *PRETRAIN, "--data", str(data), "--output", str(root / "pre")]) == 0
-    return {"root": root, "data": data, "recipe": recipe, "run": root / "run", "pre": root / "pre"}
+    recipe = copy.deepcopy(tiny_segmentation_recipe)
+    recipe["train"].update(max_steps=2, save_every=1)
+    (root / "finetune.yaml").write_text(yaml.safe_dump(recipe))
+    pretrain = ["--config", str(REPO / "configs" / "demo_pretrain.yaml"), "--set", *tiny_pretrain_overrides,
+                "train.max_steps=2", "train.save_every=1", "figure=false"]
+    world = {"root": root, "data": data, "recipe": root / "finetune.yaml", "run": root / "run", "pre": root / "pre",
+             "pretrain": pretrain}
+    assert main(["finetune", "--config", str(world["recipe"]), "--data", str(data), "--output", str(world["run"])]) == 0
+    assert main(["pretrain", *pretrain, "--data", str(data), "--output", str(world["pre"])]) == 0
+    return world
 
 
 def snapshot(folder: Path) -> dict[str, object]:
@@ -165,14 +162,15 @@ def run_folder_in_use(world, tmp):
 def resume_with_another_objective(world, tmp):
     pre = tmp / "pre"
     shutil.copytree(world["pre"], pre)
-    return ["pretrain", *PRETRAIN, "objective.name=mae", "--data", str(world["data"]), "--output", str(pre),
+    return ["pretrain", *world["pretrain"], "objective.name=mae", "--data", str(world["data"]), "--output", str(pre),
             "--resume", "latest"]
 
 
 def resume_with_another_decoder(world, tmp):
     pre = tmp / "pre"
     shutil.copytree(world["pre"], pre)
-    return ["pretrain", *PRETRAIN, "objective.decoder_width=16", "--data", str(world["data"]), "--output", str(pre),
+    return ["pretrain", *world["pretrain"], "objective.decoder_width=16", "--data", str(world["data"]),
+            "--output", str(pre),
             "--resume", "latest"]
 
 
@@ -191,7 +189,7 @@ def modalities_on_other_grids(world, tmp):
     affine = img.affine.copy()
     affine[0, 3] += 5.0  # shifted by 5 mm
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine), str(case / f"{case.name}_t2.nii.gz"))
-    return ["pretrain", *PRETRAIN, "--data", str(data), "--output", str(tmp / "p")]
+    return ["pretrain", *world["pretrain"], "--data", str(data), "--output", str(tmp / "p")]
 
 
 def msd_path_outside_the_dataset(world, tmp):
@@ -201,7 +199,7 @@ def msd_path_outside_the_dataset(world, tmp):
     meta = json.loads((msd / "dataset.json").read_text())
     meta["training"][0]["image"] = "../outside.nii.gz"
     (msd / "dataset.json").write_text(json.dumps(meta))
-    return ["pretrain", *PRETRAIN, "--data", str(msd), "--output", str(tmp / "p")]
+    return ["pretrain", *world["pretrain"], "--data", str(msd), "--output", str(tmp / "p")]
 
 
 def boolean_step_count(world, tmp):
@@ -220,7 +218,7 @@ def two_dimensional_images(world, tmp):
     case = sorted(p for p in data.iterdir() if p.is_dir())[0]
     img = nib.load(str(case / f"{case.name}_t1.nii.gz"))
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, 0], img.affine), str(case / f"{case.name}_t1.nii.gz"))
-    return ["pretrain", *PRETRAIN, "--data", str(data), "--output", str(tmp / "p")]
+    return ["pretrain", *world["pretrain"], "--data", str(data), "--output", str(tmp / "p")]
 
 
 def output_below_a_file(world, tmp):
@@ -262,7 +260,7 @@ def four_d_file_as_a_modality(world, tmp):
     flair = case / f"{case.name}_flair.nii.gz"
     img = nib.load(str(flair))
     nib.save(nib.Nifti1Image(np.stack([np.asarray(img.dataobj)] * 2, -1), img.affine), str(flair))
-    return ["pretrain", *PRETRAIN, "--data", str(data), "--output", str(tmp / "p")]
+    return ["pretrain", *world["pretrain"], "--data", str(data), "--output", str(tmp / "p")]
 
 
 LOCKS: list[int] = []
@@ -437,7 +435,7 @@ def _pids_of(marker: str) -> list[int]:
 @pytest.mark.slow
 def test_workers_stop_when_the_launcher_is_killed_and_the_run_resumes(world, tmp_path):
     run = tmp_path / "killed_run"
-    proc = _launch(None, "-m", "medtune", "pretrain", *PRETRAIN, "train.max_steps=100000", "train.save_every=2",
+    proc = _launch(None, "-m", "medtune", "pretrain", *world["pretrain"], "train.max_steps=100000", "train.save_every=2",
                    "--data", str(world["data"]), "--output", str(run), port=29543)
     deadline = time.time() + 180
     while time.time() < deadline and not list(run.glob("state/step_*/trainer_state.json")):
@@ -455,7 +453,7 @@ def test_workers_stop_when_the_launcher_is_killed_and_the_run_resumes(world, tmp
              "Z" not in (Path(f"/proc/{pid}/stat").read_text().split()[2:3] or [""])[0]]
     assert not alive, f"workers still running 60 s after the launcher died: {alive}"
     saved = json.loads(sorted(run.glob("state/step_*/trainer_state.json"))[-1].read_text())["step"]
-    argv = ["pretrain", *PRETRAIN, f"train.max_steps={saved + 1}", "--data", str(world["data"]),
+    argv = ["pretrain", *world["pretrain"], f"train.max_steps={saved + 1}", "--data", str(world["data"]),
             "--output", str(run), "--resume", "latest"]
     assert main(argv) == 0  # the state the workers left resumes (and the lock died with them)
 
