@@ -32,7 +32,6 @@ from medtune.trainer import (
 from tests import REPO
 
 
-
 class Regression(Dataset):
     """y = x . w + 0.5 with a fixed w; items are dicts like medtune's datasets."""
 
@@ -66,16 +65,6 @@ class NoisyRegressor(nn.Module):
         pred = self.out(torch.relu(self.hidden(self.dropout(batch["x"])))).squeeze(-1)
         loss = ((pred - batch["y"]) ** 2).mean()
         return {"loss": loss, "abs_error": (pred - batch["y"]).abs().mean()}
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps process-wide state; each test starts from a clean one."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def make_model(seed: int = 0, **kwargs) -> NoisyRegressor:
