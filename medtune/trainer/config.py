@@ -51,7 +51,7 @@ class TrainConfig:
     batch_size: int = 8  # samples per micro-batch per process
     grad_accum: int = 1  # micro-batches accumulated into one optimizer step
     grad_clip: float | None = 1.0  # max global gradient norm; null disables clipping
-    mixed_precision: str = "auto"  # "auto" (bf16 on CUDA with bf16, else fp32), "no", "bf16", "fp16"
+    mixed_precision: str = "auto"  # "auto" (the launcher's --mixed_precision, else bf16 on CUDA with bf16, else fp32), "no", "bf16", "fp16"
     seed: int = 0  # seeds data order (seed + epoch) and per-micro-batch randomness
     log_every: int = 10  # optimizer steps between metrics.jsonl lines / progress updates
     save_every: int = 0  # optimizer steps between resumable states (and at the end); 0 never saves

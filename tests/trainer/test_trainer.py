@@ -25,6 +25,7 @@ from medtune.trainer import (
     build_loader,
     higher_is_better,
     lr_factor,
+    make_accelerator,
     train,
     unused_parameters,
 )
@@ -83,6 +84,23 @@ def tiny_cfg(**overrides) -> TrainConfig:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_auto_precision_defers_to_the_launcher_and_an_explicit_one_wins(monkeypatch, caplog):
+    from medtune.trainer import resolve_mixed_precision
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_mixed_precision("auto") == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # accelerate launch --mixed_precision bf16
+    assert resolve_mixed_precision("auto") == "bf16"
+    with caplog.at_level("INFO"):
+        assert resolve_mixed_precision("no") == "no"
+    assert "train.mixed_precision no from the config (the launcher asked for bf16)" in caplog.text
+    assert make_accelerator(tiny_cfg(mixed_precision="auto")).mixed_precision == "bf16"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp13")
+    with pytest.raises(ConfigError, match="ACCELERATE_MIXED_PRECISION"):
+        resolve_mixed_precision("auto")
 
 
 def test_lr_factor_hand_values():
