@@ -67,8 +67,8 @@ def _finetune_in(task: Task, cfg: Any, run_dir: Path, resume: str | Path | None,
     def evaluate(trained) -> dict[str, float]:
         return task.evaluate(trained, data, cfg, accelerator)
 
-    def on_best(trained, metrics, step) -> None:
-        save_trained(trained, run_dir / BEST_DIR, run_dir, task.name)
+    def on_best(trained, metrics, step, weights) -> None:
+        save_trained(trained, run_dir / BEST_DIR, run_dir, task.name, weights)
         write_summary(run_dir / BEST_DIR, {"step": step, "metrics": dict(metrics)})
 
     def on_start() -> None:  # a resumed run's config.json changes only once its state has loaded
@@ -85,7 +85,7 @@ def _finetune_in(task: Task, cfg: Any, run_dir: Path, resume: str | Path | None,
         accelerator=accelerator, unit=task.unit,
     )
     if main:
-        save_trained(model, run_dir, run_dir, task.name)
+        save_trained(model, run_dir, run_dir, task.name, result.state_dict)
         write_summary(run_dir, {
             "task": task.name, "steps": result.step, "final": result.eval_metrics,
             "best": result.best_metrics, "best_step": result.best_step, **task.summary_extras(cfg, data),

@@ -81,7 +81,10 @@ def _pretrain_in(cfg, run_config: RunConfig, run_dir: Path, resume) -> int:
     result = _train(objective, dataset, cfg, run_dir, resume, accelerator, on_start)
 
     if accelerator.is_main_process:
-        written = save_outputs(objective, dataset, cfg, run_dir)
+        if result.sharded:  # the modules hold shards: draw the figure on a whole copy
+            objective = _build_objective(cfg)
+            objective.load_state_dict(result.state_dict)
+        written = save_outputs(objective, dataset, cfg, run_dir, result.state_dict)
         print(f"pretrained {cfg.objective.name} on {cfg.backbone.name} for {result.step} steps "
               f"({result.samples_per_s:.1f} samples/s); run folder: {run_dir}")
         print(f"encoder weights (for finetuning): {written['backbone']}")
@@ -160,14 +163,20 @@ def _train(objective, dataset, cfg, run_dir: Path, resume, accelerator, on_start
 # --------------------------------------------------------------------------- outputs
 
 
-def save_outputs(objective, dataset, cfg, run_dir: Path) -> dict[str, Path]:
-    """Write the encoder, the whole objective and the figure (main process only)."""
+def save_outputs(objective, dataset, cfg, run_dir: Path, state: dict | None = None) -> dict[str, Path]:
+    """Write the encoder, the whole objective and the figure (main process only).
+
+    ``state``: the objective's full weights (the trainer's gathered ``state_dict``);
+    default ``objective.state_dict()``.
+    """
     from medtune.checkpoints.io import save_safetensors
 
+    state = objective.state_dict() if state is None else state
+    encoder = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     meta = {"format": "medtune", "kind": "pretrain", "objective": cfg.objective.name, "backbone": cfg.backbone.name}
     written = {
-        "backbone": save_safetensors(objective.backbone.state_dict(), run_dir / BACKBONE_FILE, meta),
-        "pretrain": save_safetensors(objective.state_dict(), run_dir / PRETRAIN_FILE, meta),
+        "backbone": save_safetensors(encoder, run_dir / BACKBONE_FILE, meta),
+        "pretrain": save_safetensors(state, run_dir / PRETRAIN_FILE, meta),
     }
     if cfg.figure:
         figure = _save_figure(objective, dataset, cfg, run_dir / FIGURE_FILE)

@@ -93,3 +93,7 @@ class TrainResult:
     state_dir: Path | None = None  # the last saved resumable state
     seconds: float = 0.0  # wall time of this call
     samples_per_s: float = 0.0  # global training throughput of this call
+    # the final weights, whole (gathered from the shards of a sharded model), on the main
+    # process; None on the others: what a caller writes as the run's weights
+    state_dict: dict | None = None
+    sharded: bool = False  # the model trained in shards (its modules do not hold whole weights)

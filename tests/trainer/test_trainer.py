@@ -190,10 +190,14 @@ def test_evaluate_tracks_best_and_calls_on_best(tmp_path):
     result = train(
         model, Regression(), tiny_cfg(max_steps=8, eval_every=2), tmp_path,
         evaluate=evaluate, is_better=higher_is_better("score"),
-        on_best=lambda m, metrics, step: best_calls.append((metrics["score"], step, m.out.weight.sum().item())),
+        on_best=lambda m, metrics, step, weights: best_calls.append(
+            (metrics["score"], step, m.out.weight.sum().item(), weights["out.weight"].sum().item())
+        ),
     )
     assert seen_modes == [False] * 4 and model.training
     assert [c[:2] for c in best_calls] == [(0.5, 2), (0.9, 4), (0.95, 8)]
+    assert all(c[2] == c[3] for c in best_calls)  # the full weights handed over are the model's
+    assert all(torch.equal(result.state_dict[k], v) for k, v in model.state_dict().items())
     assert result.best_metrics == {"score": 0.95} and result.best_step == 8
     evals = [r for r in read_metrics(tmp_path) if "eval/score" in r]
     assert [(r["step"], r["eval/score"], r.get("eval/is_best")) for r in evals] == [
@@ -228,7 +232,7 @@ def test_bad_inputs_are_reported(tmp_path):
     with pytest.raises(CheckpointError, match="no saved state"):
         train(make_model(), Regression(), tiny_cfg(), tmp_path / "fresh", resume="latest")
     with pytest.raises(ConfigError, match="on_best needs is_better"):
-        train(make_model(), Regression(), tiny_cfg(), tmp_path, on_best=lambda m, x, step: None)
+        train(make_model(), Regression(), tiny_cfg(), tmp_path, on_best=lambda m, x, step, weights: None)
     with pytest.raises(ValueError, match="mixed_precision"):
         tiny_cfg(mixed_precision="fp8")
 
