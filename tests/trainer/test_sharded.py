@@ -84,3 +84,35 @@ def test_fsdp2_sharded_run_equals_unsharded_and_resumes_exactly(tmp_path):
         assert torch.allclose(fsdp2[name], ddp[name], atol=1e-5), name  # full weights, gathered from the shards
         assert torch.equal(resumed[name], fsdp2[name]), name  # the sharded state resumes exactly
     assert (tmp_path / "resumed" / "state" / "step_0000002" / "sharded").is_dir()  # torch.distributed.checkpoint
+
+
+def test_engine_configs_that_cannot_work_are_refused_naming_the_setting():
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from medtune.errors import ConfigError
+    from medtune.trainer.engines import check_deepspeed, check_fsdp_wrap
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    model = nn.Sequential(Block(), Block())
+    fsdp = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(transformer_cls_names_to_wrap=["Block"])))
+    check_fsdp_wrap(fsdp, model)  # the model has the class: fine
+    fsdp.state.fsdp_plugin.transformer_cls_names_to_wrap = ["SwinTransformerBlock"]
+    with pytest.raises(ConfigError, match=r"fsdp_transformer_layer_cls_to_wrap \['SwinTransformerBlock'\].*Block"):
+        check_fsdp_wrap(fsdp, model)
+
+    zero3 = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
+    check_deepspeed(zero3, model)  # everything trains, no hooks: fine
+    model[0].requires_grad_(False)
+    model[1].register_forward_hook(lambda module, inputs, output: output)  # an adapter run from a hook
+    with pytest.raises(ConfigError, match="zero_stage 3"):
+        check_deepspeed(zero3, model)
+    check_deepspeed(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2))), model)
