@@ -56,7 +56,9 @@ def _finetune_in(task: Task, cfg: Any, run_dir: Path, resume: str | Path | None,
     accelerator = make_accelerator(cfg.train, run_dir)
     main = accelerator.is_main_process
 
-    data: TaskData = distributed.main_first(accelerator, lambda: task.build_data(cfg, run_dir))
+    data: TaskData = distributed.main_first(
+        accelerator, lambda: task.build_data(cfg, run_dir), per_node=not cfg.train.shared_filesystem
+    )
     run_config = RunConfig(task.name, to_dict(cfg), data.derived)  # build_data may resolve values of cfg
     set_seed(cfg.train.seed)  # the same initial weights on every process and every rerun
     model = task.build_model(cfg, data.derived, pretrained=resume is None)

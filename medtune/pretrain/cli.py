@@ -71,7 +71,10 @@ def _pretrain_in(cfg, run_config: RunConfig, run_dir: Path, resume) -> int:
 
     accelerator = make_accelerator(cfg.train, run_dir)
 
-    dataset = distributed.main_first(accelerator, lambda: _build_dataset(cfg, run_dir, accelerator.is_main_process))
+    dataset = distributed.main_first(
+        accelerator, lambda: _build_dataset(cfg, run_dir, accelerator.is_local_main_process),
+        per_node=not cfg.train.shared_filesystem,
+    )
     objective = _build_objective(cfg)
     freeze_unused(objective, dataset, cfg)
     if accelerator.is_main_process and resume is None:

@@ -59,6 +59,10 @@ class TrainConfig:
     eval_every: int = 0  # optimizer steps between evaluate() calls (0: only at the end)
     num_workers: int | None = None  # DataLoader workers of build_loader; None: the run's data.num_workers (CLIs) or 0
     find_unused_parameters: bool = False  # DDP flag for models with parameters unused in forward
+    # the run folder and the cache lie on a file system every node sees (true); false: each
+    # node has its own disk, and each node's first process writes its own resumable states
+    # and builds its own cache (the run's weights and logs are written on the first node)
+    shared_filesystem: bool = True
     trackers: list[str] = field(default_factory=list)  # extra loggers, e.g. ["tensorboard"]
     optim: OptimConfig = field(default_factory=OptimConfig)  # the optimizer
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # the lr schedule

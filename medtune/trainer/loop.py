@@ -182,7 +182,8 @@ def train(
             result.eval_metrics = _run_evaluation(accelerator, engine, model, evaluate, is_better, on_best, state,
                                                   run_dir)
         if saving:
-            result.state_dir = _save_state(accelerator, engine, model, optimizer, run_dir, state, cfg.keep_last)
+            result.state_dir = _save_state(accelerator, engine, model, optimizer, run_dir, state, cfg.keep_last,
+                                           cfg.shared_filesystem)
     progress.close()
 
     result.state_dict = engine.full_state_dict(accelerator, model)  # every process takes part
@@ -356,18 +357,21 @@ def _run_evaluation(accelerator, engine, model, evaluate, is_better, on_best, st
     return metrics
 
 
-def _save_state(accelerator, engine, model, optimizer, run_dir: Path, state: _LoopState, keep_last: int) -> Path:
+def _save_state(accelerator, engine, model, optimizer, run_dir: Path, state: _LoopState, keep_last: int,
+                shared_filesystem: bool = True) -> Path:
     """``save_state`` into ``state/step_N.tmp``, then rename: a kill never leaves a half state."""
     root = state_root(run_dir)
     final = root / step_dir_name(state.step)
     partial = root / f"{step_dir_name(state.step)}.tmp"
-    if accelerator.is_main_process:
+    # the process that writes this disk: the main one, or each node's first (node-local disks)
+    writer = accelerator.is_main_process if shared_filesystem else accelerator.is_local_main_process
+    if writer:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     barrier(accelerator)
     engine.save(accelerator, model, optimizer, partial)
     barrier(accelerator)
-    if accelerator.is_main_process:
+    if writer:
         (partial / TRAINER_STATE_FILE).write_text(json.dumps(state.to_json(), indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)

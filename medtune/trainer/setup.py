@@ -122,7 +122,9 @@ def make_accelerator(cfg: TrainConfig, run_dir: str | Path | None = None, tracke
         log_with.append(name)
     project = None
     if run_dir is not None:
-        project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(Path(run_dir) / "logs"))
+        project = ProjectConfiguration(
+            project_dir=str(run_dir), logging_dir=str(Path(run_dir) / "logs"), save_on_each_node=not cfg.shared_filesystem
+        )
     return Accelerator(
         mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
         gradient_accumulation_plugin=GradientAccumulationPlugin(
