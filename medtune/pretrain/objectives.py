@@ -149,12 +149,16 @@ class MFMConfig(ObjectiveConfig):
     name: str = "mfm"
     # band radius in frequency bins; None: 16 at 224 px, scaled with the image side
     radius: float | None = None
-    # band shape: "circle" (MFM), "square" or "square_official"
+    # band shape: "circle" (MFM: the low set is dx^2 + dy^2 < r^2), "square" or "square_official"
     filter_kind: str = "circle"
     # the band removed from the input and predicted: "low", "high", or "random" (one of
     # the two per sample, p = 0.5, as MFM)
     band: str = "random"
-    # exponent of the focal frequency weight; 0 gives a plain (unweighted) frequency MSE
+    # exponent of the frequency distance |F_pred - F_true|: 1 (official MFM), 2 (squared)
+    loss_gamma: float = 1.0
+    # multiply the distance by the focal frequency weight (official MFM: false)
+    focal_weight: bool = False
+    # exponent of the focal weight log(1 + d^alpha) (with focal_weight only)
     focal_alpha: float = 1.0
 
     def __post_init__(self) -> None:
@@ -162,6 +166,8 @@ class MFMConfig(ObjectiveConfig):
         check_one_of("band", self.band, ("low", "high", "random"))
         if self.radius is not None and self.radius < 0:
             raise ValueError(f"objective.radius must be >= 0, got {self.radius}")
+        if self.loss_gamma <= 0:
+            raise ValueError(f"objective.loss_gamma must be > 0, got {self.loss_gamma}")
 
 
 def build_fremae(cfg: FreMAEConfig, backbone: nn.Module) -> nn.Module:
@@ -192,7 +198,10 @@ def build_simmim(cfg: SimMIMConfig, backbone: nn.Module) -> nn.Module:
 def build_mfm(cfg: MFMConfig, backbone: nn.Module) -> nn.Module:
     from medtune.pretrain.mfm import MFM
 
-    return MFM(backbone, radius=cfg.radius, filter_kind=cfg.filter_kind, band=cfg.band, focal_alpha=cfg.focal_alpha)
+    return MFM(
+        backbone, radius=cfg.radius, filter_kind=cfg.filter_kind, band=cfg.band,
+        loss_gamma=cfg.loss_gamma, focal_weight=cfg.focal_weight, focal_alpha=cfg.focal_alpha,
+    )
 
 
 @dataclass(frozen=True)
