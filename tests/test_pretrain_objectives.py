@@ -129,8 +129,8 @@ def test_fremae_losses_by_hand_from_the_unmasked_image():
         seen["encoder_input"] = masked
         return encode(masked, patch_mask)
 
-    def record_decoder(stages, size):
-        seen["pred"] = decode(stages, size)
+    def record_decoder(stages, size, masked=None):
+        seen["pred"] = decode(stages, size, masked)
         return seen["pred"]
 
     objective.forward_encoder, objective.forward_decoder = record_encoder, record_decoder

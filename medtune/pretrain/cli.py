@@ -11,7 +11,8 @@ The same command runs on one process or many::
 The run folder (default ``checkpoints/<config stem>-<YYYYmmdd-HHMMSS>``) receives
 ``config.json`` (the resolved config), ``metrics.jsonl``, ``state/`` (resumable), and at
 the end ``backbone.safetensors`` (the encoder: what finetuning loads),
-``pretrain.safetensors`` (encoder + decoder) and ``reconstruction.png``. A folder that
+``pretrain.safetensors`` (encoder + decoder), ``decoder.safetensors`` when the decoder
+has blocks a segmenter takes over (FreMAE ``decoder: unetr``) and ``reconstruction.png``. A folder that
 already holds a run is never overwritten unless ``--resume`` continues it.
 """
 
@@ -27,6 +28,7 @@ from medtune import distributed
 from medtune.checkpoints.runs import (
     BACKBONE_FILE,
     CONFIG_FILE,
+    DECODER_FILE,
     FIGURE_FILE,
     PRETRAIN_FILE,
     PRETRAIN_TASK,
@@ -83,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
               f"({result.samples_per_s:.1f} samples/s); run folder: {run_dir}")
         print(f"encoder weights (for finetuning): {written['backbone']}")
         print(f"encoder + decoder weights:        {written['pretrain']}")
+        if "decoder" in written:
+            print(f"decoder blocks (for finetuning):  {written['decoder']}")
         if "figure" in written:
             print(f"reconstruction figure:            {written['figure']}")
         print(f"config:                           {run_dir / CONFIG_FILE}")
@@ -172,7 +176,8 @@ def _train(objective, dataset, cfg, run_dir: Path, resume, accelerator):
 
 
 def save_outputs(objective, dataset, cfg, run_dir: Path) -> dict[str, Path]:
-    """Write the encoder, the whole objective and the figure (main process only)."""
+    """Write the encoder, the whole objective, the transferable decoder blocks (if the
+    objective has any) and the figure (main process only)."""
     from medtune.checkpoints.io import save_safetensors
 
     meta = {"format": "medtune", "kind": "pretrain", "objective": cfg.objective.name, "backbone": cfg.backbone.name}
@@ -180,6 +185,10 @@ def save_outputs(objective, dataset, cfg, run_dir: Path) -> dict[str, Path]:
         "backbone": save_safetensors(objective.backbone.state_dict(), run_dir / BACKBONE_FILE, meta),
         "pretrain": save_safetensors(objective.state_dict(), run_dir / PRETRAIN_FILE, meta),
     }
+    transferable = getattr(objective, "transferable_decoder", None)
+    blocks = transferable() if callable(transferable) else None
+    if blocks is not None:
+        written["decoder"] = save_safetensors(blocks.state_dict(), run_dir / DECODER_FILE, meta)
     if cfg.figure:
         figure = _save_figure(objective, dataset, cfg, run_dir / FIGURE_FILE)
         if figure is not None:

@@ -103,16 +103,22 @@ class SliceSegmenter(nn.Module):
         if volume.ndim != 5:
             raise DataError(f"segmenter input has shape {tuple(volume.shape)}; expected (B, M, H, W, T)")
         if self.spatial_dims == 3:
-            return self.decoder(self.backbone.forward_stages(volume), volume.shape[2:])
+            return self.decode(self.backbone.forward_stages(volume), volume)
         num_slices = volume.shape[-1]
         slices = volume_to_slices(volume)  # (B*T, M, H, W)
         with self.slice_context(num_slices):
             features = self.backbone.forward_stages(slices)  # [(B*T, C_i, H/s_i, W/s_i)]
-        logits = self.decoder(features, slices.shape[2:])  # (B*T, K, H, W)
+        logits = self.decode(features, slices)  # (B*T, K, H, W)
         return slices_to_volume(logits, num_slices)
 
+    def decode(self, features: list[torch.Tensor], image: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, K, *S)`` of the backbone's stages for the input ``image`` ``(N, M, *S)``."""
+        if getattr(self.decoder, "takes_image", False):
+            return self.decoder(features, image.shape[2:], image)
+        return self.decoder(features, image.shape[2:])
+
     def compute_loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """Softmax Dice + CE of ``logits (B, K, *S)`` against class indices ``(B, *S)``."""
+        """The segmentation loss of ``logits (B, K, *S)`` against class indices ``(B, *S)``."""
         return self.loss_fn(logits, label[:, None].long())
 
     def predict_volume(self, image, *, overlap: float = 0.25, tta: bool = False, sw_batch_size: int = 1):
@@ -163,6 +169,7 @@ def build_segmenter(cfg, num_classes: int, *, load_pretrained: bool = True) -> S
     from medtune.adapters import adapter_config_from_dict, apply_adapter, slice_context
     from medtune.models.backbones import create_backbone
     from medtune.models.decoders import create_decoder
+    from medtune.models.weights import load_pretrained_decoder
 
     backbone_cfg = cfg.backbone if load_pretrained else dataclasses.replace(cfg.backbone, pretrained=None)
     backbone = create_backbone(backbone_cfg)
@@ -179,8 +186,11 @@ def build_segmenter(cfg, num_classes: int, *, load_pretrained: bool = True) -> S
         backbone.feature_strides,
         num_classes,
         backbone.spatial_dims,
+        image_channels=backbone.in_chans,
         **cfg.model.decoder_options,
     )
+    if backbone_cfg.pretrained:  # a FreMAE 'unetr' run also brings its decoder blocks
+        load_pretrained_decoder(decoder, backbone_cfg.pretrained)
     self_distill = None
     if cfg.self_distill is not None:
         from medtune.finetune.self_distill import SelfDistillation
