@@ -161,3 +161,100 @@ def test_st_adapter_before_the_mlp_on_swin_mixes_slices():
         flat = mid.reshape(6, 64, 24)
         expected = (flat + block.mlp(block.norm2(flat))).reshape(6, 8, 8, 24)
         assert torch.allclose(block(x), expected, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- Med-Tuning
+
+
+def test_med_tuning_interacts_at_every_stage_with_the_official_parameter_count():
+    """ViT-B, ratio 6, 128 slices: interaction modules at blocks 2, 5, 8, 11; 220,672 parameters
+    per block adapter and 2,845,696 in all with the official filter (built on the meta device)."""
+    counts = {}
+    for filter_slices in (128, None):
+        with torch.device("meta"):
+            backbone = create_backbone(BackboneConfig(name="vit_base_patch16_224", in_chans=4, img_size=128))
+            apply_adapter(backbone, MedTuningConfig(filter_slices=filter_slices))
+        adapters = [block.med_adapter for block in backbone.model.blocks]
+        assert [i for i, a in enumerate(adapters) if a.interaction is not None] == [2, 5, 8, 11]
+        plain = sum(p.numel() for name, p in adapters[0].named_parameters())
+        counts[filter_slices] = (plain, sum(p.numel() for a in adapters for p in a.parameters()))
+    assert counts[128] == (220_672, 2_845_696)
+    # medtune's slice-count-free filter stores 65 frequencies instead of 128 FFT indices
+    assert counts[None] == (220_672 - 2 * (128 - 65), 2_845_696 - 12 * 2 * (128 - 65))
+    assert MedTuningConfig().zero_init_up is False and MedTuningConfig().first_stage_interaction is True
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_med_tuning_first_stage_reads_a_zero_map(family):
+    torch.manual_seed(0)
+    backbone = apply_adapter({"vit": vit, "swin": swin}[family](), MedTuningConfig())
+    blocks = backbone.model.blocks if family == "vit" else [layer.blocks[-1] for layer in backbone.model.layers]
+    first = blocks[0].med_adapter
+    hidden = first.down.out_features
+    previous = first.interaction.previous
+    # official block_attn: h channels at the stage's resolution (ViT), h/2 at twice it (Swin)
+    if family == "vit":
+        assert (previous.in_channels, previous.kernel_size, previous.stride) == (hidden, (1, 1, 1), (1, 1, 1))
+    else:
+        assert (previous.in_channels, previous.kernel_size, previous.stride) == (hidden // 2, (1, 3, 3), (1, 2, 2))
+    assert first.up.weight.abs().sum() > 0  # the official up-projection: PyTorch's default init
+    current = torch.randn(2, hidden, 3, 4, 4)
+    with torch.no_grad():
+        mixed = first.interaction(current, first.interaction.zero_previous(current))
+        constant = previous.bias.view(1, -1, 1, 1, 1).expand(2, -1, 3, 4, 4)
+        assert torch.allclose(mixed, first.interaction.mix(torch.cat([current, constant], 1)), atol=1e-6)
+    zero_init = apply_adapter({"vit": vit, "swin": swin}[family](), MedTuningConfig(zero_init_up=True, first_stage_interaction=False))
+    first = (zero_init.model.blocks if family == "vit" else zero_init.model.layers[0].blocks)[-1 if family == "swin" else 0]
+    assert first.med_adapter.interaction is None and not first.med_adapter.up.weight.any()
+
+
+def test_med_tuning_official_filter_and_how_it_maps_onto_medtunes():
+    torch.manual_seed(0)
+    num_slices = 8
+    z = torch.randn(2, 3, num_slices, 4, 4)
+    official = SliceIndexFilter(num_slices)
+    with torch.no_grad():
+        official.weight.uniform_(0.5, 1.5)
+        official.bias.uniform_(-0.5, 0.5)
+        w, b = official.weight.view(1, 1, -1, 1, 1), official.bias.view(1, 1, -1, 1, 1)
+        expected = torch.fft.ifftn(torch.fft.fftn(z, dim=(2, 3, 4)) * w + b, dim=(2, 3, 4)).abs()
+        assert torch.allclose(official(z), expected, atol=1e-5)
+        with pytest.raises(DataError, match="filter_slices is 8 but the volume has 6 slices"):
+            official(z[:, :, :6])
+        # a symmetric official filter (w_t = w_{T-t}, as at initialisation) is medtune's filter
+        # stored at the T/2 + 1 rfft frequencies: weight[k] = w_k
+        index = torch.arange(num_slices)
+        symmetric_index = torch.minimum(index, num_slices - index)
+        official.weight.copy_(official.weight[symmetric_index])
+        official.bias.copy_(official.bias[symmetric_index])
+        ours = SliceFrequencyFilter(num_slices // 2 + 1)
+        ours.weight.copy_(official.weight[: num_slices // 2 + 1])
+        ours.bias.copy_(official.bias[: num_slices // 2 + 1])
+        assert torch.allclose(ours(z), official(z), atol=1e-5)
+
+
+def dice_recipe() -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``(2, 4, 8, 8, 4)`` and class indices ``(2, 8, 8, 4)`` (labels 0/1/2/4)."""
+    k = torch.arange(4, dtype=torch.float64).view(1, 4, 1, 1, 1)
+    b = torch.arange(2, dtype=torch.float64).view(2, 1, 1, 1, 1)
+    h = torch.arange(8, dtype=torch.float64).view(1, 1, 8, 1, 1)
+    w = torch.arange(8, dtype=torch.float64).view(1, 1, 1, 8, 1)
+    d = torch.arange(4, dtype=torch.float64).view(1, 1, 1, 1, 4)
+    logits = torch.sin(0.7 * h * (k + 1) + 0.3 * w - 0.5 * d + b) + 0.2 * torch.cos(1.1 * w * (k + 2) + h * d)
+    index = ((h + 2 * w + 3 * d + 5 * b).long() % 7).clamp(max=3)[:, 0]
+    return logits, index
+
+
+def test_official_recipe_trains_with_the_official_softmax_dice_on_128_slices():
+    from medtune.finetune.segmentation.model import softmax_dice_loss
+
+    logits, index = dice_recipe()
+    assert float(softmax_dice_loss()(logits, index[:, None])) == pytest.approx(OFFICIAL_SOFTMAX_DICE, rel=1e-9)
+
+    recipe = yaml.safe_load((CONFIGS / "medtuning_vit_b16_brats.yaml").read_text())
+    assert recipe["data"]["crop_size"] == [128, 128, 128]
+    assert recipe["model"]["loss"] == "softmax_dice"
+    adapter = recipe["adapter"]
+    assert (adapter["ratio"], adapter["zero_init_up"], adapter["first_stage_interaction"]) == (6, False, True)
+    optim = recipe["train"]["optim"]
+    assert (optim["name"], optim["lr"], optim["weight_decay"], optim["amsgrad"]) == ("adam", 2e-3, 1e-5, True)
