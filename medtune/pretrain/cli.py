@@ -185,15 +185,26 @@ def save_outputs(objective, dataset, cfg, run_dir: Path) -> dict[str, Path]:
         "backbone": save_safetensors(objective.backbone.state_dict(), run_dir / BACKBONE_FILE, meta),
         "pretrain": save_safetensors(objective.state_dict(), run_dir / PRETRAIN_FILE, meta),
     }
-    transferable = getattr(objective, "transferable_decoder", None)
-    blocks = transferable() if callable(transferable) else None
+    blocks = transferable_state(objective, objective.state_dict())
     if blocks is not None:
-        written["decoder"] = save_safetensors(blocks.state_dict(), run_dir / DECODER_FILE, meta)
+        written["decoder"] = save_safetensors(blocks, run_dir / DECODER_FILE, meta)
     if cfg.figure:
         figure = _save_figure(objective, dataset, cfg, run_dir / FIGURE_FILE)
         if figure is not None:
             written["figure"] = figure
     return written
+
+
+def transferable_state(objective, state: dict) -> dict | None:
+    """The tensors of ``state`` (the objective's full state dict) that belong to its
+    transferable decoder blocks (``objective.transferable_decoder()``), under the blocks'
+    own names; None when the objective has none."""
+    transferable = getattr(objective, "transferable_decoder", None)
+    blocks = transferable() if callable(transferable) else None
+    if blocks is None:
+        return None
+    prefix = next(f"{name}." for name, module in objective.named_modules() if module is blocks)
+    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
 
 
 def _save_figure(objective, dataset, cfg, path: Path) -> Path | None:
