@@ -11,7 +11,8 @@ The same command runs on one process or many::
 The run folder (default ``checkpoints/<config stem>-<YYYYmmdd-HHMMSS>``) receives
 ``config.json`` (the resolved config), ``metrics.jsonl``, ``state/`` (resumable), and at
 the end ``backbone.safetensors`` (the encoder: what finetuning loads),
-``pretrain.safetensors`` (encoder + decoder) and ``reconstruction.png``. A folder that
+``pretrain.safetensors`` (encoder + decoder), ``decoder.safetensors`` when the decoder
+has blocks a segmenter takes over (FreMAE ``decoder: unetr``) and ``reconstruction.png``. A folder that
 already holds a run is never overwritten unless ``--resume`` continues it.
 """
 
@@ -26,6 +27,7 @@ from medtune import distributed
 from medtune.checkpoints.runs import (
     BACKBONE_FILE,
     CONFIG_FILE,
+    DECODER_FILE,
     FIGURE_FILE,
     PRETRAIN_FILE,
     PRETRAIN_TASK,
@@ -92,6 +94,8 @@ def _pretrain_in(cfg, run_config: RunConfig, run_dir: Path, resume) -> int:
               f"({result.samples_per_s:.1f} samples/s); run folder: {run_dir}")
         print(f"encoder weights (for finetuning): {written['backbone']}")
         print(f"encoder + decoder weights:        {written['pretrain']}")
+        if "decoder" in written:
+            print(f"decoder blocks (for finetuning):  {written['decoder']}")
         if "figure" in written:
             print(f"reconstruction figure:            {written['figure']}")
         print(f"config:                           {run_dir / CONFIG_FILE}")
@@ -167,7 +171,8 @@ def _train(objective, dataset, cfg, run_dir: Path, resume, accelerator, on_start
 
 
 def save_outputs(objective, dataset, cfg, run_dir: Path, state: dict | None = None) -> dict[str, Path]:
-    """Write the encoder, the whole objective and the figure (main process only).
+    """Write the encoder, the whole objective, the transferable decoder blocks (if the
+    objective has any) and the figure (main process only).
 
     ``state``: the objective's full weights (the trainer's gathered ``state_dict``);
     default ``objective.state_dict()``.
@@ -181,11 +186,26 @@ def save_outputs(objective, dataset, cfg, run_dir: Path, state: dict | None = No
         "backbone": save_safetensors(encoder, run_dir / BACKBONE_FILE, meta),
         "pretrain": save_safetensors(state, run_dir / PRETRAIN_FILE, meta),
     }
+    blocks = transferable_state(objective, state)
+    if blocks is not None:
+        written["decoder"] = save_safetensors(blocks, run_dir / DECODER_FILE, meta)
     if cfg.figure:
         figure = _save_figure(objective, dataset, cfg, run_dir / FIGURE_FILE)
         if figure is not None:
             written["figure"] = figure
     return written
+
+
+def transferable_state(objective, state: dict) -> dict | None:
+    """The tensors of ``state`` (the objective's full state dict) that belong to its
+    transferable decoder blocks (``objective.transferable_decoder()``), under the blocks'
+    own names; None when the objective has none."""
+    transferable = getattr(objective, "transferable_decoder", None)
+    blocks = transferable() if callable(transferable) else None
+    if blocks is None:
+        return None
+    prefix = next(f"{name}." for name, module in objective.named_modules() if module is blocks)
+    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
 
 
 def _save_figure(objective, dataset, cfg, path: Path) -> Path | None:

@@ -68,10 +68,13 @@ def resolve_mixed_precision(requested: str) -> str:
 
 
 def build_optimizer(params: Sequence[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """Adam or AdamW over ``params`` as configured."""
+    """Adam or AdamW over ``params`` as configured (fused kernels when ``cfg.fused`` and
+    every parameter is floating point)."""
     optim_cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    params = list(params)
+    fused = True if cfg.fused and all(p.is_floating_point() for p in params) else None
     return optim_cls(
-        params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad
+        params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad, fused=fused
     )
 
 
