@@ -137,10 +137,24 @@ def split_cases(cases: list[Case], val_fraction: float) -> tuple[list[Case], lis
 
 
 def build_pretrain_dataset(
-    cfg: DataConfig, run_dir: str | Path | None = None, show_progress: bool | None = None
-) -> Dataset:
-    """Unlabeled samples of every case: :class:`SliceDataset` (2d) or :class:`CropDataset` (3d)."""
+    cfg: DataConfig,
+    run_dir: str | Path | None = None,
+    show_progress: bool | None = None,
+    split: Literal["train", "val", "all"] = "all",
+) -> Dataset | None:
+    """Unlabeled samples: :class:`SliceDataset` (2d) or :class:`CropDataset` (3d).
+
+    ``split``: ``all`` cases, or the ``train``/``val`` cases of :func:`split_cases` with
+    ``cfg.val_fraction`` (the same split as the labeled sets, so pretraining can hold
+    out the cases finetuning validates on). None when ``val`` has no case.
+    """
     cases = find_cases(_root(cfg), cfg.layout, cfg.modalities)
+    if split not in ("train", "val", "all"):
+        raise ConfigError(f"unknown split '{split}' (train, val, all)")
+    if split != "all":
+        cases = split_cases(cases, cfg.val_fraction)[0 if split == "train" else 1]
+        if not cases:
+            return None
     cache = VolumeCache(cases, resolve_cache_dir(cfg, run_dir), with_labels=False, show_progress=show_progress)
     if cfg.mode == "2d":
         return SliceDataset(cache, cfg.img_size, cfg.slice_axis, cfg.min_foreground, seed=cfg.seed)
