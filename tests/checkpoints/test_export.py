@@ -108,7 +108,7 @@ def test_merged_refusals_and_full_round_trip(run, make_segmentation_run, tmp_pat
     with pytest.raises(CheckpointError, match="no base backbone weights"):
         export_run(tmp_path / "full", tmp_path / "a", "adapter")
     with pytest.raises(ConfigError, match="'torchscript' is not an export format of a segmentation run; "
-                                          "this run exports as: full, adapter, hub"):
+                                          "this run exports as: full, adapter, hub, onnx"):
         export_run(run, tmp_path / "x", "torchscript")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "full_run"]  # refusals leave nothing behind
 

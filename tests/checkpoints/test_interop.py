@@ -153,7 +153,7 @@ def test_methods_peft_lacks_keep_medtune_names_and_the_readme_snippet_loads_them
 def test_lora_with_trained_extras_is_refused_as_a_peft_folder(make_segmentation_run, tmp_path):
     run = make_segmentation_run(tmp_path / "run", "lora", trainable_extras=["norm.*"])
     with pytest.raises(ConfigError, match=r"trainable_extras \('norm.weight'.*export 'merged' or 'full'.*"
-                                          r"exports as: full, merged, timm, hub"):
+                                          r"exports as: full, merged, timm, hub, onnx"):
         export_run(run, tmp_path / "adapter", "adapter")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
@@ -198,7 +198,7 @@ def test_formats_that_cannot_hold_the_run_are_refused_naming_the_supported_ones(
         export_run(swinunetr_run, tmp_path / "t", "adapter")
     full = make_segmentation_run(tmp_path / "full", "full")
     with pytest.raises(ConfigError, match=r"full finetuning trains every backbone tensor.*"
-                                          r"this run exports as: full, timm, hub"):
+                                          r"this run exports as: full, timm, hub, onnx"):
         export_run(full, tmp_path / "a", "adapter")
     medtuning = make_segmentation_run(tmp_path / "medtuning", "med-tuning")
     with pytest.raises(ConfigError, match=r"'med-tuning' adds modules.*plain timm/MONAI network"):
