@@ -53,12 +53,15 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, config_required: bool,
 
 
 def fetch_downloads(args: argparse.Namespace, config) -> None:
-    """``--allow-download``: fetch the config's ``hf-hub:`` repositories before a run (else nothing)."""
+    """``--allow-download``: fetch the ``hf-hub:`` repositories a config (dataclass or
+    mapping) names before a run; without the flag, nothing."""
     if getattr(args, "allow_download", False):
+        import dataclasses
+
         from medtune.config import to_dict
         from medtune.models.hub import fetch_hub_specs
 
-        fetch_hub_specs(to_dict(config))
+        fetch_hub_specs(to_dict(config) if dataclasses.is_dataclass(config) else config)
 
 
 def peek(argv: list[str], flag: str) -> str | None:

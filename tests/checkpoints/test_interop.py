@@ -220,3 +220,10 @@ def test_a_file_whose_keys_match_nothing_is_refused_not_trained_from_random_weig
     save_safetensors({k: v for k, v in swin.state_dict().items() if "index" in k or "mask" in k}, buffers_only)
     with pytest.raises(CheckpointError, match="no tensor matches .*none of its weights"):
         load_pretrained(swin, buffers_only)
+
+
+def test_the_export_command_writes_a_pretraining_runs_encoder(pretrain_run, tmp_path, capsys):
+    from medtune.cli import main
+
+    assert main(["export", str(pretrain_run), "--format", "timm", "--out", str(tmp_path / "timm")]) == 0
+    assert capsys.readouterr().out.strip().endswith("timm: config.json, model.safetensors")
