@@ -170,14 +170,31 @@ def _check_out(out_dir: Path, run_dir: Path) -> None:
 
 
 def export_record(source: Source, fmt: str, **extra) -> dict:
-    """Where an export came from (recorded in its config)."""
-    return {"format": fmt, "from": str(source.folder.resolve()), **extra}
+    """Where an export came from (recorded in its config): the run folder's path, or for a
+    Hub folder, which leaves this machine, its name only."""
+    origin = source.folder.resolve()
+    return {"format": fmt, "from": origin.name if fmt == "hub" else str(origin), **extra}
+
+
+def shareable_config(config: dict) -> dict:
+    """A run config to publish: the dataset folder and a local pretrained backbone by name,
+    not by their paths on this machine (loading reads neither)."""
+    from medtune.models.hub import is_hub_spec
+
+    shared = {key: dict(value) if isinstance(value, dict) else value for key, value in config.items()}
+    if isinstance(shared.get("data"), dict) and shared["data"].get("root"):
+        shared["data"]["root"] = Path(str(shared["data"]["root"])).name
+    pretrained = shared["backbone"].get("pretrained") if isinstance(shared.get("backbone"), dict) else None
+    if pretrained and not is_hub_spec(pretrained):
+        shared["backbone"]["pretrained"] = Path(str(pretrained)).name
+    return shared
 
 
 def _exported_config(source: Source, fmt: str, **extra) -> RunConfig:
     original = source.run_config
     derived = {**original.derived, "export": export_record(source, fmt, **extra)}
-    return RunConfig(original.task, dict(original.config), derived)
+    config = shareable_config(original.config) if fmt == "hub" else dict(original.config)
+    return RunConfig(original.task, config, derived)
 
 
 # --------------------------------------------------------------------------- writing

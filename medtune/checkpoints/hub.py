@@ -217,8 +217,8 @@ def model_card(source: Source, folder: Path, repo: str | None = None) -> str:
     sections = [
         f"---\nlibrary_name: {library}\ntags: [{tags}]\n---",
         f"# {name}",
-        f"A `{section.get('name', '?')}` backbone {what}, exported by medtune "
-        f"from the run `{name}`.",
+        (f"A `{section['name']}` backbone {what}" if section.get("name") else f"A model {what}")
+        + f", exported by medtune from the run `{name}`.",
         "## Method\n\n" + _table(method_rows + backbone_rows),
         "## Data\n\n" + (_table(data_rows(config)) if data_rows(config) else "Not recorded."),
         "## Training\n\n" + _table(training_rows(config, steps_of(source.folder))),

@@ -74,6 +74,9 @@ def test_hub_export_of_a_lora_run_is_self_contained_and_loads_in_medtune_timm_an
     card = (hub / "README.md").read_text()
     assert "library_name: peft" in card and "| method | lora |" in card and "PeftModel.from_pretrained" in card
     assert "| trained: adapter |" in card
+    published = [p.read_text() for p in hub.rglob("*") if p.suffix in (".json", ".md")]
+    assert not any(str(tmp_path.parent) in text for text in published)  # no path of this machine goes public
+    assert json.loads((hub / "config.json").read_text())["backbone"]["pretrained"] == "fremae-vit"
 
     volume = torch.randn(1, 4, 32, 32, 2)
     with torch.no_grad():
