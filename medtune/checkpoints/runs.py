@@ -20,6 +20,12 @@ it through this module::
       state/step_NNNNNNN/         resumable Accelerate states
       reconstruction.png          pretraining figure
 
+Exports (``medtune export``) add the names other tools expect: ``adapter_config.json`` +
+``adapter_model.safetensors`` (a peft LoRA folder), ``model.safetensors`` + ``config.json``
+in timm's or MONAI's key names (``--format timm|monai``), ``README.md`` (the Hub model
+card), ``model.onnx``, and in a Hub export of an adapter ``base/`` (its base backbone as a
+timm/MONAI export).
+
 Rules:
 
 - A folder *holds a run* when it has trained weights (:data:`RUN_MARKERS`) or saved
@@ -64,6 +70,12 @@ STATE_DIR = "state"
 TRAINER_STATE_FILE = "trainer_state.json"
 FIGURE_FILE = "reconstruction.png"
 LOCK_FILE = "run.lock"
+# names other tools read (exports only): peft's adapter folder, the Hub's model card, ONNX
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+MODEL_CARD_FILE = "README.md"
+ONNX_FILE = "model.onnx"
+BASE_DIR = "base"  # Hub exports of adapters: the base backbone in timm's or MONAI's names
 
 DEFAULT_PARENT = Path("checkpoints")
 CHECKPOINTS = ("best", "last")
@@ -302,6 +314,15 @@ def write_summary(folder: str | Path, summary: Mapping[str, Any]) -> Path:
     return save_json(dict(summary), Path(folder) / SUMMARY_FILE)
 
 
+def read_summary(folder: str | Path) -> dict[str, Any]:
+    """``folder/summary.json`` (empty when the run wrote none, e.g. pretraining)."""
+    from medtune.checkpoints.io import load_json
+
+    path = Path(folder) / SUMMARY_FILE
+    summary = load_json(path) if path.is_file() else {}
+    return dict(summary) if isinstance(summary, Mapping) else {}
+
+
 # --------------------------------------------------------------------------- resumable state
 
 
@@ -407,10 +428,10 @@ def read_metrics(folder: str | Path) -> list[dict[str, Any]]:
 
 
 __all__ = [
-    "ADAPTER_CONFIG_FILE", "ADAPTER_WEIGHTS_FILE", "BACKBONE_FILE", "BEST_DIR", "CHECKPOINTS", "CONFIG_FILE",
+    "ADAPTER_CONFIG_FILE", "ADAPTER_WEIGHTS_FILE", "BACKBONE_FILE", "BASE_DIR", "BEST_DIR", "CHECKPOINTS", "CONFIG_FILE",
     "DECODER_FILE", "DEFAULT_CHECKPOINT", "FIGURE_FILE", "HEAD_FILE", "METRICS_FILE", "MODEL_FILE", "PRETRAIN_FILE",
     "PRETRAIN_TASK", "RUN_MARKERS", "RunConfig", "STATE_DIR", "SUMMARY_FILE", "TRAINER_STATE_FILE",
-    "LOCK_FILE", "MODEL_KEYS", "check_resume", "check_resume_config", "check_run_dir", "choose_run_dir",
-    "find_latest_state", "held_run", "open_run", "read_metrics", "read_run_config", "resolve_resume",
+    "LOCK_FILE", "MODEL_CARD_FILE", "MODEL_KEYS", "ONNX_FILE", "PEFT_CONFIG_FILE", "PEFT_WEIGHTS_FILE", "check_resume", "check_resume_config", "check_run_dir", "choose_run_dir",
+    "find_latest_state", "held_run", "open_run", "read_metrics", "read_run_config", "read_summary", "resolve_resume",
     "saved_states", "state_problem", "step_dir_name", "weights_dir", "write_run_config", "write_summary",
 ]
