@@ -14,7 +14,8 @@ sum. A term reads the model's outputs and the label::
     # label:   (B, *S) class indices
 
 Terms: ``dice_ce`` (softmax Dice + cross-entropy, MONAI ``DiceCELoss``), ``pne``
-(:mod:`medtune.models.pne`, pixel-embedding contrastive, any model with an embedding).
+(:mod:`medtune.models.pne`, pixel-embedding contrastive, any model with an embedding),
+``cga_sam`` and ``cga_inter_class`` (:mod:`medtune.models.cga_unet`).
 
 The model's own terms: a network names the terms it needs in ``auxiliary_losses``
 (``{name: default weight}``); :func:`build_criterion` adds them to the configured ones
@@ -202,6 +203,8 @@ class DiceCELossTerm(LossTerm):
 
 
 LOSSES.register_path("pne", "medtune.models.pne:PNELoss")
+LOSSES.register_path("cga_sam", "medtune.models.cga_unet:SupervisedAttentionLoss")
+LOSSES.register_path("cga_inter_class", "medtune.models.cga_unet:InterClassLoss")
 
 
 __all__ = [

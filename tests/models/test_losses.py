@@ -15,7 +15,7 @@ def test_sections_name_terms_by_weight_or_by_weight_and_options():
     assert [(s.name, s.weight) for s in specs] == [("dice_ce", 1.0), ("pne", 0.1)]
     assert specs[0].options.lambda_ce == 0.5 and specs[1].options.temperature == 0.2
     assert loss_section(specs)["pne"]["weight"] == 0.1
-    assert {"dice_ce", "pne"} <= set(LOSSES.names())
+    assert {"dice_ce", "pne", "cga_sam", "cga_inter_class"} <= set(LOSSES.names())
 
 
 @pytest.mark.parametrize("section, message", [
@@ -44,6 +44,8 @@ def test_dice_ce_is_monai_dice_ce_and_terms_are_summed_by_weight():
 
 def test_terms_the_model_cannot_feed_and_all_zero_weights_are_refused():
     context = LossContext(4, 3, 8, ("logits", "embedding"))
+    with pytest.raises(ConfigError, match="loss 'cga_sam' needs the model output.* sam_logits"):
+        build_criterion({"dice_ce": 1.0, "cga_sam": 1.0}, context)
     with pytest.raises(ConfigError, match="every weight is 0"):
         build_criterion({"dice_ce": 0.0}, context)
     with pytest.raises(ConfigError, match="pne' needs the model output.* embedding"):
