@@ -7,6 +7,8 @@
 - :class:`UNetDecoder` (U-Net style: from the deepest stage up, upsample x2, concatenate
   the skip of the next-shallower stage, two conv blocks) for hierarchical backbones
   (Swin, ConvNeXt, SwinUNETR).
+- ``agln`` (:mod:`medtune.models.agln`): AGLN's Context Fusion Blocks for hierarchical
+  backbones.
 
 Each takes ``features = [(B, C_i, *S_i), ...]`` (shallow -> deep, as
 ``Backbone.forward_stages`` returns them) and the input's spatial size, and returns
@@ -215,6 +217,9 @@ def build_upernet(in_channels, in_strides, num_classes, spatial_dims=2, **option
 @DECODERS.register("unet")
 def build_unet(in_channels, in_strides, num_classes, spatial_dims=2, **options) -> nn.Module:
     return UNetDecoder(in_channels, in_strides, num_classes, spatial_dims, **options)
+
+
+DECODERS.register_path("agln", "medtune.models.agln:build_agln")
 
 
 def create_decoder(
