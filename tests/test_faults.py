@@ -263,6 +263,16 @@ def four_d_file_as_a_modality(world, tmp):
     return ["pretrain", *world["pretrain"], "--data", str(data), "--output", str(tmp / "p")]
 
 
+def unknown_loss_term(world, tmp):
+    return ["finetune", "--config", str(world["recipe"]), "--data", str(world["data"]), "--output", str(tmp / "r"),
+            "--set", "loss={dice_ce: 1.0, focal: 0.5}"]
+
+
+def negative_loss_weight(world, tmp):
+    return ["finetune", "--config", str(world["recipe"]), "--data", str(world["data"]), "--output", str(tmp / "r"),
+            "--set", "loss.pne=-0.1"]
+
+
 LOCKS: list[int] = []
 
 FAULTS = [
@@ -285,6 +295,8 @@ FAULTS = [
     Fault("2-channel images for a 4-channel model", two_channel_images_for_a_four_channel_model,
           lambda w, t: ["p_01", "2 channel", "trained on 4 (flair, t1ce, t1, t2)"]),
     Fault("a 4D file as one modality", four_d_file_as_a_modality, lambda w, t: ["_flair.nii.gz", "4D image with 2 channels"]),
+    Fault("an unknown loss term", unknown_loss_term, lambda w, t: ["unknown loss 'focal'", "dice_ce"]),
+    Fault("a negative loss weight", negative_loss_weight, lambda w, t: ["loss.pne", ">= 0", "-0.1"]),
 ]
 
 
