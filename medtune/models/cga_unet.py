@@ -19,7 +19,9 @@ encoder level, stride-2 convs between levels, output stride 8) plus:
 
 Both loss terms are registered in :data:`medtune.models.losses.LOSSES` and named in
 :attr:`CGAUNet.auxiliary_losses` with their official weights; the configured ``loss:``
-section can change them (0 switches one off). Differences from the official code,
+section can change them (0 switches one off; without ``cga_sam`` nothing trains the SAM,
+whose map is used only through its argmax, and multi-process runs then need
+``train.find_unused_parameters: true``). Differences from the official code,
 on purpose: the network returns logits (not softmax) and uses the configured main loss
 (default Dice + CE; official: softmax Dice over the three tumour classes); its stem
 dropout is active in training only (official ``F.dropout3d`` also drops at inference);
