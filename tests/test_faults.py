@@ -288,6 +288,34 @@ def backbone_missing_from_the_hub_cache(world, tmp):
             "--backbone", "hf-hub:medtune-test/not-in-any-cache"]
 
 
+def unknown_loss_term(world, tmp):
+    return ["finetune", "--config", str(world["recipe"]), "--data", str(world["data"]), "--output", str(tmp / "r"),
+            "--set", "loss={dice_ce: 1.0, focal: 0.5}"]
+
+
+def negative_loss_weight(world, tmp):
+    return ["finetune", "--config", str(world["recipe"]), "--data", str(world["data"]), "--output", str(tmp / "r"),
+            "--set", "loss.pne=-0.1"]
+
+
+def _segment3d(world, tmp, model: dict, crop: list[int], loss: dict) -> list[str]:
+    import yaml
+
+    recipe = {"task": "segment3d", "data": {"mode": "3d", "crop_size": crop, "num_workers": 0}, "model": model,
+              "loss": loss, "train": {"max_steps": 1, "batch_size": 1}}
+    (tmp / "segment3d.yaml").write_text(yaml.safe_dump(recipe))
+    return ["finetune", "--config", str(tmp / "segment3d.yaml"), "--data", str(world["data"]), "--output", str(tmp / "r")]
+
+
+def loss_the_network_cannot_feed(world, tmp):
+    model = {"network": "transbtsv2", "options": {"base_channels": 2, "embed_dim": 8, "num_heads": 2}}
+    return _segment3d(world, tmp, model, [16, 16, 16], {"dice_ce": 1.0, "cga_sam": 20.0})
+
+
+def crop_too_small_for_the_network(world, tmp):
+    return _segment3d(world, tmp, {"network": "swinunetr"}, [32, 32, 16], {"dice_ce": 1.0})
+
+
 LOCKS: list[int] = []
 
 FAULTS = [
@@ -318,6 +346,12 @@ FAULTS = [
           lambda w, t: ["vqa_run", "'onnx' is not an export format of a vqa run", "exports as: full, timm, hub"]),
     Fault("a hf-hub backbone missing from the cache", backbone_missing_from_the_hub_cache,
           lambda w, t: ["hf-hub:medtune-test/not-in-any-cache", "not in the local Hugging Face cache", "--allow-download"]),
+    Fault("an unknown loss term", unknown_loss_term, lambda w, t: ["unknown loss 'focal'", "dice_ce"]),
+    Fault("a negative loss weight", negative_loss_weight, lambda w, t: ["loss.pne", ">= 0", "-0.1"]),
+    Fault("a loss term the network cannot feed", loss_the_network_cannot_feed,
+          lambda w, t: ["segment3d.yaml", "cga_sam", "sam_logits"]),
+    Fault("a crop too small for the network", crop_too_small_for_the_network,
+          lambda w, t: ["swinunetr", "[32, 32, 16]", "at least 64"]),
 ]
 
 

@@ -194,7 +194,7 @@ def _remove_if_only_the_lock(folder: Path) -> None:
 
 # which config keys define the model a run's state holds: a resume may not change them
 MODEL_KEYS = (
-    "backbone", "adapter", "model", "objective", "text", "data.mode", "data.img_size", "data.crop_size",
+    "backbone", "adapter", "model", "loss", "objective", "text", "data.mode", "data.img_size", "data.crop_size",
     "data.modalities", "data.label_values",
 )
 # where the initial weights came from: the saved state holds every weight, so these may differ

@@ -70,7 +70,7 @@ def predict_cases(model, cases, out_dir: Path, *, overlap: float, tta: bool, sw_
     from medtune.data.volume import load_case
     from medtune.finetune.segmentation.inference import nifti_output_name, write_label_map
 
-    expected = model.backbone.in_chans
+    expected = model.in_chans
     trained_on = f" ({', '.join(modalities)})" if modalities else ""
     for case in cases:  # the channel count is known from the file listing: refuse before predicting
         if case.num_modalities != expected:

@@ -80,10 +80,17 @@ class SegmentationTask(Task):
 
     def load_config(self, raw: Mapping[str, Any]):
         from medtune.adapters import adapter_config_from_dict
+        from medtune.finetune.segmentation.model import dice_ce_defaults
+        from medtune.models.losses import parse_loss_section
 
         cfg = super().load_config(raw)
         adapter_config_from_dict(cfg.adapter)  # unknown adapter keys fail before any data is read
+        parse_loss_section(cfg.loss, dice_ce_defaults(cfg.model))  # and unknown loss terms or options
         return cfg
+
+    def input_channels(self, cfg) -> tuple[int, str]:
+        """The model's input channel count and the config key that sets it."""
+        return cfg.backbone.in_chans, "backbone.in_chans"
 
     def best_metric_of(self, cfg) -> str:
         return cfg.validation.best_metric
@@ -102,10 +109,11 @@ class SegmentationTask(Task):
             # another layout (a BraTS-trained model on an MSD folder) reads the same channels
             cfg.data.modalities = resolve_modalities(cfg.data.root, cfg.data.layout)
         cases = find_cases(cfg.data.root, cfg.data.layout, cfg.data.modalities, require_labels=True)
-        if cases and cases[0].num_modalities != cfg.backbone.in_chans:
+        in_chans, key = self.input_channels(cfg)
+        if cases and cases[0].num_modalities != in_chans:
             raise ConfigError(
-                f"{cfg.data.root}: cases have {cases[0].num_modalities} modalities but backbone.in_chans is "
-                f"{cfg.backbone.in_chans} (set data.modalities or backbone.in_chans)"
+                f"{cfg.data.root}: cases have {cases[0].num_modalities} modalities but {key} is "
+                f"{in_chans} (set data.modalities or {key})"
             )
         validate = cfg.data.val_fraction > 0 and bool(split_cases(cases, cfg.data.val_fraction)[1])
         if cfg.data.val_fraction > 0 and not validate:
