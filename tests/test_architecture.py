@@ -163,7 +163,7 @@ def string_literals(path: Path) -> tuple[str, ...]:
 @pytest.mark.parametrize("file_name", [
     "config.json", "backbone.safetensors", "pretrain.safetensors", "model.safetensors", "adapter.json",
     "adapter.safetensors", "head.safetensors", "summary.json", "metrics.jsonl", "trainer_state.json",
-    "reconstruction.png",
+    "reconstruction.png", "splits_final.json",
 ])
 def test_run_folder_file_names_are_written_once(file_name):
     owners = [module for module, path in MODULES.items() if file_name in string_literals(path)]
