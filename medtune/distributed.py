@@ -144,29 +144,31 @@ def agree(state: Any, decide: Callable[[], T]) -> T:
     return outcome[1]
 
 
-def main_first(state: Any, build: Callable[[], T]) -> T:
-    """Run ``build`` on rank 0, then (if it succeeded) on the other ranks.
+def main_first(state: Any, build: Callable[[], T], per_node: bool = False) -> T:
+    """Run ``build`` on rank 0 (with ``per_node``: on each node's first process), then, if
+    that succeeded everywhere, on the other ranks.
 
     For work whose first run fills something shared (a preprocessing cache, generated
-    files) that the others then read. Unlike ``accelerator.main_process_first``, an error
-    on rank 0 reaches every rank, which raises it too, instead of leaving them waiting
-    at a barrier.
+    files) that the others then read; ``per_node`` when each node has its own disk. Unlike
+    ``accelerator.main_process_first``, an error of a first process reaches every rank,
+    which raises it too, instead of leaving them waiting at a barrier.
     """
     if state is None or state.num_processes == 1:
         return build()
+    leader = state.is_local_main_process if per_node else state.is_main_process
     result: Any = None
     failure: BaseException | None = None
-    if state.is_main_process:
+    if leader:
         try:
             result = build()
         except BaseException as exc:  # noqa: BLE001 - sent to every rank, re-raised below
             failure = exc
-    packed = _broadcast(state, None if failure is None else _pack_error(failure))
+    errors = [e for e in gather_rows(state, [None if failure is None else _pack_error(failure)]) if e is not None]
     if failure is not None:
         raise failure
-    if packed is not None:
-        _raise_packed(packed)
-    return result if state.is_main_process else build()
+    if errors:
+        _raise_packed(errors[0])
+    return result if leader else build()
 
 
 def shard(count: int, state: Any = None) -> list[int]:

@@ -13,6 +13,20 @@ if TYPE_CHECKING:  # medtune.models imports timm: only the tests that build a mo
     from medtune.models import BackboneConfig
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide state (the process group, the gradient state); every
+    test that trains in-process starts from a clean one."""
+    yield
+    import sys
+
+    if "accelerate" in sys.modules:  # nothing to reset in tests that never imported it
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
 @pytest.fixture(scope="session")
 def synth_brats(tmp_path_factory) -> Path:
     """Root of a 3-case synthetic BraTS-2020-style dataset, volumes 32x32x16.

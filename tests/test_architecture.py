@@ -161,7 +161,8 @@ def string_literals(path: Path) -> tuple[str, ...]:
 
 
 @pytest.mark.parametrize("file_name", [
-    "config.json", "backbone.safetensors", "pretrain.safetensors", "model.safetensors", "adapter.json",
+    "config.json", "backbone.safetensors", "pretrain.safetensors", "decoder.safetensors", "model.safetensors",
+    "adapter.json",
     "adapter.safetensors", "head.safetensors", "summary.json", "metrics.jsonl", "trainer_state.json",
     "reconstruction.png", "splits_final.json",
 ])

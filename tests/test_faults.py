@@ -31,16 +31,6 @@ from medtune.cli import main
 from tests import REPO
 
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 @pytest.fixture(scope="module")
 def world(synth_brats, tiny_segmentation_recipe, tiny_pretrain_overrides, tmp_path_factory) -> dict:
     """A dataset, a finetuning run (best/ and two states) and a pretraining run (two

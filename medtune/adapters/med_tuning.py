@@ -8,30 +8,39 @@ A Med-Adapter follows every frozen block. With x the block output, ``(B*T, L, C)
     a = conv1x1( ReLU(BN(dw(3,1,1)(dw(1,3,3) z)))       # intra-stage enhancement
                + ReLU(BN(dw(5,1,1)(dw(1,5,5) z)))
                + |IFFTn(FFTn(z) * w(f_T) + b(f_T))| )    # over (T, Hp, Wp)
-    at the last block of stage s >= 1:                  # inter-stage interaction
+    at the last block of every stage s:                 # inter-stage interaction
         a = conv1x1(cat(a, prev(a_{s-1})))              # prev: 1x1x1 (ViT), (1,3,3)/(1,2,2) (Swin)
-        a is handed on to stage s + 1
+        a is handed on to stage s + 1                   # a_{-1} = 0 (stage 0 reads a zero map)
     out = x + GELU(up(z + a))
+
+As the official code: four interaction modules for four stages (ViT-B: blocks 2, 5, 8,
+11), the first one reading a zero map (``h`` channels at the stage's resolution for
+ViT, ``h/2`` at twice it for Swin, as the official ``block_attn``), so its ``prev``
+conv contributes its bias (``first_stage_interaction: false`` drops it); ``up`` with
+PyTorch's default initialisation (``zero_init_up: true`` starts it at zero, so that
+the adapted model starts as the frozen one). With ratio 6 on ViT-B and the official
+filter (``filter_slices: 128``) the adapters hold 220,672 parameters per block and
+2,845,696 in all, as the official ones.
 
 medtune's choices (each documented where it is made):
 
 - ViT class/register tokens are not adapted: only the patch tokens form the
-  ``(T, Hp, Wp)`` volume, prefix tokens pass through unchanged (out = x there).
-- ``up`` starts at zero (weight and bias), so ``GELU(up(.)) = 0`` and the adapted model
-  starts as the frozen one; the official code initialises it randomly
-  (``zero_init_up: false``).
-- The frequency filter works for any slice count T: ``w`` and ``b`` are functions of
-  the absolute slice-axis frequency ``|f| in [0, 1/2]`` cycles per slice, stored at
-  ``filter_bins`` equally spaced frequencies (both initialised to 1) and linearly
-  interpolated at the T frequencies of the current volume. The default 65 bins are
-  exactly the rfft bins of the official 128 slices. Since the filter is real and
-  symmetric in f, the spectrum stays Hermitian, so the branch is computed with
-  ``rfftn``/``irfftn`` (half the work of complex ``fftn``, same result).
-- The first stage has no predecessor: its last block hands its map on without an
-  interaction (the official code concatenates a zero map there, which only adds a
-  constant).
+  ``(T, Hp, Wp)`` volume, prefix tokens pass through unchanged (out = x there). (The
+  official ViT has no class token.)
+- The frequency filter works for any slice count T (medtune's extension; the official
+  filter has one ``w`` and ``b`` per FFT index of exactly 128 slices): ``w`` and ``b``
+  are functions of the absolute slice-axis frequency ``|f| in [0, 1/2]`` cycles per
+  slice, stored at ``filter_bins`` equally spaced frequencies (both initialised to 1)
+  and linearly interpolated at the T frequencies of the current volume. The default 65
+  bins are exactly the rfft bins of 128 slices: an official T=128 filter ``(w_t, b_t)``,
+  t = 0..127, maps onto it exactly when it is symmetric (``w_t = w_{128-t}``, as at
+  initialisation) as ``weight[k] = w_k``, ``bias[k] = b_k`` for k = 0..64; a trained,
+  asymmetric one has no exact counterpart (use ``filter_slices: 128``). Since medtune's
+  filter is real and symmetric in f, the spectrum stays Hermitian, so the branch is
+  computed with ``rfftn``/``irfftn`` (half the work of complex ``fftn``, same result).
+  ``filter_slices: T`` gives the official filter (complex ``fftn``, one ``w``/``b`` per
+  FFT index, T slices only).
 """
-
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -50,7 +59,7 @@ from medtune.adapters.targets import (
     split_patches,
     volume_to_grid,
 )
-from medtune.errors import ConfigError
+from medtune.errors import ConfigError, DataError
 
 
 @dataclass
@@ -63,19 +72,27 @@ class MedTuningConfig(AdapterConfig):
     # slice-axis frequencies at which the frequency filter's w and b are stored
     # (interpolated for any slice count; 65 = rfft bins of 128 slices)
     filter_bins: int = 65
+    # None: medtune's filter above (any slice count); an int T: the official filter, one
+    # w and b per FFT index of exactly T slices (the official code: 128)
+    filter_slices: int | None = None
     # inter-stage feature interaction at the last block of each stage
     inter_stage: bool = True
+    # the first stage's last block interacts too, with a zero "previous" map (official)
+    first_stage_interaction: bool = True
     # ViT only: 0-based blocks that close a stage; None: the backbone's out_indices,
     # else each quarter of the depth (ViT-B: 2, 5, 8, 11)
     stage_ends: list[int] | None = None
     # start the up-projection at zero so the adapted model equals the frozen one
-    zero_init_up: bool = True
+    # (official: PyTorch's default initialisation)
+    zero_init_up: bool = False
 
     def __post_init__(self) -> None:
         if self.ratio <= 0:
             raise ValueError(f"ratio must be > 0, got {self.ratio}")
         if self.filter_bins < 2:
             raise ValueError(f"filter_bins must be >= 2, got {self.filter_bins}")
+        if self.filter_slices is not None and self.filter_slices < 1:
+            raise ValueError(f"filter_slices must be >= 1 or null, got {self.filter_slices}")
 
 
 def slice_axis_filter(values: torch.Tensor, num_slices: int) -> torch.Tensor:
@@ -119,6 +136,28 @@ class SliceFrequencyFilter(nn.Module):
         return filtered.abs().to(z.dtype)
 
 
+class SliceIndexFilter(nn.Module):
+    """The official filter: ``|IFFTn(FFTn(z) * w_t + b_t)|`` over (T, Hp, Wp), one ``w_t``,
+    ``b_t`` per FFT index t of exactly ``num_slices`` slices (both initialised to 1)."""
+
+    def __init__(self, num_slices: int) -> None:
+        super().__init__()
+        self.num_slices = num_slices
+        self.weight = nn.Parameter(torch.ones(num_slices))
+        self.bias = nn.Parameter(torch.ones(num_slices))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, h, T, Hp, Wp) -> (B, h, T, Hp, Wp), non-negative."""
+        if z.shape[-3] != self.num_slices:
+            raise DataError(
+                f"Med-Adapter filter_slices is {self.num_slices} but the volume has {z.shape[-3]} slices "
+                "(filter_slices: null works for any slice count)"
+            )
+        weight, bias = self.weight.float()[:, None, None], self.bias.float()[:, None, None]  # (T, 1, 1)
+        spectrum = torch.fft.fftn(z.float(), dim=(-3, -2, -1))  # (B, h, T, Hp, Wp) complex
+        return torch.fft.ifftn(spectrum * weight + bias, dim=(-3, -2, -1)).abs().to(z.dtype)
+
+
 class DepthwiseSliceConv(nn.Sequential):
     """Depthwise (1,k,k) in-slice conv, then depthwise (k,1,1) across slices, BN, ReLU.
 
@@ -156,11 +195,11 @@ class DepthwiseSliceConv(nn.Sequential):
 class IntraStageEnhancement(nn.Module):
     """Three parallel branches (3x3x3 and 5x5x5 factorised depthwise, frequency) summed, then 1x1x1."""
 
-    def __init__(self, chans: int, filter_bins: int) -> None:
+    def __init__(self, chans: int, filter_bins: int, filter_slices: int | None = None) -> None:
         super().__init__()
         self.branch3 = DepthwiseSliceConv(chans, 3)
         self.branch5 = DepthwiseSliceConv(chans, 5)
-        self.frequency = SliceFrequencyFilter(filter_bins)
+        self.frequency = SliceFrequencyFilter(filter_bins) if filter_slices is None else SliceIndexFilter(filter_slices)
         self.fuse = nn.Conv3d(chans, chans, 1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -183,6 +222,13 @@ class InterStageInteraction(nn.Module):
         """current (B, h, T, Hp, Wp), previous (B, h', T, Hp', Wp') -> (B, h, T, Hp, Wp)."""
         return self.mix(torch.cat([current, self.previous(previous)], dim=1))
 
+    def zero_previous(self, current: torch.Tensor) -> torch.Tensor:
+        """The first stage's "previous" map: zeros of ``h'`` channels at the previous-stage
+        resolution (twice ``current``'s for Swin), as the official ``block_attn``."""
+        batch, _, num_slices, height, width = current.shape
+        factor = self.previous.stride[-1]
+        return current.new_zeros(batch, self.previous.in_channels, num_slices, height * factor, width * factor)
+
 
 def hidden_width(dim: int, ratio: float) -> int:
     """h = C / ratio, rounded down as in the official code (ViT-B: 768 / 6 = 128)."""
@@ -196,9 +242,10 @@ class MedAdapter(nn.Module):
         dim: token channels C.
         ratio: h = C / ratio.
         filter_bins: frequencies at which the slice filter is stored.
+        filter_slices: None, or T for the official per-FFT-index filter of T slices.
         stage: stage index of the block.
         hands_on: whether this block closes a stage whose map the next stage reads.
-        interaction: the inter-stage interaction (last block of stages >= 1), or None.
+        interaction: the inter-stage interaction (last block of a stage), or None.
         family, num_prefix_tokens: the backbone's token layout.
         ctx: the backbone's :class:`SliceContext`.
         zero_init_up: start ``up`` at zero (the adapter starts as the identity).
@@ -215,12 +262,13 @@ class MedAdapter(nn.Module):
         family: str,
         num_prefix_tokens: int,
         ctx: SliceContext,
-        zero_init_up: bool = True,
+        zero_init_up: bool = False,
+        filter_slices: int | None = None,
     ) -> None:
         super().__init__()
         hidden = hidden_width(dim, ratio)
         self.down = nn.Linear(dim, hidden)
-        self.enhance = IntraStageEnhancement(hidden, filter_bins)
+        self.enhance = IntraStageEnhancement(hidden, filter_bins, filter_slices)
         self.interaction = interaction
         self.up = nn.Linear(hidden, dim)
         if zero_init_up:
@@ -243,7 +291,9 @@ class MedAdapter(nn.Module):
         z = F.gelu(self.down(patches))  # (B*T, Hp, Wp, h)
         z = grid_to_volume(z, num_volumes, num_slices)  # (B, h, T, Hp, Wp)
         a = self.enhance(z)
-        if self.interaction is not None:
+        if self.interaction is not None and self.stage == 0:
+            a = self.interaction(a, self.interaction.zero_previous(a))
+        elif self.interaction is not None:
             previous = ctx.stage_maps.get(self.stage - 1)
             if previous is None or previous.shape[0] != num_volumes or previous.shape[2] != num_slices:
                 raise RuntimeError(
@@ -289,10 +339,13 @@ class MedTuning(AdapterMethod):
         last_stage = max(stage_dims)
         for block in target.blocks:
             interaction = None
-            if cfg.inter_stage and block.is_stage_end and block.stage > 0:
+            first = block.stage == 0
+            if cfg.inter_stage and block.is_stage_end and (not first or cfg.first_stage_interaction):
                 hidden = hidden_width(block.dim, cfg.ratio)
-                prev_hidden = hidden_width(stage_dims[block.stage - 1], cfg.ratio)
-                interaction = InterStageInteraction(hidden, prev_hidden, downsample=target.family == "swin")
+                swin = target.family == "swin"
+                # the stage before the first: the official zero map (Swin: C/2 channels)
+                prev_dim = stage_dims[block.stage - 1] if not first else (block.dim // 2 if swin else block.dim)
+                interaction = InterStageInteraction(hidden, hidden_width(prev_dim, cfg.ratio), downsample=swin)
             adapter = MedAdapter(
                 dim=block.dim,
                 ratio=cfg.ratio,
@@ -304,6 +357,7 @@ class MedTuning(AdapterMethod):
                 num_prefix_tokens=target.num_prefix_tokens,
                 ctx=ctx,
                 zero_init_up=cfg.zero_init_up,
+                filter_slices=cfg.filter_slices,
             )
             if hasattr(block.module, "med_adapter"):
                 raise ConfigError(f"block '{block.name}' already has a med_adapter")

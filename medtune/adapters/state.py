@@ -120,13 +120,20 @@ def load_base_state(
     log.info("%s: loaded %d base tensors", source, len(state))
 
 
-def save_adapter(model: nn.Module, folder: str | Path, records: Mapping[str, Any] | None = None) -> Path:
+def save_adapter(
+    model: nn.Module,
+    folder: str | Path,
+    records: Mapping[str, Any] | None = None,
+    tensors: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
     """Write ``adapter.json`` (plus ``records``, e.g. the base weights) and
-    ``adapter.safetensors`` into ``folder``."""
+    ``adapter.safetensors`` into ``folder``. ``tensors``: the trained tensors when they
+    come from elsewhere than the module (gathered from a sharded model); default
+    :func:`adapter_state_dict`."""
     folder = Path(folder)
     config = {**adapter_config_dict(model), **dict(records or {})}
     save_safetensors(
-        adapter_state_dict(model),
+        adapter_state_dict(model) if tensors is None else tensors,
         folder / ADAPTER_WEIGHTS_FILE,
         metadata={"method": config["method"], "backbone": config["backbone"]},
     )

@@ -90,6 +90,95 @@ class _RecordGrid:
         self.slice_context.record_token_grid(module, args)
 
 
+# --------------------------------------------------------------------------- the residual stream
+#
+# A timm ViT or Swin block is ``x = x + drop_path1(attn(norm1(x)))`` then
+# ``x = x + drop_path2(mlp(norm2(x)))``. The stream between the two sublayers (``x_mid``)
+# is where AdaptFormer reads and where ST-Adapter's pre-MLP adapter writes; hooks on the
+# block's own submodules reach it without changing timm's classes.
+
+
+class _StashInput:
+    """Pre-hook keeping its module's input for a later hook of the same forward."""
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        self.value = args[0]
+
+    def pop(self) -> torch.Tensor:
+        value, self.value = self.value, None
+        if value is None:
+            raise RuntimeError("adapter hook: the block's stream was not recorded in this forward")
+        return value
+
+
+class _AddBesideMLP:
+    """``drop_path2`` hook: the MLP branch plus ``branch(x_mid)`` (``x_mid`` = ``norm2``'s input)."""
+
+    def __init__(self, branch: nn.Module, stream: _StashInput) -> None:
+        self.branch = branch
+        self.stream = stream
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output + self.branch(self.stream.pop())
+
+
+def add_beside_mlp(block: nn.Module, branch: nn.Module) -> None:
+    """Make ``block`` compute ``x_mid + mlp(norm2(x_mid)) + branch(x_mid)``.
+
+    ``branch`` reads the residual stream ``x_mid`` (not ``norm2(x_mid)``) and its output
+    joins after the MLP's drop-path, as a parallel adapter does (AdaptFormer). ``x_mid``
+    has the layout ``norm2`` sees (ViT ``(N, L, C)``, Swin ``(N, H*W, C)``): ``branch`` must
+    be token-wise.
+    """
+    stream = _StashInput()
+    block.norm2.register_forward_pre_hook(stream)
+    block.drop_path2.register_forward_hook(_AddBesideMLP(branch, stream))
+
+
+class _AdaptAfterAttention:
+    """``drop_path1`` hook: returns ``adapter(x + h) - x`` so that the block's residual
+    add gives ``adapter(x_mid)``."""
+
+    def __init__(self, adapter: nn.Module, block_input: _StashInput) -> None:
+        self.adapter = adapter
+        self.block_input = block_input
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = self.block_input.pop()
+        return self.adapter(x + output) - x
+
+
+def adapt_before_mlp(block: nn.Module, adapter: nn.Module) -> None:
+    """Replace ``block``'s stream between attention and MLP by ``adapter(x_mid)``.
+
+    The MLP then reads, and the residual carries, the adapted stream (ST-Adapter's
+    pre-MLP placement). ``x_mid`` has the block's input layout (ViT ``(N, P + L, C)``,
+    Swin ``(N, H, W, C)``). Input pre-hooks registered earlier (a pre-attention adapter)
+    run first, so ``x`` is the stream the attention actually read.
+    """
+    block_input = _StashInput()
+    block.register_forward_pre_hook(block_input)
+    block.drop_path1.register_forward_hook(_AdaptAfterAttention(adapter, block_input))
+
+
+class _AdaptInput:
+    """Block pre-hook: the block reads ``adapter(x)`` instead of ``x``."""
+
+    def __init__(self, adapter: nn.Module) -> None:
+        self.adapter = adapter
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+        return (self.adapter(args[0]), *args[1:])
+
+
+def adapt_block_input(block: nn.Module, adapter: nn.Module) -> None:
+    """The block reads ``adapter(x)`` (a pre-attention adapter: attention and residual see it)."""
+    block.register_forward_pre_hook(_AdaptInput(adapter))
+
+
 def quarter_stage_ends(depth: int, num_stages: int = 4) -> tuple[int, ...]:
     """Last block (0-based) of each of ``num_stages`` equal groups: 12 -> (2, 5, 8, 11)."""
     ends = sorted({round(depth * (i + 1) / num_stages) - 1 for i in range(num_stages)})

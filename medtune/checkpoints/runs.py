@@ -7,7 +7,9 @@ it through this module::
     RUN/
       config.json                 {"task": ..., <the run's config>, "derived": {...}}
       backbone.safetensors        pretraining: the encoder; finetuning: the base backbone before adapters
-      pretrain.safetensors        pretraining: encoder + decoder
+      pretrain.safetensors        pretraining: encoder + decoder (the whole objective)
+      decoder.safetensors         pretraining with a transferable decoder (FreMAE 'unetr'): the decoder
+                                  blocks a segmenter takes over (MONAI SwinUNETR names)
       model.safetensors           finetuning: the whole model (last step)
       adapter.json                adapter methods: the adapter's config + the base weights' path and sha256
       adapter.safetensors         adapter methods: the trained backbone tensors only (backbone names)
@@ -51,6 +53,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 BACKBONE_FILE = "backbone.safetensors"
 PRETRAIN_FILE = "pretrain.safetensors"
+DECODER_FILE = "decoder.safetensors"
 MODEL_FILE = "model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter.json"
 ADAPTER_WEIGHTS_FILE = "adapter.safetensors"
@@ -420,7 +423,7 @@ def read_metrics(folder: str | Path) -> list[dict[str, Any]]:
 
 __all__ = [
     "ADAPTER_CONFIG_FILE", "ADAPTER_WEIGHTS_FILE", "BACKBONE_FILE", "BEST_DIR", "CHECKPOINTS", "CONFIG_FILE",
-    "DEFAULT_CHECKPOINT", "FIGURE_FILE", "HEAD_FILE", "METRICS_FILE", "MODEL_FILE", "PRETRAIN_FILE",
+    "DECODER_FILE", "DEFAULT_CHECKPOINT", "FIGURE_FILE", "HEAD_FILE", "METRICS_FILE", "MODEL_FILE", "PRETRAIN_FILE",
     "PRETRAIN_TASK", "RUN_MARKERS", "RunConfig", "STATE_DIR", "SUMMARY_FILE", "TRAINER_STATE_FILE",
     "LOCK_FILE", "MODEL_KEYS", "RUN_FILES", "SPLITS_FILE", "check_resume", "check_resume_config", "check_run_dir", "choose_run_dir",
     "find_latest_state", "held_run", "open_run", "read_metrics", "read_run_config", "resolve_resume",

@@ -57,7 +57,9 @@ def _finetune_in(task: Task, cfg: Any, run_dir: Path, resume: str | Path | None,
     accelerator = make_accelerator(cfg.train, run_dir)
     main = accelerator.is_main_process
 
-    data: TaskData = distributed.main_first(accelerator, lambda: task.build_data(cfg, run_dir))
+    data: TaskData = distributed.main_first(
+        accelerator, lambda: task.build_data(cfg, run_dir), per_node=not cfg.train.shared_filesystem
+    )
     run_config = RunConfig(task.name, to_dict(cfg), data.derived)  # build_data may resolve values of cfg
     set_seed(cfg.train.seed)  # the same initial weights on every process and every rerun
     model = task.build_model(cfg, data.derived, pretrained=resume is None)
@@ -69,8 +71,8 @@ def _finetune_in(task: Task, cfg: Any, run_dir: Path, resume: str | Path | None,
     def evaluate(trained) -> dict[str, float]:
         return task.evaluate(trained, data, cfg, accelerator)
 
-    def on_best(trained, metrics, step) -> None:
-        save_trained(trained, run_dir / BEST_DIR, run_dir, task.name)
+    def on_best(trained, metrics, step, weights) -> None:
+        save_trained(trained, run_dir / BEST_DIR, run_dir, task.name, weights)
         write_summary(run_dir / BEST_DIR, {"step": step, "metrics": dict(metrics)})
 
     def on_start() -> None:  # a resumed run's config.json changes only once its state has loaded
@@ -88,7 +90,7 @@ def _finetune_in(task: Task, cfg: Any, run_dir: Path, resume: str | Path | None,
         accelerator=accelerator, unit=task.unit,
     )
     if main:
-        save_trained(model, run_dir, run_dir, task.name)
+        save_trained(model, run_dir, run_dir, task.name, result.state_dict)
         write_summary(run_dir, {
             "task": task.name, "steps": result.step, "final": result.eval_metrics,
             "best": result.best_metrics, "best_step": result.best_step, **task.summary_extras(cfg, data),

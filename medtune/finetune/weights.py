@@ -58,13 +58,24 @@ def adapted_backbone(model: nn.Module) -> tuple[str, nn.Module] | None:
     return (found[0], found[1]) if found is not None else None
 
 
-def head_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor of ``model`` outside its adapted backbone, by ``model.state_dict()`` name."""
+def head_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of ``model`` outside its adapted backbone, by ``model.state_dict()`` name
+    (values from ``state`` when given: the full weights of a sharded model)."""
     found = adapted_backbone(model)
     if found is None:
         raise CheckpointError("the model has no adapted backbone: there is no head to separate")
     prefix = f"{found[0]}." if found[0] else ""
-    return {k: v.detach() for k, v in model.state_dict().items() if not (prefix and k.startswith(prefix))}
+    state = model.state_dict() if state is None else state
+    return {k: v.detach() for k, v in state.items() if not (prefix and k.startswith(prefix))}
+
+
+def adapter_tensors(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapter's trained tensors (backbone names) taken from the model's full ``state``."""
+    from medtune.adapters import adapter_state_dict
+
+    name, backbone = adapted_backbone(model)
+    prefix = f"{name}." if name else ""
+    return {key: state[prefix + key] for key in adapter_state_dict(backbone)}
 
 
 # --------------------------------------------------------------------------- writing
@@ -91,19 +102,29 @@ def base_record(base_file: Path, folder: Path) -> dict[str, Any]:
     return {"path": path, "sha256": file_sha256(base_file)}
 
 
-def save_adapter_files(model: nn.Module, folder: Path, base_file: Path, task: str) -> None:
-    """``adapter.json`` + ``adapter.safetensors`` + ``head.safetensors`` of ``model``."""
+def save_adapter_files(model: nn.Module, folder: Path, base_file: Path, task: str,
+                       state: Mapping[str, torch.Tensor] | None = None) -> None:
+    """``adapter.json`` + ``adapter.safetensors`` + ``head.safetensors`` of ``model``
+    (values from ``state`` when given: the full weights of a sharded model)."""
     from medtune.adapters import save_adapter
 
-    save_adapter(model, folder, records={"base_weights": base_record(base_file, folder)})
-    save_safetensors(head_state_dict(model), folder / HEAD_FILE, metadata={"task": task})
+    state = model.state_dict() if state is None else state
+    save_adapter(model, folder, records={"base_weights": base_record(base_file, folder)},
+                 tensors=adapter_tensors(model, state))
+    save_safetensors(head_state_dict(model, state), folder / HEAD_FILE, metadata={"task": task})
 
 
-def save_trained(model: nn.Module, folder: Path, run_dir: Path, task: str) -> None:
-    """The weight files of a trained model into ``folder`` (the run folder or its ``best/``)."""
-    save_safetensors(model.state_dict(), folder / MODEL_FILE, metadata={"task": task})
+def save_trained(model: nn.Module, folder: Path, run_dir: Path, task: str,
+                 state: Mapping[str, torch.Tensor] | None = None) -> None:
+    """The weight files of a trained model into ``folder`` (the run folder or its ``best/``).
+
+    ``state``: the model's full weights when the module holds shards
+    (:attr:`medtune.trainer.TrainResult.state_dict`); default ``model.state_dict()``.
+    """
+    state = model.state_dict() if state is None else state
+    save_safetensors(state, folder / MODEL_FILE, metadata={"task": task})
     if adapted_backbone(model) is not None and (run_dir / BACKBONE_FILE).is_file():
-        save_adapter_files(model, folder, run_dir / BACKBONE_FILE, task)
+        save_adapter_files(model, folder, run_dir / BACKBONE_FILE, task, state)
 
 
 # --------------------------------------------------------------------------- reading

@@ -8,7 +8,11 @@
   the skip of the next-shallower stage, two conv blocks) for hierarchical backbones
   (Swin, ConvNeXt, SwinUNETR).
 
-Both take ``features = [(B, C_i, *S_i), ...]`` (shallow -> deep, as
+- ``unetr`` (:mod:`medtune.models.unetr`): MONAI SwinUNETR's own decoder for
+  ``swinunetr`` backbones; it also reads the input image, and takes over the UNETR blocks
+  of a FreMAE run pretrained with ``objective.decoder: unetr``.
+
+All take ``features = [(B, C_i, *S_i), ...]`` (shallow -> deep, as
 ``Backbone.forward_stages`` returns them) and the input's spatial size, and return
 logits ``(B, K, *S)`` at the input resolution. Made by name through :data:`DECODERS`::
 
@@ -233,18 +237,32 @@ def build_unet(in_channels, in_strides, num_classes, spatial_dims=2, **options) 
     return UNetDecoder(in_channels, in_strides, num_classes, spatial_dims, **options)
 
 
+# MONAI SwinUNETR's own decoder (swinunetr backbones; reads the input image too)
+DECODERS.register_path("unetr", "medtune.models.unetr:build_unetr_decoder")
+
+
 def create_decoder(
     name: str,
     in_channels: Sequence[int],
     in_strides: Sequence[int],
     num_classes: int,
     spatial_dims: int = 2,
+    image_channels: int | None = None,
     **options,
 ) -> nn.Module:
-    """Decoder by registry name; ``"auto"`` = UperNet for equal strides (plain ViT), else U-Net."""
+    """Decoder by registry name; ``"auto"`` = UperNet for equal strides (plain ViT), else U-Net.
+
+    ``image_channels``: the input's channels, for decoders that also read the input image
+    (``unetr``; they have ``takes_image = True`` and are called ``decoder(features, size, image)``).
+    """
     if name == "auto":
         name = "upernet" if len(set(in_strides)) == 1 else "unet"
+    build = DECODERS.get(name)
+    if getattr(build, "takes_image", False):
+        if image_channels is None:
+            raise ConfigError(f"decoder '{name}' reads the input image: pass image_channels")
+        options = {**options, "image_channels": image_channels}
     try:
-        return DECODERS.get(name)(tuple(in_channels), tuple(in_strides), num_classes, spatial_dims, **options)
+        return build(tuple(in_channels), tuple(in_strides), num_classes, spatial_dims, **options)
     except TypeError as exc:
         raise ConfigError(f"decoder '{name}': bad option ({exc})") from None

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 
 from medtune.checkpoints.io import LoadReport, load_state, load_weights
-from medtune.checkpoints.runs import BACKBONE_FILE, read_run_config
+from medtune.checkpoints.runs import BACKBONE_FILE, DECODER_FILE, read_run_config
 from medtune.errors import CheckpointError
 
 if TYPE_CHECKING:  # annotations only: backbones.py imports this module to load weights
@@ -75,6 +75,47 @@ def pretrained_section(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"--backbone {path}: no such run folder or weight file")
     return {"pretrained": str(path)}
+
+
+def pretrained_decoder_file(path: str | Path) -> Path | None:
+    """A pretraining run folder's decoder blocks (``decoder.safetensors``), or None.
+
+    Only FreMAE runs with ``objective.decoder: unetr`` write it; a weight file given to
+    ``--backbone`` never brings a decoder.
+    """
+    path = Path(path)
+    weight_file = path / DECODER_FILE
+    return weight_file if path.is_dir() and weight_file.is_file() else None
+
+
+def load_pretrained_decoder(decoder: torch.nn.Module, path: str | Path) -> LoadReport | None:
+    """Load a pretraining run's decoder blocks into a segmentation decoder that takes them.
+
+    ``path`` is the backbone's ``pretrained`` source. Returns None when the run has no
+    decoder blocks, or when ``decoder`` cannot take them (then a warning names the
+    decoder that can: ``model.decoder: unetr``). Tensors the run has but the decoder
+    lacks, or of another shape, are a :class:`CheckpointError`; the decoder's own
+    tensors beyond the run's (SwinUNETR's ``decoder3``-``decoder1``, ``out``) stay as
+    initialised and are logged.
+    """
+    weight_file = pretrained_decoder_file(path)
+    if weight_file is None:
+        return None
+    if not getattr(decoder, "takes_pretrained_blocks", False):
+        log.warning(
+            "%s: the run's pretrained decoder blocks are not used by decoder %s "
+            "(set model.decoder: unetr to finetune them too)", weight_file, type(decoder).__name__,
+        )
+        return None
+    report = load_state(decoder, load_weights(weight_file), strict=False, source=weight_file, quiet=True)
+    if report.unexpected or not report.loaded:
+        raise CheckpointError(
+            f"{weight_file}: decoder tensors that decoder {type(decoder).__name__} does not have: "
+            f"{', '.join(report.unexpected[:5]) or '<none matched>'}"
+        )
+    log.info("%s: %s into the decoder (%s new: %s)", weight_file, report.summary(), len(report.missing),
+             ", ".join(sorted({key.split(".", 1)[0] for key in report.missing})))
+    return report
 
 
 def normalize_keys(state: Mapping[str, torch.Tensor], backbone: Backbone) -> StateDict:
@@ -255,6 +296,8 @@ __all__ = [
     "drop_classifier",
     "keep_own_derived_buffers",
     "load_pretrained",
+    "load_pretrained_decoder",
+    "pretrained_decoder_file",
     "normalize_keys",
     "pretrained_section",
     "resample_pos_embed",

@@ -11,7 +11,8 @@ The same command runs on one process or many::
 The run folder (default ``checkpoints/<config stem>-<YYYYmmdd-HHMMSS>``) receives
 ``config.json`` (the resolved config), ``metrics.jsonl``, ``state/`` (resumable), and at
 the end ``backbone.safetensors`` (the encoder: what finetuning loads),
-``pretrain.safetensors`` (encoder + decoder) and ``reconstruction.png``. A folder that
+``pretrain.safetensors`` (encoder + decoder), ``decoder.safetensors`` when the decoder
+has blocks a segmenter takes over (FreMAE ``decoder: unetr``) and ``reconstruction.png``. A folder that
 already holds a run is never overwritten unless ``--resume`` continues it.
 """
 
@@ -26,6 +27,7 @@ from medtune import distributed
 from medtune.checkpoints.runs import (
     BACKBONE_FILE,
     CONFIG_FILE,
+    DECODER_FILE,
     FIGURE_FILE,
     PRETRAIN_FILE,
     PRETRAIN_TASK,
@@ -77,7 +79,8 @@ def _pretrain_in(cfg, run_config: RunConfig, run_dir: Path, resume) -> int:
     accelerator = make_accelerator(cfg.train, run_dir)
 
     dataset, plan = distributed.main_first(
-        accelerator, lambda: _build_dataset(cfg, run_dir, accelerator.is_main_process)
+        accelerator, lambda: _build_dataset(cfg, run_dir, accelerator.is_local_main_process),
+        per_node=not cfg.train.shared_filesystem,
     )
     run_config = RunConfig(run_config.task, run_config.config, {"data_plan": plan.to_json()})
     objective = _build_objective(cfg)
@@ -89,11 +92,16 @@ def _pretrain_in(cfg, run_config: RunConfig, run_dir: Path, resume) -> int:
     result = _train(objective, dataset, cfg, run_dir, resume, accelerator, on_start)
 
     if accelerator.is_main_process:
-        written = save_outputs(objective, dataset, cfg, run_dir)
+        if result.sharded:  # the modules hold shards: draw the figure on a whole copy
+            objective = _build_objective(cfg)
+            objective.load_state_dict(result.state_dict)
+        written = save_outputs(objective, dataset, cfg, run_dir, result.state_dict)
         print(f"pretrained {cfg.objective.name} on {cfg.backbone.name} for {result.step} steps "
               f"({result.samples_per_s:.1f} samples/s); run folder: {run_dir}")
         print(f"encoder weights (for finetuning): {written['backbone']}")
         print(f"encoder + decoder weights:        {written['pretrain']}")
+        if "decoder" in written:
+            print(f"decoder blocks (for finetuning):  {written['decoder']}")
         if "figure" in written:
             print(f"reconstruction figure:            {written['figure']}")
         print(f"config:                           {run_dir / CONFIG_FILE}")
@@ -168,20 +176,42 @@ def _train(objective, dataset, cfg, run_dir: Path, resume, accelerator, on_start
 # --------------------------------------------------------------------------- outputs
 
 
-def save_outputs(objective, dataset, cfg, run_dir: Path) -> dict[str, Path]:
-    """Write the encoder, the whole objective and the figure (main process only)."""
+def save_outputs(objective, dataset, cfg, run_dir: Path, state: dict | None = None) -> dict[str, Path]:
+    """Write the encoder, the whole objective, the transferable decoder blocks (if the
+    objective has any) and the figure (main process only).
+
+    ``state``: the objective's full weights (the trainer's gathered ``state_dict``);
+    default ``objective.state_dict()``.
+    """
     from medtune.checkpoints.io import save_safetensors
 
+    state = objective.state_dict() if state is None else state
+    encoder = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     meta = {"format": "medtune", "kind": "pretrain", "objective": cfg.objective.name, "backbone": cfg.backbone.name}
     written = {
-        "backbone": save_safetensors(objective.backbone.state_dict(), run_dir / BACKBONE_FILE, meta),
-        "pretrain": save_safetensors(objective.state_dict(), run_dir / PRETRAIN_FILE, meta),
+        "backbone": save_safetensors(encoder, run_dir / BACKBONE_FILE, meta),
+        "pretrain": save_safetensors(state, run_dir / PRETRAIN_FILE, meta),
     }
+    blocks = transferable_state(objective, state)
+    if blocks is not None:
+        written["decoder"] = save_safetensors(blocks, run_dir / DECODER_FILE, meta)
     if cfg.figure:
         figure = _save_figure(objective, dataset, cfg, run_dir / FIGURE_FILE)
         if figure is not None:
             written["figure"] = figure
     return written
+
+
+def transferable_state(objective, state: dict) -> dict | None:
+    """The tensors of ``state`` (the objective's full state dict) that belong to its
+    transferable decoder blocks (``objective.transferable_decoder()``), under the blocks'
+    own names; None when the objective has none."""
+    transferable = getattr(objective, "transferable_decoder", None)
+    blocks = transferable() if callable(transferable) else None
+    if blocks is None:
+        return None
+    prefix = next(f"{name}." for name, module in objective.named_modules() if module is blocks)
+    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
 
 
 def _save_figure(objective, dataset, cfg, path: Path) -> Path | None:

@@ -6,7 +6,11 @@ The steps, named as in the paper:
    learnable per-modality token, then jitter intensities (scale and shift).
 2. ``forward_encoder``: the backbone's stage maps of the masked input.
 3. ``forward_decoder``: the multi-stage supervision decoder; a top-down path predicts a
-   full-resolution image, a bottom-up path a 1/4-resolution image.
+   full-resolution image, a bottom-up path a 1/4-resolution image. ``decoder="light"``
+   (:mod:`medtune.pretrain.decoder`) reads the stages of any backbone; ``"unetr"``
+   (:mod:`medtune.pretrain.unetr_decoder`) is the official whole network: SwinUNETR's
+   UNETR blocks (which also read the masked input) feed the two heads, and are saved
+   for finetuning (:meth:`FreMAE.transferable_decoder`).
 4. ``forward_loss``: focal frequency loss between the *high band* of the full-resolution
    prediction and of the (unmasked) input, and between the *low band* of the 1/4
    prediction and of the input average-pooled 4x. Total = 1.0 L_high + 1.3 L_low.
@@ -102,6 +106,7 @@ class FreMAE(nn.Module):
         self.mask_mode = cfg.mask_mode
         self.mask_scope = cfg.mask_scope
         self.jitter = cfg.jitter
+        self.jitter_shape = cfg.jitter_shape
         self.radius = float(cfg.radius)
         self.filter_kind = cfg.filter_kind
         self.low_pool = cfg.low_pool
@@ -114,9 +119,9 @@ class FreMAE(nn.Module):
         if size % self.low_pool:
             raise ConfigError(f"FreMAE: img_size {size} is not divisible by low_pool {self.low_pool}")
         if self.mask_mode == "pixel":
-            # One learnable value per modality written into masked pixels; 0 is the
-            # z-scored mean (FreMIM starts from 1).
-            self.mask_token = nn.Parameter(torch.zeros(self.modalities))
+            # One learnable value per modality written into masked pixels, starting at
+            # mask_token_init: 0 is the z-scored mean, FreMIM starts from 1.
+            self.mask_token = nn.Parameter(torch.full((self.modalities,), float(cfg.mask_token_init)))
         else:
             vit = require_vit(backbone, "fremae (mask_mode='patch')")
             self.patch_size = int(vit.patch_embed.patch_size[0])
@@ -124,16 +129,7 @@ class FreMAE(nn.Module):
             # One learnable token per captured stage, filled in at masked patches.
             self.stage_mask_tokens = nn.Parameter(torch.zeros(len(backbone.feature_channels), 1, 1, vit.embed_dim))
             nn.init.normal_(self.stage_mask_tokens, std=0.02)
-        self.decoder = MultiStageDecoder(
-            backbone.feature_channels,
-            backbone.feature_strides,
-            out_channels=self.modalities,
-            image_size=(size,) * self.spatial_dims,
-            spatial_dims=self.spatial_dims,
-            width=cfg.decoder_width,
-            low_pool=self.low_pool,
-            filter_per_channel=cfg.filter_per_channel,
-        )
+        self.decoder = build_fremae_decoder(cfg, backbone, (size,) * self.spatial_dims)
 
     # ------------------------------------------------------------------ steps
 
@@ -145,7 +141,8 @@ class FreMAE(nn.Module):
         foreground = foreground_of(images) if foreground is None else foreground.bool()
         if self.mask_mode == "pixel":
             masked, mask = pixel_masking(
-                images, foreground, self.mask_ratio, self.mask_token, scope=self.mask_scope, jitter=self.jitter
+                images, foreground, self.mask_ratio, self.mask_token,
+                scope=self.mask_scope, jitter=self.jitter, jitter_shape=self.jitter_shape,
             )
             ratio = mask.sum() / foreground.sum().clamp_min(1)
             return MaskedInput(masked, mask, ratio)
@@ -169,9 +166,20 @@ class FreMAE(nn.Module):
             stages.append(full.transpose(1, 2).reshape(full.shape[0], -1, *self.grid))  # (B, C, Hp, Wp)
         return stages
 
-    def forward_decoder(self, stages: list[Tensor], image_size: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-        """High-band prediction ``(B, M, *S)`` and low-band prediction ``(B, M, *S/low_pool)``."""
+    def forward_decoder(
+        self, stages: list[Tensor], image_size: tuple[int, ...], masked: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """High-band prediction ``(B, M, *S)`` and low-band prediction ``(B, M, *S/low_pool)``
+        (the ``unetr`` decoder also reads the ``masked`` input ``(B, M, *S)``)."""
+        if getattr(self.decoder, "takes_image", False):
+            return self.decoder(stages, image_size, masked)
         return self.decoder(stages, image_size)
+
+    def transferable_decoder(self) -> nn.Module | None:
+        """The decoder blocks a segmenter takes over (``unetr``: SwinUNETR's UNETR trunk,
+        MONAI names), or None (the light decoder is pretraining-only)."""
+        transferable = getattr(self.decoder, "transferable", None)
+        return transferable() if callable(transferable) else None
 
     def band_targets(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """High band of the image ``(B, M, *S, 2)`` and low band of the pooled image
@@ -203,7 +211,7 @@ class FreMAE(nn.Module):
         images = self._images(batch)
         masked = self.mask_input(batch)
         stages = self.forward_encoder(masked.image if masked.patch_mask is None else images, masked.patch_mask)
-        pred_high, pred_low = self.forward_decoder(stages, tuple(images.shape[2:]))
+        pred_high, pred_low = self.forward_decoder(stages, tuple(images.shape[2:]), masked.image)
         loss, loss_high, loss_low = self.forward_loss(images, pred_high, pred_low)
         return {
             "loss": loss,
@@ -229,7 +237,7 @@ class FreMAE(nn.Module):
         masked = self.mask_input(batch)
         encoder_input = masked.image if masked.patch_mask is None else images
         stages = self.forward_encoder(encoder_input, masked.patch_mask)
-        pred_high, pred_low = self.forward_decoder(stages, tuple(images.shape[2:]))
+        pred_high, pred_low = self.forward_decoder(stages, tuple(images.shape[2:]), masked.image)
         target_high, target_low = self.band_targets(images)
         spectra = {
             "high": (target_high, self.high_spectrum(pred_high)),
@@ -253,4 +261,35 @@ class FreMAE(nn.Module):
         return images
 
 
-__all__ = ["FreMAE", "MaskedInput", "average_pool", "backbone_image_size"]
+def build_fremae_decoder(cfg: "FreMAEConfig", backbone: nn.Module, image_size: tuple[int, ...]) -> nn.Module:
+    """``cfg.decoder``: ``"light"`` (:class:`MultiStageDecoder`, any backbone) or ``"unetr"``
+    (:class:`~medtune.pretrain.unetr_decoder.UnetrFrequencyDecoder`, swinunetr backbones)."""
+    spatial_dims = int(backbone.spatial_dims)
+    if cfg.decoder == "unetr":
+        from medtune.pretrain.unetr_decoder import UnetrFrequencyDecoder
+
+        if cfg.mask_mode != "pixel":
+            raise ConfigError("objective.decoder 'unetr' reads the masked image: it needs mask_mode 'pixel'")
+        return UnetrFrequencyDecoder(
+            backbone.feature_channels,
+            backbone.feature_strides,
+            image_channels=int(backbone.in_chans),
+            image_size=image_size,
+            spatial_dims=spatial_dims,
+            low_channels=cfg.decoder_width,
+            low_pool=cfg.low_pool,
+            filter_per_channel=cfg.filter_per_channel,
+        )
+    return MultiStageDecoder(
+        backbone.feature_channels,
+        backbone.feature_strides,
+        out_channels=int(backbone.in_chans),
+        image_size=image_size,
+        spatial_dims=spatial_dims,
+        width=cfg.decoder_width,
+        low_pool=cfg.low_pool,
+        filter_per_channel=cfg.filter_per_channel,
+    )
+
+
+__all__ = ["FreMAE", "MaskedInput", "average_pool", "backbone_image_size", "build_fremae_decoder"]

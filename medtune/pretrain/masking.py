@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 MaskScope = Literal["sample", "batch"]
+JitterShape = Literal["sample", "column"]
 
 
 def foreground_of(image: Tensor) -> Tensor:
@@ -55,6 +56,7 @@ def pixel_masking(
     scope: MaskScope = "sample",
     jitter: float = 0.1,
     generator: torch.Generator | None = None,
+    jitter_shape: JitterShape = "sample",
 ) -> tuple[Tensor, Tensor]:
     """FreMAE's per-pixel foreground masking with intensity jitter.
 
@@ -68,8 +70,11 @@ def pixel_masking(
             fraction of its foreground); ``"batch"`` draws it over the whole batch, as the
             official FreMIM code does.
         jitter: the masked input is multiplied by ``U(1 - jitter, 1 + jitter)`` and shifted
-            by ``U(-jitter, jitter)``, one draw per (sample, modality); 0 disables it.
-            (The official code also draws per image column, which reads as incidental.)
+            by ``U(-jitter, jitter)``; 0 disables it.
+        jitter_shape: ``"sample"``: one draw per (sample, modality); ``"column"``: one per
+            (sample, modality, position along the last spatial axis), i.e. ``(B, M, 1, W)``
+            for slices, the shape the official FreMIM code draws (``(B, M, 1, ..., 1, S_last)``
+            in 3D).
 
     Returns:
         ``masked`` ``(B, M, *S)`` (differentiable w.r.t. ``mask_token``) and
@@ -82,6 +87,8 @@ def pixel_masking(
         )
     if scope not in ("sample", "batch"):
         raise ValueError(f"mask scope must be 'sample' or 'batch', got {scope!r}")
+    if jitter_shape not in ("sample", "column"):
+        raise ValueError(f"jitter shape must be 'sample' or 'column', got {jitter_shape!r}")
     batch, modalities = image.shape[:2]
     rows = foreground.reshape(batch, -1) if scope == "sample" else foreground.reshape(1, -1)
     mask = _select_fraction(rows.bool(), mask_ratio, generator).view_as(foreground)  # (B, *S)
@@ -90,6 +97,8 @@ def pixel_masking(
     masked = torch.where(mask.unsqueeze(1), token, image)  # (B, M, *S)
     if jitter > 0:
         shape = (batch, modalities) + (1,) * (image.ndim - 2)
+        if jitter_shape == "column":
+            shape = shape[:-1] + (image.shape[-1],)
         uniform = torch.rand((2, *shape), device=image.device, generator=generator)
         scale = 1.0 - jitter + 2.0 * jitter * uniform[0]
         shift = -jitter + 2.0 * jitter * uniform[1]

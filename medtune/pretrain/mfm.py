@@ -1,10 +1,15 @@
 """MFM baseline (Masked Frequency Modeling, Xie et al., ICLR 2023), 2D or 3D.
 
 Steps: ``corrupt_input`` (remove the low or the high band of the image spectrum, a
-circle of radius 16 bins at 224 px scaled with the image side), ``forward_encoder`` (the
-backbone's last stage), ``forward_decoder`` (SimMIM-style 1x1 conv + pixel shuffle),
-``forward_loss`` (a focal-weighted frequency distance averaged over the *removed* bins
-only: the model is asked to recover what the corruption took away).
+circle of radius 16 bins at 224 px scaled with the image side; the low set is
+``dx^2 + dy^2 < r^2``, 793 bins at 224 px), ``forward_encoder`` (the backbone's last
+stage), ``forward_decoder`` (SimMIM-style 1x1 conv + pixel shuffle), ``forward_loss``
+(the official criterion: the plain frequency distance ``|F_pred - F_true|``, loss_gamma
+1 and no weight matrix, averaged over the *removed* bins, channels and patches: the
+model is asked to recover what the corruption took away).
+
+The official code clamps the corrupted image to [0, 1] (natural images); medtune's
+inputs are z-scored volumes, so nothing is clamped.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from medtune.pretrain.frequency import (
     apply_band,
     band_mask,
     focal_weight,
+    frequency_distance,
     inverse_spectrum,
     mfm_radius,
     spectrum,
@@ -31,7 +37,9 @@ class MFM(nn.Module):
         radius: band radius in bins; None = 16 at 224 px, scaled with the smallest side.
         filter_kind: ``"circle"`` (MFM) or ``"square"``.
         band: the band that is removed: ``"low"``, ``"high"`` or ``"random"`` (per sample).
-        focal_alpha: exponent of the focal weight; 0 = plain frequency MSE.
+        loss_gamma: exponent of the frequency distance (official 1; 2 = squared).
+        focal_weight: weight the distance by the focal frequency weight (official: no).
+        focal_alpha: exponent of the focal weight (with ``focal_weight`` only).
 
     ``forward(batch)`` with ``batch["image"]`` ``(B, M, *S)`` -> ``{"loss",
     "removed_low"}`` (fraction of samples whose low band was removed).
@@ -43,6 +51,8 @@ class MFM(nn.Module):
         radius: float | None = None,
         filter_kind: str = "circle",
         band: str = "random",
+        loss_gamma: float = 1.0,
+        focal_weight: bool = False,
         focal_alpha: float = 1.0,
     ) -> None:
         super().__init__()
@@ -51,6 +61,8 @@ class MFM(nn.Module):
         self.radius = radius
         self.filter_kind = filter_kind
         self.band = band
+        self.loss_gamma = loss_gamma
+        self.focal_weight = focal_weight
         self.focal_alpha = focal_alpha
         self.decoder = PixelShuffleHead(
             backbone.feature_channels[-1], backbone.in_chans, backbone.feature_strides[-1], self.spatial_dims
@@ -84,14 +96,17 @@ class MFM(nn.Module):
         return self.decoder(latent)
 
     def forward_loss(self, images: Tensor, pred: Tensor, removed: Tensor) -> Tensor:
-        """Focal-weighted squared spectrum distance, averaged over removed bins."""
+        """Frequency distance ``|F_pred - F_true|^gamma`` averaged over the removed bins and
+        channels (the official criterion); ``focal_weight`` multiplies it by the focal
+        weight computed over the whole spectrum, as MFM's ``with_matrix`` option."""
         selected = removed.unsqueeze(1)  # (B, 1, *S)
-        pred_spec = apply_band(spectrum(pred, self.spatial_dims), selected)  # (B, M, *S, 2)
-        target_spec = apply_band(spectrum(images, self.spatial_dims), selected)
-        squared_distance = (pred_spec - target_spec).pow(2).sum(-1)  # (B, M, *S), 0 off-band
-        weight = focal_weight(pred_spec.detach(), target_spec, self.focal_alpha)
+        pred_spec = spectrum(pred, self.spatial_dims)  # (B, M, *S, 2)
+        target_spec = spectrum(images, self.spatial_dims)
+        distance = frequency_distance(pred_spec, target_spec, self.loss_gamma)  # (B, M, *S)
+        if self.focal_weight:
+            distance = focal_weight(pred_spec.detach(), target_spec, self.focal_alpha) * distance
         count = selected.sum() * images.shape[1]
-        return (weight * squared_distance).sum() / count.clamp_min(1)
+        return (distance * selected).sum() / count.clamp_min(1)
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         images = batch["image"]

@@ -64,12 +64,18 @@ class FreMAEConfig(ObjectiveConfig):
     # paper); "patch": MAE-style, mask whole patches and encode only the visible tokens
     # (ViT backbones only)
     mask_mode: str = "pixel"
-    # pixel masking. "sample": each sample loses mask_ratio of its own foreground;
-    # "batch": drawn over the whole batch (official code)
+    # pixel masking. "sample": each sample loses mask_ratio of its own foreground (every
+    # slice equally masked); "batch": mask_ratio of the batch's foreground pixels, drawn
+    # over the whole batch (official code)
     mask_scope: str = "sample"
-    # pixel masking. Masked inputs are scaled by U(1-j, 1+j) and shifted by U(-j, j) per
-    # (sample, modality); 0 disables
+    # pixel masking. Value the learnable per-modality mask token starts at: 0 (the
+    # z-scored mean) or 1 (official code)
+    mask_token_init: float = 0.0
+    # pixel masking. Masked inputs are scaled by U(1-j, 1+j) and shifted by U(-j, j); 0 disables
     jitter: float = 0.1
+    # pixel masking. "sample": one jitter draw per (sample, modality); "column": one per
+    # (sample, modality, image column), the official code's B x M x 1 x W draw
+    jitter_shape: str = "sample"
     # half-width, in frequency bins, of the central low-band square (or circle radius)
     radius: float = 10.0
     # band shape: "square" (symmetric, 2r + 1 bins per axis), "square_official" (FreMIM's
@@ -87,7 +93,12 @@ class FreMAEConfig(ObjectiveConfig):
     loss: str = "frequency"
     # exponent of the focal frequency weight log(1 + d^alpha)
     focal_alpha: float = 1.0
-    # channels of the multi-stage decoder's paths
+    # "light": medtune's multi-stage decoder over the backbone's stages, any backbone;
+    # "unetr": the official whole network, MONAI SwinUNETR's UNETR blocks (swinunetr
+    # backbones only) feeding the frequency heads; its blocks are saved for finetuning
+    decoder: str = "light"
+    # "light": channels of both decoder paths; "unetr": channels of the low-band head
+    # (official 32; the high-band head has the backbone's feature_size)
     decoder_width: int = 32
     # global filters with one transfer function per channel (official) or one shared by
     # all channels (far fewer parameters in 3D)
@@ -97,6 +108,8 @@ class FreMAEConfig(ObjectiveConfig):
         check_mask_ratio(self.mask_ratio)
         check_one_of("mask_mode", self.mask_mode, ("pixel", "patch"))
         check_one_of("mask_scope", self.mask_scope, ("sample", "batch"))
+        check_one_of("jitter_shape", self.jitter_shape, ("sample", "column"))
+        check_one_of("decoder", self.decoder, ("light", "unetr"))
         check_one_of("filter_kind", self.filter_kind, FILTER_KINDS)
         check_one_of("loss", self.loss, ("frequency", "pixel"))
         if self.radius is None or self.radius < 0:
@@ -149,12 +162,16 @@ class MFMConfig(ObjectiveConfig):
     name: str = "mfm"
     # band radius in frequency bins; None: 16 at 224 px, scaled with the image side
     radius: float | None = None
-    # band shape: "circle" (MFM), "square" or "square_official"
+    # band shape: "circle" (MFM: the low set is dx^2 + dy^2 < r^2), "square" or "square_official"
     filter_kind: str = "circle"
     # the band removed from the input and predicted: "low", "high", or "random" (one of
     # the two per sample, p = 0.5, as MFM)
     band: str = "random"
-    # exponent of the focal frequency weight; 0 gives a plain (unweighted) frequency MSE
+    # exponent of the frequency distance |F_pred - F_true|: 1 (official MFM), 2 (squared)
+    loss_gamma: float = 1.0
+    # multiply the distance by the focal frequency weight (official MFM: false)
+    focal_weight: bool = False
+    # exponent of the focal weight log(1 + d^alpha) (with focal_weight only)
     focal_alpha: float = 1.0
 
     def __post_init__(self) -> None:
@@ -162,6 +179,8 @@ class MFMConfig(ObjectiveConfig):
         check_one_of("band", self.band, ("low", "high", "random"))
         if self.radius is not None and self.radius < 0:
             raise ValueError(f"objective.radius must be >= 0, got {self.radius}")
+        if self.loss_gamma <= 0:
+            raise ValueError(f"objective.loss_gamma must be > 0, got {self.loss_gamma}")
 
 
 def build_fremae(cfg: FreMAEConfig, backbone: nn.Module) -> nn.Module:
@@ -192,7 +211,10 @@ def build_simmim(cfg: SimMIMConfig, backbone: nn.Module) -> nn.Module:
 def build_mfm(cfg: MFMConfig, backbone: nn.Module) -> nn.Module:
     from medtune.pretrain.mfm import MFM
 
-    return MFM(backbone, radius=cfg.radius, filter_kind=cfg.filter_kind, band=cfg.band, focal_alpha=cfg.focal_alpha)
+    return MFM(
+        backbone, radius=cfg.radius, filter_kind=cfg.filter_kind, band=cfg.band,
+        loss_gamma=cfg.loss_gamma, focal_weight=cfg.focal_weight, focal_alpha=cfg.focal_alpha,
+    )
 
 
 @dataclass(frozen=True)

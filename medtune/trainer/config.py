@@ -15,6 +15,9 @@ class OptimConfig:
     weight_decay: float = 0.0  # applied to every trainable parameter
     betas: tuple[float, float] = (0.9, 0.999)  # Adam moment decay rates
     amsgrad: bool = False  # AMSGrad variant (Med-Tuning's recipe uses it)
+    # PyTorch's fused Adam/AdamW kernel: the same update in one pass over all tensors
+    # (about 5x faster than the per-tensor loop on CPU for a 27M-parameter model)
+    fused: bool = True
 
     def __post_init__(self) -> None:
         if self.name not in ("adam", "adamw"):
@@ -51,7 +54,7 @@ class TrainConfig:
     batch_size: int = 8  # samples per micro-batch per process
     grad_accum: int = 1  # micro-batches accumulated into one optimizer step
     grad_clip: float | None = 1.0  # max global gradient norm; null disables clipping
-    mixed_precision: str = "auto"  # "auto" (bf16 on CUDA with bf16, else fp32), "no", "bf16", "fp16"
+    mixed_precision: str = "auto"  # "auto" (the launcher's --mixed_precision, else bf16 on CUDA with bf16, else fp32), "no", "bf16", "fp16"
     seed: int = 0  # seeds data order (seed + epoch) and per-micro-batch randomness
     log_every: int = 10  # optimizer steps between metrics.jsonl lines / progress updates
     save_every: int = 0  # optimizer steps between resumable states (and at the end); 0 never saves
@@ -59,6 +62,10 @@ class TrainConfig:
     eval_every: int = 0  # optimizer steps between evaluate() calls (0: only at the end)
     num_workers: int | None = None  # DataLoader workers of build_loader; None: the run's data.num_workers (CLIs) or 0
     find_unused_parameters: bool = False  # DDP flag for models with parameters unused in forward
+    # the run folder and the cache lie on a file system every node sees (true); false: each
+    # node has its own disk, and each node's first process writes its own resumable states
+    # and builds its own cache (the run's weights and logs are written on the first node)
+    shared_filesystem: bool = True
     trackers: list[str] = field(default_factory=list)  # extra loggers, e.g. ["tensorboard"]
     optim: OptimConfig = field(default_factory=OptimConfig)  # the optimizer
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # the lr schedule
@@ -93,3 +100,7 @@ class TrainResult:
     state_dir: Path | None = None  # the last saved resumable state
     seconds: float = 0.0  # wall time of this call
     samples_per_s: float = 0.0  # global training throughput of this call
+    # the final weights, whole (gathered from the shards of a sharded model), on the main
+    # process; None on the others: what a caller writes as the run's weights
+    state_dict: dict | None = None
+    sharded: bool = False  # the model trained in shards (its modules do not hold whole weights)

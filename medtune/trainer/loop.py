@@ -28,6 +28,7 @@ from medtune.checkpoints.runs import (
 from medtune.distributed import barrier
 from medtune.errors import CheckpointError, ConfigError, DataError, MedtuneError
 from medtune.trainer.config import TrainConfig, TrainResult
+from medtune.trainer.engines import engine_for
 from medtune.trainer.setup import _loss_of, build_loader, build_optimizer, lr_factor, make_accelerator
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def train(
     resume: str | Path | None = None,
     evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
     is_better: Callable[[Mapping[str, float], Mapping[str, float]], bool] | None = None,
-    on_best: Callable[[nn.Module, Mapping[str, float], int], None] | None = None,
+    on_best: Callable[[nn.Module, Mapping[str, float], int, dict], None] | None = None,
     on_start: Callable[[], None] | None = None,
     accelerator: Any | None = None,
     trackers: Sequence[str] | None = None,
@@ -64,8 +65,9 @@ def train(
             the unwrapped model in eval mode every ``cfg.eval_every`` steps and at the end.
         is_better: ``is_better(new, best) -> bool`` picks the best evaluation
             (:func:`higher_is_better`, :func:`lower_is_better`).
-        on_best: ``on_best(model, metrics, step)`` on the main process whenever a new best
-            evaluation is found (e.g. to save the best weights).
+        on_best: ``on_best(model, metrics, step, weights)`` on the main process whenever a
+            new best evaluation is found (e.g. to save them): ``weights`` is the full state
+            dict, gathered from the shards when the model is sharded.
         on_start: ``on_start()`` on the main process once a resumed state has loaded
             (or at once for a fresh run), before the first step: e.g. to write the run's
             config only when the state it describes is known to load.
@@ -94,23 +96,20 @@ def train(
             f"{cfg.batch_size}; lower train.batch_size or add data"
         )
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ConfigError("train(): the model has no trainable parameters (all requires_grad=False)")
-    optimizer = build_optimizer(params, cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, cfg.max_steps, cfg.schedule)
+    engine = engine_for(accelerator, model)
+    if not engine.sharded:
+        _use_sync_batchnorm(accelerator, model)
+    model, optimizer, loader, scheduler = engine.prepare(
+        accelerator, model, lambda params: build_optimizer(params, cfg.optim), train_loader,
+        lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg.max_steps, cfg.schedule)),
     )
-    _use_sync_batchnorm(accelerator, model)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     batches_per_epoch = len(loader)
-    trainable = [p for p in model.parameters() if p.requires_grad]
 
     state = _LoopState()
     if resume is not None:
         state_dir = resolve_resume(resume, run_dir)
         try:
-            accelerator.load_state(str(state_dir))
+            engine.load(accelerator, model, optimizer, state_dir)
         except (RuntimeError, OSError, ValueError, KeyError) as exc:  # a state of another model or run
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise CheckpointError(f"cannot resume from {state_dir}: {first}") from None
@@ -149,7 +148,7 @@ def train(
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     if cfg.grad_clip is not None:
-                        grad_norm = accelerator.clip_grad_norm_(trainable, cfg.grad_clip)
+                        grad_norm = engine.clip_grad_norm(accelerator, model, cfg.grad_clip)
                         _add(sums, counts, "grad_norm", grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -180,11 +179,15 @@ def train(
         if evaluating or saving or is_last:
             _average_batchnorm_statistics(accelerator, model)
         if evaluating:
-            result.eval_metrics = _run_evaluation(accelerator, model, evaluate, is_better, on_best, state, run_dir)
+            result.eval_metrics = _run_evaluation(accelerator, engine, model, evaluate, is_better, on_best, state,
+                                                  run_dir)
         if saving:
-            result.state_dir = _save_state(accelerator, run_dir, state, cfg.keep_last)
+            result.state_dir = _save_state(accelerator, engine, model, optimizer, run_dir, state, cfg.keep_last,
+                                           cfg.shared_filesystem)
     progress.close()
 
+    result.state_dict = engine.full_state_dict(accelerator, model)  # every process takes part
+    result.sharded = engine.sharded
     barrier(accelerator)
     if accelerator.log_with:
         accelerator.end_training()
@@ -333,36 +336,42 @@ def _average_batchnorm_statistics(accelerator, model: nn.Module) -> None:
             offset += b.numel()
 
 
-def _run_evaluation(accelerator, model, evaluate, is_better, on_best, state: _LoopState, run_dir: Path) -> dict:
-    bare = accelerator.unwrap_model(model)
-    bare.eval()
-    try:
-        metrics = {k: float(v) for k, v in dict(evaluate(bare)).items()}
-    finally:
-        bare.train()
+def _run_evaluation(accelerator, engine, model, evaluate, is_better, on_best, state: _LoopState,
+                    run_dir: Path) -> dict:
+    with engine.whole(accelerator, model) as bare:
+        bare.eval()
+        try:
+            metrics = {k: float(v) for k, v in dict(evaluate(bare)).items()}
+        finally:
+            bare.train()
     record = {f"eval/{k}": v for k, v in metrics.items()}
     if is_better is not None and (state.best_metrics is None or is_better(metrics, state.best_metrics)):
         state.best_metrics, state.best_step = metrics, state.step
         record["eval/is_best"] = 1.0
-        if on_best is not None and accelerator.is_main_process:
-            on_best(bare, metrics, state.step)
+        if on_best is not None:
+            weights = engine.full_state_dict(accelerator, model)  # every process takes part
+            if accelerator.is_main_process:
+                on_best(accelerator.unwrap_model(model), metrics, state.step, weights)
     _log_metrics(accelerator, run_dir, state.step, record)
     log.info("step %d evaluation: %s", state.step, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return metrics
 
 
-def _save_state(accelerator, run_dir: Path, state: _LoopState, keep_last: int) -> Path:
+def _save_state(accelerator, engine, model, optimizer, run_dir: Path, state: _LoopState, keep_last: int,
+                shared_filesystem: bool = True) -> Path:
     """``save_state`` into ``state/step_N.tmp``, then rename: a kill never leaves a half state."""
     root = state_root(run_dir)
     final = root / step_dir_name(state.step)
     partial = root / f"{step_dir_name(state.step)}.tmp"
-    if accelerator.is_main_process:
+    # the process that writes this disk: the main one, or each node's first (node-local disks)
+    writer = accelerator.is_main_process if shared_filesystem else accelerator.is_local_main_process
+    if writer:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     barrier(accelerator)
-    accelerator.save_state(str(partial), safe_serialization=True)
+    engine.save(accelerator, model, optimizer, partial)
     barrier(accelerator)
-    if accelerator.is_main_process:
+    if writer:
         (partial / TRAINER_STATE_FILE).write_text(json.dumps(state.to_json(), indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)

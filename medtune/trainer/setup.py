@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -41,20 +42,39 @@ def lr_factor(step: int, total_steps: int, schedule: ScheduleConfig) -> float:
     return schedule.min_lr_ratio + (1.0 - schedule.min_lr_ratio) * decay
 
 
+LAUNCHER_PRECISION = "ACCELERATE_MIXED_PRECISION"  # set by `accelerate launch --mixed_precision` / its config
+
+
 def resolve_mixed_precision(requested: str) -> str:
-    """``"auto"`` -> ``"bf16"`` on a CUDA device that supports it, else ``"no"`` (fp32)."""
+    """The precision a run trains in.
+
+    ``"auto"`` defers to the launcher (``accelerate launch --mixed_precision X`` or the
+    ``accelerate config`` file, which Accelerate passes on as ``ACCELERATE_MIXED_PRECISION``),
+    else bf16 on a CUDA device that supports it, else ``"no"`` (fp32). An explicit
+    ``train.mixed_precision`` wins over the launcher, with a log line when they differ.
+    """
+    launcher = os.environ.get(LAUNCHER_PRECISION)
     if requested != "auto":
+        if launcher and launcher != requested:
+            log.info("train.mixed_precision %s from the config (the launcher asked for %s)", requested, launcher)
         return requested
+    if launcher:
+        if launcher not in ("no", "bf16", "fp16", "fp8"):
+            raise ConfigError(f"{LAUNCHER_PRECISION}={launcher!r}: not a precision (no, bf16, fp16)")
+        return launcher
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16"
     return "no"
 
 
 def build_optimizer(params: Sequence[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """Adam or AdamW over ``params`` as configured."""
+    """Adam or AdamW over ``params`` as configured (fused kernels when ``cfg.fused`` and
+    every parameter is floating point)."""
     optim_cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    params = list(params)
+    fused = True if cfg.fused and all(p.is_floating_point() for p in params) else None
     return optim_cls(
-        params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad
+        params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad, fused=fused
     )
 
 
@@ -105,7 +125,9 @@ def make_accelerator(cfg: TrainConfig, run_dir: str | Path | None = None, tracke
         log_with.append(name)
     project = None
     if run_dir is not None:
-        project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(Path(run_dir) / "logs"))
+        project = ProjectConfiguration(
+            project_dir=str(run_dir), logging_dir=str(Path(run_dir) / "logs"), save_on_each_node=not cfg.shared_filesystem
+        )
     return Accelerator(
         mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
         gradient_accumulation_plugin=GradientAccumulationPlugin(

@@ -25,15 +25,6 @@ from tests import REPO
 DEMO_CONFIG = REPO / "configs" / "demo_pretrain.yaml"
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 @pytest.fixture(scope="module")
 def pretrain(tiny_pretrain_overrides):
     """``pretrain(data, output, *extra)``: ``medtune pretrain`` of the demo recipe shrunk by

@@ -67,15 +67,16 @@ def test_square_band_odd_size_centre_like_fftshift():
 
 
 def test_circle_band_by_hand_2d_and_3d():
+    """Strictly inside the circle, as MFM's mask: dx^2 + dy^2 < r^2."""
     low = band_mask((8, 8), 2, "circle", "low")
-    offsets = [(dy, dx) for dy in range(-4, 4) for dx in range(-4, 4) if dy * dy + dx * dx <= 4]
+    offsets = [(dy, dx) for dy in range(-4, 4) for dx in range(-4, 4) if dy * dy + dx * dx < 4]
     expected = torch.zeros(8, 8, dtype=torch.bool)
     for dy, dx in offsets:
         expected[4 + dy, 4 + dx] = True
-    assert torch.equal(low, expected) and int(low.sum()) == 13
-    ball = band_mask((8, 8, 8), 1, "circle", "low")
-    assert int(ball.sum()) == 7  # centre and its 6 face neighbours
-    assert bool(ball[4, 4, 4]) and bool(ball[3, 4, 4]) and not bool(ball[3, 3, 4])
+    assert torch.equal(low, expected) and int(low.sum()) == 9
+    ball = band_mask((8, 8, 8), 1.5, "circle", "low")
+    assert int(ball.sum()) == 19  # centre, 6 face and 12 edge neighbours (distance^2 < 2.25)
+    assert bool(ball[4, 4, 4]) and bool(ball[3, 3, 4]) and not bool(ball[3, 3, 3])
 
 
 @pytest.mark.parametrize("kind", ["square", "circle"])

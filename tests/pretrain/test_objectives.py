@@ -142,8 +142,8 @@ def test_fremae_losses_by_hand_from_the_unmasked_image(swinunetr):
         seen["encoder_input"] = masked
         return encode(masked, patch_mask)
 
-    def record_decoder(stages, size):
-        seen["pred"] = decode(stages, size)
+    def record_decoder(stages, size, masked=None):
+        seen["pred"] = decode(stages, size, masked)
         return seen["pred"]
 
     objective.forward_encoder, objective.forward_decoder = record_encoder, record_decoder
@@ -369,10 +369,13 @@ def test_baseline_losses_by_hand(tiny_vit):
     pixel_mask = torch.tensor([[[True, False], [False, True]]])
     assert float(masked_l1(pred_pixels, target_pixels, pixel_mask)) == pytest.approx((1 + 4 + 1 + 8) / 4)
 
-    mfm = build_objective(MFMConfig(radius=2, focal_alpha=0.0), tiny_vit(32))
+    mfm = build_objective(MFMConfig(radius=2), tiny_vit(32))
     removed = mfm.removed_bins(images)
     pred_image = torch.randn(1, 2, 32, 32)
-    distance = (spectrum(pred_image, 2) - spectrum(images, 2)).pow(2).sum(-1)  # (1, 2, 32, 32)
-    expected = distance[removed.unsqueeze(1).expand_as(distance)].mean()  # alpha 0: all weights 1
+    distance = (spectrum(pred_image, 2) - spectrum(images, 2)).pow(2).sum(-1).sqrt()  # (1, 2, 32, 32)
+    expected = distance[removed.unsqueeze(1).expand_as(distance)].mean()  # plain |F_pred - F_true| (official)
     assert float(mfm.forward_loss(images, pred_image, removed)) == pytest.approx(float(expected), rel=1e-5)
+    squared = build_objective(MFMConfig(radius=2, loss_gamma=2.0), tiny_vit(32))
+    expected = distance.pow(2)[removed.unsqueeze(1).expand_as(distance)].mean()
+    assert float(squared.forward_loss(images, pred_image, removed)) == pytest.approx(float(expected), rel=1e-5)
 

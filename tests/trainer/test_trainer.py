@@ -25,12 +25,12 @@ from medtune.trainer import (
     build_loader,
     higher_is_better,
     lr_factor,
+    make_accelerator,
     train,
     unused_parameters,
 )
 
 from tests import REPO
-
 
 
 class Regression(Dataset):
@@ -68,16 +68,6 @@ class NoisyRegressor(nn.Module):
         return {"loss": loss, "abs_error": (pred - batch["y"]).abs().mean()}
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps process-wide state; each test starts from a clean one."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 def make_model(seed: int = 0, **kwargs) -> NoisyRegressor:
     torch.manual_seed(seed)
     return NoisyRegressor(**kwargs)
@@ -94,6 +84,23 @@ def tiny_cfg(**overrides) -> TrainConfig:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_auto_precision_defers_to_the_launcher_and_an_explicit_one_wins(monkeypatch, caplog):
+    from medtune.trainer import resolve_mixed_precision
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_mixed_precision("auto") == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # accelerate launch --mixed_precision bf16
+    assert resolve_mixed_precision("auto") == "bf16"
+    with caplog.at_level("INFO"):
+        assert resolve_mixed_precision("no") == "no"
+    assert "train.mixed_precision no from the config (the launcher asked for bf16)" in caplog.text
+    assert make_accelerator(tiny_cfg(mixed_precision="auto")).mixed_precision == "bf16"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp13")
+    with pytest.raises(ConfigError, match="ACCELERATE_MIXED_PRECISION"):
+        resolve_mixed_precision("auto")
 
 
 def test_lr_factor_hand_values():
@@ -183,10 +190,14 @@ def test_evaluate_tracks_best_and_calls_on_best(tmp_path):
     result = train(
         model, Regression(), tiny_cfg(max_steps=8, eval_every=2), tmp_path,
         evaluate=evaluate, is_better=higher_is_better("score"),
-        on_best=lambda m, metrics, step: best_calls.append((metrics["score"], step, m.out.weight.sum().item())),
+        on_best=lambda m, metrics, step, weights: best_calls.append(
+            (metrics["score"], step, m.out.weight.sum().item(), weights["out.weight"].sum().item())
+        ),
     )
     assert seen_modes == [False] * 4 and model.training
     assert [c[:2] for c in best_calls] == [(0.5, 2), (0.9, 4), (0.95, 8)]
+    assert all(c[2] == c[3] for c in best_calls)  # the full weights handed over are the model's
+    assert all(torch.equal(result.state_dict[k], v) for k, v in model.state_dict().items())
     assert result.best_metrics == {"score": 0.95} and result.best_step == 8
     evals = [r for r in read_metrics(tmp_path) if "eval/score" in r]
     assert [(r["step"], r["eval/score"], r.get("eval/is_best")) for r in evals] == [
@@ -221,7 +232,7 @@ def test_bad_inputs_are_reported(tmp_path):
     with pytest.raises(CheckpointError, match="no saved state"):
         train(make_model(), Regression(), tiny_cfg(), tmp_path / "fresh", resume="latest")
     with pytest.raises(ConfigError, match="on_best needs is_better"):
-        train(make_model(), Regression(), tiny_cfg(), tmp_path, on_best=lambda m, x, step: None)
+        train(make_model(), Regression(), tiny_cfg(), tmp_path, on_best=lambda m, x, step, weights: None)
     with pytest.raises(ValueError, match="mixed_precision"):
         tiny_cfg(mixed_precision="fp8")
 

@@ -34,12 +34,22 @@ def _default_data() -> DataConfig:
 class SegmentationModelConfig:
     """Decoder and loss of the slice-wise segmenter."""
 
-    decoder: str = "auto"  # "upernet", "unet" or "auto" (UperNet for plain ViT, U-Net otherwise)
+    # "upernet", "unet", "unetr" (MONAI SwinUNETR's decoder; swinunetr backbones, takes a
+    # FreMAE 'unetr' run's blocks) or "auto" (UperNet for plain ViT, U-Net otherwise)
+    decoder: str = "auto"
     decoder_options: dict = field(default_factory=dict)  # extra decoder kwargs (channels, norm, ...)
-    lambda_dice: float = 1.0  # weight of the softmax Dice term
-    lambda_ce: float = 1.0  # weight of the cross-entropy term
-    dice_include_background: bool = False  # whether class 0 counts in the Dice term
+    # "dice_ce": softmax Dice + cross-entropy (MONAI DiceCELoss, the lambdas below);
+    # "softmax_dice": the official Med-Tuning loss (Dice over the batch, summed over the
+    # foreground classes, no cross-entropy; the lambdas and dice_include_background unused)
+    loss: str = "dice_ce"
+    lambda_dice: float = 1.0  # dice_ce: weight of the softmax Dice term
+    lambda_ce: float = 1.0  # dice_ce: weight of the cross-entropy term
+    dice_include_background: bool = False  # dice_ce: whether class 0 counts in the Dice term
     gradient_checkpointing: bool = False  # recompute backbone blocks in backward (less memory)
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("dice_ce", "softmax_dice"):
+            raise ValueError(f"model.loss must be 'dice_ce' or 'softmax_dice', got '{self.loss}'")
 
 
 @dataclass

@@ -4,10 +4,14 @@ Med-Tuning's model (DESIGN section 5): a volume ``(B, M, H, W, T)`` becomes ``B*
 slices ``(B*T, M, H, W)``; the frozen backbone (with adapters that mix the ``T`` slices)
 gives stage features; a decoder (UperNet for plain ViT, U-Net style for hierarchical
 backbones) gives per-slice logits, stacked back to ``(B, K, H, W, T)``. The loss is
-softmax Dice + cross-entropy (MONAI ``DiceCELoss``).
+softmax Dice + cross-entropy (MONAI ``DiceCELoss``, ``model.loss: dice_ce``) or the
+official Med-Tuning/FreMIM softmax Dice (``model.loss: softmax_dice``, :func:`softmax_dice_loss`).
 
 Backbones with ``spatial_dims=3`` (MONAI SwinUNETR encoder) are run on the volume as
-is, with a 3D decoder; the same class serves both.
+is, with a 3D decoder; the same class serves both. Decoder ``unetr`` (MONAI SwinUNETR's
+own decoder) also reads the input image, and takes over the UNETR blocks of a FreMAE run
+pretrained with ``objective.decoder: unetr`` (``--backbone RUN``): with ``adapter.method:
+full`` that finetunes the whole pretrained SwinUNETR, as the FreMAE paper does.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import logging
 from typing import Callable, ContextManager
 
 import torch
-from monai.losses import DiceCELoss
+from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 
 from medtune.adapters import slices_to_volume, volume_to_slices
@@ -54,6 +58,7 @@ class SliceSegmenter(nn.Module):
         lambda_dice: float = 1.0,
         lambda_ce: float = 1.0,
         dice_include_background: bool = False,
+        loss: str = "dice_ce",
         slice_context: Callable[[nn.Module, int], ContextManager] | None = None,
         self_distill: Callable | None = None,
     ) -> None:
@@ -62,13 +67,18 @@ class SliceSegmenter(nn.Module):
         self.decoder = decoder
         self.num_classes = num_classes
         self.spatial_dims = int(getattr(backbone, "spatial_dims", 2))
-        self.loss_fn = DiceCELoss(
-            include_background=dice_include_background,
-            to_onehot_y=True,
-            softmax=True,
-            lambda_dice=lambda_dice,
-            lambda_ce=lambda_ce,
-        )
+        if loss == "softmax_dice":
+            self.loss_fn = softmax_dice_loss()
+        elif loss == "dice_ce":
+            self.loss_fn = DiceCELoss(
+                include_background=dice_include_background,
+                to_onehot_y=True,
+                softmax=True,
+                lambda_dice=lambda_dice,
+                lambda_ce=lambda_ce,
+            )
+        else:
+            raise ConfigError(f"model.loss must be 'dice_ce' or 'softmax_dice', got '{loss}'")
         self._slice_context = slice_context
         self.self_distill = self_distill
         self.gradient_checkpointing = False
@@ -104,16 +114,22 @@ class SliceSegmenter(nn.Module):
         if volume.ndim != 5:
             raise DataError(f"segmenter input has shape {tuple(volume.shape)}; expected (B, M, H, W, T)")
         if self.spatial_dims == 3:
-            return self.decoder(self.backbone.forward_stages(volume), volume.shape[2:])
+            return self.decode(self.backbone.forward_stages(volume), volume)
         num_slices = volume.shape[-1]
         slices = volume_to_slices(volume)  # (B*T, M, H, W)
         with self.slice_context(num_slices):
             features = self.backbone.forward_stages(slices)  # [(B*T, C_i, H/s_i, W/s_i)]
-        logits = self.decoder(features, slices.shape[2:])  # (B*T, K, H, W)
+        logits = self.decode(features, slices)  # (B*T, K, H, W)
         return slices_to_volume(logits, num_slices)
 
+    def decode(self, features: list[torch.Tensor], image: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, K, *S)`` of the backbone's stages for the input ``image`` ``(N, M, *S)``."""
+        if getattr(self.decoder, "takes_image", False):
+            return self.decoder(features, image.shape[2:], image)
+        return self.decoder(features, image.shape[2:])
+
     def compute_loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """Softmax Dice + CE of ``logits (B, K, *S)`` against class indices ``(B, *S)``."""
+        """The segmentation loss of ``logits (B, K, *S)`` against class indices ``(B, *S)``."""
         return self.loss_fn(logits, label[:, None].long())
 
     def predict_volume(self, image, affine=None, *, overlap: float = 0.5, tta: bool = False, sw_batch_size: int = 1):
@@ -143,6 +159,20 @@ class SliceSegmenter(nn.Module):
         return out
 
 
+def softmax_dice_loss() -> nn.Module:
+    """The official Med-Tuning (and FreMIM finetuning) loss, ``model.loss: softmax_dice``.
+
+    ``sum_{k >= 1} 1 - 2 sum(p_k t_k) / (sum(p_k) + sum(t_k) + 1e-5)``: softmax
+    probabilities ``p``, one-hot labels ``t``, sums over the whole batch (not per sample),
+    no numerator smoothing, summed (not averaged) over the foreground classes, no
+    cross-entropy. Called as ``loss(logits (B, K, *S), label (B, 1, *S))``.
+    """
+    return DiceLoss(
+        include_background=False, to_onehot_y=True, softmax=True, batch=True,
+        smooth_nr=0.0, smooth_dr=1e-5, reduction="sum",
+    )
+
+
 # --------------------------------------------------------------------------- building
 
 
@@ -168,6 +198,7 @@ def build_segmenter(cfg, num_classes: int, *, load_pretrained: bool = True) -> S
     from medtune.adapters import adapter_config_from_dict, apply_adapter, slice_context
     from medtune.models.backbones import create_backbone
     from medtune.models.decoders import create_decoder
+    from medtune.models.weights import load_pretrained_decoder
 
     backbone_cfg = cfg.backbone if load_pretrained else dataclasses.replace(cfg.backbone, pretrained=None)
     backbone = create_backbone(backbone_cfg)
@@ -184,8 +215,11 @@ def build_segmenter(cfg, num_classes: int, *, load_pretrained: bool = True) -> S
         backbone.feature_strides,
         num_classes,
         backbone.spatial_dims,
+        image_channels=backbone.in_chans,
         **cfg.model.decoder_options,
     )
+    if backbone_cfg.pretrained:  # a FreMAE 'unetr' run also brings its decoder blocks
+        load_pretrained_decoder(decoder, backbone_cfg.pretrained)
     self_distill = None
     if cfg.self_distill is not None:
         from medtune.finetune.self_distill import SelfDistillation
@@ -198,6 +232,7 @@ def build_segmenter(cfg, num_classes: int, *, load_pretrained: bool = True) -> S
         lambda_dice=cfg.model.lambda_dice,
         lambda_ce=cfg.model.lambda_ce,
         dice_include_background=cfg.model.dice_include_background,
+        loss=cfg.model.loss,
         slice_context=_persistent_slice_context if cfg.model.gradient_checkpointing else slice_context,
         self_distill=self_distill,
     )
