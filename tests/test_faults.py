@@ -32,10 +32,12 @@ from tests import REPO
 
 
 @pytest.fixture(scope="module")
-def world(synth_brats, tiny_segmentation_recipe, tiny_pretrain_overrides, tmp_path_factory) -> dict:
+def world(synth_brats, tiny_segmentation_recipe, tiny_pretrain_overrides, make_segmentation_run, make_pretrain_run,
+          tmp_path_factory) -> dict:
     """A dataset, a finetuning run (best/ and two states) and a pretraining run (two
     states), from the tiny recipes shortened to 2 steps saved at each step; ``pretrain``
-    holds the pretraining command's flags before ``--data``."""
+    holds the pretraining command's flags before ``--data``; ``make_run`` and
+    ``make_pretrain_run`` make run folders by hand (no training)."""
     import copy
 
     import yaml
@@ -49,7 +51,7 @@ def world(synth_brats, tiny_segmentation_recipe, tiny_pretrain_overrides, tmp_pa
     pretrain = ["--config", str(REPO / "configs" / "demo_pretrain.yaml"), "--set", *tiny_pretrain_overrides,
                 "train.max_steps=2", "train.save_every=1", "figure=false"]
     world = {"root": root, "data": data, "recipe": root / "finetune.yaml", "run": root / "run", "pre": root / "pre",
-             "pretrain": pretrain}
+             "pretrain": pretrain, "make_run": make_segmentation_run, "make_pretrain_run": make_pretrain_run}
     assert main(["finetune", "--config", str(world["recipe"]), "--data", str(data), "--output", str(world["run"])]) == 0
     assert main(["pretrain", *pretrain, "--data", str(data), "--output", str(world["pre"])]) == 0
     return world
@@ -306,6 +308,39 @@ def split_naming_missing_cases(world, tmp):
             "--split", str(split), "--fold", "0"]
 
 
+def adapter_export_of_full_finetuning(world, tmp):
+    run = world["make_run"](tmp / "full_run", "full")
+    return ["export", str(run), "--format", "adapter", "--out", str(tmp / "export")]
+
+
+def timm_export_of_a_monai_backbone(world, tmp):
+    from medtune.models import BackboneConfig
+
+    config = BackboneConfig(name="swinunetr", in_chans=4, img_size=32,
+                            options={"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]})
+    run = world["make_pretrain_run"](tmp / "swinunetr_run", config)
+    return ["export", str(run), "--format", "timm", "--out", str(tmp / "export")]
+
+
+def onnx_export_of_vqa(world, tmp):
+    from medtune.checkpoints.runs import RunConfig, write_run_config
+    from medtune.config import to_dict
+    from medtune.finetune import get_task
+    from medtune.finetune.vqa import build_vqa_model
+    from medtune.finetune.weights import save_trained
+
+    cfg = get_task("vqa").read_config(REPO / "configs" / "demo_vqa.yaml")
+    run = tmp / "vqa_run"
+    write_run_config(run, RunConfig("vqa", to_dict(cfg), {"answers": ["yes", "no", "1"]}))
+    save_trained(build_vqa_model(cfg, 3), run, run, "vqa")
+    return ["export", str(run), "--format", "onnx", "--out", str(tmp / "export")]
+
+
+def backbone_missing_from_the_hub_cache(world, tmp):
+    return ["finetune", "--config", str(world["recipe"]), "--data", str(world["data"]), "--output", str(tmp / "r"),
+            "--backbone", "hf-hub:medtune-test/not-in-any-cache"]
+
+
 LOCKS: list[int] = []
 
 FAULTS = [
@@ -336,6 +371,14 @@ FAULTS = [
           lambda w, t: ["_seg.nii.gz", "affine"]),
     Fault("a split file naming cases that do not exist", split_naming_missing_cases,
           lambda w, t: ["splits_final.json", "BraTS20_Training_404, BraTS20_Training_405"]),
+    Fault("export full finetuning as an adapter", adapter_export_of_full_finetuning,
+          lambda w, t: ["full_run", "'adapter'", "exports as: full, timm, hub, onnx"]),
+    Fault("export a MONAI backbone as timm", timm_export_of_a_monai_backbone,
+          lambda w, t: ["swinunetr_run", "MONAI's, not timm's", "exports as: monai, hub"]),
+    Fault("export a VQA run as ONNX", onnx_export_of_vqa,
+          lambda w, t: ["vqa_run", "'onnx' is not an export format of a vqa run", "exports as: full, timm, hub"]),
+    Fault("a hf-hub backbone missing from the cache", backbone_missing_from_the_hub_cache,
+          lambda w, t: ["hf-hub:medtune-test/not-in-any-cache", "not in the local Hugging Face cache", "--allow-download"]),
 ]
 
 

@@ -21,6 +21,12 @@ it through this module::
       state/step_NNNNNNN/         resumable Accelerate states
       reconstruction.png          pretraining figure
 
+Exports (``medtune export``) add the names other tools expect: ``adapter_config.json`` +
+``adapter_model.safetensors`` (a peft LoRA folder), ``model.safetensors`` + ``config.json``
+in timm's or MONAI's key names (``--format timm|monai``), ``README.md`` (the Hub model
+card), ``model.onnx``, and in a Hub export of an adapter ``base/`` (its base backbone as a
+timm/MONAI export).
+
 Rules:
 
 - A folder *holds a run* when it has trained weights (:data:`RUN_MARKERS`) or saved
@@ -67,6 +73,12 @@ FIGURE_FILE = "reconstruction.png"
 LOCK_FILE = "run.lock"
 SPLITS_FILE = "splits_final.json"  # the folds a run chose from (nnU-Net's format)
 RUN_FILES = (SPLITS_FILE,)  # JSON files a task may add to its run folder (TaskData.files)
+# names other tools read (exports only): peft's adapter folder, the Hub's model card, ONNX
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+MODEL_CARD_FILE = "README.md"
+ONNX_FILE = "model.onnx"
+BASE_DIR = "base"  # Hub exports of adapters: the base backbone in timm's or MONAI's names
 
 DEFAULT_PARENT = Path("checkpoints")
 CHECKPOINTS = ("best", "last")
@@ -317,6 +329,15 @@ def write_summary(folder: str | Path, summary: Mapping[str, Any]) -> Path:
     return save_json(dict(summary), Path(folder) / SUMMARY_FILE)
 
 
+def read_summary(folder: str | Path) -> dict[str, Any]:
+    """``folder/summary.json`` (empty when the run wrote none, e.g. pretraining)."""
+    from medtune.checkpoints.io import load_json
+
+    path = Path(folder) / SUMMARY_FILE
+    summary = load_json(path) if path.is_file() else {}
+    return dict(summary) if isinstance(summary, Mapping) else {}
+
+
 # --------------------------------------------------------------------------- resumable state
 
 
@@ -422,11 +443,12 @@ def read_metrics(folder: str | Path) -> list[dict[str, Any]]:
 
 
 __all__ = [
-    "ADAPTER_CONFIG_FILE", "ADAPTER_WEIGHTS_FILE", "BACKBONE_FILE", "BEST_DIR", "CHECKPOINTS", "CONFIG_FILE",
-    "DECODER_FILE", "DEFAULT_CHECKPOINT", "FIGURE_FILE", "HEAD_FILE", "METRICS_FILE", "MODEL_FILE", "PRETRAIN_FILE",
-    "PRETRAIN_TASK", "RUN_MARKERS", "RunConfig", "STATE_DIR", "SUMMARY_FILE", "TRAINER_STATE_FILE",
-    "LOCK_FILE", "MODEL_KEYS", "RUN_FILES", "SPLITS_FILE", "check_resume", "check_resume_config", "check_run_dir", "choose_run_dir",
-    "find_latest_state", "held_run", "open_run", "read_metrics", "read_run_config", "resolve_resume",
+    "ADAPTER_CONFIG_FILE", "ADAPTER_WEIGHTS_FILE", "BACKBONE_FILE", "BASE_DIR", "BEST_DIR", "CHECKPOINTS",
+    "CONFIG_FILE", "DECODER_FILE", "DEFAULT_CHECKPOINT", "FIGURE_FILE", "HEAD_FILE", "LOCK_FILE", "METRICS_FILE",
+    "MODEL_CARD_FILE", "MODEL_FILE", "MODEL_KEYS", "ONNX_FILE", "PEFT_CONFIG_FILE", "PEFT_WEIGHTS_FILE",
+    "PRETRAIN_FILE", "PRETRAIN_TASK", "RUN_FILES", "RUN_MARKERS", "RunConfig", "SPLITS_FILE", "STATE_DIR",
+    "SUMMARY_FILE", "TRAINER_STATE_FILE", "check_resume", "check_resume_config", "check_run_dir", "choose_run_dir",
+    "find_latest_state", "held_run", "open_run", "read_metrics", "read_run_config", "read_summary", "resolve_resume",
     "saved_states", "state_problem", "step_dir_name", "weights_dir", "write_run_config", "write_run_files",
     "write_summary",
 ]

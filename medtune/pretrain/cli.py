@@ -35,7 +35,7 @@ from medtune.checkpoints.runs import (
     open_run,
     write_run_config,
 )
-from medtune.cli import add_run_arguments
+from medtune.cli import add_run_arguments, fetch_downloads
 from medtune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_pretrain_config(args.config, overrides + data_overrides(args) + list(args.set))
     if cfg.data.root is None:
         raise ConfigError(f"{args.config}: no dataset; pass --data or set data.root")
+    fetch_downloads(args, cfg)
 
     # The process group first (the run folder's timestamp must be the same on every
     # process), the Accelerator once the run folder (its trackers' log dir) is known.

@@ -201,5 +201,18 @@ class SegmentationTask(Task):
 
         return score(args)
 
+    def export_formats(self, loaded: Loaded) -> tuple[str, ...]:
+        return ("onnx",)
+
+    def export(self, loaded: Loaded, out_dir: Path, fmt: str) -> Path:
+        """``onnx``: ``model.onnx`` for one window of ``data.crop_size`` (:mod:`.deploy`)."""
+        from medtune.checkpoints.runs import ONNX_FILE
+        from medtune.finetune.segmentation.deploy import export_onnx
+
+        if fmt != "onnx":
+            return super().export(loaded, out_dir, fmt)
+        cfg = loaded.config
+        return export_onnx(loaded.model, cfg.backbone.in_chans, cfg.roi_size, out_dir / ONNX_FILE)
+
 
 TASK = SegmentationTask()
