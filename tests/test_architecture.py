@@ -166,6 +166,7 @@ def string_literals(path: Path) -> tuple[str, ...]:
     "adapter.json",
     "adapter.safetensors", "head.safetensors", "summary.json", "metrics.jsonl", "trainer_state.json",
     "reconstruction.png", "adapter_config.json", "adapter_model.safetensors", "README.md", "model.onnx",
+    "splits_final.json",
 ])
 def test_run_folder_file_names_are_written_once(file_name):
     owners = [module for module, path in MODULES.items() if file_name in string_literals(path)]

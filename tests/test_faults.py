@@ -255,6 +255,59 @@ def four_d_file_as_a_modality(world, tmp):
     return ["pretrain", *world["pretrain"], "--data", str(data), "--output", str(tmp / "p")]
 
 
+def _rewrite_with_sform(path: Path, rows: list[list[float]]) -> None:
+    """``path`` again with the sform ``rows`` as given (nibabel will not build such an affine)."""
+    data = np.asarray(nib.load(str(path)).dataobj)
+    header = nib.Nifti1Header()
+    header.set_data_shape(data.shape)
+    header.set_data_dtype(data.dtype)
+    header["sform_code"], header["qform_code"] = 1, 0
+    for name, row in zip(("srow_x", "srow_y", "srow_z"), rows):
+        header[name] = row
+    nib.save(nib.Nifti1Image(data, None, header=header), str(path))
+
+
+def _broken_affine_case(world, tmp, rows) -> list[str]:
+    data = tmp / "data"
+    shutil.copytree(world["data"], data)
+    case = sorted(p for p in data.iterdir() if p.is_dir())[1]
+    for path in case.iterdir():
+        _rewrite_with_sform(path, rows)
+    return ["pretrain", *world["pretrain"], "--data", str(data), "--output", str(tmp / "p")]
+
+
+def affine_not_invertible(world, tmp):
+    return _broken_affine_case(world, tmp, [[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0]])  # two axes along x
+
+
+def zero_spacing(world, tmp):
+    return _broken_affine_case(world, tmp, [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]])
+
+
+def nan_spacing(world, tmp):
+    return _broken_affine_case(world, tmp, [[1, 0, 0, 0], [0, float("nan"), 0, 0], [0, 0, 1, 0]])
+
+
+def label_on_another_grid(world, tmp):
+    data = tmp / "data"
+    shutil.copytree(world["data"], data)
+    case = sorted(p for p in data.iterdir() if p.is_dir())[0]
+    seg = case / f"{case.name}_seg.nii.gz"
+    img = nib.load(str(seg))
+    affine = img.affine.copy()
+    affine[2, 3] += 0.01  # 0.01 mm: beyond the 1e-3 mm a label may differ from its image
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine), str(seg))
+    return ["finetune", "--config", str(world["recipe"]), "--data", str(data), "--output", str(tmp / "r")]
+
+
+def split_naming_missing_cases(world, tmp):
+    cases = sorted(p.name for p in world["data"].iterdir() if p.is_dir())
+    split = tmp / "splits_final.json"
+    split.write_text(json.dumps([{"train": [cases[0], "BraTS20_Training_404"], "val": ["BraTS20_Training_405"]}]))
+    return ["finetune", "--config", str(world["recipe"]), "--data", str(world["data"]), "--output", str(tmp / "r"),
+            "--split", str(split), "--fold", "0"]
+
+
 def adapter_export_of_full_finetuning(world, tmp):
     run = world["make_run"](tmp / "full_run", "full")
     return ["export", str(run), "--format", "adapter", "--out", str(tmp / "export")]
@@ -338,6 +391,14 @@ FAULTS = [
     Fault("2-channel images for a 4-channel model", two_channel_images_for_a_four_channel_model,
           lambda w, t: ["p_01", "2 channel", "trained on 4 (flair, t1ce, t1, t2)"]),
     Fault("a 4D file as one modality", four_d_file_as_a_modality, lambda w, t: ["_flair.nii.gz", "4D image with 2 channels"]),
+    Fault("an affine that is not invertible", affine_not_invertible,
+          lambda w, t: ["case BraTS20_Training_002", "not invertible"]),
+    Fault("a zero voxel spacing", zero_spacing, lambda w, t: ["case BraTS20_Training_002", "zero"]),
+    Fault("a NaN voxel spacing", nan_spacing, lambda w, t: ["case BraTS20_Training_002", "NaN"]),
+    Fault("a label on another grid than its image", label_on_another_grid,
+          lambda w, t: ["_seg.nii.gz", "affine"]),
+    Fault("a split file naming cases that do not exist", split_naming_missing_cases,
+          lambda w, t: ["splits_final.json", "BraTS20_Training_404, BraTS20_Training_405"]),
     Fault("export full finetuning as an adapter", adapter_export_of_full_finetuning,
           lambda w, t: ["full_run", "'adapter'", "exports as: full, timm, hub, onnx"]),
     Fault("export a MONAI backbone as timm", timm_export_of_a_monai_backbone,

@@ -3,8 +3,9 @@
 The task is the one the run (or export) folder records in ``config.json``; the task's
 own flags are added to the command (``medtune predict --model RUN --help`` lists them).
 Every task loads the model the same way (``--checkpoint best|last``, ``--device``,
-``--base-weights`` for an adapter export) and then predicts its own way; no task writes
-over a file that exists unless ``--overwrite`` is given:
+``--base-weights`` for an adapter export) and then predicts its own way; several
+``--model`` runs make an ensemble where the task supports it (segmentation); no task
+writes over a file that exists unless ``--overwrite`` is given:
 
 - segmentation: NIfTI label maps of a case / dataset / ``imagesTs/`` folder;
 - referring: a mask for ``--input IMAGE --expression TEXT``, or every record of a ``.jsonl``;
@@ -26,7 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser, argv: list[str] = ()) -> None
         f"{parser.description or ''}. Tasks: {', '.join(TASKS.names())}; a task's own flags are listed "
         "by `medtune predict --model RUN --help`."
     )
-    parser.add_argument("--model", required=True, help="a finetuning run folder or an export of one")
+    parser.add_argument(
+        "--model", required=True, nargs="+", metavar="RUN",
+        help="a finetuning run folder or an export of one; several: an ensemble (segmentation: averaged probabilities)",
+    )
     parser.add_argument(
         "--input", required=True,
         help="what to predict on; segmentation: a case folder, a dataset folder or an imagesTs/ folder; "
@@ -58,7 +62,16 @@ def add_arguments(parser: argparse.ArgumentParser, argv: list[str] = ()) -> None
 
 
 def run(args: argparse.Namespace) -> int:
+    from medtune.errors import ConfigError
     from medtune.finetune.weights import load_trained
 
-    loaded = load_trained(args.model, args.checkpoint, base_weights=args.base_weights, device=args.device)
-    return int(loaded.task.predict(loaded, args) or 0)
+    models = args.model if isinstance(args.model, list) else [args.model]
+    if len(models) > 1 and args.base_weights is not None:
+        raise ConfigError("--base-weights applies to one adapter export; ensemble runs that record their base")
+    loaded = [load_trained(m, args.checkpoint, base_weights=args.base_weights, device=args.device) for m in models]
+    tasks = {run.task.name for run in loaded}
+    if len(tasks) > 1:
+        raise ConfigError(f"--model runs of different tasks ({', '.join(sorted(tasks))}) cannot make one prediction")
+    if len(loaded) > 1:
+        return int(loaded[0].task.predict_ensemble(loaded, args) or 0)
+    return int(loaded[0].task.predict(loaded[0], args) or 0)

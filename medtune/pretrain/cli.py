@@ -42,9 +42,12 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser, argv: list[str] = ()) -> None:
+    from medtune.data.config import add_data_arguments
+
     add_run_arguments(
         parser, config_required=True, output_help="run folder (default checkpoints/<config stem>-<YYYYmmdd-HHMMSS>)",
     )
+    add_data_arguments(parser, folds=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,9 +55,11 @@ def run(args: argparse.Namespace) -> int:
     from medtune.pretrain.config import load_pretrain_config
 
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its save/load chatter
-    # --data is a shorthand for data.root, applied before --set (which wins), as in finetune
+    from medtune.data.config import data_overrides
+
+    # --data (data.root) and the data flags are shorthands applied before --set (which wins), as in finetune
     overrides = [f"data.root={json.dumps(str(args.data))}"] if args.data is not None else []  # JSON: a YAML string
-    cfg = load_pretrain_config(args.config, overrides + list(args.set))
+    cfg = load_pretrain_config(args.config, overrides + data_overrides(args) + list(args.set))
     if cfg.data.root is None:
         raise ConfigError(f"{args.config}: no dataset; pass --data or set data.root")
     fetch_downloads(args, cfg)
@@ -74,10 +79,11 @@ def _pretrain_in(cfg, run_config: RunConfig, run_dir: Path, resume) -> int:
 
     accelerator = make_accelerator(cfg.train, run_dir)
 
-    dataset = distributed.main_first(
+    dataset, plan = distributed.main_first(
         accelerator, lambda: _build_dataset(cfg, run_dir, accelerator.is_local_main_process),
         per_node=not cfg.train.shared_filesystem,
     )
+    run_config = RunConfig(run_config.task, run_config.config, {"data_plan": plan.to_json()})
     objective = _build_objective(cfg)
     freeze_unused(objective, dataset, cfg)
     if accelerator.is_main_process and resume is None:
@@ -108,9 +114,9 @@ def _pretrain_in(cfg, run_config: RunConfig, run_dir: Path, resume) -> int:
 
 
 def _build_dataset(cfg, run_dir: Path, show_progress: bool):
-    from medtune.data.config import build_pretrain_dataset
+    from medtune.data.config import build_pretrain_data
 
-    dataset = build_pretrain_dataset(cfg.data, run_dir, show_progress=show_progress)
+    dataset, plan = build_pretrain_data(cfg.data, run_dir, show_progress=show_progress)
     if len(dataset) == 0:
         raise DataError(f"{cfg.data.root}: no training samples (data.min_foreground too high?)")
     first = dataset[0]["image"]
@@ -119,7 +125,7 @@ def _build_dataset(cfg, run_dir: Path, show_progress: bool):
             f"{cfg.data.root}: cases have {first.shape[0]} modalities but backbone.in_chans is "
             f"{cfg.backbone.in_chans}"
         )
-    return dataset
+    return dataset, plan
 
 
 def _build_objective(cfg):

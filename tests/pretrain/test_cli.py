@@ -65,7 +65,10 @@ def test_pretrain_writes_a_loadable_run_folder(finished_run, synth_brats, tiny_p
 
     # config.json is the full resolved config: it rebuilds the run's config and backbone
     saved = json.loads((run_dir / "config.json").read_text())
-    assert saved["task"] == "pretrain" and saved["derived"] == {}
+    assert saved["task"] == "pretrain"
+    plan = saved["derived"]["data_plan"]  # what the data decided: the training grid, the intensities
+    assert plan["axcodes"] == "RAS" and plan["spacing"] == [1.0, 1.0, 1.0]
+    assert [n["scheme"] for n in plan["normalization"]] == ["zscore"] * 4
     resolved = read_run_config(run_dir).config
     cfg = from_dict(PretrainConfig, resolved)
     data_root = f"data.root={json.dumps(str(synth_brats))}"

@@ -53,10 +53,8 @@ class Segment3DTask(SegmentationTask):
     def build_model(self, cfg: Segment3DConfig, derived: Mapping[str, Any], pretrained: bool = True):
         from medtune.finetune.segment3d.model import build_network_segmenter
 
-        spec = label_spec_of(derived)
-        model = build_network_segmenter(cfg, spec.num_classes)
-        model.label_spec, model.roi_size = spec, cfg.roi_size  # for whole-volume prediction
-        return model
+        model = build_network_segmenter(cfg, label_spec_of(derived).num_classes)
+        return self.ready_to_predict(model, cfg, derived)
 
 
 TASK = Segment3DTask()

@@ -9,7 +9,7 @@
     model:     {decoder: auto, gradient_checkpointing: false}
     loss:      {dice_ce: 1.0}                      # or {dice_ce: 1.0, pne: 0.1}: medtune.models.losses
     train:     {max_steps: 1000, batch_size: 2, eval_every: 100, optim: {...}}
-    validation: {overlap: 0.25, tta: false}
+    validation: {overlap: 0.5, tta: false}
     self_distill: null                             # or a SelfDistillConfig section
 
 Training samples are 3D crops ``data.crop_size = (h, w, T)``: ``h, w`` must be the
@@ -49,7 +49,7 @@ class SegmentationModelConfig:
 class ValidationConfig:
     """Whole-volume validation on held-out cases (every ``train.eval_every`` steps)."""
 
-    overlap: float = 0.25  # sliding-window overlap between neighbouring windows
+    overlap: float = 0.5  # sliding-window overlap between neighbouring windows (nnU-Net: 0.5)
     sw_batch_size: int = 1  # windows per forward
     tta: bool = False  # average over flips of every subset of the spatial axes
     mode: str = "gaussian"  # sliding-window blending: "gaussian" or "constant"

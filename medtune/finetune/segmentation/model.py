@@ -52,6 +52,7 @@ class VolumeSegmenter(nn.Module):
         super().__init__()
         self.label_spec = None
         self.roi_size: tuple[int, ...] | None = None
+        self.data_plan = None  # medtune.data.config.DataPlan: training grid and intensities
 
     def forward_outputs(self, volume: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -65,15 +66,19 @@ class VolumeSegmenter(nn.Module):
         criteria that read the logits only, e.g. the default Dice + CE)."""
         return self.criterion({"logits": logits}, label)["loss"]
 
-    def predict_volume(self, image, *, overlap: float = 0.25, tta: bool = False, sw_batch_size: int = 1):
-        """Raw image ``(M, H, W, D)`` (numpy) -> label map ``(H, W, D)`` uint8 in the
-        dataset's values; needs a model from :func:`medtune.finetune.load_segmenter`."""
+    def predict_volume(self, image, affine=None, *, overlap: float = 0.5, tta: bool = False, sw_batch_size: int = 1):
+        """Raw image ``(M, H, W, D)`` (numpy, as read) -> label map ``(H, W, D)`` uint8 in
+        the dataset's values, on the image's own grid. With its ``affine`` the image is
+        reoriented and resampled as the run's training data were (``data_plan``) and the
+        labels mapped back; without, it is taken to be on the training grid already.
+        Needs a model from :func:`medtune.finetune.load_segmenter`."""
         from medtune.finetune.segmentation.inference import predict_label_map
 
         if getattr(self, "label_spec", None) is None or getattr(self, "roi_size", None) is None:
             raise ConfigError("predict_volume needs a model loaded with medtune.finetune.load_segmenter")
         return predict_label_map(
-            self, image, self.label_spec.values, self.roi_size, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta
+            self, image, self.label_spec.values, self.roi_size, overlap=overlap, sw_batch_size=sw_batch_size,
+            tta=tta, affine=affine, plan=self.data_plan,
         )
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -271,4 +276,28 @@ def build_segmenter(cfg, num_classes: int, *, load_pretrained: bool = True) -> S
     )
     if cfg.model.gradient_checkpointing:
         model.set_gradient_checkpointing(True)
+    counts = parameter_counts(model)
+    log.info(
+        "segmenter (%s): %s of %s parameters trainable (%.2f%%): adapter %s, backbone %s of %s, decoder %s",
+        cfg.adapter.get("method"), f"{counts['trainable']:,}", f"{counts['total']:,}",
+        100.0 * counts["trainable"] / max(counts["total"], 1), f"{counts['adapter']:,}",
+        f"{counts['backbone_trained']:,}", f"{counts['backbone']:,}", f"{counts['decoder']:,}",
+    )
     return model
+
+
+def parameter_counts(model: SliceSegmenter) -> dict[str, int]:
+    """The whole model's parameters: ``total``, ``trainable``, and trainable ones split into
+    ``adapter`` (the method's own), ``backbone_trained`` (backbone tensors trained besides,
+    e.g. the position embedding; all of them for full finetuning) and ``decoder``;
+    ``backbone`` counts the backbone's own tensors, trained or frozen."""
+    from medtune.adapters import describe
+
+    described = describe(model)
+    decoder = sum(p.numel() for p in model.decoder.parameters() if p.requires_grad)
+    adapter = described["groups"]["adapter"]
+    backbone_params = [p for p in model.backbone.parameters()]
+    trained_backbone = sum(p.numel() for p in backbone_params if p.requires_grad) - adapter
+    own_backbone = sum(p.numel() for p in backbone_params) - adapter
+    return {"total": described["total"], "trainable": described["trainable"], "adapter": adapter,
+            "backbone_trained": trained_backbone, "backbone": own_backbone, "decoder": decoder}
