@@ -73,7 +73,7 @@ def test_two_launched_processes_write_what_one_process_writes(run_and_cases, one
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29551",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29557",
         "-m", "medtune", "predict", "--model", str(run), "--input", str(data), "--output", str(out), *FAST,
     ]
     done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
