@@ -4,7 +4,9 @@ Same backbone, decoder, batch and slice count for every method; each method is t
 for a few steps on random volumes ``(B, M, H, W, T)`` with random labels, and we print
 the mean step time (forward + backward + Adam step, after one warm-up step) and the
 peak training memory, with ratios to full finetuning. ``med-tuning+gc`` is Med-Tuning
-with ``model.gradient_checkpointing`` (backbone blocks recomputed in backward).
+with ``model.gradient_checkpointing`` (backbone blocks recomputed in backward); a
+``+compile`` suffix (``full+compile``, ``med-tuning+compile``) times the method compiled
+with torch.compile as ``train.compile: true`` does (the warm-up step compiles).
 
 How memory is measured:
 
@@ -28,6 +30,7 @@ Run::
 
     python benchmarks/finetune_cost.py                      # CPU defaults (ViT-B, 64 px, 16 slices)
     python benchmarks/finetune_cost.py --device cuda --img-size 128 --slices 64 --batch 2
+    python benchmarks/finetune_cost.py --methods full,full+compile,med-tuning,med-tuning+compile
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ def measure(args: argparse.Namespace, method: str) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
     adapter, _, variant = method.partition("+")
+    if variant not in ("", "gc", "compile"):
+        sys.exit(f"unknown variant '+{variant}' in {method} (known: +gc, +compile)")
     cfg = segmentation_config(
         args.backbone, args.in_chans, args.img_size, args.slices, adapter,
         backbone_options={"depth": args.depth} if args.depth else None,
@@ -65,6 +70,8 @@ def measure(args: argparse.Namespace, method: str) -> dict:
     cfg.model.gradient_checkpointing = variant == "gc"
     model = build_segmenter(cfg, args.num_classes, load_pretrained=False)
     model.to(device).train()
+    if variant == "compile":
+        model.compile()  # in place, as train.compile does; the warm-up step compiles
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-4)
     image = torch.randn(args.batch, args.in_chans, args.img_size, args.img_size, args.slices, device=device)

@@ -17,6 +17,7 @@ machine's measured float32 matmul GFLOP/s.
 
     python benchmarks/pretrain_throughput.py            # ~1-2 min on 2 cores
     python benchmarks/pretrain_throughput.py --backbone swinunetr --img-size 64 --batch 8
+    python benchmarks/pretrain_throughput.py --compile   # eager and torch.compile rows
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (as mixed_precision=bf16 trains)")
     parser.add_argument("--profile", action="store_true", help="also print the FreMAE step's costliest ops")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time each variant compiled with torch.compile (rows '<variant>+compile', as train.compile)")
     return parser.parse_args()
 
 
@@ -139,16 +142,20 @@ def main() -> None:
 
     steps: dict[str, Callable[[], float]] = {}
     for variant in args.variants:
-        torch.manual_seed(0)
-        try:
-            objective = build_objective(VARIANTS[variant], create_backbone(backbone_config(args)))
-        except (MedtuneError, ImportError, ValueError) as exc:
-            print(f"{variant:>13}: skipped ({str(exc).splitlines()[0]})")
-            continue
-        objective.to(args.device).train()
-        steps[variant] = make_step(objective, batch, args)
-        for _ in range(3):  # warm-up: allocations, first-call costs, cuDNN autotuning
-            steps[variant]()
+        for compiled in (False, True) if args.compile else (False,):
+            name = f"{variant}+compile" if compiled else variant
+            torch.manual_seed(0)
+            try:
+                objective = build_objective(VARIANTS[variant], create_backbone(backbone_config(args)))
+            except (MedtuneError, ImportError, ValueError) as exc:
+                print(f"{name:>13}: skipped ({str(exc).splitlines()[0]})")
+                continue
+            objective.to(args.device).train()
+            if compiled:
+                objective.compile()  # in place, as train.compile does
+            steps[name] = make_step(objective, batch, args)
+            for _ in range(3):  # warm-up: allocations, first-call costs (compilation), cuDNN autotuning
+                steps[name]()
     if "fremae" not in steps:
         raise SystemExit("fremae could not be built; nothing to compare")
 
@@ -167,10 +174,11 @@ def main() -> None:
                 steps[name]()
             rates[name].append(args.steps * args.batch / (time.perf_counter() - start))
 
-    print(f"{'variant':>13}  {'slices/s':>9}  {'vs fremae':>9}")
+    width = max(13, *(len(name) for name in names))
+    print(f"{'variant':>{width}}  {'slices/s':>9}  {'vs fremae':>9}")
     for name in names:
         ratio = statistics.median(r / f for r, f in zip(rates[name], rates["fremae"]))
-        print(f"{name:>13}  {statistics.median(rates[name]):9.1f}  {ratio:9.3f}")
+        print(f"{name:>{width}}  {statistics.median(rates[name]):9.1f}  {ratio:9.3f}")
     if "fremae-pixel" in rates:
         cost = statistics.median(p / f for p, f in zip(rates["fremae-pixel"], rates["fremae"])) - 1.0
         verdict = "within" if cost <= 0.05 else "ABOVE"

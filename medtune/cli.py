@@ -36,7 +36,7 @@ RESUME_HELP = (
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, *, config_required: bool, output_help: str) -> None:
-    """The flags every training command shares: --config, --data, --output, --set, --resume."""
+    """The flags every training command shares: --config, --data, --output, --set, --resume, --allow-download."""
     parser.add_argument("--config", required=config_required, default=None, help="YAML recipe (configs/*.yaml)")
     parser.add_argument("--data", default=None, help="dataset folder (sets data.root)")
     parser.add_argument("--output", default=None, help=output_help)
@@ -45,6 +45,23 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, config_required: bool,
         help="override config values, e.g. --set train.max_steps=10 train.optim.lr=1e-3 (repeatable)",
     )
     parser.add_argument("--resume", default=None, metavar="latest|latest-valid|DIR", help=RESUME_HELP)
+    parser.add_argument(
+        "--allow-download", action="store_true",
+        help="fetch the hf-hub:ORG/NAME weights the config names into the Hugging Face cache before the run "
+        "(without it they must be in the cache already: medtune never downloads at run time)",
+    )
+
+
+def fetch_downloads(args: argparse.Namespace, config) -> None:
+    """``--allow-download``: fetch the ``hf-hub:`` repositories a config (dataclass or
+    mapping) names before a run; without the flag, nothing."""
+    if getattr(args, "allow_download", False):
+        import dataclasses
+
+        from medtune.config import to_dict
+        from medtune.models.hub import fetch_hub_specs
+
+        fetch_hub_specs(to_dict(config) if dataclasses.is_dataclass(config) else config)
 
 
 def peek(argv: list[str], flag: str) -> str | None:

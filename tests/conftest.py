@@ -1,6 +1,7 @@
 """Fixtures shared by every folder: a tiny generated BraTS dataset, written once per test
 session, the tiny ViT that segmentation and pretraining tests build on, and the tiny
-segmentation and pretraining recipes the CLI tests (and the fault table) run."""
+segmentation and pretraining recipes the CLI tests (and the fault table) run, and run
+folders made by hand (no training) for the tests of exports and loaders."""
 
 from __future__ import annotations
 
@@ -94,3 +95,70 @@ def tiny_pretrain_overrides() -> tuple[str, ...]:
         "train.log_every=1", "train.save_every=2", "train.optim.lr=1e-3", "objective.radius=3",
         "figure_samples=2",
     )
+
+
+# --------------------------------------------------------------------------- run folders made by hand
+
+BRATS_DERIVED = {"label_values": [0, 1, 2, 4], "regions": {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]}}
+
+
+@pytest.fixture(scope="session")
+def make_segmentation_run(tiny_segmenter_args):
+    """``make_segmentation_run(folder, method, backbone=None, **adapter_options)``: a segmentation run
+    folder as finetune writes it, of the tiny segmenter on crops of 2 slices (``backbone``:
+    a pretrained backbone, a pretraining run folder), with randomised trained tensors."""
+    import torch
+
+    from medtune.checkpoints.params import segmentation_config
+    from medtune.checkpoints.runs import RunConfig, write_run_config
+    from medtune.config import to_dict
+    from medtune.finetune.segmentation import build_segmenter
+    from medtune.finetune.weights import save_base_backbone, save_trained
+
+    def make(folder: Path, method: str, backbone: Path | None = None, **adapter_options) -> Path:
+        cfg = segmentation_config(**{**tiny_segmenter_args, "slices": 2}, method=method)
+        cfg.adapter.update(adapter_options)
+        cfg.backbone.pretrained = str(backbone) if backbone is not None else None
+        torch.manual_seed(0)
+        model = build_segmenter(cfg, 4, load_pretrained=backbone is not None)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_run_config(folder, RunConfig("segmentation", to_dict(cfg), BRATS_DERIVED))
+        save_base_backbone(model, folder)  # when the run starts
+        with torch.no_grad():  # make the trained tensors non-trivial (zero-init up-projections, ...)
+            for name, param in model.named_parameters():
+                if param.requires_grad:
+                    param.add_(0.01 * torch.randn_like(param))
+        save_trained(model, folder, folder, "segmentation")
+        return folder
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def make_pretrain_run():
+    """``make_pretrain_run(folder, backbone_config)``: a pretraining run folder as ``medtune
+    pretrain`` writes it (``config.json`` with task ``pretrain``, ``backbone.safetensors``,
+    ``metrics.jsonl``), with random encoder weights; returns the folder."""
+    import torch
+
+    from medtune.checkpoints.io import save_safetensors
+    from medtune.checkpoints.runs import RunConfig, write_run_config
+    from medtune.config import to_dict
+    from medtune.models import create_backbone
+
+    def make(folder: Path, backbone_config) -> Path:
+        torch.manual_seed(1)
+        backbone = create_backbone(backbone_config)
+        with torch.no_grad():
+            for param in backbone.parameters():
+                param.add_(0.02 * torch.randn_like(param))
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {"data": {"root": "/data/BraTS2020/MICCAI_BraTS2020_TrainingData", "mode": "2d"},
+                  "backbone": to_dict(backbone_config), "objective": {"name": "fremae", "mask_ratio": 0.25},
+                  "train": {"max_steps": 3, "batch_size": 4, "optim": {"name": "adam", "lr": 5e-4}}}
+        write_run_config(folder, RunConfig("pretrain", config))
+        save_safetensors(backbone.state_dict(), folder / "backbone.safetensors")
+        (folder / "metrics.jsonl").write_text('{"step": 3, "loss": 0.5}\n')
+        return folder
+
+    return make

@@ -42,7 +42,8 @@ def floor(module: str) -> int:
     leaf = module.rsplit(".", 1)[-1]
     if module in ("medtune.cli", "medtune.__main__") or leaf == "cli" or leaf.endswith("_cli"):
         return CLI
-    if module in ("medtune.checkpoints.export", "medtune.checkpoints.params"):
+    if module in ("medtune.checkpoints.export", "medtune.checkpoints.params", "medtune.checkpoints.interop",
+                  "medtune.checkpoints.hub"):
         return REPORTING
     if module.startswith(("medtune.pretrain", "medtune.finetune")):
         return TASKS
@@ -164,7 +165,8 @@ def string_literals(path: Path) -> tuple[str, ...]:
     "config.json", "backbone.safetensors", "pretrain.safetensors", "decoder.safetensors", "model.safetensors",
     "adapter.json",
     "adapter.safetensors", "head.safetensors", "summary.json", "metrics.jsonl", "trainer_state.json",
-    "reconstruction.png",
+    "reconstruction.png", "adapter_config.json", "adapter_model.safetensors", "README.md", "model.onnx",
+    "splits_final.json",
 ])
 def test_run_folder_file_names_are_written_once(file_name):
     owners = [module for module, path in MODULES.items() if file_name in string_literals(path)]
@@ -215,7 +217,7 @@ def test_tasks_are_named_only_by_the_registry():
         node for node in ast.walk(syntax_tree(MODULES["medtune.finetune"]))
         if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "register_path"
     ]
-    assert [ast.literal_eval(call.args[0]) for call in registered] == ["segmentation", "referring", "vqa"]
+    assert [ast.literal_eval(call.args[0]) for call in registered] == ["segmentation", "segment3d", "referring", "vqa"]
 
 
 def test_every_task_folder_has_the_same_inner_shape():

@@ -14,9 +14,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -32,10 +29,12 @@ from tests import REPO
 
 
 @pytest.fixture(scope="module")
-def world(synth_brats, tiny_segmentation_recipe, tiny_pretrain_overrides, tmp_path_factory) -> dict:
+def world(synth_brats, tiny_segmentation_recipe, tiny_pretrain_overrides, make_segmentation_run, make_pretrain_run,
+          tmp_path_factory) -> dict:
     """A dataset, a finetuning run (best/ and two states) and a pretraining run (two
     states), from the tiny recipes shortened to 2 steps saved at each step; ``pretrain``
-    holds the pretraining command's flags before ``--data``."""
+    holds the pretraining command's flags before ``--data``; ``make_run`` and
+    ``make_pretrain_run`` make run folders by hand (no training)."""
     import copy
 
     import yaml
@@ -49,7 +48,7 @@ def world(synth_brats, tiny_segmentation_recipe, tiny_pretrain_overrides, tmp_pa
     pretrain = ["--config", str(REPO / "configs" / "demo_pretrain.yaml"), "--set", *tiny_pretrain_overrides,
                 "train.max_steps=2", "train.save_every=1", "figure=false"]
     world = {"root": root, "data": data, "recipe": root / "finetune.yaml", "run": root / "run", "pre": root / "pre",
-             "pretrain": pretrain}
+             "pretrain": pretrain, "make_run": make_segmentation_run, "make_pretrain_run": make_pretrain_run}
     assert main(["finetune", "--config", str(world["recipe"]), "--data", str(data), "--output", str(world["run"])]) == 0
     assert main(["pretrain", *pretrain, "--data", str(data), "--output", str(world["pre"])]) == 0
     return world
@@ -253,6 +252,120 @@ def four_d_file_as_a_modality(world, tmp):
     return ["pretrain", *world["pretrain"], "--data", str(data), "--output", str(tmp / "p")]
 
 
+def _rewrite_with_sform(path: Path, rows: list[list[float]]) -> None:
+    """``path`` again with the sform ``rows`` as given (nibabel will not build such an affine)."""
+    data = np.asarray(nib.load(str(path)).dataobj)
+    header = nib.Nifti1Header()
+    header.set_data_shape(data.shape)
+    header.set_data_dtype(data.dtype)
+    header["sform_code"], header["qform_code"] = 1, 0
+    for name, row in zip(("srow_x", "srow_y", "srow_z"), rows):
+        header[name] = row
+    nib.save(nib.Nifti1Image(data, None, header=header), str(path))
+
+
+def _broken_affine_case(world, tmp, rows) -> list[str]:
+    data = tmp / "data"
+    shutil.copytree(world["data"], data)
+    case = sorted(p for p in data.iterdir() if p.is_dir())[1]
+    for path in case.iterdir():
+        _rewrite_with_sform(path, rows)
+    return ["pretrain", *world["pretrain"], "--data", str(data), "--output", str(tmp / "p")]
+
+
+def affine_not_invertible(world, tmp):
+    return _broken_affine_case(world, tmp, [[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0]])  # two axes along x
+
+
+def zero_spacing(world, tmp):
+    return _broken_affine_case(world, tmp, [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]])
+
+
+def nan_spacing(world, tmp):
+    return _broken_affine_case(world, tmp, [[1, 0, 0, 0], [0, float("nan"), 0, 0], [0, 0, 1, 0]])
+
+
+def label_on_another_grid(world, tmp):
+    data = tmp / "data"
+    shutil.copytree(world["data"], data)
+    case = sorted(p for p in data.iterdir() if p.is_dir())[0]
+    seg = case / f"{case.name}_seg.nii.gz"
+    img = nib.load(str(seg))
+    affine = img.affine.copy()
+    affine[2, 3] += 0.01  # 0.01 mm: beyond the 1e-3 mm a label may differ from its image
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine), str(seg))
+    return ["finetune", "--config", str(world["recipe"]), "--data", str(data), "--output", str(tmp / "r")]
+
+
+def split_naming_missing_cases(world, tmp):
+    cases = sorted(p.name for p in world["data"].iterdir() if p.is_dir())
+    split = tmp / "splits_final.json"
+    split.write_text(json.dumps([{"train": [cases[0], "BraTS20_Training_404"], "val": ["BraTS20_Training_405"]}]))
+    return ["finetune", "--config", str(world["recipe"]), "--data", str(world["data"]), "--output", str(tmp / "r"),
+            "--split", str(split), "--fold", "0"]
+
+
+def adapter_export_of_full_finetuning(world, tmp):
+    run = world["make_run"](tmp / "full_run", "full")
+    return ["export", str(run), "--format", "adapter", "--out", str(tmp / "export")]
+
+
+def timm_export_of_a_monai_backbone(world, tmp):
+    from medtune.models import BackboneConfig
+
+    config = BackboneConfig(name="swinunetr", in_chans=4, img_size=32,
+                            options={"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]})
+    run = world["make_pretrain_run"](tmp / "swinunetr_run", config)
+    return ["export", str(run), "--format", "timm", "--out", str(tmp / "export")]
+
+
+def onnx_export_of_vqa(world, tmp):
+    from medtune.checkpoints.runs import RunConfig, write_run_config
+    from medtune.config import to_dict
+    from medtune.finetune import get_task
+    from medtune.finetune.vqa import build_vqa_model
+    from medtune.finetune.weights import save_trained
+
+    cfg = get_task("vqa").read_config(REPO / "configs" / "demo_vqa.yaml")
+    run = tmp / "vqa_run"
+    write_run_config(run, RunConfig("vqa", to_dict(cfg), {"answers": ["yes", "no", "1"]}))
+    save_trained(build_vqa_model(cfg, 3), run, run, "vqa")
+    return ["export", str(run), "--format", "onnx", "--out", str(tmp / "export")]
+
+
+def backbone_missing_from_the_hub_cache(world, tmp):
+    return ["finetune", "--config", str(world["recipe"]), "--data", str(world["data"]), "--output", str(tmp / "r"),
+            "--backbone", "hf-hub:medtune-test/not-in-any-cache"]
+
+
+def unknown_loss_term(world, tmp):
+    return ["finetune", "--config", str(world["recipe"]), "--data", str(world["data"]), "--output", str(tmp / "r"),
+            "--set", "loss={dice_ce: 1.0, focal: 0.5}"]
+
+
+def negative_loss_weight(world, tmp):
+    return ["finetune", "--config", str(world["recipe"]), "--data", str(world["data"]), "--output", str(tmp / "r"),
+            "--set", "loss.pne=-0.1"]
+
+
+def _segment3d(world, tmp, model: dict, crop: list[int], loss: dict) -> list[str]:
+    import yaml
+
+    recipe = {"task": "segment3d", "data": {"mode": "3d", "crop_size": crop, "num_workers": 0}, "model": model,
+              "loss": loss, "train": {"max_steps": 1, "batch_size": 1}}
+    (tmp / "segment3d.yaml").write_text(yaml.safe_dump(recipe))
+    return ["finetune", "--config", str(tmp / "segment3d.yaml"), "--data", str(world["data"]), "--output", str(tmp / "r")]
+
+
+def loss_the_network_cannot_feed(world, tmp):
+    model = {"network": "transbtsv2", "options": {"base_channels": 2, "embed_dim": 8, "num_heads": 2}}
+    return _segment3d(world, tmp, model, [16, 16, 16], {"dice_ce": 1.0, "cga_sam": 20.0})
+
+
+def crop_too_small_for_the_network(world, tmp):
+    return _segment3d(world, tmp, {"network": "swinunetr"}, [32, 32, 16], {"dice_ce": 1.0})
+
+
 LOCKS: list[int] = []
 
 FAULTS = [
@@ -275,6 +388,28 @@ FAULTS = [
     Fault("2-channel images for a 4-channel model", two_channel_images_for_a_four_channel_model,
           lambda w, t: ["p_01", "2 channel", "trained on 4 (flair, t1ce, t1, t2)"]),
     Fault("a 4D file as one modality", four_d_file_as_a_modality, lambda w, t: ["_flair.nii.gz", "4D image with 2 channels"]),
+    Fault("an affine that is not invertible", affine_not_invertible,
+          lambda w, t: ["case BraTS20_Training_002", "not invertible"]),
+    Fault("a zero voxel spacing", zero_spacing, lambda w, t: ["case BraTS20_Training_002", "zero"]),
+    Fault("a NaN voxel spacing", nan_spacing, lambda w, t: ["case BraTS20_Training_002", "NaN"]),
+    Fault("a label on another grid than its image", label_on_another_grid,
+          lambda w, t: ["_seg.nii.gz", "affine"]),
+    Fault("a split file naming cases that do not exist", split_naming_missing_cases,
+          lambda w, t: ["splits_final.json", "BraTS20_Training_404, BraTS20_Training_405"]),
+    Fault("export full finetuning as an adapter", adapter_export_of_full_finetuning,
+          lambda w, t: ["full_run", "'adapter'", "exports as: full, timm, hub, onnx"]),
+    Fault("export a MONAI backbone as timm", timm_export_of_a_monai_backbone,
+          lambda w, t: ["swinunetr_run", "MONAI's, not timm's", "exports as: monai, hub"]),
+    Fault("export a VQA run as ONNX", onnx_export_of_vqa,
+          lambda w, t: ["vqa_run", "'onnx' is not an export format of a vqa run", "exports as: full, timm, hub"]),
+    Fault("a hf-hub backbone missing from the cache", backbone_missing_from_the_hub_cache,
+          lambda w, t: ["hf-hub:medtune-test/not-in-any-cache", "not in the local Hugging Face cache", "--allow-download"]),
+    Fault("an unknown loss term", unknown_loss_term, lambda w, t: ["unknown loss 'focal'", "dice_ce"]),
+    Fault("a negative loss weight", negative_loss_weight, lambda w, t: ["loss.pne", ">= 0", "-0.1"]),
+    Fault("a loss term the network cannot feed", loss_the_network_cannot_feed,
+          lambda w, t: ["segment3d.yaml", "cga_sam", "sam_logits"]),
+    Fault("a crop too small for the network", crop_too_small_for_the_network,
+          lambda w, t: ["swinunetr", "[32, 32, 16]", "at least 64"]),
 ]
 
 
@@ -352,123 +487,3 @@ def test_a_stale_lock_of_a_dead_run_is_taken_over(world, tmp_path):
     assert main(argv) == 0
     holder = json.loads((run / "run.lock").read_text())
     assert holder["pid"] == os.getpid()
-
-
-# --------------------------------------------------------------------------- processes
-
-
-BATCHNORM_SCRIPT = """
-import json, sys
-import torch
-from torch import nn
-from torch.utils.data import Dataset
-from accelerate import PartialState
-from medtune.trainer import OptimConfig, TrainConfig, train
-
-class Data(Dataset):
-    def __len__(self): return 64
-    def __getitem__(self, i):
-        g = torch.Generator().manual_seed(i)
-        return {"x": torch.randn(3, generator=g) * (1 + i % 5), "y": torch.randn(1, generator=g)}
-
-class WithBatchNorm(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.norm, self.out = nn.BatchNorm1d(3), nn.Linear(3, 1)
-    def forward(self, batch):
-        return {"loss": ((self.out(self.norm(batch["x"])) - batch["y"]) ** 2).mean()}
-
-torch.manual_seed(0)
-model = WithBatchNorm()
-cfg = TrainConfig(max_steps=5, batch_size=4, log_every=5, mixed_precision="no", optim=OptimConfig(lr=0.01))
-train(model, Data(), cfg, sys.argv[1])
-rank = PartialState().process_index
-stats = {k: v.tolist() for k, v in model.state_dict().items() if "running" in k}
-open(f"{sys.argv[1]}/rank{rank}.json", "w").write(json.dumps(stats))
-"""
-
-
-def _launch(script: Path, *args: str, port: int) -> subprocess.Popen:
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(port), *([str(script)] if script else []), *args]
-    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-
-
-@pytest.mark.slow
-def test_every_rank_ends_with_the_same_batchnorm_statistics(tmp_path):
-    script = tmp_path / "bn.py"
-    script.write_text(BATCHNORM_SCRIPT)
-    proc = _launch(script, str(tmp_path), port=29541)
-    _, err = proc.communicate(timeout=240)
-    assert proc.returncode == 0, err[-3000:]
-    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert rank0 == rank1 and set(rank0) == {"norm.running_mean", "norm.running_var"}
-    assert rank0["norm.running_var"] != [1.0, 1.0, 1.0]  # they did learn statistics
-
-
-def _pids_of(marker: str) -> list[int]:
-    """Processes whose command line holds ``marker`` (the workers of one run)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return [pid for pid in pids if pid != os.getpid()]
-
-
-@pytest.mark.slow
-def test_workers_stop_when_the_launcher_is_killed_and_the_run_resumes(world, tmp_path):
-    run = tmp_path / "killed_run"
-    proc = _launch(None, "-m", "medtune", "pretrain", *world["pretrain"], "train.max_steps=100000", "train.save_every=2",
-                   "--data", str(world["data"]), "--output", str(run), port=29543)
-    deadline = time.time() + 180
-    while time.time() < deadline and not list(run.glob("state/step_*/trainer_state.json")):
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(1)
-    workers = _pids_of(str(run))
-    workers = [pid for pid in workers if pid != proc.pid]
-    assert len(workers) >= 2, workers
-    os.kill(proc.pid, 9)  # kill -9 of the launcher alone: its workers are left behind
-    proc.wait()
-    deadline = time.time() + 60
-    while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
-        time.sleep(1)
-    alive = [pid for pid in workers if Path(f"/proc/{pid}").exists() and
-             "Z" not in (Path(f"/proc/{pid}/stat").read_text().split()[2:3] or [""])[0]]
-    assert not alive, f"workers still running 60 s after the launcher died: {alive}"
-    saved = json.loads(sorted(run.glob("state/step_*/trainer_state.json"))[-1].read_text())["step"]
-    argv = ["pretrain", *world["pretrain"], f"train.max_steps={saved + 1}", "--data", str(world["data"]),
-            "--output", str(run), "--resume", "latest"]
-    assert main(argv) == 0  # the state the workers left resumes (and the lock died with them)
-
-
-def test_interrupted_and_error_lines_start_their_own_line(monkeypatch, capsys):
-    """A Ctrl-C or an error during a progress bar is reported on a line of its own."""
-    from tqdm.auto import tqdm
-
-    from medtune.checkpoints import params_cli
-    from medtune.errors import DataError
-
-    def interrupted(args):
-        bar = tqdm(total=10, desc="train")
-        bar.update(3)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(params_cli, "run", interrupted)
-    assert main(["params"]) == 130
-    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
-    assert lines[-1] == "medtune: interrupted"
-
-    def failing(args):
-        tqdm(total=10, desc="cache").update(1)
-        raise DataError("case 3: broken")
-
-    monkeypatch.setattr(params_cli, "run", failing)
-    assert main(["params"]) == 2
-    assert capsys.readouterr().err.replace("\r", "\n").splitlines()[-1] == "medtune: error: case 3: broken"

@@ -8,11 +8,13 @@ only from a ``.pt``/``.pth`` path the user names, with ``torch.load(weights_only
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import pickle
-import tempfile
+import secrets
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -27,14 +29,17 @@ log = logging.getLogger(__name__)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)``, fsync it, then rename it onto ``path``."""
+    """Call ``write(tmp_path)``, fsync it, then rename it onto ``path``.
+
+    The file gets the permissions of any new file under the process's umask (0644 under
+    022), not the private 0600 of ``mkstemp``: weights and configs are meant to be shared.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp, mode = _new_temporary(path)
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # writers that replace the file (safetensors) leave it 0600
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -47,6 +52,22 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def _new_temporary(path: Path) -> tuple[Path, int]:
+    """A new empty file beside ``path`` and the mode the umask gives new files (read
+    back from the file itself: the umask cannot be read without changing it)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            return tmp, stat.S_IMODE(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
 
 
 def refuse_existing(paths: Iterable[str | Path], overwrite: bool = False, what: str = "prediction") -> None:

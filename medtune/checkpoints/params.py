@@ -18,6 +18,10 @@ the ``meta`` device, so a ViT-B with 128-slice volumes costs no memory, and meas
   With ``flops_slices < T`` the forward runs on ``flops_slices`` slices and is scaled
   by ``T / flops_slices``: every part of the model is per slice or (adapters' slice
   convolutions and filters) linear in T, so the scaling is exact up to edge effects.
+
+Whole 3D networks (the ``segment3d`` task: TransBTSV2, CGA U-Net, UNETR, SwinUNETR) are
+compared by :func:`compare_networks`: parameters, the size of their ``model.safetensors``
+and the GFLOPs of one forward of a ``(1, M, H, W, D)`` crop, counted the same way.
 """
 
 from __future__ import annotations
@@ -164,16 +168,68 @@ def compare_methods(
     backbone_options: Mapping | None = None,
     decoder_options: Mapping | None = None,
     device: str = "meta",
+    decoder: str = "auto",
 ) -> list[MethodCost]:
     """One :class:`MethodCost` per method, same backbone, decoder, volume size."""
     rows = []
     for method in methods:
         cfg = segmentation_config(
             backbone, in_chans, img_size, slices, method,
-            backbone_options=backbone_options, decoder_options=decoder_options,
+            backbone_options=backbone_options, decoder=decoder, decoder_options=decoder_options,
         )
         rows.append(measure_method(cfg, num_classes, flops_slices, device))
     return rows
+
+
+# --------------------------------------------------------------------------- whole networks
+
+
+@dataclass
+class NetworkCost:
+    """One row of the whole-network comparison (``segment3d`` networks)."""
+
+    network: str
+    total: int  # parameter elements
+    trainable: int  # of which require grad (all: trained from scratch)
+    weights_bytes: int  # size of the model.safetensors a segment3d run writes (default loss)
+    gflops: float  # per (1, M, H, W, D) crop forward
+
+
+NETWORK_HEADERS = ("network", "total params", "trainable params", "weights (bytes)", "GFLOPs/crop")
+
+
+def build_on_meta(build):
+    """``build()`` on the meta device; a model that cannot be built there (MONAI's
+    SwinTransformer calls ``.item()``) is built on the CPU and moved to meta."""
+    try:
+        with torch.device("meta"):
+            return build()
+    except (RuntimeError, NotImplementedError) as exc:
+        log.info("building on the CPU, then moving to meta (%s)", str(exc).splitlines()[0] if str(exc) else exc)
+        return build().to("meta")
+
+
+def measure_network(name: str, in_chans: int, crop: Sequence[int], num_classes: int = 4,
+                    options: Mapping | None = None) -> NetworkCost:
+    """Build network ``name`` for ``crop``-sized inputs on the meta device and measure it."""
+    from medtune.models.networks import NetworkConfig, create_network
+
+    cfg = NetworkConfig(network=name, in_chans=in_chans, options=dict(options or {}))
+    model = build_on_meta(lambda: create_network(cfg, num_classes, crop)).eval()
+    total, trainable = count_parameters(model)
+    volume = torch.zeros((1, in_chans, *crop), device="meta")
+    flops = count_flops(lambda: model(volume))
+    size = safetensors_size({f"network.{k}": v for k, v in model.state_dict().items()}, {"task": "segment3d"})
+    return NetworkCost(network=name, total=total, trainable=trainable, weights_bytes=size, gflops=flops / 1e9)
+
+
+def compare_networks(names: Sequence[str], in_chans: int, crop: Sequence[int], num_classes: int = 4,
+                     options: Mapping[str, Mapping] | None = None) -> list[NetworkCost]:
+    """One :class:`NetworkCost` per network, same crop; ``options`` per network name."""
+    if any(int(s) < 1 for s in crop):
+        raise ConfigError(f"crop size {list(crop)} must be positive")
+    return [measure_network(name, in_chans, tuple(int(s) for s in crop), num_classes, (options or {}).get(name))
+            for name in names]
 
 
 # --------------------------------------------------------------------------- output

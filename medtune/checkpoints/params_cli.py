@@ -8,6 +8,10 @@ Models are built on the meta device (no memory, no weights); see
 counts FLOPs on N slices and scales linearly to ``--slices`` (exact for these models up
 to edge effects; only needed when counting on a real device).
 
+Whole 3D networks (``segment3d``) on ``(--img-size, --img-size, --slices)`` crops:
+
+    medtune params --networks transbtsv2,cga_unet,unetr,swinunetr --img-size 128 --slices 128
+
 Self-distillation overhead, next to the plain model:
 
     medtune params ... --self-distill                 # volumetric masked-input branch, per method
@@ -24,9 +28,12 @@ from pathlib import Path
 
 from medtune.checkpoints.params import (
     DEFAULT_METHODS,
+    NETWORK_HEADERS,
     SELF_DISTILL_HEADERS,
+    NetworkCost,
     SelfDistillCost,
     compare_methods,
+    compare_networks,
     compare_self_distill,
     format_rows,
     format_table,
@@ -48,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser, argv: list[str] = ()) -> None
         "--option", action="append", default=[], metavar="KEY=VALUE",
         help="backbone option, e.g. --option depth=4 (repeatable)",
     )
+    parser.add_argument("--decoder", default="auto", help="decoder registry name (default auto; upernet, unet, agln)")
     parser.add_argument(
         "--decoder-option", action="append", default=[], metavar="KEY=VALUE",
         help="decoder option, e.g. --decoder-option channels=64 (repeatable)",
@@ -59,6 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser, argv: list[str] = ()) -> None
         "--self-distill", action="store_true",
         help="also print each method's training-step FLOPs without and with masked-input "
         "self-distillation (finetune --self-distill) and the parameters it adds",
+    )
+    parser.add_argument(
+        "--networks", default=None, metavar="NAMES",
+        help="instead: comma-separated whole 3D networks of segment3d (transbtsv2, cga_unet, unetr, swinunetr) "
+        "with their default options, on (--img-size, --img-size, --slices) crops",
     )
     parser.add_argument(
         "--referring", default=None, metavar="CONFIG_OR_RUN",
@@ -114,6 +127,12 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("in_chans", "img_size", "slices", "num_classes"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.networks:
+        names = [n.strip() for n in args.networks.split(",") if n.strip()]
+        crop = (args.img_size, args.img_size, args.slices)
+        rows = compare_networks(names, args.in_chans, crop, args.num_classes)
+        sys.stdout.write(format_rows(rows, NetworkCost, NETWORK_HEADERS, args.format) + "\n")
+        return 0
     if args.plot:  # refuse an unknown image format before the (slow) measurements
         from matplotlib.figure import Figure
 
@@ -125,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     rows = compare_methods(
         args.backbone, args.in_chans, args.img_size, args.slices, methods,
         num_classes=args.num_classes, flops_slices=args.flops_slices,
-        backbone_options=_options(args.option), decoder_options=_options(args.decoder_option),
+        backbone_options=_options(args.option), decoder_options=_options(args.decoder_option), decoder=args.decoder,
     )
     sys.stdout.write(format_table(rows, args.format) + "\n")
     if args.plot:

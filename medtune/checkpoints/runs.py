@@ -17,8 +17,15 @@ it through this module::
       best/                       the same weight files at the best evaluation + summary.json
       summary.json                evaluations: {"final", "best", "best_step", ...}
       metrics.jsonl               one JSON line per logged step
+      splits_final.json           finetuning: the folds the run chose from (nnU-Net's format)
       state/step_NNNNNNN/         resumable Accelerate states
       reconstruction.png          pretraining figure
+
+Exports (``medtune export``) add the names other tools expect: ``adapter_config.json`` +
+``adapter_model.safetensors`` (a peft LoRA folder), ``model.safetensors`` + ``config.json``
+in timm's or MONAI's key names (``--format timm|monai``), ``README.md`` (the Hub model
+card), ``model.onnx``, and in a Hub export of an adapter ``base/`` (its base backbone as a
+timm/MONAI export).
 
 Rules:
 
@@ -64,6 +71,14 @@ STATE_DIR = "state"
 TRAINER_STATE_FILE = "trainer_state.json"
 FIGURE_FILE = "reconstruction.png"
 LOCK_FILE = "run.lock"
+SPLITS_FILE = "splits_final.json"  # the folds a run chose from (nnU-Net's format)
+RUN_FILES = (SPLITS_FILE,)  # JSON files a task may add to its run folder (TaskData.files)
+# names other tools read (exports only): peft's adapter folder, the Hub's model card, ONNX
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+MODEL_CARD_FILE = "README.md"
+ONNX_FILE = "model.onnx"
+BASE_DIR = "base"  # Hub exports of adapters: the base backbone in timm's or MONAI's names
 
 DEFAULT_PARENT = Path("checkpoints")
 CHECKPOINTS = ("best", "last")
@@ -182,8 +197,8 @@ def _remove_if_only_the_lock(folder: Path) -> None:
 
 # which config keys define the model a run's state holds: a resume may not change them
 MODEL_KEYS = (
-    "backbone", "adapter", "model", "objective", "text", "data.mode", "data.img_size", "data.crop_size",
-    "data.modalities", "data.label_values",
+    "backbone", "adapter", "model", "loss", "objective", "text", "data.mode", "data.img_size", "data.crop_size",
+    "data.modalities", "data.label_values", "data.slice_axis", "data.spacing", "data.normalization",
 )
 # where the initial weights came from: the saved state holds every weight, so these may differ
 INITIAL_WEIGHT_KEYS = ("backbone.pretrained", "model.clip_weights", "text.weights", "text.path")
@@ -295,11 +310,32 @@ def weights_dir(folder: str | Path, which: str = DEFAULT_CHECKPOINT) -> Path:
     return folder
 
 
+def write_run_files(folder: str | Path, files: Mapping[str, Any]) -> list[Path]:
+    """The task's JSON files beside ``config.json``; only names of :data:`RUN_FILES`."""
+    from medtune.checkpoints.io import save_json
+
+    written = []
+    for name, content in files.items():
+        if name not in RUN_FILES:
+            raise ConfigError(f"'{name}' is not a run-folder file (known: {', '.join(RUN_FILES)})")
+        written.append(save_json(content, Path(folder) / name))
+    return written
+
+
 def write_summary(folder: str | Path, summary: Mapping[str, Any]) -> Path:
     """``folder/summary.json``: an evaluation summary (the same file name for every task)."""
     from medtune.checkpoints.io import save_json
 
     return save_json(dict(summary), Path(folder) / SUMMARY_FILE)
+
+
+def read_summary(folder: str | Path) -> dict[str, Any]:
+    """``folder/summary.json`` (empty when the run wrote none, e.g. pretraining)."""
+    from medtune.checkpoints.io import load_json
+
+    path = Path(folder) / SUMMARY_FILE
+    summary = load_json(path) if path.is_file() else {}
+    return dict(summary) if isinstance(summary, Mapping) else {}
 
 
 # --------------------------------------------------------------------------- resumable state
@@ -407,10 +443,12 @@ def read_metrics(folder: str | Path) -> list[dict[str, Any]]:
 
 
 __all__ = [
-    "ADAPTER_CONFIG_FILE", "ADAPTER_WEIGHTS_FILE", "BACKBONE_FILE", "BEST_DIR", "CHECKPOINTS", "CONFIG_FILE",
-    "DECODER_FILE", "DEFAULT_CHECKPOINT", "FIGURE_FILE", "HEAD_FILE", "METRICS_FILE", "MODEL_FILE", "PRETRAIN_FILE",
-    "PRETRAIN_TASK", "RUN_MARKERS", "RunConfig", "STATE_DIR", "SUMMARY_FILE", "TRAINER_STATE_FILE",
-    "LOCK_FILE", "MODEL_KEYS", "check_resume", "check_resume_config", "check_run_dir", "choose_run_dir",
-    "find_latest_state", "held_run", "open_run", "read_metrics", "read_run_config", "resolve_resume",
-    "saved_states", "state_problem", "step_dir_name", "weights_dir", "write_run_config", "write_summary",
+    "ADAPTER_CONFIG_FILE", "ADAPTER_WEIGHTS_FILE", "BACKBONE_FILE", "BASE_DIR", "BEST_DIR", "CHECKPOINTS",
+    "CONFIG_FILE", "DECODER_FILE", "DEFAULT_CHECKPOINT", "FIGURE_FILE", "HEAD_FILE", "LOCK_FILE", "METRICS_FILE",
+    "MODEL_CARD_FILE", "MODEL_FILE", "MODEL_KEYS", "ONNX_FILE", "PEFT_CONFIG_FILE", "PEFT_WEIGHTS_FILE",
+    "PRETRAIN_FILE", "PRETRAIN_TASK", "RUN_FILES", "RUN_MARKERS", "RunConfig", "SPLITS_FILE", "STATE_DIR",
+    "SUMMARY_FILE", "TRAINER_STATE_FILE", "check_resume", "check_resume_config", "check_run_dir", "choose_run_dir",
+    "find_latest_state", "held_run", "open_run", "read_metrics", "read_run_config", "read_summary", "resolve_resume",
+    "saved_states", "state_problem", "step_dir_name", "weights_dir", "write_run_config", "write_run_files",
+    "write_summary",
 ]

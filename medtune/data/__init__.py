@@ -3,8 +3,11 @@
 Typical use::
 
     cases = find_cases("data/BraTS2020", layout="auto")
-    cache = VolumeCache(cases, "checkpoints/.cache/brats2020")
+    cache = VolumeCache(cases, "checkpoints/.cache/brats2020")   # RAS, z-scored, cropped
     slices = SliceDataset(cache, img_size=128)      # {"image": (4, 128, 128), "foreground": ...}
+
+    data = build_labeled_data(DataConfig(root="data/Task03_Liver", mode="3d"))  # a fold, planned
+    data.plan     # DataPlan: orientation, target spacing, CT statistics (what prediction repeats)
 
 Names are imported on first use, so that ``medtune data synth`` and ``check`` do not
 pay for importing torch.
@@ -17,6 +20,8 @@ from typing import Any
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
+    "AugmentConfig": "augment",
+    "Augmenter": "augment",
     "CachedVolume": "cache",
     "VolumeCache": "cache",
     "BRATS_MODALITIES": "cases",
@@ -27,12 +32,30 @@ _EXPORTS: dict[str, str] = {
     "resolve_modalities": "cases",
     "canonical_modality": "cases",
     "check_dataset": "check",
+    "inspect_dataset": "check",
     "DataConfig": "config",
+    "LabeledData": "config",
+    "build_labeled_data": "config",
     "build_labeled_dataset": "config",
+    "build_pretrain_data": "config",
     "build_pretrain_dataset": "config",
+    "build_pretrain_holdout": "config",
     "label_spec_for": "config",
     "resolve_cache_dir": "config",
-    "split_cases": "config",
+    "CaseGrid": "geometry",
+    "Grid": "geometry",
+    "canonical_axcodes": "geometry",
+    "plan_spacing": "geometry",
+    "to_input_grid": "geometry",
+    "to_training_grid": "geometry",
+    "input_cases": "inputs",
+    "label_files": "inputs",
+    "Normalizer": "intensity",
+    "channel_schemes": "intensity",
+    "DataPlan": "plan",
+    "kfold_splits": "splits",
+    "read_splits": "splits",
+    "split_cases": "splits",
     "CropDataset": "datasets",
     "SliceDataset": "datasets",
     "VolumeDataset": "datasets",
@@ -48,6 +71,7 @@ _EXPORTS: dict[str, str] = {
     "preprocess": "preprocess",
     "zscore_nonzero": "preprocess",
     "synthesize_brats": "synth",
+    "synthesize_ct": "synth",
     "synthesize_referring": "synth",
     "synthesize_vqa": "synth",
     "write_synthetic": "synth",

@@ -1,13 +1,15 @@
 """Preprocess each case once; read it back as memory-mapped ``.npy`` every epoch.
 
 Decoding a gzipped BraTS volume costs about a second; an epoch of slices touches every
-volume many times. :class:`VolumeCache` z-scores and crops each case once and stores::
+volume many times. :class:`VolumeCache` brings each case to the training grid once
+(:mod:`.geometry`: reoriented so the slice axis is last, resampled to the target
+spacing), crops it to its foreground box, normalises it (:mod:`.intensity`) and stores::
 
-    <cache_dir>/<case_id>/image.npy        (M, h, w, d) float32, z-scored, cropped
-    <cache_dir>/<case_id>/foreground.npy   (h, w, d) bool, all modalities nonzero
+    <cache_dir>/<case_id>/image.npy        (M, h, w, d) float32: z-scored channels, CT channels in HU
+    <cache_dir>/<case_id>/foreground.npy   (h, w, d) bool, foreground in all modalities
     <cache_dir>/<case_id>/label.npy        (h, w, d) uint8 raw values (labeled cases)
     <cache_dir>/<case_id>/label_locations.npy  (K, 3) int32 sample of label>0 voxels
-    <cache_dir>/<case_id>/meta.json        sources (size, mtime), bbox, original shape, affine
+    <cache_dir>/<case_id>/meta.json        sources (size, mtime), grids, bbox, shapes
 
 Arrays are read with ``np.load(mmap_mode="r")``, so later epochs never decode NIfTI
 and DataLoader workers share the page cache. They are stored in Fortran order, so a
@@ -35,13 +37,15 @@ import numpy as np
 from medtune.checkpoints.lock import FileLock
 from medtune.data.cases import Case
 from medtune.data.labels import LabelSpec
-from medtune.data.preprocess import BBox, crop_to_bbox, foreground_mask, nonzero_bbox, zscore_nonzero
+from medtune.data.geometry import CaseGrid, Grid, to_training_grid
+from medtune.data.intensity import DEFAULT_BODY_THRESHOLD, cache_stage, foreground
+from medtune.data.preprocess import BBox, crop_to_bbox, nonzero_bbox
 from medtune.data.volume import load_case
 from medtune.errors import DataError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 MAX_LABEL_LOCATIONS = 10_000
 
 
@@ -50,8 +54,9 @@ class CachedVolume:
     """One cached case, arrays memory-mapped read-only.
 
     Attributes:
-        image: ``(M, h, w, d)`` float32 z-scored, cropped to ``bbox``.
-        foreground: ``(h, w, d)`` bool, voxels nonzero in all modalities.
+        image: ``(M, h, w, d)`` float32 on the training grid, cropped to ``bbox``:
+            ``zscore`` channels normalised, ``ct``/``none`` channels as read.
+        foreground: ``(h, w, d)`` bool, voxels that are foreground in all modalities.
         label: ``(h, w, d)`` uint8 raw label values, or None.
         label_locations: ``(K, 3)`` int32 voxel coordinates with label > 0 (a random
             sample, for foreground oversampling), or None.
@@ -68,6 +73,16 @@ class CachedVolume:
 def is_main_process() -> bool:
     """False in the non-zero ranks of a distributed (Accelerate/torchrun) launch."""
     return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
+
+
+def settings_of(normalize: bool, crop: bool, axcodes: str | None, spacing: Sequence[float] | None,
+                schemes: Sequence[str], body_threshold: float) -> dict:
+    """What a cached case depends on besides its files (a case built otherwise is rebuilt)."""
+    return {
+        "version": CACHE_VERSION, "normalize": bool(normalize), "crop": bool(crop), "axcodes": axcodes,
+        "spacing": None if spacing is None else [round(float(s), 6) for s in spacing],
+        "schemes": list(schemes), "body_threshold": float(body_threshold),
+    }
 
 
 def _safe_name(case_id: str) -> str:
@@ -115,8 +130,16 @@ class VolumeCache:
     Args:
         cases: the cases to cache (from :func:`~medtune.data.find_cases`).
         cache_dir: where the ``.npy`` files go; shared between runs on the same data.
-        normalize: z-score each modality over its nonzero voxels.
-        crop: crop to the box of voxels nonzero in any modality.
+        normalize: normalise by ``schemes`` (False: every channel as read).
+        crop: crop to the box of voxels that are foreground in any modality.
+        axcodes: orientation of the training grid (``"RAS"``: axial slices along the last
+            axis; see :func:`~medtune.data.geometry.canonical_axcodes`); None keeps each
+            file's own axes.
+        spacing: target voxel spacing in mm (training-grid axis order), or None to keep
+            each case's spacing.
+        schemes: intensity scheme per channel (``zscore``, ``ct``, ``none``); None:
+            ``zscore`` for every channel.
+        body_threshold: CT channels: the HU above which a voxel is body (foreground).
         label_spec: if given, label values outside it are a :class:`DataError` at
             build time (naming the case and file).
         with_labels: cache the labels of labeled cases (a case cached without its
@@ -134,6 +157,10 @@ class VolumeCache:
         label_spec: LabelSpec | None = None,
         with_labels: bool = True,
         show_progress: bool | None = None,
+        axcodes: str | None = "RAS",
+        spacing: Sequence[float] | None = None,
+        schemes: Sequence[str] | None = None,
+        body_threshold: float = DEFAULT_BODY_THRESHOLD,
     ) -> None:
         if not cases:
             raise DataError(f"no cases to cache in {cache_dir}")
@@ -141,6 +168,11 @@ class VolumeCache:
         self.cache_dir = Path(cache_dir)
         self.normalize = normalize
         self.crop = crop
+        self.axcodes = axcodes
+        self.spacing = None if spacing is None else [float(s) for s in spacing]
+        count = self.cases[0].num_modalities
+        self.schemes = tuple(schemes) if schemes is not None else ("zscore",) * count
+        self.body_threshold = float(body_threshold)
         self.label_spec = label_spec
         self.with_labels = with_labels
         self._handles: dict[int, CachedVolume] = {}
@@ -149,7 +181,7 @@ class VolumeCache:
     # ------------------------------------------------------------------ building
 
     def _settings(self) -> dict:
-        return {"version": CACHE_VERSION, "normalize": self.normalize, "crop": self.crop}
+        return settings_of(self.normalize, self.crop, self.axcodes, self.spacing, self.schemes, self.body_threshold)
 
     def case_dir(self, index: int) -> Path:
         return self.cache_dir / _safe_name(self.cases[index].case_id)
@@ -218,20 +250,27 @@ class VolumeCache:
         case = self.cases[index]
         image_sources, label_source = self._sources(case)
         volume = load_case(case, with_label=self.with_labels, label_spec=self.label_spec)
-        image = volume.image
-        label = volume.label
+        if len(self.schemes) != volume.image.shape[0]:
+            raise DataError(f"case {case.case_id}: {volume.image.shape[0]} channels, {len(self.schemes)} schemes given")
+        if self.axcodes is None:
+            grid = Grid(volume.spatial_shape, volume.affine)
+            image, label, case_grid = volume.image, volume.label, CaseGrid(grid, grid, grid)
+        else:
+            image, label, case_grid = to_training_grid(
+                volume.image, volume.label, volume.affine, self.axcodes, self.spacing
+            )
+        schemes = self.schemes if self.normalize else ("none",) * len(self.schemes)
         original_shape = list(image.shape[1:])
         bbox: BBox = tuple((0, n) for n in original_shape)
         if self.crop:
-            bbox = nonzero_bbox(foreground_mask(image, "any"))
+            bbox = nonzero_bbox(foreground(image, schemes, self.body_threshold, "any"))
             image = crop_to_bbox(image, bbox)
             label = crop_to_bbox(label, bbox) if label is not None else None
-        foreground = foreground_mask(image, "all")
-        if self.normalize:
-            image = zscore_nonzero(image)
+        mask = foreground(image, schemes, self.body_threshold, "all")
+        image = cache_stage(image, schemes)
         folder = self.case_dir(index)
         folder.mkdir(parents=True, exist_ok=True)
-        arrays = {"image.npy": image.astype(np.float32, copy=False), "foreground.npy": foreground}
+        arrays = {"image.npy": image.astype(np.float32, copy=False), "foreground.npy": mask}
         if label is not None:
             arrays["label.npy"] = label
             locations = np.argwhere(label > 0).astype(np.int32)
@@ -254,7 +293,8 @@ class VolumeCache:
             "bbox": [list(b) for b in bbox],
             "shape": list(image.shape),
             "affine": np.asarray(volume.affine).tolist(),
-            "spacing": list(volume.spacing),
+            "spacing": list(case_grid.target.spacing),
+            "grid": case_grid.to_json(),
         }
         text = json.dumps(meta, indent=1)
         _atomic_save(folder / "meta.json", lambda tmp: tmp.write_text(text))
@@ -270,9 +310,14 @@ class VolumeCache:
         return [c.case_id for c in self.cases]
 
     def meta(self, index: int) -> dict:
-        """The case's meta: ``bbox`` [[start, stop]] x 3, ``original_shape``, ``shape``
-        ``[M, h, w, d]``, ``affine``, ``spacing``, ``sources``."""
+        """The case's meta: ``bbox`` [[start, stop]] x 3 on the training grid,
+        ``original_shape`` (the training grid's, before the crop), ``shape`` ``[M, h, w, d]``,
+        ``affine`` (the file's), ``spacing`` (the training grid's), ``grid``
+        (:class:`~medtune.data.geometry.CaseGrid` as JSON), ``sources``."""
         return self._metas[index]
+
+    def case_grid(self, index: int) -> CaseGrid:
+        return CaseGrid.from_json(self._metas[index]["grid"])
 
     def spatial_shape(self, index: int) -> tuple[int, ...]:
         """``(h, w, d)`` of the cached (cropped) case."""

@@ -9,8 +9,9 @@ layouts are understood:
   are found through the modality aliases. Any single ``*seg*.nii*`` file is accepted as the
   label, which covers BraTS20_Training_355 whose label file has another name.
 - ``msd``: Medical Segmentation Decathlon, ``dataset.json`` with
-  ``training: [{image, label}]`` and a ``modality`` map; one 4D image per case with
-  the modalities on the last axis.
+  ``training: [{image, label}]`` and a ``modality`` map; one image per case, 3D for a
+  single-modality task (Heart, Liver, Hippocampus, ... CT and MRI) or 4D with the
+  modalities on the last axis (BrainTumour, Prostate).
 - ``nnunet``: nnU-Net raw, ``imagesTr/<case>_0000.nii.gz`` (one file per channel) and
   ``labelsTr/<case>.nii.gz``, described by ``dataset.json`` (``channel_names``).
 """
@@ -84,7 +85,14 @@ def nifti_stem(path: Path) -> str:
 
 
 def detect_layout(root: Path) -> str:
-    """Guess the layout of ``root``: ``nnunet``, ``msd`` or ``brats``."""
+    """Guess the layout of ``root``: ``nnunet``, ``msd`` or ``brats``.
+
+    A ``dataset.json`` with ``channel_names`` is nnU-Net v2's. One with a ``training``
+    list is an MSD task, unless its images are not where it says and ``imagesTr/`` holds
+    nnU-Net channel files (``<case>_0000.nii.gz``: nnU-Net v1 converted tasks list
+    ``imagesTr/la_003.nii.gz`` for ``imagesTr/la_003_0000.nii.gz``). No ``dataset.json``:
+    nnU-Net when there is an ``imagesTr/``, else BraTS folders.
+    """
     dataset_json = root / "dataset.json"
     if dataset_json.is_file():
         meta = _read_dataset_json(root)
@@ -92,15 +100,22 @@ def detect_layout(root: Path) -> str:
             return "nnunet"
         training = meta.get("training")
         if isinstance(training, list) and training and isinstance(training[0], dict):
-            # nnU-Net v1 json files list images by case name, without the _0000 files
-            first = training[0].get("image")
-            if isinstance(first, str) and not (root / first).is_file() and (root / "imagesTr").is_dir():
-                return "nnunet"
-            return "msd"
+            listed = [e.get("image") for e in training[:8] if isinstance(e, dict) and isinstance(e.get("image"), str)]
+            if any((root / name).is_file() for name in listed):
+                return "msd"
+            images = root / "imagesTr"
+            return "nnunet" if images.is_dir() and is_channel_file_folder(images) else "msd"
         return "nnunet"
     if (root / "imagesTr").is_dir():
         return "nnunet"
     return "brats"
+
+
+def is_channel_file_folder(folder: Path) -> bool:
+    """True for a folder of nnU-Net channel files ``<case>_0000.nii.gz`` (e.g. imagesTs/);
+    hidden files (the ``._*`` files of macOS archives such as the MSD downloads) aside."""
+    stems = [nifti_stem(p) for p in folder.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith(".")]
+    return bool(stems) and all(_CHANNEL_FILE.match(stem) for stem in stems)
 
 
 def canonical_modality(name: str) -> str:
@@ -215,11 +230,15 @@ def _where(case: Case) -> str:
 
 
 def _brats_case_folders(root: Path) -> list[Path]:
-    """Case folders directly under ``root``, or one level down under group folders.
+    """Case folders directly under ``root``, or one level down under group folders;
+    ``root`` itself when it is one case folder (it holds ``<root name>_*.nii.gz`` files).
 
     A folder that holds NIfTI files, or holds nothing at all, is a case; a folder that
     holds only sub-folders (``HGG/``, ``LGG/``) is a group and is descended into.
     """
+    own = [p for p in root.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith(".")]
+    if own and all(nifti_stem(p).startswith(f"{root.name}_") or nifti_stem(p).startswith(f"{root.name}-") for p in own):
+        return [root]
     folders: list[Path] = []
     for entry in sorted(root.iterdir()):
         if not entry.is_dir() or entry.name.startswith("."):
@@ -254,7 +273,7 @@ def _scan_brats(root: Path, modalities: tuple[str, ...], problems: list[str]) ->
     cases = []
     for folder in folders:
         case_id = folder.name
-        files = sorted(f for f in folder.iterdir() if f.is_file() and is_nifti(f))
+        files = sorted(f for f in folder.iterdir() if f.is_file() and is_nifti(f) and not f.name.startswith("."))
         if not files:
             problems.append(f"case {case_id}: folder {folder} holds no NIfTI files")
             continue
@@ -419,55 +438,3 @@ def _scan_nnunet(
         label = labels_dir / f"{case_id}{ending}"
         cases.append(Case(case_id, [files[c] for c in channels], label if label.is_file() else None))
     return cases
-
-
-def find_msd_image_cases(images_dir: str | Path, modalities: Sequence[str] | None = None) -> list[Case]:
-    """Unlabeled cases from a folder of MSD 4D images (``imagesTs/``): one case per file,
-    channels named by the ``modality`` map of the ``dataset.json`` beside the folder."""
-    images_dir = Path(images_dir)
-    where = images_dir.parent / "dataset.json"
-    names = _channel_names(_read_dataset_json(images_dir.parent), "modality", where)
-    if names is None and modalities is not None:
-        raise DataError(f"{where}: no 'modality' map to select {list(modalities)} from")
-    channels = _select_channels(names, modalities, where) if names is not None else None
-    files = sorted(f for f in images_dir.iterdir() if f.is_file() and is_nifti(f) and not f.name.startswith("."))
-    if not files:
-        raise DataError(f"{images_dir}: no NIfTI images")
-    return [Case(nifti_stem(f), [f], None, channels) for f in files]
-
-
-def find_image_file_cases(images_dir: str | Path) -> list[Case]:
-    """Unlabeled cases from a plain folder of images, one case per file, named by the file:
-    a 3D file is a one-channel case, a 4D file a case with its channels in order."""
-    import nibabel as nib
-
-    images_dir = Path(images_dir)
-    files = sorted(f for f in images_dir.iterdir() if f.is_file() and is_nifti(f) and not f.name.startswith("."))
-    if not files:
-        raise DataError(f"{images_dir}: no NIfTI images")
-    cases = []
-    for path in files:
-        try:
-            shape = nib.load(str(path)).shape
-        except Exception as exc:  # noqa: BLE001 - nibabel raises several kinds; reported by name
-            raise DataError(f"case {nifti_stem(path)}: cannot read NIfTI {path} ({exc})") from None
-        channels = tuple(range(shape[3])) if len(shape) == 4 and shape[3] > 1 else None
-        cases.append(Case(nifti_stem(path), [path], None, channels))
-    return cases
-
-
-def is_channel_file_folder(folder: Path) -> bool:
-    """True for a folder of nnU-Net channel files ``<case>_0000.nii.gz`` (e.g. imagesTs/)."""
-    stems = [nifti_stem(p) for p in folder.iterdir() if p.is_file() and is_nifti(p)]
-    return bool(stems) and all(_CHANNEL_FILE.match(stem) for stem in stems)
-
-
-def find_channel_file_cases(images_dir: str | Path, modalities: Sequence[str] | None = None) -> list[Case]:
-    """Unlabeled cases from a folder of nnU-Net channel files (``imagesTs/``, say); the
-    channel names come from the ``dataset.json`` beside the folder, when there is one."""
-    images_dir = Path(images_dir)
-    problems: list[str] = []
-    cases = _scan_nnunet(images_dir.parent, modalities, problems, images_dir=images_dir)
-    if problems:
-        raise DataError(problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
-    return [Case(c.case_id, c.images, None, c.channels) for c in cases]

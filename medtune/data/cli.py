@@ -36,8 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser, argv: list[str] = ()) -> None
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     _add_synth_options(synth)
 
-    check = sub.add_parser("check", help="check files, shapes, label values and NaN/Inf of a dataset")
-    check.add_argument("root", help="dataset folder")
+    check = sub.add_parser(
+        "check", help="check files, shapes, voxel grids, label values and NaN/Inf of a dataset; "
+        "list each case's orientation and spacing",
+    )
+    check.add_argument("root", help="dataset folder (or one case folder)")
     check.add_argument("--layout", default="auto", choices=LAYOUTS, help="dataset layout (default auto)")
     check.add_argument("--modalities", nargs="+", default=None,
                        help="modality names in order (default: BraTS flair t1ce t1 t2 / all channels)")
@@ -86,19 +89,32 @@ def run(args: argparse.Namespace) -> int:
               + ("" if written else " (all already there, identical)"))
         return 0
 
-    from medtune.data.check import check_dataset, count_cases
+    from medtune.data.check import inspect_dataset
+    from medtune.data.geometry import format_spacing
 
-    problems = check_dataset(
+    report = inspect_dataset(
         args.root,
         layout=args.layout,
         modalities=args.modalities,
         label_values=args.label_values,
         require_labels=args.require_labels,
     )
-    for problem in problems:
+    for case in report.cases:
+        print(case.line())
+    for problem in report.problems:
         print(problem)
-    if problems:
-        print(f"{len(problems)} problem(s) in {args.root}")
+    median = report.median_spacing
+    outliers = report.spacing_outliers()
+    if median is not None:
+        print(f"median spacing (RAS axes): {format_spacing(median)}")
+    for case in outliers:
+        spacing = next(c.ras_spacing for c in report.cases if c.case_id == case)
+        print(f"warning: case {case}: spacing {format_spacing(spacing)} (RAS axes) is more than 3x away from "
+              f"the median on some axis; it is resampled like every case, but check it is the scan you mean")
+    if report.problems:
+        print(f"{len(report.problems)} problem(s) in {args.root}")
         return 2
-    print(f"ok: {count_cases(args.root, args.layout, args.modalities)} cases")
+    orientations = sorted({c.orientation for c in report.cases})
+    print(f"ok: {len(report.cases)} cases ({', '.join(orientations)} orientation"
+          f"{'s' if len(orientations) > 1 else ''}{f'; {len(outliers)} spacing warning(s)' if outliers else ''})")
     return 0

@@ -6,9 +6,11 @@
   foreground.
 - :class:`VolumeDataset`: whole cached volumes (validation, sliding-window inference).
 
-Random crop positions come from a generator seeded by ``(seed, epoch, index)``: an
-item is the same in every run and every worker layout, and changes with
-:meth:`set_epoch`.
+Random crop positions and augmentation (:mod:`.augment`, on the DataLoader workers)
+come from generators seeded by ``(seed, epoch, index)``: an item is the same in every
+run, every worker layout and after a resume, and changes with :meth:`set_epoch`.
+CT channels, stored in HU by the cache, are normalised per item with the dataset's
+statistics (:class:`~medtune.data.intensity.Normalizer`).
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from medtune.data.augment import Augmenter, sample_seed
 from medtune.data.cache import VolumeCache
+from medtune.data.intensity import Normalizer
 from medtune.data.labels import LabelSpec
 from medtune.errors import DataError
 
 
-def read_window(array: np.ndarray, starts: Sequence[int], size: Sequence[int], fill: float = 0) -> np.ndarray:
+def read_window(array: np.ndarray, starts: Sequence[int], size: Sequence[int], fill: float | np.ndarray = 0) -> np.ndarray:
     """Copy the box ``[start, start + size)`` of the last ``len(size)`` axes of ``array``.
 
     Starts may be negative and boxes may run past the end: the part outside ``array``
@@ -33,6 +37,8 @@ def read_window(array: np.ndarray, starts: Sequence[int], size: Sequence[int], f
 
     Args:
         array: ``(..., *S)``.
+        fill: a number, or an array broadcast over the output (one value per channel:
+            shape ``(M, 1, 1, ...)``).
     Returns:
         ``(..., *size)``, a new array of ``array``'s dtype.
     """
@@ -60,14 +66,23 @@ def random_starts(rng: np.random.Generator, extent: Sequence[int], size: Sequenc
 
 
 class _CacheDataset(Dataset):
-    """What the cache datasets share: labels as class indices, per-item seeded crops."""
+    """What the cache datasets share: labels as class indices, per-item seeded crops and
+    augmentation, CT channels normalised per item."""
 
-    def __init__(self, cache: VolumeCache, with_label: bool, label_spec: LabelSpec | None, seed: int) -> None:
+    def __init__(self, cache: VolumeCache, with_label: bool, label_spec: LabelSpec | None, seed: int,
+                 normalizer: Normalizer | None = None, augment: Augmenter | None = None) -> None:
         self.cache = cache
         self.with_label = with_label
         self.label_spec = label_spec or LabelSpec()
         self.seed = int(seed)
         self.epoch = 0
+        self.normalizer = normalizer
+        self.augment = augment if augment is not None and augment.active else None
+        self._fill: float | np.ndarray = 0.0
+        if normalizer is not None:
+            if len(normalizer.norms) != cache.num_modalities:
+                raise DataError(f"{len(normalizer.norms)} channel normalisations for {cache.num_modalities} channels")
+            self._fill = normalizer.raw_fill()
         if with_label:
             unlabeled = [cache.case_ids[i] for i in range(len(cache)) if not cache.has_label(i)]
             if unlabeled:
@@ -80,9 +95,23 @@ class _CacheDataset(Dataset):
     def _rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch, index])
 
-    def _label_index(self, label: np.ndarray, case_index: int) -> torch.Tensor:
+    def _label_index(self, label: np.ndarray, case_index: int) -> np.ndarray:
         where = f"case {self.cache.case_ids[case_index]}: label"
-        return torch.from_numpy(self.label_spec.to_index(label, where))
+        return self.label_spec.to_index(label, where)
+
+    def _image_fill(self, spatial_dims: int) -> float | np.ndarray:
+        """Padding of an image window: per channel, the cached background (see Normalizer.raw_fill)."""
+        if isinstance(self._fill, np.ndarray):
+            return self._fill.reshape((-1,) + (1,) * spatial_dims)
+        return self._fill
+
+    def _finish(self, item: dict[str, np.ndarray], index: int) -> dict[str, torch.Tensor]:
+        """Normalise CT channels, augment (seeded by seed, epoch, index), make tensors."""
+        if self.normalizer is not None:
+            item["image"] = self.normalizer.finish(item["image"])
+        if self.augment is not None:
+            return self.augment(item, sample_seed(self.seed, self.epoch, index))
+        return {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in item.items()}
 
 
 class SliceDataset(_CacheDataset):
@@ -96,7 +125,9 @@ class SliceDataset(_CacheDataset):
             modalities nonzero) is at least this.
         with_label: add ``"label"`` (class indices via ``label_spec``).
         label_spec: label values -> class indices (default BraTS 0, 1, 2, 4).
-        seed: base seed of crop positions.
+        seed: base seed of crop positions and augmentation.
+        normalizer: per-channel normalisation of CT channels (None: the cache's values).
+        augment: 2D augmentation of each slice (:class:`~medtune.data.augment.Augmenter`).
 
     Items: ``{"image": (M, s, s) float32, "foreground": (s, s) bool}`` and, with labels,
     ``"label": (s, s) int64``. :attr:`pairs` ``(N, 2)`` lists (case, slice) per item.
@@ -111,8 +142,10 @@ class SliceDataset(_CacheDataset):
         with_label: bool = False,
         label_spec: LabelSpec | None = None,
         seed: int = 0,
+        normalizer: Normalizer | None = None,
+        augment: Augmenter | None = None,
     ) -> None:
-        super().__init__(cache, with_label, label_spec, seed)
+        super().__init__(cache, with_label, label_spec, seed, normalizer, augment)
         self.img_size = (int(img_size),) * 2 if isinstance(img_size, int) else tuple(int(s) for s in img_size)
         if not -3 <= axis <= 2:
             raise ValueError(f"slice axis must be a spatial axis in -3..2, got {axis}")
@@ -142,16 +175,13 @@ class SliceDataset(_CacheDataset):
 
         plane_index = (Ellipsis,) + tuple(slice_index if a == self.axis else slice(None) for a in range(3))
 
-        def cut(array: np.ndarray) -> np.ndarray:  # (..., H, W, D) -> (..., s, s) at slice_index
-            return read_window(array[plane_index], starts, self.img_size)  # a view until the window copy
+        def cut(array: np.ndarray, fill: float | np.ndarray = 0) -> np.ndarray:  # (..., H, W, D) -> (..., s, s)
+            return read_window(array[plane_index], starts, self.img_size, fill)  # a view until the window copy
 
-        item = {
-            "image": torch.from_numpy(cut(volume.image)),
-            "foreground": torch.from_numpy(cut(volume.foreground)),
-        }
+        item = {"image": cut(volume.image, self._image_fill(2)), "foreground": cut(volume.foreground)}
         if self.with_label:
             item["label"] = self._label_index(cut(volume.label), case_index)
-        return item
+        return self._finish(item, index)
 
 
 class CropDataset(_CacheDataset):
@@ -166,7 +196,9 @@ class CropDataset(_CacheDataset):
             foreground voxel (label > 0) instead of placed uniformly; used only for
             cases with a label that has foreground.
         label_spec: label values -> class indices (default BraTS 0, 1, 2, 4).
-        seed: base seed of crop positions.
+        seed: base seed of crop positions and augmentation.
+        normalizer: per-channel normalisation of CT channels (None: the cache's values).
+        augment: 3D augmentation of each crop (:class:`~medtune.data.augment.Augmenter`).
 
     Items: ``{"image": (M, h, w, d) float32, "foreground": (h, w, d) bool}`` and, with
     labels, ``"label": (h, w, d) int64``.
@@ -181,8 +213,10 @@ class CropDataset(_CacheDataset):
         foreground_oversample: float = 0.33,
         label_spec: LabelSpec | None = None,
         seed: int = 0,
+        normalizer: Normalizer | None = None,
+        augment: Augmenter | None = None,
     ) -> None:
-        super().__init__(cache, with_label, label_spec, seed)
+        super().__init__(cache, with_label, label_spec, seed, normalizer, augment)
         self.crop_size = tuple(int(s) for s in crop_size)
         if len(self.crop_size) != 3:
             raise ValueError(f"crop_size must have 3 sizes, got {self.crop_size}")
@@ -218,12 +252,12 @@ class CropDataset(_CacheDataset):
         volume = self.cache.load(case_index)
         starts = self._starts(self._rng(index), case_index)
         item = {
-            "image": torch.from_numpy(read_window(volume.image, starts, self.crop_size)),
-            "foreground": torch.from_numpy(read_window(volume.foreground, starts, self.crop_size)),
+            "image": read_window(volume.image, starts, self.crop_size, self._image_fill(3)),
+            "foreground": read_window(volume.foreground, starts, self.crop_size),
         }
         if self.with_label:
             item["label"] = self._label_index(read_window(volume.label, starts, self.crop_size), case_index)
-        return item
+        return self._finish(item, index)
 
 
 class VolumeDataset(_CacheDataset):
@@ -232,22 +266,25 @@ class VolumeDataset(_CacheDataset):
     Items: ``{"image": (M, h, w, d) float32, "foreground": (h, w, d) bool,
     "case_index": () int64}`` and, with labels, ``"label": (h, w, d) int64``. Volumes
     differ in size, so use ``batch_size=1``; ``cache.meta(case_index)`` gives the bbox
-    and original shape to paste a prediction back (:func:`paste_from_bbox`).
+    and original shape to paste a prediction back (:func:`paste_from_bbox`). Never
+    augmented; CT channels normalised by ``normalizer``.
     """
 
-    def __init__(self, cache: VolumeCache, with_label: bool = False, label_spec: LabelSpec | None = None) -> None:
-        super().__init__(cache, with_label, label_spec, seed=0)
+    def __init__(self, cache: VolumeCache, with_label: bool = False, label_spec: LabelSpec | None = None,
+                 normalizer: Normalizer | None = None) -> None:
+        super().__init__(cache, with_label, label_spec, seed=0, normalizer=normalizer)
 
     def __len__(self) -> int:
         return len(self.cache)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         volume = self.cache.load(index)
+        image = np.ascontiguousarray(volume.image)
         item = {
-            "image": torch.from_numpy(np.ascontiguousarray(volume.image)),
+            "image": torch.from_numpy(self.normalizer.finish(image) if self.normalizer is not None else image),
             "foreground": torch.from_numpy(np.ascontiguousarray(volume.foreground)),
             "case_index": torch.tensor(index, dtype=torch.int64),
         }
         if self.with_label:
-            item["label"] = self._label_index(np.ascontiguousarray(volume.label), index)
+            item["label"] = torch.from_numpy(self._label_index(np.ascontiguousarray(volume.label), index))
         return item

@@ -83,12 +83,22 @@ class LabelSpec:
         return cls((0, 1, 2, et_value), brats_regions(et_value), BRATS_NAMES)
 
     @classmethod
-    def from_values(cls, values: Sequence[int]) -> "LabelSpec":
-        """A spec for ``values``; BraTS regions if they are BraTS's, else one region per class."""
+    def from_values(
+        cls, values: Sequence[int], brats: bool = False, names: Mapping[int, str] | None = None
+    ) -> "LabelSpec":
+        """A spec for ``values``: one region per foreground class, named by ``names``
+        (value -> name, e.g. from ``dataset.json``) or ``label<v>``. With ``brats=True``
+        (BraTS data) and BraTS's values (0, 1, 2, 4 or 2023's 0, 1, 2, 3), BraTS's nested
+        regions WT/TC/ET instead: they are BraTS's, not any four-class dataset's."""
         values = tuple(int(v) for v in values)
-        if sorted(values) in ([0, 1, 2, 4], [0, 1, 2, 3]) and values[:3] == (0, 1, 2):
+        if brats and sorted(values) in ([0, 1, 2, 4], [0, 1, 2, 3]) and values[:3] == (0, 1, 2):
             return cls.brats(et_value=values[3])
-        return cls(values, {f"label{v}": (v,) for v in values[1:]}, None)
+        names = {int(k): str(v) for k, v in (names or {}).items()}
+        class_names = tuple(names.get(v, "background" if v == 0 else f"label{v}") for v in values)
+        regions = {class_names[k]: (v,) for k, v in enumerate(values) if k > 0}
+        if len(regions) != len(values) - 1:  # two classes of one name: fall back to the values
+            regions = {f"label{v}": (v,) for v in values[1:]}
+        return cls(values, regions, class_names if names else None)
 
     @classmethod
     def from_dataset_json(cls, path: str | Path) -> "LabelSpec":
@@ -127,6 +137,12 @@ class LabelSpec:
     @property
     def num_classes(self) -> int:
         return len(self.values)
+
+    @property
+    def is_brats(self) -> bool:
+        """BraTS's values, names and nested regions (scored by BraTS's empty-region rules)."""
+        return (self.names == BRATS_NAMES and len(self.values) == 4
+                and dict(self.regions) == brats_regions(self.values[3]))
 
     @property
     def region_names(self) -> tuple[str, ...]:

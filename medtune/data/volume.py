@@ -1,7 +1,8 @@
 """Read a :class:`~medtune.data.cases.Case` into arrays with nibabel.
 
-Axes stay those of the NIfTI array (``H, W, D`` = i, j, k; the slice axis is last for
-BraTS), with the modalities put first: ``image (M, H, W, D)``.
+Axes stay those of the NIfTI array (``H, W, D`` = i, j, k), with the modalities put
+first: ``image (M, H, W, D)``; :mod:`medtune.data.geometry` then brings a case to the
+training grid (orientation, spacing).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from medtune.data.cases import Case
+from medtune.data.geometry import affine_problem, axcodes_of, voxel_spacing
 from medtune.errors import DataError
 
 # What nibabel and gzip raise on a truncated or garbled file.
@@ -45,8 +47,13 @@ class Volume:
 
     @property
     def spacing(self) -> tuple[float, ...]:
-        """Voxel size in mm along the array axes."""
-        return tuple(float(z) for z in self.header.get_zooms()[:3])
+        """Voxel size in mm along the array axes (the lengths of the affine's columns)."""
+        return voxel_spacing(self.affine)
+
+    @property
+    def orientation(self) -> str:
+        """Orientation codes of the array axes, e.g. ``"LPS"``."""
+        return axcodes_of(self.affine)
 
 
 def open_nifti(path: Path, case_id: str) -> nib.Nifti1Image:
@@ -98,14 +105,21 @@ def read_label(path: Path, case_id: str) -> tuple[np.ndarray, nib.Nifti1Image]:
 AFFINE_TOLERANCE = 1e-3  # mm; the files of one case must share the voxel grid
 
 
-def _spatial_shape(img: nib.Nifti1Image, path: Path, case_id: str, channels: bool) -> tuple[int, ...]:
-    """The 3D voxel grid of one file (a trailing channel axis of 1 dropped), or a DataError."""
+def _spatial_shape(img: nib.Nifti1Image, path: Path, case_id: str, channels: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The 3D voxel grid of one file (a trailing channel axis of 1 dropped), or a DataError.
+
+    ``channels`` (an MSD image file): the last-axis indices to read from a 4D file; a 3D
+    file is one channel, so it serves ``channels == (0,)`` (single-modality MSD tasks)."""
     shape = tuple(int(n) for n in img.shape)
-    if not channels and len(shape) == 4 and shape[3] == 1:
+    if len(shape) == 4 and shape[3] == 1 and (channels is None or channels == (0,)):
         shape = shape[:3]
-    if channels:
+    if channels is not None:
+        if len(shape) == 3 and tuple(channels) == (0,):
+            return shape
         if len(shape) != 4:
             raise DataError(f"case {case_id}: expected a 4D image (channels last) in {path}, got shape {shape}")
+        if max(channels) >= shape[3]:
+            raise DataError(f"case {case_id}: {path} has {shape[3]} channels, channel {max(channels)} requested")
         return shape[:3]
     if len(shape) == 4:
         raise DataError(
@@ -124,9 +138,10 @@ def read_case(
     training (the cache) and prediction share.
 
     Problems, each naming the case and file: an unreadable or missing file, a file that
-    is not a 3D volume (or 4D, for multi-channel images), files of different shapes or
-    voxel grids (affines differing by more than 1e-3 mm), NaN/Inf voxels, a label of
-    another shape or grid than the image, label values outside ``label_spec``.
+    is not a 3D volume (or 4D, for multi-channel images), an affine that cannot place the
+    volume (not invertible, a zero or NaN spacing), files of different shapes or voxel
+    grids (affines differing by more than 1e-3 mm), NaN/Inf voxels, a label of another
+    shape or grid than the image, label values outside ``label_spec``.
 
     Returns:
         ``(volume, problems)``: the :class:`Volume` when there is no problem (else None).
@@ -137,11 +152,14 @@ def read_case(
     for path in case.images:
         try:
             img = open_nifti(path, case.case_id)
-            shape = _spatial_shape(img, path, case.case_id, channels=case.channels is not None)
+            shape = _spatial_shape(img, path, case.case_id, channels=case.channels)
         except DataError as exc:
             problems.append(str(exc))
             continue
         if grid is None:
+            if (problem := affine_problem(img.affine)) is not None:
+                problems.append(f"case {case.case_id}: {path}: {problem}; the case cannot be placed in space")
+                continue
             grid = (path, shape, np.asarray(img.affine), img.header)
         elif shape != grid[1]:
             problems.append(f"case {case.case_id}: {path} has shape {shape}, {grid[0].name} has {grid[1]}")
@@ -149,14 +167,9 @@ def read_case(
         elif not np.allclose(img.affine, grid[2], atol=AFFINE_TOLERANCE):
             problems.append(f"case {case.case_id}: {path} has another voxel-to-world affine than {grid[0].name}")
             continue
-        if case.channels is not None and max(case.channels) >= img.shape[3]:
-            problems.append(
-                f"case {case.case_id}: {path} has {img.shape[3]} channels, channel {max(case.channels)} requested"
-            )
-            continue
         try:
             data = read_array(img, path, case.case_id)
-            if case.channels is not None:
+            if case.channels is not None and data.ndim == 4:
                 data = np.moveaxis(data[..., list(case.channels)], -1, 0)  # (M, H, W, D)
             else:
                 data = data.reshape((1,) + shape)

@@ -1,4 +1,4 @@
-"""Finetuning tasks: segmentation, referring segmentation, VQA; one interface, one registry.
+"""Finetuning tasks: segmentation, segment3d, referring segmentation, VQA; one interface, one registry.
 
 A task is one folder here plus one registry line below (see :mod:`medtune.finetune.base`
 for the interface and a toy task). ``medtune finetune``, ``predict``, ``evaluate`` and
@@ -21,6 +21,7 @@ import importlib
 from medtune.finetune.base import TASKS, Loaded, Task, TaskData, get_task
 
 TASKS.register_path("segmentation", "medtune.finetune.segmentation.task:TASK")
+TASKS.register_path("segment3d", "medtune.finetune.segment3d.task:TASK")
 TASKS.register_path("referring", "medtune.finetune.referring.task:TASK")
 TASKS.register_path("vqa", "medtune.finetune.vqa.task:TASK")
 

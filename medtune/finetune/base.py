@@ -56,12 +56,15 @@ class TaskData:
             values, the answer vocabulary, the resolved channel order, ...). They are
             recorded in ``config.json`` and handed back to :meth:`Task.build_model`.
         num_workers: DataLoader workers (None: ``train.num_workers``, else 0).
+        files: JSON files the run folder gets beside ``config.json`` (name -> content;
+            names from :mod:`medtune.checkpoints.runs`), e.g. the split it trained on.
     """
 
     train: Dataset
     eval: Any = None
     derived: dict[str, Any] = field(default_factory=dict)
     num_workers: int | None = None
+    files: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -98,6 +101,10 @@ class Task:
     """What one training sample is called in the progress bar."""
     description: str = ""
     """One line for ``--help``."""
+    predicts_in_parts: bool = False
+    """Whether ``medtune predict`` can split its inputs over processes (``--num-parts``,
+    ``accelerate launch``): each part writes its own files (``args.part_id`` of
+    ``args.num_parts``)."""
 
     # ------------------------------------------------------------------ command line
 
@@ -169,6 +176,10 @@ class Task:
     def predict(self, loaded: Loaded, args: argparse.Namespace) -> int:
         """``medtune predict --model RUN ...``: returns the exit code."""
         raise ConfigError(f"task '{self.name}' has no prediction")
+
+    def predict_ensemble(self, loaded: Sequence[Loaded], args: argparse.Namespace) -> int:
+        """``medtune predict --model RUN1 RUN2 ...``: one prediction from several runs."""
+        raise ConfigError(f"task '{self.name}' does not ensemble runs; give one --model")
 
     def score(self, args: argparse.Namespace) -> int:
         """``medtune evaluate``: score predictions against ground truth; returns the exit code."""

@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from medtune.cli import add_run_arguments, peek
+from medtune.cli import add_run_arguments, fetch_downloads, peek
 from medtune.errors import ConfigError
 from medtune.finetune.base import TASKS, Task, get_task
 
@@ -73,5 +73,6 @@ def run(args: argparse.Namespace) -> int:
     task = get_task(task_name_of(args.task, raw))
     cfg = build_config(task, args, raw)
     stem = Path(args.config).stem if args.config else task.name
+    fetch_downloads(args, cfg)
     finetune(task, cfg, output=args.output, resume=args.resume, stem=stem)
     return 0

@@ -7,7 +7,8 @@ In order, the same for every task:
 2. the data: :meth:`Task.build_data` on rank 0 first (it fills caches and resolves
    values left to the data), then on the other ranks; an error on rank 0 ends every rank;
 3. the model: :meth:`Task.build_model` (pretrained weights unless resuming);
-4. ``config.json`` (the task, the config, the derived facts) and, for adapter methods,
+4. ``config.json`` (the task, the config, the derived facts), the task's other run files
+   (:attr:`TaskData.files`, e.g. ``splits_final.json``) and, for adapter methods,
    ``backbone.safetensors`` (the base) when the run starts;
 5. :func:`medtune.trainer.train` with :meth:`Task.evaluate` every ``train.eval_every``
    steps and at the end, ``best/`` on each new best of :meth:`Task.best_metric_of`;
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune import distributed
-from medtune.checkpoints.runs import BEST_DIR, RunConfig, open_run, write_run_config, write_summary
+from medtune.checkpoints.runs import BEST_DIR, RunConfig, open_run, write_run_config, write_run_files, write_summary
 from medtune.finetune.base import Task, TaskData
 from medtune.finetune.weights import save_base_backbone, save_trained
 
@@ -64,6 +65,7 @@ def _finetune_in(task: Task, cfg: Any, run_dir: Path, resume: str | Path | None,
     model = task.build_model(cfg, data.derived, pretrained=resume is None)
     if main and resume is None:
         write_run_config(run_dir, run_config)
+        write_run_files(run_dir, data.files)
         save_base_backbone(model, run_dir, metadata={"task": task.name})  # a resumed run keeps its base
 
     def evaluate(trained) -> dict[str, float]:
@@ -76,6 +78,7 @@ def _finetune_in(task: Task, cfg: Any, run_dir: Path, resume: str | Path | None,
     def on_start() -> None:  # a resumed run's config.json changes only once its state has loaded
         if resume is not None:
             write_run_config(run_dir, run_config)
+            write_run_files(run_dir, data.files)
 
     key = task.best_metric_of(cfg) if data.eval is not None else None
     loader = build_loader(data.train, cfg.train, num_workers=data.num_workers)

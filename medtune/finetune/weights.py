@@ -164,6 +164,14 @@ def _check_base_sha(base: Path, record: Mapping[str, Any], config_file: Path) ->
         )
 
 
+def _in_backbone_names(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A base file in the network's own names (a Hub export's ``base/``, timm's or MONAI's
+    keys) in the backbone's names (``model.<key>``); medtune's own files pass unchanged."""
+    if not prefix or any(name.startswith(prefix) for name in state):
+        return dict(state)
+    return {prefix + name: tensor for name, tensor in state.items()}
+
+
 def _load_adapter_form(model: nn.Module, folder: Path, weights: Path, base_weights: str | Path | None) -> Path:
     from medtune.adapters import find_adapted, load_adapter, load_base_state
 
@@ -176,7 +184,7 @@ def _load_adapter_form(model: nn.Module, folder: Path, weights: Path, base_weigh
     config_file = weights.parent / ADAPTER_CONFIG_FILE
     if base_weights is None:
         _check_base_sha(base, record, config_file)
-    load_base_state(model, load_weights(base), source=base)  # a base of another backbone: names the tensor
+    load_base_state(model, _in_backbone_names(load_weights(base), found[2].prefix), source=base)  # names the tensor
     if base_weights is not None:  # the right shapes must still be the base the adapter was trained on
         _check_base_sha(base, record, config_file)
     load_adapter(found[1], weights.parent)  # checks the method and backbone, then exactly the trained tensors

@@ -11,6 +11,12 @@
   before open_clip sees it, so it can never be mistaken for a download tag such as
   "openai"; a path that is not a file is a :class:`CheckpointError`. ``None`` gives a
   randomly initialised model; nothing is ever downloaded.
+- ``model_name`` or ``weights`` may be ``hf-hub:ORG/NAME``, an open_clip repository in the
+  local Hugging Face cache (:mod:`medtune.models.hub`): as ``model_name`` its
+  ``open_clip_config.json`` gives the architecture, as ``weights`` its weight file the
+  weights (name it in both for the repository's model). Only standard CLIP: a repository whose
+  text tower is a Hugging Face model (BiomedCLIP) is refused; its image tower loads as a
+  backbone (``backbone.pretrained: hf-hub:...``).
 - ``tiny_config`` (a dict, see :data:`TINY_CLIP`) builds a small random CLIP for tests
   and demos without any file.
 
@@ -82,8 +88,14 @@ def build_clip(
             checkpoint are resized by open_clip).
         quick_gelu: use QuickGELU (what OpenAI's checkpoints were trained with).
     """
+    from medtune.models.hub import hub_weight_file, is_hub_spec
+
+    if is_hub_spec(model_name) and tiny_config is None:
+        tiny_config = hub_clip_config(model_name)  # the architecture; the weights are ``weights``'s, as always
     checkpoint = None
-    if weights is not None:
+    if is_hub_spec(weights):
+        checkpoint = hub_weight_file(weights)
+    elif weights is not None:
         checkpoint = Path(weights).expanduser().resolve()
         if not checkpoint.is_file():
             raise CheckpointError(f"CLIP weight file not found: {weights} (weights are never downloaded)")
@@ -98,6 +110,23 @@ def build_clip(
     if not hasattr(model, "token_embedding"):
         raise ConfigError(f"CLIP model '{model_name}' has a custom text tower; only standard CLIP is supported")
     return model, ClipTokenizer(model.context_length)
+
+
+def hub_clip_config(spec: str) -> dict:
+    """The architecture of a cached open_clip repository (its ``open_clip_config.json``'s
+    ``model_cfg``), standard CLIP only."""
+    from medtune.models.hub import OPEN_CLIP_CONFIG_FILE, hub_json
+
+    model_cfg = (hub_json(spec, OPEN_CLIP_CONFIG_FILE, required=True) or {}).get("model_cfg")
+    if not isinstance(model_cfg, dict):
+        raise CheckpointError(f"{spec}: {OPEN_CLIP_CONFIG_FILE} has no 'model_cfg'")
+    text_cfg = model_cfg.get("text_cfg") or {}
+    if model_cfg.get("custom_text") or text_cfg.get("hf_model_name"):
+        raise ConfigError(
+            f"{spec}: its text tower is a Hugging Face model ({text_cfg.get('hf_model_name', 'custom')}); only "
+            "standard CLIP is supported (its image tower loads as a backbone: backbone.pretrained: " + spec + ")"
+        )
+    return {k: v for k, v in model_cfg.items() if k in ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu")}
 
 
 def _build_open_clip(

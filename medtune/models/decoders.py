@@ -7,17 +7,23 @@
 - :class:`UNetDecoder` (U-Net style: from the deepest stage up, upsample x2, concatenate
   the skip of the next-shallower stage, two conv blocks) for hierarchical backbones
   (Swin, ConvNeXt, SwinUNETR).
-
+- ``agln`` (:mod:`medtune.models.agln`): AGLN's Context Fusion Blocks for hierarchical
+  backbones.
 - ``unetr`` (:mod:`medtune.models.unetr`): MONAI SwinUNETR's own decoder for
   ``swinunetr`` backbones; it also reads the input image, and takes over the UNETR blocks
   of a FreMAE run pretrained with ``objective.decoder: unetr``.
 
-All take ``features = [(B, C_i, *S_i), ...]`` (shallow -> deep, as
-``Backbone.forward_stages`` returns them) and the input's spatial size, and return
+Each takes ``features = [(B, C_i, *S_i), ...]`` (shallow -> deep, as
+``Backbone.forward_stages`` returns them) and the input's spatial size, and returns
 logits ``(B, K, *S)`` at the input resolution. Made by name through :data:`DECODERS`::
 
     decoder = create_decoder("auto", in_channels=(192,) * 4, in_strides=(16,) * 4,
                              num_classes=4, spatial_dims=2)
+
+Every decoder splits its ``forward(features, out_size)`` into ``forward_decoder(features)``
+(``unetr``: ``forward_decoder(features, image)``)
+(the last feature map before the classifier, ``embedding_channels`` wide: the pixel
+embedding that contrastive losses read) and ``forward_head(map, out_size)`` (the logits).
 """
 
 from __future__ import annotations
@@ -30,48 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from medtune.errors import ConfigError
+from medtune.models.blocks import ConvNormAct, conv_layer, conv_transpose_layer, norm_layer, resize
 from medtune.registry import Registry
 
 DECODERS: Registry = Registry("decoder")
-
-
-def _conv(spatial_dims: int) -> type[nn.Module]:
-    return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
-
-
-def _conv_transpose(spatial_dims: int) -> type[nn.Module]:
-    return {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[spatial_dims]
-
-
-def _norm(spatial_dims: int, norm: str, channels: int) -> nn.Module:
-    if norm == "batch":
-        return {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[spatial_dims](channels)
-    if norm == "instance":
-        return {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[spatial_dims](
-            channels, affine=True
-        )
-    if norm == "group":
-        return nn.GroupNorm(math.gcd(channels, 8), channels)
-    raise ConfigError(f"decoder norm must be 'batch', 'instance' or 'group', got '{norm}'")
-
-
-def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Linear resize of ``(B, C, *S)`` to ``size`` (bilinear in 2D, trilinear in 3D)."""
-    if tuple(x.shape[2:]) == tuple(size):
-        return x
-    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[x.dim() - 2]
-    return F.interpolate(x, size=tuple(size), mode=mode, align_corners=False)
-
-
-class ConvNormAct(nn.Sequential):
-    """Conv (no bias) -> norm -> ReLU; ``(B, C_in, *S) -> (B, C_out, *S)``."""
-
-    def __init__(self, spatial_dims: int, in_ch: int, out_ch: int, kernel_size: int = 3, norm: str = "batch"):
-        super().__init__(
-            _conv(spatial_dims)(in_ch, out_ch, kernel_size, padding=kernel_size // 2, bias=False),
-            _norm(spatial_dims, norm, out_ch),
-            nn.ReLU(inplace=True),
-        )
 
 
 def _rescale(spatial_dims: int, channels: int, factor: float, norm: str) -> nn.Module:
@@ -86,9 +54,9 @@ def _rescale(spatial_dims: int, channels: int, factor: float, norm: str) -> nn.M
         return pool(kernel_size=2 ** (-steps), stride=2 ** (-steps))
     layers: list[nn.Module] = []
     for i in range(steps):
-        layers.append(_conv_transpose(spatial_dims)(channels, channels, kernel_size=2, stride=2))
+        layers.append(conv_transpose_layer(spatial_dims)(channels, channels, kernel_size=2, stride=2))
         if i < steps - 1:
-            layers += [_norm(spatial_dims, norm, channels), nn.GELU()]
+            layers += [norm_layer(spatial_dims, norm, channels), nn.GELU()]
     return nn.Sequential(*layers)
 
 
@@ -101,7 +69,7 @@ class PyramidPooling(nn.Module):
         self.scales = tuple(scales)
         # No normalisation on the pooled maps: a 1x1 map of batch 1 has no batch statistics.
         self.branches = nn.ModuleList(
-            nn.Sequential(_conv(spatial_dims)(in_ch, channels, kernel_size=1), nn.ReLU(inplace=True))
+            nn.Sequential(conv_layer(spatial_dims)(in_ch, channels, kernel_size=1), nn.ReLU(inplace=True))
             for _ in self.scales
         )
         self.fuse = ConvNormAct(spatial_dims, in_ch + channels * len(self.scales), channels, norm=norm)
@@ -109,7 +77,7 @@ class PyramidPooling(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[self.spatial_dims]
         size = x.shape[2:]
-        pooled = [_resize(branch(pool(x, scale)), size) for scale, branch in zip(self.scales, self.branches)]
+        pooled = [resize(branch(pool(x, scale)), size) for scale, branch in zip(self.scales, self.branches)]
         return self.fuse(torch.cat([x, *pooled], dim=1))
 
 
@@ -160,18 +128,27 @@ class UperNetDecoder(nn.Module):
         self.fpn = nn.ModuleList(ConvNormAct(spatial_dims, channels, channels, norm=norm) for _ in in_channels[:-1])
         self.fuse = ConvNormAct(spatial_dims, channels * n, channels, norm=norm)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.classifier = _conv(spatial_dims)(channels, num_classes, kernel_size=1)
+        self.classifier = conv_layer(spatial_dims)(channels, num_classes, kernel_size=1)
+        self.embedding_channels = channels  # of forward_decoder's output
 
-    def forward(self, features: Sequence[torch.Tensor], out_size: Sequence[int]) -> torch.Tensor:
-        """``features [(B, C_i, *S_i)]`` -> logits ``(B, K, *out_size)``."""
+    def forward_decoder(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``features [(B, C_i, *S_i)]`` -> the fused map ``(B, channels, *S_0)`` the
+        classifier reads (the pixel embedding of losses such as PNE)."""
         pyramid = [rescale(f) for rescale, f in zip(self.rescale, features)]
         levels = [lat(f) for lat, f in zip(self.lateral, pyramid[:-1])] + [self.ppm(pyramid[-1])]
         for i in range(len(levels) - 1, 0, -1):  # top-down: deep -> shallow
-            levels[i - 1] = levels[i - 1] + _resize(levels[i], levels[i - 1].shape[2:])
+            levels[i - 1] = levels[i - 1] + resize(levels[i], levels[i - 1].shape[2:])
         outs = [conv(level) for conv, level in zip(self.fpn, levels[:-1])] + [levels[-1]]
         size = outs[0].shape[2:]
-        fused = self.fuse(torch.cat([_resize(o, size) for o in outs], dim=1))  # (B, C, *S/4)
-        return _resize(self.classifier(self.dropout(fused)), out_size)
+        return self.fuse(torch.cat([resize(o, size) for o in outs], dim=1))  # (B, C, *S/4)
+
+    def forward_head(self, fused: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
+        """The fused map -> logits ``(B, K, *out_size)``."""
+        return resize(self.classifier(self.dropout(fused)), out_size)
+
+    def forward(self, features: Sequence[torch.Tensor], out_size: Sequence[int]) -> torch.Tensor:
+        """``features [(B, C_i, *S_i)]`` -> logits ``(B, K, *out_size)``."""
+        return self.forward_head(self.forward_decoder(features), out_size)
 
 
 class UNetDecoder(nn.Module):
@@ -217,14 +194,23 @@ class UNetDecoder(nn.Module):
                 )
             )
         self.head = ConvNormAct(spatial_dims, widths[0], widths[0], norm=norm)
-        self.classifier = _conv(spatial_dims)(widths[0], num_classes, kernel_size=1)
+        self.classifier = conv_layer(spatial_dims)(widths[0], num_classes, kernel_size=1)
+        self.embedding_channels = widths[0]  # of forward_decoder's output
+
+    def forward_decoder(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``features [(B, C_i, *S_i)]`` -> the shallowest decoder map ``(B, widths[0], *S_0)``."""
+        x = self.bottleneck(features[-1])
+        for block, skip in zip(self.up_blocks, reversed(features[:-1])):
+            x = block(torch.cat([resize(x, skip.shape[2:]), skip], dim=1))
+        return x
+
+    def forward_head(self, decoded: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
+        """The shallowest decoder map -> logits ``(B, K, *out_size)``."""
+        return self.classifier(self.head(resize(decoded, out_size)))
 
     def forward(self, features: Sequence[torch.Tensor], out_size: Sequence[int]) -> torch.Tensor:
         """``features [(B, C_i, *S_i)]`` -> logits ``(B, K, *out_size)``."""
-        x = self.bottleneck(features[-1])
-        for block, skip in zip(self.up_blocks, reversed(features[:-1])):
-            x = block(torch.cat([_resize(x, skip.shape[2:]), skip], dim=1))
-        return self.classifier(self.head(_resize(x, out_size)))
+        return self.forward_head(self.forward_decoder(features), out_size)
 
 
 @DECODERS.register("upernet")
@@ -239,6 +225,7 @@ def build_unet(in_channels, in_strides, num_classes, spatial_dims=2, **options) 
 
 # MONAI SwinUNETR's own decoder (swinunetr backbones; reads the input image too)
 DECODERS.register_path("unetr", "medtune.models.unetr:build_unetr_decoder")
+DECODERS.register_path("agln", "medtune.models.agln:build_agln")
 
 
 def create_decoder(

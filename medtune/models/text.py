@@ -48,7 +48,7 @@ class TextConfig:
     width: int | None = None  # open_clip: override the tower's width (None = the config's)
     layers: int | None = None  # open_clip: override the number of transformer layers
     heads: int | None = None  # open_clip: override the number of attention heads
-    weights: str | None = None  # open_clip: local CLIP or text-tower checkpoint (.safetensors/.pt/.bin)
+    weights: str | None = None  # open_clip: local CLIP or text-tower checkpoint (.safetensors/.pt/.bin), or hf-hub:ORG/NAME
     path: str | None = None  # hf: local folder of a BERT-style model and its tokenizer
     context_length: int = 32  # tokens per question, start/end tokens included; longer ones are truncated
 
@@ -195,7 +195,10 @@ class OpenCLIPText(TextEncoder):
         """
         from medtune.checkpoints.io import load_state, load_weights
         from medtune.errors import CheckpointError
+        from medtune.models.hub import hub_weight_file, is_hub_spec
 
+        if is_hub_spec(path):  # an open_clip repository in the local Hugging Face cache
+            path = hub_weight_file(path)
         try:
             state = load_weights(path)
         except CheckpointError:

@@ -128,17 +128,28 @@ class UnetrDecoder(UnetrTrunk):
         self.decoder1 = up(fs, fs)
         self.out = UnetOutBlock(spatial_dims, fs, num_classes)
 
-    def forward(
-        self, features: Sequence[torch.Tensor], out_size: Sequence[int], image: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    @property
+    def embedding_channels(self) -> int:
+        return self.out.conv.conv.in_channels  # feature_size
+
+    def forward_decoder(self, features: Sequence[torch.Tensor], image: torch.Tensor | None = None) -> torch.Tensor:
+        """The last map before the classifier, ``(B, feature_size, *S)``."""
         if image is None:
             raise ConfigError("the unetr decoder reads the input image: call it as decoder(features, size, image)")
-        if tuple(image.shape[2:]) != tuple(out_size):
-            raise ConfigError(f"unetr decoder: image size {tuple(image.shape[2:])} differs from {tuple(out_size)}")
         enc0, enc1, enc2, _, dec2 = self.forward_trunk(image, features)
         dec1 = self.decoder3(dec2, enc2)  # (B, 2fs, *S/4)
         dec0 = self.decoder2(dec1, enc1)  # (B, fs, *S/2)
-        return self.out(self.decoder1(dec0, enc0))  # (B, K, *S)
+        return self.decoder1(dec0, enc0)  # (B, fs, *S)
+
+    def forward_head(self, decoded: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
+        if tuple(decoded.shape[2:]) != tuple(out_size):
+            raise ConfigError(f"unetr decoder: image size {tuple(decoded.shape[2:])} differs from {tuple(out_size)}")
+        return self.out(decoded)  # (B, K, *S)
+
+    def forward(
+        self, features: Sequence[torch.Tensor], out_size: Sequence[int], image: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.forward_head(self.forward_decoder(features, image), out_size)
 
 
 def build_unetr_decoder(

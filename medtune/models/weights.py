@@ -3,11 +3,14 @@
 Accepted sources (never downloaded):
 
 - a medtune ``backbone.safetensors`` (keys ``model.<...>``, exactly ``backbone.state_dict()``),
-- a medtune run folder (its ``backbone.safetensors`` is read),
+- a medtune run folder (its ``backbone.safetensors``, else its ``model.safetensors``), or a
+  ``medtune export --format timm|monai|hub`` folder (its ``model.safetensors``),
 - a plain timm state dict (``.safetensors``/``.pth``/``.pt``/``.npz``, keys without our
   ``model.`` prefix), also wrapped in ``module.`` (DDP) or ``_orig_mod.`` (torch.compile),
-- a medtune ``model.safetensors`` or a MONAI SwinUNETR checkpoint: only the tensors under
-  ``backbone.`` / ``swinViT.`` are taken; the rest (decoders) is reported as unexpected.
+- a medtune ``model.safetensors``, a MONAI SwinUNETR checkpoint or an open_clip model
+  with a timm image tower (BiomedCLIP): only the tensors under ``backbone.`` / ``swinViT.``
+  / ``visual.trunk.`` are taken; the rest (decoders, text towers) is reported as unexpected,
+- ``hf-hub:ORG/NAME``: any of the above in the local Hugging Face cache (:mod:`medtune.models.hub`).
 
 The adaptation is a chain of small filters, timm-style, each ``(state, backbone) -> state``:
 ``normalize_keys`` (prefixes), ``drop_classifier`` (heads), ``adapt_stem`` (a 3-channel
@@ -26,9 +29,10 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
-from medtune.checkpoints.io import LoadReport, load_state, load_weights
-from medtune.checkpoints.runs import BACKBONE_FILE, DECODER_FILE, read_run_config
+from medtune.checkpoints.io import LoadReport, load_json, load_state, load_weights
+from medtune.checkpoints.runs import BACKBONE_FILE, CONFIG_FILE, DECODER_FILE, MODEL_FILE, read_run_config
 from medtune.errors import CheckpointError
+from medtune.models.hub import hub_json, hub_weight_file, is_hub_spec
 
 if TYPE_CHECKING:  # annotations only: backbones.py imports this module to load weights
     from medtune.models.backbones import Backbone
@@ -38,36 +42,57 @@ log = logging.getLogger(__name__)
 StateDict = dict[str, torch.Tensor]
 # wrappers around a whole state dict: DDP, torch.compile
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-# sub-models holding a backbone inside a larger checkpoint: medtune models, MONAI SwinUNETR
-SUBMODEL_PREFIXES = ("backbone.", "swinViT.")
+# sub-models holding a backbone inside a larger checkpoint: medtune models, MONAI SwinUNETR,
+# open_clip's timm image tower (BiomedCLIP)
+SUBMODEL_PREFIXES = ("backbone.", "swinViT.", "visual.trunk.")
 # buffers computed from the architecture, not learned
 DERIVED_BUFFER_SUFFIXES = ("relative_position_index", "attn_mask")
 
 
 def resolve_weight_path(path: str | Path) -> Path:
-    """A weight file as given, or ``<dir>/backbone.safetensors`` for a run folder."""
+    """A weight file as given; a folder's ``backbone.safetensors`` (a run) or else its
+    ``model.safetensors`` (a finetuning run, a timm/MONAI/Hub export); ``hf-hub:ORG/NAME``
+    from the local Hugging Face cache."""
+    if is_hub_spec(path):
+        return hub_weight_file(path)
     path = Path(path)
     if path.is_dir():
-        weight_file = path / BACKBONE_FILE
-        if not weight_file.is_file():
-            raise CheckpointError(f"run folder {path} has no {BACKBONE_FILE}")
-        return weight_file
+        for name in (BACKBONE_FILE, MODEL_FILE):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"folder {path} has no {BACKBONE_FILE} or {MODEL_FILE}")
     if not path.is_file():
         raise CheckpointError(f"pretrained weights not found: {path}")
     return path
+
+
+def exported_backbone_section(config: Any) -> dict[str, Any] | None:
+    """The backbone section a timm/MONAI/Hub export records in its ``config.json``
+    (``{"medtune": {"backbone": ...}}``), or None for other configs."""
+    record = config.get("medtune") if isinstance(config, dict) else None
+    section = record.get("backbone") if isinstance(record, dict) else None
+    return dict(section) if isinstance(section, dict) else None
 
 
 def pretrained_section(path: str | Path) -> dict[str, Any]:
     """What ``--backbone PATH`` puts into a run config's ``backbone:`` section.
 
     A run folder (pretraining, or any run with a ``backbone`` section and
-    ``backbone.safetensors``): its whole backbone section with ``pretrained`` pointing
-    at the folder. A weight file: ``{"pretrained": file}`` only (the architecture stays
-    the config's).
+    ``backbone.safetensors``), a timm/MONAI/Hub export folder, or an ``hf-hub:`` repository
+    exported by medtune: the architecture it records, with ``pretrained`` pointing at it.
+    A weight file or another Hub repository: ``{"pretrained": PATH}`` only (the
+    architecture stays the config's).
     """
+    if is_hub_spec(path):
+        resolve_weight_path(path)  # a repository missing from the cache is refused here
+        section = exported_backbone_section(hub_json(path))
+        return {**section, "pretrained": str(path)} if section else {"pretrained": str(path)}
     path = Path(path)
     if path.is_dir():
-        section = read_run_config(path).config.get("backbone")
+        raw = load_json(path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else None
+        section = exported_backbone_section(raw)
+        if section is None:
+            section = read_run_config(path).config.get("backbone")
         if not isinstance(section, dict):
             raise CheckpointError(f"--backbone {path}: its config.json has no 'backbone' section")
         resolve_weight_path(path)
@@ -268,22 +293,25 @@ def load_pretrained(backbone: Backbone, path: str | Path) -> LoadReport:
     differs, or a file of which nothing matches, is a :class:`CheckpointError`.
     """
     weight_file = resolve_weight_path(path)
+    source = f"{path} ({weight_file})" if is_hub_spec(path) else weight_file
     state = adapt_state_dict(load_weights(weight_file), backbone)
-    report = load_state(backbone, state, strict=False, source=weight_file)
-    if not report.loaded:
+    report = load_state(backbone, state, strict=False, source=source)
+    learned = {name for name, _ in backbone.named_parameters()}
+    if not learned.intersection(report.loaded):  # nothing, or only buffers: it would train from random weights
         raise CheckpointError(
-            f"{weight_file}: no tensor matches backbone '{type(backbone.model).__name__}' "
-            f"(first key in file: '{next(iter(state), '<none>')}')"
+            f"{source}: no tensor matches backbone '{type(backbone.model).__name__}' (none of its weights; first key in file: "
+            f"'{next(iter(state), '<none>')}', the backbone's: '{next(iter(backbone.state_dict()), '<none>')}'); "
+            "is it a file of another architecture or tool?"
         )
     if report.missing:
         log.warning(
             "%s: %d backbone tensors not in the file, left as initialised (first: %s)",
-            weight_file, len(report.missing), ", ".join(report.missing[:5]),
+            source, len(report.missing), ", ".join(report.missing[:5]),
         )
     if report.unexpected:
         log.warning(
             "%s: %d tensors in the file not used by the backbone (first: %s)",
-            weight_file, len(report.unexpected), ", ".join(report.unexpected[:5]),
+            source, len(report.unexpected), ", ".join(report.unexpected[:5]),
         )
     return report
 
@@ -294,6 +322,7 @@ __all__ = [
     "adapt_stem",
     "adapt_state_dict",
     "drop_classifier",
+    "exported_backbone_section",
     "keep_own_derived_buffers",
     "load_pretrained",
     "load_pretrained_decoder",

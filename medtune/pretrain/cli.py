@@ -40,16 +40,19 @@ from medtune.checkpoints.runs import (
     open_run,
     write_run_config,
 )
-from medtune.cli import add_run_arguments
+from medtune.cli import add_run_arguments, fetch_downloads
 from medtune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser, argv: list[str] = ()) -> None:
+    from medtune.data.config import add_data_arguments
+
     add_run_arguments(
         parser, config_required=True, output_help="run folder (default checkpoints/<config stem>-<YYYYmmdd-HHMMSS>)",
     )
+    add_data_arguments(parser, folds=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,11 +60,14 @@ def run(args: argparse.Namespace) -> int:
     from medtune.pretrain.config import load_pretrain_config
 
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its save/load chatter
-    # --data is a shorthand for data.root, applied before --set (which wins), as in finetune
+    from medtune.data.config import data_overrides
+
+    # --data (data.root) and the data flags are shorthands applied before --set (which wins), as in finetune
     overrides = [f"data.root={json.dumps(str(args.data))}"] if args.data is not None else []  # JSON: a YAML string
-    cfg = load_pretrain_config(args.config, overrides + list(args.set))
+    cfg = load_pretrain_config(args.config, overrides + data_overrides(args) + list(args.set))
     if cfg.data.root is None:
         raise ConfigError(f"{args.config}: no dataset; pass --data or set data.root")
+    fetch_downloads(args, cfg)
 
     # The process group first (the run folder's timestamp must be the same on every
     # process), the Accelerator once the run folder (its trackers' log dir) is known.
@@ -78,10 +84,11 @@ def _pretrain_in(cfg, run_config: RunConfig, run_dir: Path, resume) -> int:
 
     accelerator = make_accelerator(cfg.train, run_dir)
 
-    dataset, heldout = distributed.main_first(
+    dataset, plan, heldout = distributed.main_first(
         accelerator, lambda: _build_datasets(cfg, run_dir, accelerator.is_local_main_process),
         per_node=not cfg.train.shared_filesystem,
     )
+    run_config = RunConfig(run_config.task, run_config.config, {"data_plan": plan.to_json()})
     objective = _build_objective(cfg)
     freeze_unused(objective, dataset, cfg)
     if accelerator.is_main_process and resume is None:
@@ -124,25 +131,23 @@ def _pretrain_in(cfg, run_config: RunConfig, run_dir: Path, resume) -> int:
 
 
 def _build_datasets(cfg, run_dir: Path, show_progress: bool):
-    """The training samples and the held-out ones (None without ``heldout_samples`` or
-    held-out cases): the cases of the finetuning validation split are held out."""
-    from medtune.data.config import build_pretrain_dataset
+    """The training samples, the data plan and the held-out samples (None without
+    ``heldout_samples`` or held-out cases): the fold's validation cases are held out."""
+    from medtune.data.config import build_pretrain_data, build_pretrain_holdout
     from medtune.pretrain.heldout import spread_subset
 
     heldout = None
     if cfg.heldout_samples > 0:
-        dataset = build_pretrain_dataset(cfg.data, run_dir, show_progress=show_progress, split="train")
-        heldout = build_pretrain_dataset(cfg.data, run_dir, show_progress=show_progress, split="val")
+        dataset, plan, heldout = build_pretrain_holdout(cfg.data, run_dir, show_progress=show_progress)
         if heldout is None:
             log.warning("%s: no case to hold out (data.val_fraction %s); held-out losses are not measured",
                         cfg.data.root, cfg.data.val_fraction)
-            dataset = build_pretrain_dataset(cfg.data, run_dir, show_progress=show_progress)
         elif len(heldout) == 0:
             heldout = None
         else:
             heldout = spread_subset(heldout, cfg.heldout_samples)
     else:
-        dataset = build_pretrain_dataset(cfg.data, run_dir, show_progress=show_progress)
+        dataset, plan = build_pretrain_data(cfg.data, run_dir, show_progress=show_progress)
     if len(dataset) == 0:
         raise DataError(f"{cfg.data.root}: no training samples (data.min_foreground too high?)")
     first = dataset[0]["image"]
@@ -151,7 +156,7 @@ def _build_datasets(cfg, run_dir: Path, show_progress: bool):
             f"{cfg.data.root}: cases have {first.shape[0]} modalities but backbone.in_chans is "
             f"{cfg.backbone.in_chans}"
         )
-    return dataset, heldout
+    return dataset, plan, heldout
 
 
 def _build_objective(cfg):

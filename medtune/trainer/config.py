@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class OptimConfig:
     """The optimizer, built over the model's ``requires_grad`` parameters."""
@@ -62,6 +65,10 @@ class TrainConfig:
     eval_every: int = 0  # optimizer steps between evaluate() calls (0: only at the end)
     num_workers: int | None = None  # DataLoader workers of build_loader; None: the run's data.num_workers (CLIs) or 0
     find_unused_parameters: bool = False  # DDP flag for models with parameters unused in forward
+    # torch.compile the model in place (nn.Module.compile: its weights keep their names, so
+    # states and weight files are those of an eager run); the first steps are slow while it compiles
+    compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode: "default", "reduce-overhead", "max-autotune"
     # the run folder and the cache lie on a file system every node sees (true); false: each
     # node has its own disk, and each node's first process writes its own resumable states
     # and builds its own cache (the run's weights and logs are written on the first node)
@@ -83,6 +90,8 @@ class TrainConfig:
             )
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"train.num_workers must be >= 0 or null, got {self.num_workers}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}, got '{self.compile_mode}'")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"train.grad_clip must be > 0 or null, got {self.grad_clip}")
 

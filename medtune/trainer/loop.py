@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -97,6 +98,14 @@ def train(
         )
 
     engine = engine_for(accelerator, model)
+    if cfg.compile:  # in place, before any wrapper: the weights keep their names
+        from torch._inductor import config as inductor_config
+
+        # random ops (masks, dropout) draw from eager's generator: a compiled run draws
+        # the masks an eager run draws, and resumes exactly
+        inductor_config.fallback_random = True
+        model.compile(mode=cfg.compile_mode)
+        log.info("compiling the model with torch.compile (mode %s) on its first steps", cfg.compile_mode)
     if not engine.sharded:
         _use_sync_batchnorm(accelerator, model)
     model, optimizer, loader, scheduler = engine.prepare(
@@ -142,7 +151,7 @@ def train(
         for micro in range(cfg.grad_accum):
             batch = next(batches)
             _seed_micro_batch(cfg.seed, state.step * cfg.grad_accum + micro, accelerator.process_index)
-            with accelerator.accumulate(model):
+            with accelerator.accumulate(model), _compile_errors(cfg.compile):
                 out = model(batch)
                 loss = _loss_of(out)
                 accelerator.backward(loss)
@@ -219,6 +228,23 @@ class _LoopState:
             return cls(step=int(data["step"]), best_metrics=data.get("best_metrics"), best_step=data.get("best_step"))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{path}: not a medtune trainer state ({exc})") from None
+
+
+@contextlib.contextmanager
+def _compile_errors(compiling: bool) -> Iterator[None]:
+    """A model torch.compile cannot handle: one line naming ``train.compile``."""
+    if not compiling:
+        yield
+        return
+    from torch._dynamo.exc import TorchDynamoException
+    from torch._inductor.exc import InductorError
+
+    try:
+        yield
+    except (TorchDynamoException, InductorError) as exc:
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ConfigError(f"train.compile: torch.compile cannot compile this model ({first}); "
+                          "set train.compile: false") from None
 
 
 def _batch_stream(loader, batches_per_epoch: int, consumed: int) -> Iterator[Any]:

@@ -245,14 +245,15 @@ def dice_recipe() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_official_recipe_trains_with_the_official_softmax_dice_on_128_slices():
-    from medtune.finetune.segmentation.model import softmax_dice_loss
+    from medtune.models.losses import LossContext, build_criterion
 
     logits, index = dice_recipe()
-    assert float(softmax_dice_loss()(logits, index[:, None])) == pytest.approx(OFFICIAL_SOFTMAX_DICE, rel=1e-9)
+    criterion = build_criterion({"softmax_dice": 1.0}, LossContext(logits.shape[1], logits.ndim - 2))
+    assert float(criterion({"logits": logits}, index)["loss"]) == pytest.approx(OFFICIAL_SOFTMAX_DICE, rel=1e-9)
 
     recipe = yaml.safe_load((CONFIGS / "medtuning_vit_b16_brats.yaml").read_text())
     assert recipe["data"]["crop_size"] == [128, 128, 128]
-    assert recipe["model"]["loss"] == "softmax_dice"
+    assert recipe["loss"] == {"softmax_dice": 1.0}
     adapter = recipe["adapter"]
     assert (adapter["ratio"], adapter["zero_init_up"], adapter["first_stage_interaction"]) == (6, False, True)
     optim = recipe["train"]["optim"]

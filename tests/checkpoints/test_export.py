@@ -11,37 +11,10 @@ import torch
 
 from medtune.adapters import adapter_state_dict, load_adapter
 from medtune.checkpoints.io import load_json, load_weights, save_safetensors
-from medtune.checkpoints.params import segmentation_config
-from medtune.checkpoints.runs import RunConfig, write_run_config
-from medtune.config import to_dict
 from medtune.errors import CheckpointError, ConfigError
 from medtune.finetune.segmentation import build_segmenter, load_segmenter
-from medtune.finetune.weights import file_sha256, head_state_dict, save_base_backbone, save_trained
+from medtune.finetune.weights import file_sha256, head_state_dict
 from medtune.checkpoints.export import export_run
-
-BRATS = {"label_values": [0, 1, 2, 4], "regions": {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]}}
-
-
-@pytest.fixture(scope="module")
-def make_run(tiny_segmenter_args):
-    """``make_run(folder, method)``: a run folder as finetune writes it, of the tiny
-    segmenter on crops of 2 slices, with randomised trained tensors."""
-
-    def make(folder: Path, method: str) -> Path:
-        cfg = segmentation_config(**{**tiny_segmenter_args, "slices": 2}, method=method)
-        torch.manual_seed(0)
-        model = build_segmenter(cfg, 4, load_pretrained=False)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_run_config(folder, RunConfig("segmentation", to_dict(cfg), BRATS))
-        save_base_backbone(model, folder)  # when the run starts
-        with torch.no_grad():  # make the trained tensors non-trivial (zero-init up-projections, ...)
-            for name, param in model.named_parameters():
-                if param.requires_grad:
-                    param.add_(0.01 * torch.randn_like(param))
-        save_trained(model, folder, folder, "segmentation")
-        return folder
-
-    return make
 
 
 def logits(model) -> torch.Tensor:
@@ -51,8 +24,8 @@ def logits(model) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def run(make_run, tmp_path_factory) -> Path:
-    return make_run(tmp_path_factory.mktemp("run"), "med-tuning")
+def run(make_segmentation_run, tmp_path_factory) -> Path:
+    return make_segmentation_run(tmp_path_factory.mktemp("run"), "med-tuning")
 
 
 def test_adapter_files_hold_exactly_the_trained_tensors(run):
@@ -125,22 +98,23 @@ def test_copy_base_makes_a_self_contained_adapter_export(run, tmp_path):
     assert torch.equal(logits(load_segmenter(tmp_path / "moved")), logits(load_segmenter(run)))
 
 
-def test_merged_refusals_and_full_round_trip(run, make_run, tmp_path):
+def test_merged_refusals_and_full_round_trip(run, make_segmentation_run, tmp_path):
     with pytest.raises(ConfigError, match="only LoRA merges"):
         export_run(run, tmp_path / "m", "merged")
-    full_run = make_run(tmp_path / "full_run", "full")
+    full_run = make_segmentation_run(tmp_path / "full_run", "full")
     with pytest.raises(ConfigError, match="no low-rank update to fold"):
         export_run(full_run, tmp_path / "m2", "merged")
     export_run(run, tmp_path / "full", "full")
     with pytest.raises(CheckpointError, match="no base backbone weights"):
         export_run(tmp_path / "full", tmp_path / "a", "adapter")
-    with pytest.raises(ConfigError, match="this run exports as: full, adapter"):
-        export_run(run, tmp_path / "x", "onnx")
+    with pytest.raises(ConfigError, match="'torchscript' is not an export format of a segmentation run; "
+                                          "this run exports as: full, adapter, hub, onnx"):
+        export_run(run, tmp_path / "x", "torchscript")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "full_run"]  # refusals leave nothing behind
 
 
-def test_lora_merge_gives_a_plain_model_with_the_same_outputs(make_run, tmp_path):
-    lora = make_run(tmp_path / "lora_run", "lora")
+def test_lora_merge_gives_a_plain_model_with_the_same_outputs(make_segmentation_run, tmp_path):
+    lora = make_segmentation_run(tmp_path / "lora_run", "lora")
     reference = logits(load_segmenter(lora))
     export_run(lora, tmp_path / "merged", "merged")
     config = load_json(tmp_path / "merged" / "config.json")

@@ -76,3 +76,20 @@ def test_load_trained_state_needs_exactly_the_expected_tensors():
         load_trained_state(model, {"bias": torch.ones(2)}, ["bias", "weight"])
     with pytest.raises(CheckpointError, match="'bias' has shape \\(3,\\)"):
         load_trained_state(model, {"bias": torch.ones(3)}, ["bias"])
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_weight_and_config_files_get_the_permissions_of_the_umask(tmp_path: Path, umask: int):
+    """0644 under a 022 umask (not mkstemp's private 0600), 0600 under 077; no temporary left."""
+    import os
+
+    previous = os.umask(umask)
+    try:
+        save_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+        save_json({"a": 1}, tmp_path / "config.json")
+        atomic_write(tmp_path / "card.md", lambda tmp: tmp.write_text("# card"))
+    finally:
+        os.umask(previous)
+    for name in ("w.safetensors", "config.json", "card.md"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["card.md", "config.json", "w.safetensors"]

@@ -161,3 +161,36 @@ def test_referring_overhead_counts_the_two_mask_tokens(capsys):
     assert with_sd["params"] - plain["params"] == 2 * 64  # an image and a word mask token, width 64
     assert with_sd["train_gflops"] > plain["train_gflops"]
     assert main(["params", "--referring", "configs/demo_finetune.yaml"]) == 2  # no referring model
+
+
+def test_whole_networks_are_compared_on_one_crop(capsys, tmp_path):
+    """``medtune params --networks``: parameters, weights size and forward FLOPs of the
+    segment3d networks, built on the meta device."""
+    argv = ["params", "--networks", "transbtsv2,cga_unet,unetr", "--img-size", "64", "--slices", "32",
+            "--format", "json"]
+    assert main(argv) == 0
+    rows = {row["network"]: row for row in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"transbtsv2", "cga_unet", "unetr"}
+    for row in rows.values():
+        assert row["total"] == row["trainable"] > 0 and row["gflops"] > 0
+        assert row["weights_bytes"] > 4 * row["total"]  # float32 tensors + the safetensors header
+    # CGA U-Net's counted FLOPs scale with the voxels: 64 x 64 x 32 is twice 64 x 32 x 32
+    half = json.loads(_run_json(capsys, ["params", "--networks", "cga_unet", "--img-size", "64", "--slices", "16"]))
+    assert rows["cga_unet"]["gflops"] == pytest.approx(2 * half[0]["gflops"], rel=1e-6)
+    assert main(["params", "--networks", "transbts"]) == 2  # an unknown network: one line, exit 2
+
+
+def test_a_model_that_cannot_be_built_on_meta_is_built_on_the_cpu_and_moved():
+    from medtune.checkpoints.params import build_on_meta
+
+    def build():
+        layer = torch.nn.Linear(2, 3)
+        layer.weight.sum().item()  # like MONAI's SwinTransformer: fails on meta tensors
+        return layer
+
+    assert build_on_meta(build).weight.device.type == "meta"
+
+
+def _run_json(capsys, argv) -> str:
+    assert main(argv + ["--format", "json"]) == 0
+    return capsys.readouterr().out

@@ -298,3 +298,95 @@ def test_resolve_modalities_gives_canonical_channel_names(tmp_path):
     assert resolve_modalities(tmp_path, "brats", ["t2", "flair"]) == ["t2", "flair"]
     (tmp_path / "dataset.json").write_text(json.dumps({"modality": {"1": "T1w", "0": "FLAIR"}, "training": []}))
     assert resolve_modalities(tmp_path, "msd") == ["flair", "t1"]
+
+
+# ---------------------------------------------------------------- real datasets: MSD tasks, layouts, inputs
+
+
+def _write_single_modality_msd(root: Path, name: str = "hippocampus", count: int = 3) -> None:
+    """An MSD task as downloaded (Heart, Liver, Hippocampus, ...): one 3D image per case,
+    a one-entry modality map, macOS ``._*`` files in the folders, a test list."""
+    for folder in ("imagesTr", "labelsTr", "imagesTs"):
+        (root / folder).mkdir(parents=True)
+    training = []
+    rng = np.random.default_rng(0)
+    for i in range(1, count + 1):
+        case = f"{name}_{i:03d}"
+        _save(rng.normal(100, 10, size=(9, 11, 7)).astype(np.float32), root / "imagesTr" / f"{case}.nii.gz")
+        label = np.zeros((9, 11, 7), np.uint8)
+        label[2:5, 3:6, 1:4] = 1
+        label[5:7, 3:6, 1:4] = 2
+        _save(label, root / "labelsTr" / f"{case}.nii.gz")
+        (root / "imagesTr" / f"._{case}.nii.gz").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+        training.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
+    _save(rng.normal(100, 10, size=(9, 11, 7)).astype(np.float32), root / "imagesTs" / f"{name}_100.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
+        "training": training, "test": [f"./imagesTs/{name}_100.nii.gz"],
+    }))
+
+
+def test_a_single_modality_msd_task_loads_as_downloaded(tmp_path):
+    from medtune.data.cases import detect_layout
+    from medtune.data.inputs import input_cases, label_files
+
+    _write_single_modality_msd(tmp_path)
+    assert detect_layout(tmp_path) == "msd"
+    cases = find_cases(tmp_path)
+    assert [c.case_id for c in cases] == ["hippocampus_001", "hippocampus_002", "hippocampus_003"]
+    volume = load_case(cases[0])  # a 3D image is the task's one channel
+    assert volume.image.shape == (1, 9, 11, 7) and volume.label.max() == 2
+    assert check_dataset(tmp_path) == []
+    test = input_cases(tmp_path, subset="test")
+    assert [c.case_id for c in test] == ["hippocampus_100"] and load_case(test[0]).image.shape == (1, 9, 11, 7)
+    assert [c.case_id for c in input_cases(tmp_path / "imagesTs")] == ["hippocampus_100"]
+    assert [case for case, _ in label_files(tmp_path)] == [c.case_id for c in cases]  # no images needed
+
+
+def test_layout_auto_tells_msd_nnunet_and_brats_apart(tmp_path, synth_brats):
+    from medtune.data.cases import detect_layout
+
+    assert detect_layout(synth_brats) == "brats"
+    v1 = tmp_path / "Task004_Hippocampus"  # nnU-Net v1 converted: same json, channel files
+    _write_single_modality_msd(v1)
+    for image in list((v1 / "imagesTr").glob("h*.nii.gz")):
+        image.rename(image.with_name(image.name.replace(".nii.gz", "_0000.nii.gz")))
+    assert detect_layout(v1) == "nnunet"
+    assert [len(c.images) for c in find_cases(v1)] == [1, 1, 1]
+    v2 = tmp_path / "Dataset004"
+    shutil.copytree(v1, v2)
+    (v2 / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MRI"}, "labels": {"background": 0, "a": 1,
+                                                 "p": 2}, "file_ending": ".nii.gz", "numTraining": 3}))
+    assert detect_layout(v2) == "nnunet" and len(find_cases(v2)) == 3
+
+
+def test_data_check_on_one_case_folder_and_geometry_report(tmp_path, brats, capsys):
+    assert main(["data", "check", str(brats / CASE1)]) == 0
+    out = capsys.readouterr().out
+    assert f"case {CASE1}: RAS, spacing 1 x 1 x 1 mm" in out and "ok: 1 cases" in out
+    case = brats / CASE2
+    for path in case.iterdir():  # one case stored with 3 mm slices: handled, flagged
+        img = nib.load(str(path))
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj), np.diag([-1.0, -1.0, 3.5, 1.0])), str(path))
+    assert main(["data", "check", str(brats)]) == 0
+    out = capsys.readouterr().out
+    assert f"case {CASE2}: LPS, spacing 1 x 1 x 3.5 mm" in out
+    assert f"warning: case {CASE2}: spacing" in out and "1 spacing warning" in out
+
+
+def test_a_symlinked_image_keeps_the_link_name(tmp_path):
+    from medtune.data.inputs import input_cases
+
+    store = tmp_path / "store"
+    store.mkdir()
+    _save(np.ones((4, 4, 4), np.float32), store / "scan_7f3a.nii.gz")
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "patient_01.nii.gz").symlink_to(store / "scan_7f3a.nii.gz")
+    assert [c.case_id for c in input_cases(images)] == ["patient_01"]
+    msd = tmp_path / "msd"
+    _write_single_modality_msd(msd, count=1)
+    target = msd / "imagesTr" / "hippocampus_001.nii.gz"
+    target.rename(store / "blob.nii.gz")
+    target.symlink_to(store / "blob.nii.gz")
+    assert [c.case_id for c in find_cases(msd)] == ["hippocampus_001"]

@@ -133,7 +133,11 @@ def test_label_spec_round_trip_and_regions():
 def test_label_spec_brats2023_and_invalid_values():
     spec = LabelSpec.brats(et_value=3)
     assert spec.regions["ET"] == (3,) and spec.to_values(np.array([3]))[0] == 3
-    assert LabelSpec.from_values([0, 1, 2, 3]).regions == spec.regions
+    assert LabelSpec.from_values([0, 1, 2, 3], brats=True).regions == spec.regions
+    # four classes of another dataset are four labels, not BraTS regions
+    other = LabelSpec.from_values([0, 1, 2, 3], names={1: "white matter", 2: "grey matter", 3: "csf"})
+    assert other.regions == {"white matter": (1,), "grey matter": (2,), "csf": (3,)} and not other.is_brats
+    assert LabelSpec.from_values([0, 1, 2, 4]).regions == {"label1": (1,), "label2": (2,), "label4": (4,)}
     with pytest.raises(DataError, match="case X: label.*\\[3\\]"):
         LabelSpec.brats().to_index(np.array([0, 3, 1], np.uint8), where="case X: label")
     with pytest.raises(DataError, match="\\[4\\]"):

@@ -9,7 +9,14 @@ import pytest
 import yaml
 
 from medtune.cli import main
-from medtune.data.synth import SYNTH_KINDS, synthesize_brats, synthesize_referring, synthesize_vqa, write_synthetic
+from medtune.data.synth import (
+    SYNTH_KINDS,
+    synthesize_brats,
+    synthesize_ct,
+    synthesize_referring,
+    synthesize_vqa,
+    write_synthetic,
+)
 from medtune.errors import ConfigError
 
 from tests import REPO
@@ -21,6 +28,11 @@ KINDS = {
         ["--cases", "2", "--shape", "16", "16", "8"],
         lambda out: synthesize_brats(out, cases=2, shape=(16, 16, 8), seed=5),
         "BraTS20_Training_001/BraTS20_Training_001_seg.nii.gz",
+    ),
+    "ct": (
+        ["--cases", "2", "--shape", "16", "16", "8", "--test-cases", "1"],
+        lambda out: synthesize_ct(out, cases=2, shape=(16, 16, 8), seed=5, test_cases=1),
+        "labelsTr/ct_001.nii.gz",
     ),
     "shapes": (
         ["--images", "3", "--image-size", "24"],
@@ -49,6 +61,10 @@ def _expected_names(kind: str, root: Path) -> set[str]:
     if kind == "brats":
         return {f"BraTS20_Training_00{i}/BraTS20_Training_00{i}_{m}.nii.gz"
                 for i in (1, 2) for m in ("flair", "t1", "t1ce", "t2", "seg")}
+    if kind == "ct":
+        meta = json.loads((root / "dataset.json").read_text())
+        listed = [e[k] for e in meta["training"] for k in ("image", "label")] + meta["test"]
+        return {"dataset.json"} | {name.removeprefix("./") for name in listed}
     if kind in ("shapes", "referring"):
         lines = [json.loads(line) for line in (root / "referring.jsonl").read_text().splitlines()]
         return {"referring.jsonl"} | {line["image"] for line in lines} | {line["mask"] for line in lines}

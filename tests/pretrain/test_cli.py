@@ -65,7 +65,10 @@ def test_pretrain_writes_a_loadable_run_folder(finished_run, synth_brats, tiny_p
 
     # config.json is the full resolved config: it rebuilds the run's config and backbone
     saved = json.loads((run_dir / "config.json").read_text())
-    assert saved["task"] == "pretrain" and saved["derived"] == {}
+    assert saved["task"] == "pretrain"
+    plan = saved["derived"]["data_plan"]  # what the data decided: the training grid, the intensities
+    assert plan["axcodes"] == "RAS" and plan["spacing"] == [1.0, 1.0, 1.0]
+    assert [n["scheme"] for n in plan["normalization"]] == ["zscore"] * 4
     resolved = read_run_config(run_dir).config
     cfg = from_dict(PretrainConfig, resolved)
     data_root = f"data.root={json.dumps(str(synth_brats))}"
@@ -263,9 +266,9 @@ def test_two_process_accelerate_launch(synth_brats, tiny_pretrain_overrides, tmp
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     records = [r for r in records if "loss" in r]
     # an epoch is the dataset cut into batches of 2, shared by the 2 processes
-    from medtune.data.config import build_pretrain_dataset
+    from medtune.data.config import build_pretrain_holdout
 
     data_root = f"data.root={json.dumps(str(synth_brats))}"
     cfg = load_pretrain_config(DEMO_CONFIG, [*tiny_pretrain_overrides, data_root])
-    slices = len(build_pretrain_dataset(cfg.data, run_dir, show_progress=False, split="train"))  # one case held out
+    slices = len(build_pretrain_holdout(cfg.data, run_dir, show_progress=False)[0])  # one case held out
     assert records[-1]["epoch"] == pytest.approx(3 / ((slices // 2) // 2))

@@ -10,6 +10,9 @@
   set, ``referring`` the task it serves (referring segmentation).
 - ``vqa`` (:func:`vqa.synthesize_vqa`): VQA-RAD-style grey brain slices with
   ``trainset.json`` / ``testset.json``, read as format ``vqa_rad``.
+- ``ct`` (:func:`ct.synthesize_ct`): a single-modality CT task in the MSD layout (3D
+  images in HU with an air background, anisotropic voxels, several orientations,
+  ``dataset.json`` with training and test lists), for segmentation and pretraining.
 
 Each generator is a plain function ``generate(out_dir, <settings>, seed=...)`` that a
 notebook can call directly. :func:`write_synthetic` is how ``medtune data synth --kind``
@@ -42,6 +45,7 @@ _EXPORTS: dict[str, str] = {
     "SYNTH_MODALITIES": "brats",
     "synthesize_brats": "brats",
     "synthesize_case": "brats",
+    "synthesize_ct": "ct",
     "synthesize_referring": "shapes",
     "GENERATED_QUESTIONS": "vqa",
     "GeneratedQuestion": "vqa",
@@ -164,6 +168,18 @@ for _kind in (
             SynthOption("shape", "shape", (64, 64, 48), 8, "volume shape", ("H", "W", "D")),
             SynthOption("anatomy", "anatomy", 0, 0, "1: folded cortex, ventricles, a texture per tissue, "
                         "bias field and partial-volume edges (0: plain grey/white mix)", "0|1", maximum=1),
+        ),
+    ),
+    SynthKind(
+        "ct",
+        "ct",
+        "synthesize_ct",
+        "an MSD-layout CT task: 3D HU images (air -1000) of a body with an organ and a lesion, "
+        "anisotropic voxels, LPS/RAS/PSR orientations, imagesTr/ labelsTr/ imagesTs/ dataset.json",
+        (
+            SynthOption("cases", "cases", 4, 1, "number of cases"),
+            SynthOption("shape", "shape", (48, 48, 12), 8, "volume shape", ("H", "W", "D")),
+            SynthOption("test_cases", "test_cases", 1, 0, "number of unlabeled test cases (imagesTs/)"),
         ),
     ),
     SynthKind(

@@ -17,26 +17,29 @@ from __future__ import annotations
 from pathlib import Path
 
 from medtune.finetune.segmentation.config import SegmentationConfig, SegmentationModelConfig, ValidationConfig
-from medtune.finetune.segmentation.model import SliceSegmenter, build_segmenter
+from medtune.finetune.segmentation.model import SliceSegmenter, VolumeSegmenter, build_segmenter
 
 
 def load_segmenter(
     path: str | Path, *, which: str = "best", base_weights: str | Path | None = None, map_location="cpu"
-) -> SliceSegmenter:
-    """A segmentation run folder or export (full, adapter, merged) as a model in eval mode,
-    ready for :meth:`SliceSegmenter.predict_volume` (``label_spec`` and ``roi_size`` set)."""
-    from medtune.errors import CheckpointError
-    from medtune.finetune.segmentation.task import TASK
-    from medtune.finetune.weights import load_trained
+) -> VolumeSegmenter:
+    """A segmentation (or ``segment3d``) run folder or export (full, adapter, merged) as a
+    model in eval mode, ready for :meth:`VolumeSegmenter.predict_volume` (``label_spec`` and
+    ``roi_size`` set)."""
     from medtune.checkpoints.runs import read_run_config
+    from medtune.errors import CheckpointError
+    from medtune.finetune.base import get_task
+    from medtune.finetune.segmentation.task import SegmentationTask
+    from medtune.finetune.weights import load_trained
 
     task_name = read_run_config(path).task
-    if task_name != TASK.name:
+    task = get_task(task_name)
+    if not isinstance(task, SegmentationTask):
         raise CheckpointError(f"{path}: a '{task_name}' run, not a segmentation run")
-    return load_trained(path, which, base_weights=base_weights, device=map_location, task=TASK).model
+    return load_trained(path, which, base_weights=base_weights, device=map_location, task=task).model
 
 
 __all__ = [
-    "SegmentationConfig", "SegmentationModelConfig", "SliceSegmenter", "ValidationConfig", "build_segmenter",
-    "load_segmenter",
+    "SegmentationConfig", "SegmentationModelConfig", "SliceSegmenter", "ValidationConfig", "VolumeSegmenter",
+    "build_segmenter", "load_segmenter",
 ]

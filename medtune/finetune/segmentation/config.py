@@ -7,8 +7,9 @@
     backbone:  {name: vit_base_patch16_224, in_chans: 4, img_size: 64, pretrained: ...}
     adapter:   {method: med-tuning, ratio: 6}      # any registered adapter method
     model:     {decoder: auto, gradient_checkpointing: false}
+    loss:      {dice_ce: 1.0}                      # or {dice_ce: 1.0, pne: 0.1}: medtune.models.losses
     train:     {max_steps: 1000, batch_size: 2, eval_every: 100, optim: {...}}
-    validation: {overlap: 0.25, tta: false}
+    validation: {overlap: 0.5, tta: false}
     self_distill: null                             # or a SelfDistillConfig section
 
 Training samples are 3D crops ``data.crop_size = (h, w, T)``: ``h, w`` must be the
@@ -34,29 +35,21 @@ def _default_data() -> DataConfig:
 class SegmentationModelConfig:
     """Decoder and loss of the slice-wise segmenter."""
 
-    # "upernet", "unet", "unetr" (MONAI SwinUNETR's decoder; swinunetr backbones, takes a
+    # "upernet", "unet", "agln", "unetr" (MONAI SwinUNETR's decoder; swinunetr backbones, takes a
     # FreMAE 'unetr' run's blocks) or "auto" (UperNet for plain ViT, U-Net otherwise)
     decoder: str = "auto"
     decoder_options: dict = field(default_factory=dict)  # extra decoder kwargs (channels, norm, ...)
-    # "dice_ce": softmax Dice + cross-entropy (MONAI DiceCELoss, the lambdas below);
-    # "softmax_dice": the official Med-Tuning loss (Dice over the batch, summed over the
-    # foreground classes, no cross-entropy; the lambdas and dice_include_background unused)
-    loss: str = "dice_ce"
-    lambda_dice: float = 1.0  # dice_ce: weight of the softmax Dice term
-    lambda_ce: float = 1.0  # dice_ce: weight of the cross-entropy term
-    dice_include_background: bool = False  # dice_ce: whether class 0 counts in the Dice term
+    lambda_dice: float = 1.0  # weight of the softmax Dice part of the dice_ce loss term
+    lambda_ce: float = 1.0  # weight of its cross-entropy part
+    dice_include_background: bool = False  # whether class 0 counts in its Dice part
     gradient_checkpointing: bool = False  # recompute backbone blocks in backward (less memory)
-
-    def __post_init__(self) -> None:
-        if self.loss not in ("dice_ce", "softmax_dice"):
-            raise ValueError(f"model.loss must be 'dice_ce' or 'softmax_dice', got '{self.loss}'")
 
 
 @dataclass
 class ValidationConfig:
     """Whole-volume validation on held-out cases (every ``train.eval_every`` steps)."""
 
-    overlap: float = 0.25  # sliding-window overlap between neighbouring windows
+    overlap: float = 0.5  # sliding-window overlap between neighbouring windows (nnU-Net: 0.5)
     sw_batch_size: int = 1  # windows per forward
     tta: bool = False  # average over flips of every subset of the spatial axes
     mode: str = "gaussian"  # sliding-window blending: "gaussian" or "constant"
@@ -81,6 +74,8 @@ class SegmentationConfig:
     # the tuning method: {"method": <registry name>, **its options}; see medtune.adapters
     adapter: dict = field(default_factory=lambda: {"method": "med-tuning"})
     model: SegmentationModelConfig = field(default_factory=SegmentationModelConfig)  # decoder + loss
+    # loss terms by name, {name: weight | {weight, **options}}; see medtune.models.losses
+    loss: dict = field(default_factory=lambda: {"dice_ce": 1.0})
     train: TrainConfig = field(default_factory=TrainConfig)  # the training loop
     validation: ValidationConfig = field(default_factory=ValidationConfig)  # held-out evaluation
     self_distill: SelfDistillConfig | None = None  # masked self-distillation regulariser, off if null

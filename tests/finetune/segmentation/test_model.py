@@ -172,3 +172,38 @@ def test_checkpointed_adapters_give_the_same_gradients(method, adapted_segmenter
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     for name, grad in grads[0].items():
         assert torch.allclose(grad, grads[1][name], rtol=1e-4, atol=1e-6), name
+
+
+def test_loss_terms_from_the_config_reach_the_slice_segmenter(tiny_segmenter_args):
+    """``loss: {dice_ce: 1.0, pne: 0.1}``: the PNE term reads the decoder's last map, stacked
+    back into volumes, and its projection head is trained with the model."""
+    from medtune.checkpoints.params import segmentation_config
+    from medtune.finetune.segmentation import build_segmenter
+
+    cfg = segmentation_config(**tiny_segmenter_args, method="decoder-only")
+    cfg.loss = {"dice_ce": 1.0, "pne": {"weight": 0.1, "embed_dim": 8, "anchors_per_class": 4, "pairs": 8}}
+    torch.manual_seed(0)
+    model = build_segmenter(cfg, 4, load_pretrained=False).train()
+    batch = {"image": torch.randn(2, 4, 32, 32, 4), "label": torch.randint(0, 4, (2, 32, 32, 4))}
+    outputs = model.forward_outputs(batch["image"])
+    assert outputs["embedding"].shape == (2, 8, 8, 8, 4)  # UperNet's fused map at stride 4, per slice
+    out = model(batch)
+    assert set(out) == {"loss", "dice_ce", "pne"}
+    assert torch.allclose(out["loss"], out["dice_ce"] + 0.1 * out["pne"])
+    out["loss"].backward()
+    assert model.criterion.terms["pne"].head[0].weight.grad is not None
+
+
+def test_agln_decodes_a_hierarchical_backbone_slice_wise():
+    from medtune.checkpoints.params import segmentation_config
+    from medtune.finetune.segmentation import build_segmenter
+
+    cfg = segmentation_config("convnext_atto", 4, 32, 2, "decoder-only", decoder="agln",
+                              decoder_options={"channels": 8})
+    torch.manual_seed(0)
+    model = build_segmenter(cfg, 3, load_pretrained=False)
+    out = model({"image": torch.randn(2, 4, 32, 32, 2), "label": torch.randint(0, 3, (2, 32, 32, 2))})
+    out["loss"].backward()
+    assert type(model.decoder).__name__ == "AGLNDecoder"
+    assert model.decoder.fusion[0][0].gamma.grad is not None
+    assert model.eval().forward_logits(torch.randn(1, 4, 32, 32, 2)).shape == (1, 3, 32, 32, 2)
