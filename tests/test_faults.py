@@ -369,6 +369,20 @@ def crop_too_small_for_the_network(world, tmp):
     return _segment3d(world, tmp, {"network": "swinunetr"}, [32, 32, 16], {"dice_ce": 1.0})
 
 
+def damaged_compressed_cache(world, tmp):
+    from medtune.data.chunked import ChunkedArray
+
+    argv = ["pretrain", *world["pretrain"], "data.cache_format=compressed", f"data.cache_dir={tmp / 'cache'}",
+            "--data", str(world["data"])]
+    assert main([*argv, "--output", str(tmp / "first")]) == 0  # builds the compressed cache
+    for path in (tmp / "cache").glob("*/image.zst"):
+        chunks, data = ChunkedArray(path), bytearray(path.read_bytes())
+        for start, stop in zip(chunks._offsets, chunks._offsets[1:]):
+            data[chunks._base + (start + stop) // 2] ^= 0xFF  # same size: only the checksums tell
+        path.write_bytes(bytes(data))
+    return [*argv, "--output", str(tmp / "p")]
+
+
 LOCKS: list[int] = []
 
 FAULTS = [
@@ -413,6 +427,8 @@ FAULTS = [
           lambda w, t: ["segment3d.yaml", "cga_sam", "sam_logits"]),
     Fault("a crop too small for the network", crop_too_small_for_the_network,
           lambda w, t: ["swinunetr", "[32, 32, 16]", "at least 64"]),
+    Fault("a damaged chunk of the compressed cache", damaged_compressed_cache,
+          lambda w, t: [str(t / "cache"), "image.zst: chunk", "is damaged", "delete the file to rebuild"]),
 ]
 
 
