@@ -8,7 +8,7 @@ with zstd on its own, with a checksum. A read of a slice or crop decompresses on
 chunks it overlaps, never the whole volume::
 
     b"MTCHUNK1" | uint32 header length | JSON header | chunk 0 | chunk 1 | ...
-    header: {"dtype": "<f4", "shape": [M, h, w, d], "chunk": [1, 64, 64, 8],
+    header: {"dtype": "<f4", "shape": [M, h, w, d], "chunk": [1, 64, 64, 4],
              "offsets": [o_0, ..., o_n]}   # chunk i is bytes o_i..o_{i+1} after the header
 
 Chunks are numbered in C order over the chunk grid. :class:`ChunkedArray` reads with
@@ -29,7 +29,7 @@ import numpy as np
 from medtune.errors import DataError
 
 MAGIC = b"MTCHUNK1"
-CHUNK_SPATIAL = (64, 64, 8)  # a 2D window reads 8 slices per chunk; a crop reads little past its box
+CHUNK_SPATIAL = (64, 64, 4)  # a 2D window decompresses 4 slices per chunk; a crop little past its box
 ZSTD_LEVEL = 3
 
 
@@ -48,7 +48,14 @@ def _shuffle(chunk: np.ndarray) -> bytes:
 
 def _unshuffle(data: bytes, dtype: np.dtype, shape: Sequence[int]) -> np.ndarray:
     grouped = np.frombuffer(data, np.uint8).reshape(dtype.itemsize, -1)
-    return np.ascontiguousarray(grouped.T).view(dtype).reshape(shape)
+    if dtype.itemsize == 1:
+        return grouped[0].view(dtype).reshape(shape)
+    # put each byte plane back with shifts on whole words: about 10x faster than a byte transpose
+    word = np.dtype(f"<u{dtype.itemsize}")
+    out = grouped[0].astype(word)
+    for k in range(1, dtype.itemsize):
+        out |= grouped[k].astype(word) << word.type(8 * k)
+    return out.view(dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(shape)
 
 
 def write_chunked(path: str | Path, array: np.ndarray, spatial: Sequence[int] = CHUNK_SPATIAL,
@@ -90,6 +97,7 @@ class ChunkedArray:
         self.path = Path(path)
         self.chunks_read = 0
         self._fd: int | None = None
+        self._decompressor: Any = None  # one per process (not thread-safe, not picklable)
         try:
             with open(self.path, "rb") as handle:
                 start = handle.read(len(MAGIC) + 4)
@@ -120,7 +128,7 @@ class ChunkedArray:
         return whole if dtype is None else whole.astype(dtype, copy=False)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fd": None}  # each process opens its own file
+        return {**self.__dict__, "_fd": None, "_decompressor": None}  # each process opens its own
 
     def __del__(self) -> None:
         if getattr(self, "_fd", None) is not None:
@@ -138,7 +146,9 @@ class ChunkedArray:
         try:
             if len(data) != stop - start:
                 raise zstandard.ZstdError(f"{stop - start - len(data)} bytes missing")
-            raw = zstandard.ZstdDecompressor().decompress(data)
+            if self._decompressor is None:
+                self._decompressor = zstandard.ZstdDecompressor()
+            raw = self._decompressor.decompress(data)
             storage = np.dtype(np.uint8) if self.dtype == np.bool_ else self.dtype
             chunk = _unshuffle(raw, storage, shape)
         except (zstandard.ZstdError, ValueError) as exc:
