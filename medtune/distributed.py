@@ -77,6 +77,14 @@ def watch_launcher(interval: float = WATCHDOG_SECONDS) -> None:
     threading.Thread(target=watch, name="medtune-launcher-watch", daemon=True).start()
 
 
+def launched_processes():
+    """:func:`processes` when a launcher started several (``WORLD_SIZE`` > 1), else None:
+    for commands whose processes share work but need no group for one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return processes()
+    return None
+
+
 def rank_and_world(state: Any = None) -> tuple[int, int]:
     """``(process index, number of processes)`` of an Accelerator/PartialState; ``(0, 1)`` for None."""
     if state is None:

@@ -101,6 +101,10 @@ class Task:
     """What one training sample is called in the progress bar."""
     description: str = ""
     """One line for ``--help``."""
+    predicts_in_parts: bool = False
+    """Whether ``medtune predict`` can split its inputs over processes (``--num-parts``,
+    ``accelerate launch``): each part writes its own files (``args.part_id`` of
+    ``args.num_parts``)."""
 
     # ------------------------------------------------------------------ command line
 

@@ -13,24 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from medtune.checkpoints.export import export_run
 from medtune.errors import ConfigError
 from medtune.finetune.segmentation import load_segmenter
-from medtune.models import BackboneConfig
 from tests import REPO
-
-
-@pytest.fixture(scope="module")
-def vit_config(tiny_segmenter_args) -> BackboneConfig:
-    return BackboneConfig(name=tiny_segmenter_args["backbone"], in_chans=4, img_size=32,
-                          options=dict(tiny_segmenter_args["backbone_options"]))
-
-
-@pytest.fixture(scope="module")
-def pretrain_run(make_pretrain_run, vit_config, tmp_path_factory) -> Path:
-    return make_pretrain_run(tmp_path_factory.mktemp("hub") / "fremae-vit", vit_config)
 
 
 @pytest.fixture(scope="module")

@@ -22,17 +22,6 @@ IMAGES = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(3))
 
 
 @pytest.fixture(scope="module")
-def vit_config(tiny_segmenter_args) -> BackboneConfig:
-    return BackboneConfig(name=tiny_segmenter_args["backbone"], in_chans=4, img_size=32,
-                          options=dict(tiny_segmenter_args["backbone_options"]))
-
-
-@pytest.fixture(scope="module")
-def pretrain_run(make_pretrain_run, vit_config, tmp_path_factory) -> Path:
-    return make_pretrain_run(tmp_path_factory.mktemp("fremae") / "fremae-vit", vit_config)
-
-
-@pytest.fixture(scope="module")
 def timm_export(pretrain_run, tmp_path_factory) -> Path:
     return export_run(pretrain_run, tmp_path_factory.mktemp("exports") / "timm", "timm")
 

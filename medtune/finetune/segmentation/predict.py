@@ -6,6 +6,10 @@ went (its ``DataPlan``: reoriented, resampled to the run's spacing, cropped to t
 foreground, normalised with the run's statistics), is predicted by sliding window
 (MONAI, overlap 0.5 as nnU-Net), and mapped back to the input's own grid.
 
+``--num-parts N --part-id I`` predicts every N-th case from the I-th (as nnU-Net), and
+``accelerate launch -m medtune predict ...`` gives each process one part: every case is
+written exactly once, as one process would write it.
+
 ``--model RUN1 RUN2 ...`` ensembles runs: each run's probabilities are mapped back to the
 input grid (linear), averaged, and the argmax is written. ``--save-probabilities`` also
 writes the per-class probabilities on the input grid (``<case>.npz`` float16, as nnU-Net,
@@ -77,7 +81,7 @@ def _check_channels(models, cases, modalities) -> None:
 
 
 def predict_cases(models, cases, out_dir: Path, *, overlap: float, tta: bool, sw_batch_size: int,
-                  modalities=None, probabilities: str | None = None) -> int:
+                  modalities=None, probabilities: str | None = None, progress: bool = True) -> int:
     """Write one label map per case into ``out_dir`` (and, with ``probabilities`` = ``npz``
     or ``nifti``, its class probabilities) with a progress bar; returns the count.
     ``models``: one segmenter, or several to ensemble (the same label values)."""
@@ -97,7 +101,7 @@ def predict_cases(models, cases, out_dir: Path, *, overlap: float, tta: bool, sw
     models = list(models) if isinstance(models, (list, tuple)) else [models]
     _check_channels(models, cases, modalities)
     values = models[0].label_spec.values
-    for case in tqdm(cases, desc="predict", unit="case"):
+    for case in tqdm(cases, desc="predict", unit="case", disable=not progress):
         volume = load_case(case, with_label=False)
         on_input = None  # (K, H, W, D): the ensemble's mean, or the one model's when asked for
         for model in models:
@@ -180,9 +184,13 @@ def predict_ensemble(loaded: Sequence, args: argparse.Namespace) -> int:
     cases = input_cases(Path(args.input), layout, data.modalities, getattr(args, "subset", "training"))
     out_dir = Path(args.output)
     probabilities = args.probabilities_format if getattr(args, "save_probabilities", False) else None
-    check_output(out_dir, Path(args.input), cases, args.overwrite, probabilities)
-    count = predict_cases([run.model for run in loaded], cases, out_dir, overlap=args.overlap, tta=args.tta,
-                          sw_batch_size=args.sw_batch_size, modalities=data.modalities, probabilities=probabilities)
+    part, parts = getattr(args, "part_id", 0), getattr(args, "num_parts", 1)
+    mine = cases[part::parts]  # as nnU-Net's --part_id/--num_parts: each case in exactly one part
+    check_output(out_dir, Path(args.input), mine, args.overwrite, probabilities)  # other parts' files are theirs
+    count = predict_cases([run.model for run in loaded], mine, out_dir, overlap=args.overlap, tta=args.tta,
+                          sw_batch_size=args.sw_batch_size, modalities=data.modalities, probabilities=probabilities,
+                          progress=getattr(args, "show_progress", True))
     what = f"an ensemble of {len(loaded)} runs" if len(loaded) > 1 else str(loaded[0].folder)
-    log.info("wrote %d label maps of %s to %s", count, what, out_dir)
+    share = f" (part {part} of 0..{parts - 1}: {count} of {len(cases)} cases)" if parts > 1 else ""
+    log.info("wrote %d label maps of %s to %s%s", count, what, out_dir, share)
     return 0

@@ -64,6 +64,7 @@ class SegmentationTask(Task):
     config_class = SegmentationConfig
     unit = "crops"
     description = "slice-wise volumetric segmentation (Med-Tuning, LoRA, ...): NIfTI label maps"
+    predicts_in_parts = True
 
     # ------------------------------------------------------------------ command line
 
