@@ -368,16 +368,18 @@ def crop_too_small_for_the_network(world, tmp):
 
 def damaged_compressed_cache(world, tmp):
     from medtune.data.chunked import ChunkedArray
+    from medtune.data.config import build_pretrain_data
+    from medtune.pretrain.config import load_pretrain_config
 
-    argv = ["pretrain", *world["pretrain"], "data.cache_format=compressed", f"data.cache_dir={tmp / 'cache'}",
-            "--data", str(world["data"])]
-    assert main([*argv, "--output", str(tmp / "first")]) == 0  # builds the compressed cache
+    settings = [*world["pretrain"][3:], "data.cache_format=compressed", f"data.cache_dir={tmp / 'cache'}"]
+    config = load_pretrain_config(world["pretrain"][1], [*settings, f"data.root={world['data']}"])
+    build_pretrain_data(config.data, show_progress=False)  # the compressed cache the command will read
     for path in (tmp / "cache").glob("*/image.zst"):
         chunks, data = ChunkedArray(path), bytearray(path.read_bytes())
         for start, stop in zip(chunks._offsets, chunks._offsets[1:]):
             data[chunks._base + (start + stop) // 2] ^= 0xFF  # same size: only the checksums tell
         path.write_bytes(bytes(data))
-    return [*argv, "--output", str(tmp / "p")]
+    return ["pretrain", *world["pretrain"][:3], *settings, "--data", str(world["data"]), "--output", str(tmp / "p")]
 
 
 LOCKS: list[int] = []
