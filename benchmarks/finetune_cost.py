@@ -70,8 +70,6 @@ def measure(args: argparse.Namespace, method: str) -> dict:
     cfg.model.gradient_checkpointing = variant == "gc"
     model = build_segmenter(cfg, args.num_classes, load_pretrained=False)
     model.to(device).train()
-    if variant == "compile":
-        model.compile()  # in place, as train.compile does; the warm-up step compiles
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-4)
     image = torch.randn(args.batch, args.in_chans, args.img_size, args.img_size, args.slices, device=device)
@@ -82,6 +80,9 @@ def measure(args: argparse.Namespace, method: str) -> dict:
         optimizer.zero_grad(set_to_none=True)
         model(batch)["loss"].backward()
         optimizer.step()
+
+    if variant == "compile":
+        model.compile()  # in place, as train.compile does; the warm-up step compiles
 
     cuda = device.type == "cuda"
     if cuda:
@@ -103,11 +104,19 @@ def measure(args: argparse.Namespace, method: str) -> dict:
         peak = torch.cuda.max_memory_allocated() - before
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    flops = None  # a compiled step runs inductor's kernels, which the counter does not see: the parent
+    if variant != "compile":  # takes the eager method's count (the same math)
+        from medtune.checkpoints.counting import flop_counter
+
+        with flop_counter() as counter:
+            step()
+        flops = counter.get_total_flops()
     return {
         "method": method,
         "step_s": seconds,
         "peak_bytes": int(peak),
         "trainable": sum(p.numel() for p in params),
+        "flops": flops,
     }
 
 
@@ -137,17 +146,32 @@ def main() -> None:
             sys.exit(f"{method} failed:\n{out.stderr[-3000:]}")
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     full = next((r for r in results if r["method"] == "full"), results[0])
+    counted = {r["method"]: r["flops"] for r in results if r["flops"] is not None}
+    for r in results:  # a compiled step does the eager step's math
+        r["flops"] = counted.get(r["method"].removesuffix("+compile"))
+
+    from medtune.checkpoints.counting import matmul_peak_gflops
+
+    peak = matmul_peak_gflops(args.device)
     print(
         f"# {args.backbone}{f' depth {args.depth}' if args.depth else ''}, batch {args.batch} x "
         f"{args.in_chans}x{args.img_size}x{args.img_size}x{args.slices}, device {args.device}, "
         f"memory = {'CUDA max_memory_allocated' if args.device.startswith('cuda') else 'peak RSS delta'}"
     )
-    print(f"{'method':<15} {'trainable':>12} {'step s':>8} {'x full':>7} {'peak MB':>9} {'x full':>7}")
+    print(f"{'method':<18} {'trainable':>12} {'step s':>8} {'x full':>7} {'peak MB':>9} {'x full':>7} "
+          f"{'GFLOP':>8} {'GFLOP/s':>8} {'of peak':>7}")
     for r in results:
+        if r["flops"] is None:
+            rate = f"{'-':>8} {'-':>8} {'-':>7}"
+        else:
+            achieved = r["flops"] / r["step_s"] / 1e9
+            rate = f"{r['flops'] / 1e9:>8.1f} {achieved:>8.1f} {100 * achieved / peak:>6.1f}%"
         print(
-            f"{r['method']:<15} {r['trainable']:>12,} {r['step_s']:>8.3f} {r['step_s'] / full['step_s']:>7.2f} "
-            f"{r['peak_bytes'] / 2**20:>9.1f} {r['peak_bytes'] / max(full['peak_bytes'], 1):>7.2f}"
+            f"{r['method']:<18} {r['trainable']:>12,} {r['step_s']:>8.3f} {r['step_s'] / full['step_s']:>7.2f} "
+            f"{r['peak_bytes'] / 2**20:>9.1f} {r['peak_bytes'] / max(full['peak_bytes'], 1):>7.2f} {rate}"
         )
+    print(f"peak: {peak:.1f} GFLOP/s float32 matmul measured on this machine ({args.device}); FLOPs counted by "
+          "medtune's flop_counter on the eager step (a compiled row: its eager method's count)")
     by_name = {r["method"]: r for r in results}
     if "med-tuning" in by_name and "med-tuning+gc" in by_name:
         plain, gc = by_name["med-tuning"], by_name["med-tuning+gc"]

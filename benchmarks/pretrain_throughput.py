@@ -11,9 +11,9 @@ backward, Adam step) of a pretraining objective:
 
 Variants are timed in interleaved rounds (every round runs each variant once, in a
 rotated order), so drifting machine load hits all of them alike; the reported ratio is
-the median over rounds of the per-round ratios. The achieved GFLOP/s of the FreMAE step
-(FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode``) is compared with this
-machine's measured float32 matmul GFLOP/s.
+the median over rounds of the per-round ratios. The achieved GFLOP/s of each step
+(FLOPs counted by :func:`medtune.checkpoints.counting.flop_counter`) of every row is compared
+with this machine's measured matmul GFLOP/s (float32, or bfloat16 with ``--bf16``).
 
     python benchmarks/pretrain_throughput.py            # ~1-2 min on 2 cores
     python benchmarks/pretrain_throughput.py --backbone swinunetr --img-size 64 --batch 8
@@ -28,8 +28,8 @@ import time
 from typing import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+from medtune.checkpoints.counting import flop_counter, matmul_peak_gflops
 from medtune.errors import MedtuneError
 from medtune.models import BackboneConfig, create_backbone
 from medtune.pretrain.objectives import (
@@ -109,27 +109,8 @@ def make_step(objective: torch.nn.Module, batch: dict, args: argparse.Namespace)
     return step
 
 
-def matmul_gflops(device: str = "cpu", dtype: torch.dtype = torch.float32, size: int = 1024,
-                  seconds: float = 2.0) -> float:
-    """GFLOP/s of square matmuls on this machine (best of a few timings)."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    a @ b  # warm-up
-    sync()
-    best = 0.0
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        sync()
-        best = max(best, 4 * 2 * size**3 / (time.perf_counter() - start) / 1e9)
-    return best
-
-
 def step_flops(step: Callable[[], float]) -> int:
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:  # medtune's counter (convolution backward corrected)
         step()
     return counter.get_total_flops()
 
@@ -174,25 +155,23 @@ def main() -> None:
                 steps[name]()
             rates[name].append(args.steps * args.batch / (time.perf_counter() - start))
 
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    peak = matmul_peak_gflops(args.device, dtype)
+    flops = {name: step_flops(steps[name.removesuffix("+compile")]) for name in names}  # compiled: eager's math
     width = max(13, *(len(name) for name in names))
-    print(f"{'variant':>{width}}  {'slices/s':>9}  {'vs fremae':>9}")
+    print(f"{'variant':>{width}}  {'slices/s':>9}  {'vs fremae':>9}  {'GFLOP/step':>10}  {'GFLOP/s':>8}  {'of peak':>7}")
     for name in names:
         ratio = statistics.median(r / f for r, f in zip(rates[name], rates["fremae"]))
-        print(f"{name:>{width}}  {statistics.median(rates[name]):9.1f}  {ratio:9.3f}")
+        rate = statistics.median(rates[name])
+        achieved = flops[name] * rate / args.batch / 1e9
+        print(f"{name:>{width}}  {rate:9.1f}  {ratio:9.3f}  {flops[name] / 1e9:10.2f}  {achieved:8.1f}  "
+              f"{100 * achieved / peak:6.1f}%")
+    print(f"peak: {peak:.1f} GFLOP/s {str(dtype).removeprefix('torch.')} matmul measured on this machine; FLOPs "
+          "counted by medtune's flop_counter (matmuls, convolutions, attention; not FFTs or elementwise ops)")
     if "fremae-pixel" in rates:
         cost = statistics.median(p / f for p, f in zip(rates["fremae-pixel"], rates["fremae"])) - 1.0
         verdict = "within" if cost <= 0.05 else "ABOVE"
         print(f"frequency-target cost: fremae is {100 * cost:.1f}% slower than fremae-pixel ({verdict} the 5% target)")
-
-    flops = step_flops(steps["fremae"])
-    seconds_per_step = args.batch / statistics.median(rates["fremae"])
-    achieved = flops / seconds_per_step / 1e9
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    peak = matmul_gflops(args.device, dtype, size=1024 if args.device == "cpu" else 8192)
-    print(
-        f"fremae step: {flops / 1e9:.2f} GFLOP, {achieved:.1f} GFLOP/s achieved vs {peak:.1f} GFLOP/s "
-        f"{str(dtype).removeprefix('torch.')} matmul on this machine ({100 * achieved / peak:.1f}%)"
-    )
     if args.profile:
         print_profile(steps["fremae"], args.device)
 

@@ -366,6 +366,22 @@ def crop_too_small_for_the_network(world, tmp):
     return _segment3d(world, tmp, {"network": "swinunetr"}, [32, 32, 16], {"dice_ce": 1.0})
 
 
+def damaged_compressed_cache(world, tmp):
+    from medtune.data.chunked import ChunkedArray
+    from medtune.data.config import build_pretrain_data
+    from medtune.pretrain.config import load_pretrain_config
+
+    settings = [*world["pretrain"][3:], "data.cache_format=compressed", f"data.cache_dir={tmp / 'cache'}"]
+    config = load_pretrain_config(world["pretrain"][1], [*settings, f"data.root={world['data']}"])
+    build_pretrain_data(config.data, show_progress=False)  # the compressed cache the command will read
+    for path in (tmp / "cache").glob("*/image.zst"):
+        chunks, data = ChunkedArray(path), bytearray(path.read_bytes())
+        for start, stop in zip(chunks._offsets, chunks._offsets[1:]):
+            data[chunks._base + (start + stop) // 2] ^= 0xFF  # same size: only the checksums tell
+        path.write_bytes(bytes(data))
+    return ["pretrain", *world["pretrain"][:3], *settings, "--data", str(world["data"]), "--output", str(tmp / "p")]
+
+
 LOCKS: list[int] = []
 
 FAULTS = [
@@ -410,6 +426,8 @@ FAULTS = [
           lambda w, t: ["segment3d.yaml", "cga_sam", "sam_logits"]),
     Fault("a crop too small for the network", crop_too_small_for_the_network,
           lambda w, t: ["swinunetr", "[32, 32, 16]", "at least 64"]),
+    Fault("a damaged chunk of the compressed cache", damaged_compressed_cache,
+          lambda w, t: [str(t / "cache"), "image.zst: chunk", "is damaged", "delete the file to rebuild"]),
 ]
 
 

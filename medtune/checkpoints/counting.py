@@ -67,4 +67,28 @@ def count_flops(fn: Callable[[], Any], *, backward: bool = False) -> int:
     return int(counter.get_total_flops())
 
 
-__all__ = ["count_flops", "count_parameters", "flop_counter"]
+def matmul_peak_gflops(device: str = "cpu", dtype: torch.dtype = torch.float32, size: int | None = None,
+                       seconds: float = 2.0) -> float:
+    """This machine's measured GFLOP/s of square ``size`` matmuls (best of repeated timings
+    over ``seconds``): the peak that benchmarks report achieved FLOP/s against.
+    ``size`` defaults to 1024 on a CPU, 8192 on a GPU."""
+    import time
+
+    size = size or (1024 if str(device).startswith("cpu") else 8192)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    a @ b  # warm-up
+    sync()
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        sync()
+        best = max(best, 4 * 2 * size**3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+__all__ = ["count_flops", "count_parameters", "flop_counter", "matmul_peak_gflops"]

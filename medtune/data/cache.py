@@ -19,6 +19,12 @@ size or mtime changes. Every file is written to a temporary name and renamed, an
 ``meta.json`` is written last, so two processes (Accelerate ranks) building the same
 cache at once never leave a half-written case behind; a per-case ``flock`` makes one
 of them build a case while the other waits and then reads it.
+
+``cache_format="compressed"`` (``data.cache_format``) stores the same arrays as
+``<name>.zst`` instead: zstd-compressed chunks (:mod:`.chunked`), of which a slice or crop
+decompresses only those it overlaps. Smaller on disk, more CPU per read. The case's
+preparation itself (:func:`prepare_case`) is shared with the stream (:mod:`.stream`),
+which reads cases without writing them.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import numpy as np
 
 from medtune.checkpoints.lock import FileLock
 from medtune.data.cases import Case
+from medtune.data.chunked import ChunkedArray, write_chunked
 from medtune.data.labels import LabelSpec
 from medtune.data.geometry import CaseGrid, Grid, to_training_grid
 from medtune.data.intensity import DEFAULT_BODY_THRESHOLD, cache_stage, foreground
@@ -47,6 +54,7 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = 3
 MAX_LABEL_LOCATIONS = 10_000
+FORMATS = {"npy": ".npy", "compressed": ".zst"}  # data.cache_format -> the arrays' file suffix
 
 
 @dataclass
@@ -76,13 +84,76 @@ def is_main_process() -> bool:
 
 
 def settings_of(normalize: bool, crop: bool, axcodes: str | None, spacing: Sequence[float] | None,
-                schemes: Sequence[str], body_threshold: float) -> dict:
+                schemes: Sequence[str], body_threshold: float, cache_format: str = "npy") -> dict:
     """What a cached case depends on besides its files (a case built otherwise is rebuilt)."""
-    return {
+    settings = {
         "version": CACHE_VERSION, "normalize": bool(normalize), "crop": bool(crop), "axcodes": axcodes,
         "spacing": None if spacing is None else [round(float(s), 6) for s in spacing],
         "schemes": list(schemes), "body_threshold": float(body_threshold),
     }
+    if cache_format != "npy":  # only then: caches written before the compressed format stay valid
+        settings["format"] = cache_format
+    return settings
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """How a case is brought to the training grid (see :class:`VolumeCache`'s arguments)."""
+
+    normalize: bool = True
+    crop: bool = True
+    axcodes: str | None = "RAS"
+    spacing: Sequence[float] | None = None
+    schemes: Sequence[str] = ()
+    body_threshold: float = DEFAULT_BODY_THRESHOLD
+    with_labels: bool = True
+    label_spec: LabelSpec | None = None
+
+
+def prepare_case(case: Case, how: Preparation) -> tuple[dict[str, np.ndarray], dict]:
+    """Read ``case`` and prepare it as the cache stores it, in memory.
+
+    Returns ``(arrays, facts)``: arrays ``image`` ``(M, h, w, d)`` float32, ``foreground``
+    ``(h, w, d)`` bool and, for a labeled case read with labels, ``label`` ``(h, w, d)``
+    uint8 and ``label_locations`` ``(K, 3)`` int32; facts are the meta entries
+    ``original_shape``, ``bbox``, ``shape``, ``affine``, ``spacing``, ``grid``. The cache
+    writes these; a stream (:mod:`.stream`) reads them without writing.
+    """
+    volume = load_case(case, with_label=how.with_labels, label_spec=how.label_spec)
+    if len(how.schemes) != volume.image.shape[0]:
+        raise DataError(f"case {case.case_id}: {volume.image.shape[0]} channels, {len(how.schemes)} schemes given")
+    if how.axcodes is None:
+        grid = Grid(volume.spatial_shape, volume.affine)
+        image, label, case_grid = volume.image, volume.label, CaseGrid(grid, grid, grid)
+    else:
+        image, label, case_grid = to_training_grid(volume.image, volume.label, volume.affine, how.axcodes, how.spacing)
+    schemes = tuple(how.schemes) if how.normalize else ("none",) * len(how.schemes)
+    original_shape = list(image.shape[1:])
+    bbox: BBox = tuple((0, n) for n in original_shape)
+    if how.crop:
+        bbox = nonzero_bbox(foreground(image, schemes, how.body_threshold, "any"))
+        image = crop_to_bbox(image, bbox)
+        label = crop_to_bbox(label, bbox) if label is not None else None
+    mask = foreground(image, schemes, how.body_threshold, "all")
+    image = cache_stage(image, schemes)
+    arrays = {"image": image.astype(np.float32, copy=False), "foreground": mask}
+    if label is not None:
+        arrays["label"] = label
+        locations = np.argwhere(label > 0).astype(np.int32)
+        if len(locations) > MAX_LABEL_LOCATIONS:
+            rng = np.random.default_rng(0)
+            keep = np.sort(rng.choice(len(locations), MAX_LABEL_LOCATIONS, replace=False))
+            locations = locations[keep]
+        arrays["label_locations"] = locations
+    facts = {
+        "original_shape": original_shape,
+        "bbox": [list(b) for b in bbox],
+        "shape": list(image.shape),
+        "affine": np.asarray(volume.affine).tolist(),
+        "spacing": list(case_grid.target.spacing),
+        "grid": case_grid.to_json(),
+    }
+    return arrays, facts
 
 
 def _safe_name(case_id: str) -> str:
@@ -112,12 +183,15 @@ def _atomic_save(path: Path, write) -> None:
         raise
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    """Save in Fortran order: the last (slice) axis varies slowest, so one slice is one
-    contiguous block on disk (about 10x faster slice reads than C order), and 3D crops
-    read no slower."""
+def _save_array(path: Path, array: np.ndarray, cache_format: str) -> None:
+    """``npy``: Fortran order, so the last (slice) axis varies slowest and one slice is one
+    contiguous block on disk (about 10x faster slice reads than C order; 3D crops read no
+    slower). ``compressed``: zstd chunks (:mod:`.chunked`)."""
 
     def write(tmp: Path) -> None:
+        if cache_format == "compressed":
+            write_chunked(tmp, array)
+            return
         with open(tmp, "wb") as handle:
             np.save(handle, np.asfortranarray(array))
 
@@ -146,6 +220,9 @@ class VolumeCache:
             label is rebuilt when later asked for it with ``with_labels=True``).
         show_progress: tqdm bar while building; None: only on the main process
             (rank 0 by the ``RANK``/``LOCAL_RANK`` environment variables).
+        cache_format: ``npy`` (memory-mapped ``.npy``) or ``compressed`` (zstd chunks,
+            ``.zst``, read a box at a time: :mod:`.chunked`); a case stored in the other
+            format is rebuilt.
     """
 
     def __init__(
@@ -161,7 +238,10 @@ class VolumeCache:
         spacing: Sequence[float] | None = None,
         schemes: Sequence[str] | None = None,
         body_threshold: float = DEFAULT_BODY_THRESHOLD,
+        cache_format: str = "npy",
     ) -> None:
+        if cache_format not in FORMATS:
+            raise DataError(f"cache format must be one of {', '.join(FORMATS)}, got {cache_format!r}")
         if not cases:
             raise DataError(f"no cases to cache in {cache_dir}")
         self.cases = list(cases)
@@ -175,13 +255,15 @@ class VolumeCache:
         self.body_threshold = float(body_threshold)
         self.label_spec = label_spec
         self.with_labels = with_labels
+        self.cache_format = cache_format
         self._handles: dict[int, CachedVolume] = {}
         self._metas: list[dict] = self.build(show_progress)
 
     # ------------------------------------------------------------------ building
 
     def _settings(self) -> dict:
-        return settings_of(self.normalize, self.crop, self.axcodes, self.spacing, self.schemes, self.body_threshold)
+        return settings_of(self.normalize, self.crop, self.axcodes, self.spacing, self.schemes, self.body_threshold,
+                           self.cache_format)
 
     def case_dir(self, index: int) -> Path:
         return self.cache_dir / _safe_name(self.cases[index].case_id)
@@ -249,56 +331,32 @@ class VolumeCache:
     def _build_case(self, index: int) -> dict:
         case = self.cases[index]
         image_sources, label_source = self._sources(case)
-        volume = load_case(case, with_label=self.with_labels, label_spec=self.label_spec)
-        if len(self.schemes) != volume.image.shape[0]:
-            raise DataError(f"case {case.case_id}: {volume.image.shape[0]} channels, {len(self.schemes)} schemes given")
-        if self.axcodes is None:
-            grid = Grid(volume.spatial_shape, volume.affine)
-            image, label, case_grid = volume.image, volume.label, CaseGrid(grid, grid, grid)
-        else:
-            image, label, case_grid = to_training_grid(
-                volume.image, volume.label, volume.affine, self.axcodes, self.spacing
-            )
-        schemes = self.schemes if self.normalize else ("none",) * len(self.schemes)
-        original_shape = list(image.shape[1:])
-        bbox: BBox = tuple((0, n) for n in original_shape)
-        if self.crop:
-            bbox = nonzero_bbox(foreground(image, schemes, self.body_threshold, "any"))
-            image = crop_to_bbox(image, bbox)
-            label = crop_to_bbox(label, bbox) if label is not None else None
-        mask = foreground(image, schemes, self.body_threshold, "all")
-        image = cache_stage(image, schemes)
+        arrays, facts = prepare_case(case, self.preparation())
         folder = self.case_dir(index)
         folder.mkdir(parents=True, exist_ok=True)
-        arrays = {"image.npy": image.astype(np.float32, copy=False), "foreground.npy": mask}
-        if label is not None:
-            arrays["label.npy"] = label
-            locations = np.argwhere(label > 0).astype(np.int32)
-            if len(locations) > MAX_LABEL_LOCATIONS:
-                rng = np.random.default_rng(0)
-                keep = np.sort(rng.choice(len(locations), MAX_LABEL_LOCATIONS, replace=False))
-                locations = locations[keep]
-            arrays["label_locations.npy"] = locations
-        for name, array in arrays.items():
-            _save_npy(folder / name, array)
+        files = {}
+        for stem, array in arrays.items():
+            name = stem + FORMATS[self.cache_format]
+            files[name] = array
+            _save_array(folder / name, array, self.cache_format)
         meta = {
             "case_id": case.case_id,
             "settings": self._settings(),
             "sources": image_sources,
             "channels": _channels(case),
-            "label_source": label_source if label is not None else None,
-            "arrays": sorted(arrays),
-            "array_bytes": {name: (folder / name).stat().st_size for name in sorted(arrays)},
-            "original_shape": original_shape,
-            "bbox": [list(b) for b in bbox],
-            "shape": list(image.shape),
-            "affine": np.asarray(volume.affine).tolist(),
-            "spacing": list(case_grid.target.spacing),
-            "grid": case_grid.to_json(),
+            "label_source": label_source if "label" in arrays else None,
+            "arrays": sorted(files),
+            "array_bytes": {name: (folder / name).stat().st_size for name in sorted(files)},
+            **facts,
         }
         text = json.dumps(meta, indent=1)
         _atomic_save(folder / "meta.json", lambda tmp: tmp.write_text(text))
         return meta
+
+    def preparation(self) -> "Preparation":
+        """How this cache prepares a case (what :func:`prepare_case` takes)."""
+        return Preparation(self.normalize, self.crop, self.axcodes, self.spacing, self.schemes,
+                           self.body_threshold, self.with_labels, self.label_spec)
 
     # ------------------------------------------------------------------ reading
 
@@ -328,23 +386,27 @@ class VolumeCache:
         return int(self._metas[0]["shape"][0])
 
     def has_label(self, index: int) -> bool:
-        return self.with_labels and "label.npy" in self._metas[index]["arrays"]
+        return self.with_labels and "label" + FORMATS[self.cache_format] in self._metas[index]["arrays"]
 
     def load(self, index: int) -> CachedVolume:
-        """Memory-mapped arrays of case ``index`` (opened once per process)."""
+        """Case ``index``'s arrays, opened once per process: memory maps (``npy``) or
+        :class:`~medtune.data.chunked.ChunkedArray` (``compressed``; ``label_locations``
+        read whole). Both read only the part a slice or crop indexes."""
         cached = self._handles.get(index)
         if cached is None:
             folder = self.case_dir(index)
             has_label = self.has_label(index)
 
-            def open_array(name: str) -> np.ndarray:
-                return np.load(folder / name, mmap_mode="r")
+            def open_array(stem: str) -> Any:
+                if self.cache_format == "compressed":
+                    return ChunkedArray(folder / f"{stem}.zst")
+                return np.load(folder / f"{stem}.npy", mmap_mode="r")
 
             cached = CachedVolume(
-                image=open_array("image.npy"),
-                foreground=open_array("foreground.npy"),
-                label=open_array("label.npy") if has_label else None,
-                label_locations=open_array("label_locations.npy") if has_label else None,
+                image=open_array("image"),
+                foreground=open_array("foreground"),
+                label=open_array("label") if has_label else None,
+                label_locations=np.asarray(open_array("label_locations")) if has_label else None,
                 meta=self._metas[index],
             )
             self._handles[index] = cached

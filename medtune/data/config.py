@@ -11,6 +11,8 @@
       normalization: auto           # CT channels: nnU-Net's CT scheme; others: z-score
       augment: {flip_prob: 0.5}     # data.augment (medtune.data.augment); null: none
       folds: 5                      # or split: splits_final.json; fold: which one (--fold)
+      cache_format: npy             # or compressed: zstd chunks, about 3x smaller, more CPU per read
+      stream: false                 # pretraining only: read cases lazily, no cache (stream_buffer)
 
 :func:`build_pretrain_data` gives unlabeled slices or crops of every case;
 :func:`build_labeled_data` gives labeled slices/crops of the training cases and whole
@@ -40,7 +42,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from medtune.data.augment import AugmentConfig, Augmenter
-from medtune.data.cache import VolumeCache
+from medtune.data.cache import FORMATS, Preparation, VolumeCache
 from medtune.data.cases import LAYOUTS, Case, find_cases, resolve_modalities
 from medtune.data.check import default_label_spec
 from medtune.data.datasets import CropDataset, SliceDataset, VolumeDataset
@@ -49,6 +51,7 @@ from medtune.data.intensity import DEFAULT_BODY_THRESHOLD, NORMALIZATIONS, chann
 from medtune.data.labels import LabelSpec
 from medtune.data.plan import DataPlan, PreparedCase, fit_normalizer, plan_grid
 from medtune.data.splits import plan_split, split_cases
+from medtune.data.stream import CaseReader, StreamingDataset
 from medtune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -68,7 +71,19 @@ class DataConfig:
     """Modality names in channel order; None: BraTS (flair, t1ce, t1, t2) or every
     channel of ``dataset.json`` (the CLI's ``--modalities``)."""
     cache_dir: str | None = None
-    """Folder of preprocessed ``.npy`` volumes; None: ``<run_dir>/../.cache/<dataset key>``."""
+    """Folder of preprocessed volumes; None: ``<run_dir>/../.cache/<dataset key>``."""
+    cache_format: str = "npy"
+    """``npy``: memory-mapped float32 ``.npy`` (fastest reads, largest); ``compressed``:
+    zstd-compressed chunks, a slice or crop decompresses only the chunks it overlaps
+    (:mod:`medtune.data.chunked`). Changing it rebuilds the cache."""
+    stream: bool = False
+    """Pretraining on data that does not fit the cache: no cache; each epoch reads every
+    case once from its files, in a seeded order, and shuffles its samples in a buffer of
+    ``stream_buffer`` (:mod:`medtune.data.stream`). An epoch is ``samples_per_volume``
+    slices (2d) or crops (3d) per case; ``num_workers`` threads read cases ahead. Exact on
+    resume. z-score/none normalisation only (CT statistics need every case up front)."""
+    stream_buffer: int = 256
+    """``stream``: samples held in memory for shuffling (a larger buffer mixes more cases)."""
     mode: Literal["2d", "3d"] = "2d"
     """``2d``: slices (``img_size``); ``3d``: crops (``crop_size``)."""
     img_size: int = 128
@@ -90,7 +105,7 @@ class DataConfig:
     crop_size: list[int] = field(default_factory=lambda: [128, 128, 128])
     """3D crop size (h, w, d); smaller volumes are zero padded."""
     samples_per_volume: int = 1
-    """3D crops drawn per case per epoch."""
+    """3D crops drawn per case per epoch (with ``stream``: 2D slices too)."""
     min_foreground: float = 0.0
     """2D: keep only slices with at least this fraction of foreground pixels."""
     foreground_oversample: float = 0.33
@@ -140,6 +155,10 @@ class DataConfig:
             raise ValueError("data.split and data.folds exclude each other (a split file has its own folds)")
         if self.fold < 0:
             raise ValueError(f"data.fold must be >= 0, got {self.fold}")
+        if self.cache_format not in FORMATS:
+            raise ValueError(f"data.cache_format must be one of {', '.join(FORMATS)}, got {self.cache_format!r}")
+        if self.stream_buffer < 1:
+            raise ValueError(f"data.stream_buffer must be >= 1, got {self.stream_buffer}")
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, *, folds: bool) -> None:
@@ -226,7 +245,7 @@ def _cache(cfg: DataConfig, cases: list[Case], run_dir, schemes, axcodes, spacin
     return VolumeCache(
         cases, resolve_cache_dir(cfg, run_dir, grid_key), label_spec=label_spec, with_labels=with_labels,
         show_progress=show_progress, axcodes=axcodes, spacing=spacing, schemes=schemes,
-        body_threshold=cfg.body_threshold,
+        body_threshold=cfg.body_threshold, cache_format=cfg.cache_format,
     )
 
 
@@ -255,7 +274,7 @@ def build_pretrain_holdout(
     """Pretraining that holds out the fold's validation cases (:func:`~.splits.plan_split`,
     the cases finetuning validates on): the samples of the training cases, the
     :class:`DataPlan` fitted on them, and the held-out cases' samples (not augmented;
-    None when the fold has no validation case)."""
+    None when the fold has no validation case, or with ``data.stream``)."""
     cases = find_cases(_root(cfg), cfg.layout, cfg.modalities)
     train_cases, val_cases, _ = plan_split(
         cases, val_fraction=cfg.val_fraction, split=cfg.split, folds=cfg.folds, fold=cfg.fold
@@ -270,6 +289,8 @@ def _pretrain_samples(cfg: DataConfig, cases: list[Case], heldout_cases: list[Ca
     (same grid and normalizer, no augmentation; None when there are none)."""
     schemes = channel_schemes(cfg.normalization, channel_names(cfg))
     axcodes, spacing = plan_grid(cfg.slice_axis, cfg.spacing, cases + heldout_cases)
+    if cfg.stream:  # the held-out cases stay out of training; a stream does not measure them
+        return (*_stream(cfg, cases, schemes, axcodes, spacing), None)
     cache = _cache(cfg, cases, run_dir, schemes, axcodes, spacing, show_progress, with_labels=False)
     normalizer = fit_normalizer(cache, schemes, labeled=False)
     plan = DataPlan(axcodes, spacing, normalizer, cfg.body_threshold)
@@ -287,6 +308,24 @@ def _pretrain_samples(cfg: DataConfig, cases: list[Case], heldout_cases: list[Ca
             samples.append(CropDataset(part_cache, cfg.crop_size, cfg.samples_per_volume, foreground_oversample=0.0,
                                        seed=cfg.seed, normalizer=normalizer, augment=augment))
     return samples[0], plan, samples[1]
+
+
+def _stream(cfg: DataConfig, cases: list[Case], schemes, axcodes, spacing) -> tuple[Dataset, DataPlan]:
+    """``data.stream``: the samples of :func:`build_pretrain_data`, read lazily."""
+    if "ct" in schemes:
+        raise ConfigError("data.stream: CT channels are normalised with statistics of every training case, "
+                          "which a stream does not read up front; set data.stream: false or data.normalization")
+    reader = CaseReader(cases, Preparation(True, True, axcodes, spacing, schemes, cfg.body_threshold, False))
+    normalizer = fit_normalizer(reader, schemes, labeled=False)  # reads nothing without CT channels
+    if cfg.mode == "2d":
+        items: Dataset = SliceDataset(reader, cfg.img_size, -1, cfg.min_foreground, seed=cfg.seed,
+                                      normalizer=normalizer, augment=_augmenter(cfg),
+                                      slices_per_case=cfg.samples_per_volume)
+    else:
+        items = CropDataset(reader, cfg.crop_size, cfg.samples_per_volume, foreground_oversample=0.0,
+                            seed=cfg.seed, normalizer=normalizer, augment=_augmenter(cfg))
+    stream = StreamingDataset(items, cfg.samples_per_volume, cfg.stream_buffer, read_ahead=cfg.num_workers)
+    return stream, DataPlan(axcodes, spacing, normalizer, cfg.body_threshold)
 
 
 def build_pretrain_dataset(
@@ -322,6 +361,9 @@ def build_labeled_data(
     :class:`~medtune.errors.DataError` for a case without a label or with label values
     outside the declared set, and for a split naming cases the dataset lacks.
     """
+    if cfg.stream:
+        raise ConfigError("data.stream is for pretraining; labeled training reads its cases from the cache "
+                          "(data.cache_format: compressed makes it smaller)")
     spec = label_spec_for(cfg)
     cases = find_cases(_root(cfg), cfg.layout, cfg.modalities, require_labels=True)
     train_cases, val_cases, splits = plan_split(

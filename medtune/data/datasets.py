@@ -128,9 +128,13 @@ class SliceDataset(_CacheDataset):
         seed: base seed of crop positions and augmentation.
         normalizer: per-channel normalisation of CT channels (None: the cache's values).
         augment: 2D augmentation of each slice (:class:`~medtune.data.augment.Augmenter`).
+        slices_per_case: None: every slice is an item. A number k: k items per case, each
+            a slice drawn per (seed, epoch, index) among the case's slices that pass
+            ``min_foreground``: the cases are not read up front (the stream, :mod:`.stream`).
 
     Items: ``{"image": (M, s, s) float32, "foreground": (s, s) bool}`` and, with labels,
-    ``"label": (s, s) int64``. :attr:`pairs` ``(N, 2)`` lists (case, slice) per item.
+    ``"label": (s, s) int64``. :attr:`pairs` ``(N, 2)`` lists (case, slice) per item
+    (slice -1: drawn when read).
     """
 
     def __init__(
@@ -144,6 +148,7 @@ class SliceDataset(_CacheDataset):
         seed: int = 0,
         normalizer: Normalizer | None = None,
         augment: Augmenter | None = None,
+        slices_per_case: int | None = None,
     ) -> None:
         super().__init__(cache, with_label, label_spec, seed, normalizer, augment)
         self.img_size = (int(img_size),) * 2 if isinstance(img_size, int) else tuple(int(s) for s in img_size)
@@ -151,18 +156,22 @@ class SliceDataset(_CacheDataset):
             raise ValueError(f"slice axis must be a spatial axis in -3..2, got {axis}")
         self.axis = axis % 3
         self.min_foreground = float(min_foreground)
-        pairs = []
-        for case_index in range(len(cache)):
-            depth = cache.spatial_shape(case_index)[self.axis]
-            if self.min_foreground > 0:
-                foreground = cache.load(case_index).foreground
-                other = tuple(a for a in range(3) if a != self.axis)
-                fraction = np.asarray(foreground).mean(axis=other)
-                slices = np.flatnonzero(fraction >= self.min_foreground)
-            else:
-                slices = np.arange(depth)
-            pairs.append(np.stack([np.full_like(slices, case_index), slices], axis=1))
+        if slices_per_case is not None:
+            if slices_per_case < 1:
+                raise ValueError(f"slices_per_case must be >= 1, got {slices_per_case}")
+            cases = np.repeat(np.arange(len(cache)), slices_per_case)
+            self.pairs = np.stack([cases, np.full_like(cases, -1)], axis=1).astype(np.int64)
+            return
+        pairs = [np.stack([np.full_like(s, i), s], axis=1) for i in range(len(cache)) for s in [self._slices(i)]]
         self.pairs = np.concatenate(pairs).astype(np.int64) if pairs else np.zeros((0, 2), np.int64)
+
+    def _slices(self, case_index: int) -> np.ndarray:
+        """The case's slices with at least ``min_foreground`` foreground (all of them when 0)."""
+        if self.min_foreground <= 0:
+            return np.arange(self.cache.spatial_shape(case_index)[self.axis])
+        foreground = self.cache.load(case_index).foreground
+        other = tuple(a for a in range(3) if a != self.axis)
+        return np.flatnonzero(np.asarray(foreground).mean(axis=other) >= self.min_foreground)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -170,15 +179,25 @@ class SliceDataset(_CacheDataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         case_index, slice_index = (int(v) for v in self.pairs[index])
         volume = self.cache.load(case_index)
+        rng = self._rng(index)
+        if slice_index < 0:  # drawn per item (slices_per_case)
+            slices = self._slices(case_index)
+            if len(slices) == 0:
+                raise DataError(f"case {self.cache.case_ids[case_index]}: no slice has "
+                                f"{self.min_foreground} foreground (data.min_foreground)")
+            slice_index = int(slices[rng.integers(len(slices))])
         in_plane = [n for a, n in enumerate(self.cache.spatial_shape(case_index)) if a != self.axis]
-        starts = random_starts(self._rng(index), in_plane, self.img_size)
-
-        plane_index = (Ellipsis,) + tuple(slice_index if a == self.axis else slice(None) for a in range(3))
+        in_plane_starts = iter(random_starts(rng, in_plane, self.img_size))
+        in_plane_size = iter(self.img_size)
+        # a 3D window one slice thick: only the window is read, from a memory map or from chunks
+        starts = [slice_index if a == self.axis else next(in_plane_starts) for a in range(3)]
+        size = [1 if a == self.axis else next(in_plane_size) for a in range(3)]
+        plane = (Ellipsis,) + tuple(0 if a == self.axis else slice(None) for a in range(3))
 
         def cut(array: np.ndarray, fill: float | np.ndarray = 0) -> np.ndarray:  # (..., H, W, D) -> (..., s, s)
-            return read_window(array[plane_index], starts, self.img_size, fill)  # a view until the window copy
+            return read_window(array, starts, size, fill)[plane]
 
-        item = {"image": cut(volume.image, self._image_fill(2)), "foreground": cut(volume.foreground)}
+        item = {"image": cut(volume.image, self._image_fill(3)), "foreground": cut(volume.foreground)}
         if self.with_label:
             item["label"] = self._label_index(cut(volume.label), case_index)
         return self._finish(item, index)

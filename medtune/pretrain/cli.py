@@ -140,8 +140,8 @@ def _build_datasets(cfg, run_dir: Path, show_progress: bool):
     if cfg.heldout_samples > 0:
         dataset, plan, heldout = build_pretrain_holdout(cfg.data, run_dir, show_progress=show_progress)
         if heldout is None:
-            log.warning("%s: no case to hold out (data.val_fraction %s); held-out losses are not measured",
-                        cfg.data.root, cfg.data.val_fraction)
+            why = "data.stream" if cfg.data.stream else f"no case to hold out (data.val_fraction {cfg.data.val_fraction})"
+            log.warning("%s: %s; held-out losses are not measured", cfg.data.root, why)
         elif len(heldout) == 0:
             heldout = None
         else:

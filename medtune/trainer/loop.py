@@ -138,7 +138,7 @@ def train(
         cfg.max_steps, global_batch, unit, cfg.batch_size, cfg.grad_accum,
         accelerator.num_processes, accelerator.mixed_precision,
     )
-    batches = _batch_stream(loader, batches_per_epoch, state.step * cfg.grad_accum)
+    batches = _batch_stream(loader, batches_per_epoch, state.step * cfg.grad_accum, accelerator.num_processes)
     progress = _progress(accelerator, cfg.max_steps, state.step, unit)
     sums: dict[str, torch.Tensor] = {}  # running sums of the logs since the last log line
     counts: dict[str, int] = {}
@@ -247,7 +247,7 @@ def _compile_errors(compiling: bool) -> Iterator[None]:
                           "set train.compile: false") from None
 
 
-def _batch_stream(loader, batches_per_epoch: int, consumed: int) -> Iterator[Any]:
+def _batch_stream(loader, batches_per_epoch: int, consumed: int, processes: int = 1) -> Iterator[Any]:
     """Batches from micro-batch number ``consumed`` on, epoch after epoch, reproducibly."""
     from accelerate import skip_first_batches
 
@@ -256,9 +256,15 @@ def _batch_stream(loader, batches_per_epoch: int, consumed: int) -> Iterator[Any
         loader.set_epoch(epoch)  # the seedable sampler shuffles with seed + epoch
         if hasattr(loader.dataset, "set_epoch"):  # e.g. crop positions; Accelerate skips it when sharded
             loader.dataset.set_epoch(epoch)
-        source = skip_first_batches(loader, skip) if skip else loader
-        if skip:
-            source.set_epoch(epoch)
+        if skip and hasattr(loader.dataset, "skip_items"):
+            # a stream (medtune.data.stream) starts mid-epoch without reading what it skips;
+            # Accelerate dispatches its batches: each micro-batch is one batch per process
+            loader.dataset.skip_items(skip * loader.batch_size * processes)
+            source = loader
+        else:
+            source = skip_first_batches(loader, skip) if skip else loader
+            if skip:
+                source.set_epoch(epoch)
         yield from source
         epoch, skip = epoch + 1, 0
 

@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
 
 from medtune.errors import ConfigError, MedtuneError
 from medtune.trainer.config import OptimConfig, ScheduleConfig, TrainConfig
@@ -91,12 +91,19 @@ def build_loader(
 
     Shuffling uses a plain ``RandomSampler``; once the loader is prepared by Accelerate
     it becomes a sampler reseeded with ``cfg.seed + epoch`` on every process, which is
-    what makes the data order reproducible on resume. Workers: ``num_workers``, else
-    ``cfg.num_workers``, else 0. They are not persistent, so that a dataset's
+    what makes the data order reproducible on resume. An ``IterableDataset`` (a data
+    stream, :mod:`medtune.data.stream`) orders itself and is read in this process.
+    Workers: ``num_workers``, else ``cfg.num_workers``, else 0. They are not persistent, so that a dataset's
     ``set_epoch`` (called by :func:`train`) reaches them.
     """
-    sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
     workers = num_workers if num_workers is not None else (cfg.num_workers or 0)
+    sampler = None
+    if isinstance(dataset, IterableDataset):
+        # a stream orders itself (by seed and epoch) and reads ahead with its own threads;
+        # worker processes would each read every case
+        workers = 0
+    else:
+        sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,

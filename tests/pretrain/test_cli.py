@@ -34,6 +34,7 @@ def pretrain(tiny_pretrain_overrides):
         return main(["pretrain", "--config", str(config), "--data", str(data), "--output", str(output),
                      "--set", *tiny_pretrain_overrides, *extra])
 
+    run.overrides = tiny_pretrain_overrides
     return run
 
 
@@ -126,6 +127,26 @@ def test_resume_latest_continues_a_run(pretrain, tiny_pretrain_overrides, synth_
     assert "backbone.safetensors" in out
     last = out.strip().splitlines()[-1]  # the run's last line: held-out bands against a zero prediction
     assert last.startswith("held-out loss on ") and "high band" in last and "zero prediction" in last
+
+
+@pytest.mark.slow
+def test_a_streamed_run_resumed_mid_epoch_ends_with_the_uninterrupted_weights(pretrain, synth_brats, tmp_path):
+    # data.stream: 3 cases x 4 slices = 3 batches of 4 an epoch; the state of step 2 lies mid-epoch
+    stream = ("data.stream=true", "data.samples_per_volume=4", "data.stream_buffer=6", "figure=false")
+    assert pretrain(synth_brats, tmp_path / "straight", *stream, "train.max_steps=4", "train.keep_last=2") == 0
+    # the same run stopped after its save at step 2: its folder less what came later
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "state" / "step_0000004")
+    for name in ("pretrain.safetensors", "backbone.safetensors"):
+        (tmp_path / "resumed" / name).unlink()
+    assert main(["pretrain", "--config", str(DEMO_CONFIG), "--data", str(synth_brats), "--output",
+                 str(tmp_path / "resumed"), "--resume", "latest", "--set", *pretrain.overrides, *stream,
+                 "train.max_steps=4"]) == 0
+    straight, resumed = (load_file(str(tmp_path / run / "pretrain.safetensors")) for run in ("straight", "resumed"))
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    assert not (tmp_path / ".cache").exists()  # nothing was cached
 
 
 # --------------------------------------------------------------------------- bad inputs
