@@ -46,6 +46,7 @@ _EXPORTS: dict[str, str] = {
     "build_labeled_dataset": "config",
     "build_pretrain_data": "config",
     "build_pretrain_dataset": "config",
+    "build_pretrain_holdout": "config",
     "label_spec_for": "config",
     "resolve_cache_dir": "config",
     "CaseGrid": "geometry",

@@ -264,20 +264,50 @@ def build_pretrain_data(
     """Unlabeled samples of every case (:class:`SliceDataset` for 2d, :class:`CropDataset`
     for 3d, augmented by ``cfg.augment``) and the :class:`DataPlan`."""
     cases = find_cases(_root(cfg), cfg.layout, cfg.modalities)
+    dataset, plan, _ = _pretrain_samples(cfg, cases, [], run_dir, show_progress)
+    return dataset, plan
+
+
+def build_pretrain_holdout(
+    cfg: DataConfig, run_dir: str | Path | None = None, show_progress: bool | None = None
+) -> tuple[Dataset, DataPlan, Dataset | None]:
+    """Pretraining that holds out the fold's validation cases (:func:`~.splits.plan_split`,
+    the cases finetuning validates on): the samples of the training cases, the
+    :class:`DataPlan` fitted on them, and the held-out cases' samples (not augmented;
+    None when the fold has no validation case, or with ``data.stream``)."""
+    cases = find_cases(_root(cfg), cfg.layout, cfg.modalities)
+    train_cases, val_cases, _ = plan_split(
+        cases, val_fraction=cfg.val_fraction, split=cfg.split, folds=cfg.folds, fold=cfg.fold
+    )
+    if not train_cases:
+        raise DataError(f"fold {cfg.fold} of {cfg.root} has no training cases ({len(cases)} cases)")
+    return _pretrain_samples(cfg, train_cases, val_cases, run_dir, show_progress)
+
+
+def _pretrain_samples(cfg: DataConfig, cases: list[Case], heldout_cases: list[Case], run_dir, show_progress):
+    """Samples of ``cases``, the plan fitted on them, and samples of ``heldout_cases``
+    (same grid and normalizer, no augmentation; None when there are none)."""
     schemes = channel_schemes(cfg.normalization, channel_names(cfg))
-    axcodes, spacing = plan_grid(cfg.slice_axis, cfg.spacing, cases)
-    if cfg.stream:
-        return _stream(cfg, cases, schemes, axcodes, spacing)
+    axcodes, spacing = plan_grid(cfg.slice_axis, cfg.spacing, cases + heldout_cases)
+    if cfg.stream:  # the held-out cases stay out of training; a stream does not measure them
+        return (*_stream(cfg, cases, schemes, axcodes, spacing), None)
     cache = _cache(cfg, cases, run_dir, schemes, axcodes, spacing, show_progress, with_labels=False)
     normalizer = fit_normalizer(cache, schemes, labeled=False)
     plan = DataPlan(axcodes, spacing, normalizer, cfg.body_threshold)
-    if cfg.mode == "2d":
-        dataset: Dataset = SliceDataset(cache, cfg.img_size, -1, cfg.min_foreground, seed=cfg.seed,
-                                        normalizer=normalizer, augment=_augmenter(cfg))
-    else:
-        dataset = CropDataset(cache, cfg.crop_size, cfg.samples_per_volume, foreground_oversample=0.0,
-                              seed=cfg.seed, normalizer=normalizer, augment=_augmenter(cfg))
-    return dataset, plan
+    samples = []
+    for chosen, part_cache, augment in ((cases, cache, _augmenter(cfg)), (heldout_cases, None, None)):
+        if not chosen:
+            samples.append(None)
+            continue
+        if part_cache is None:
+            part_cache = _cache(cfg, chosen, run_dir, schemes, axcodes, spacing, show_progress, with_labels=False)
+        if cfg.mode == "2d":
+            samples.append(SliceDataset(part_cache, cfg.img_size, -1, cfg.min_foreground, seed=cfg.seed,
+                                        normalizer=normalizer, augment=augment))
+        else:
+            samples.append(CropDataset(part_cache, cfg.crop_size, cfg.samples_per_volume, foreground_oversample=0.0,
+                                       seed=cfg.seed, normalizer=normalizer, augment=augment))
+    return samples[0], plan, samples[1]
 
 
 def _stream(cfg: DataConfig, cases: list[Case], schemes, axcodes, spacing) -> tuple[Dataset, DataPlan]:
@@ -387,6 +417,7 @@ def build_labeled_dataset(
 
 __all__ = [
     "DataConfig", "DataPlan", "LabeledData", "PreparedCase", "add_data_arguments", "build_labeled_data",
-    "build_labeled_dataset", "build_pretrain_data", "build_pretrain_dataset", "channel_names", "data_overrides",
+    "build_labeled_dataset", "build_pretrain_data", "build_pretrain_dataset", "build_pretrain_holdout",
+    "channel_names", "data_overrides",
     "dataset_key", "fit_normalizer", "label_spec_for", "plan_grid", "resolve_cache_dir", "split_cases",
 ]

@@ -14,6 +14,11 @@ the end ``backbone.safetensors`` (the encoder: what finetuning loads),
 ``pretrain.safetensors`` (encoder + decoder), ``decoder.safetensors`` when the decoder
 has blocks a segmenter takes over (FreMAE ``decoder: unetr``) and ``reconstruction.png``. A folder that
 already holds a run is never overwritten unless ``--resume`` continues it.
+
+With ``heldout_samples`` (default 64) the cases of the finetuning validation split
+(``data.val_fraction``) are held out of pretraining; the objective's losses on them
+(FreMAE: each band next to a zero prediction) go into ``metrics.jsonl`` as ``eval/*``
+at every evaluation and into the run's last log line.
 """
 
 from __future__ import annotations
@@ -79,8 +84,8 @@ def _pretrain_in(cfg, run_config: RunConfig, run_dir: Path, resume) -> int:
 
     accelerator = make_accelerator(cfg.train, run_dir)
 
-    dataset, plan = distributed.main_first(
-        accelerator, lambda: _build_dataset(cfg, run_dir, accelerator.is_local_main_process),
+    dataset, plan, heldout = distributed.main_first(
+        accelerator, lambda: _build_datasets(cfg, run_dir, accelerator.is_local_main_process),
         per_node=not cfg.train.shared_filesystem,
     )
     run_config = RunConfig(run_config.task, run_config.config, {"data_plan": plan.to_json()})
@@ -90,13 +95,21 @@ def _pretrain_in(cfg, run_config: RunConfig, run_dir: Path, resume) -> int:
         write_run_config(run_dir, run_config)
     # a resumed run's config.json changes only once its state has loaded
     on_start = (lambda: write_run_config(run_dir, run_config)) if resume is not None else None
-    result = _train(objective, dataset, cfg, run_dir, resume, accelerator, on_start)
+    evaluate = None
+    if heldout is not None:
+        from medtune.pretrain.heldout import heldout_losses
+
+        def evaluate(model):
+            return heldout_losses(model, heldout, cfg.train.batch_size, seed=cfg.train.seed)
+
+    result = _train(objective, dataset, cfg, run_dir, resume, accelerator, on_start, evaluate)
 
     if accelerator.is_main_process:
         if result.sharded:  # the modules hold shards: draw the figure on a whole copy
             objective = _build_objective(cfg)
             objective.load_state_dict(result.state_dict)
-        written = save_outputs(objective, dataset, cfg, run_dir, result.state_dict)
+        written = save_outputs(objective, heldout if heldout is not None else dataset, cfg, run_dir,
+                               result.state_dict)
         print(f"pretrained {cfg.objective.name} on {cfg.backbone.name} for {result.step} steps "
               f"({result.samples_per_s:.1f} samples/s); run folder: {run_dir}")
         print(f"encoder weights (for finetuning): {written['backbone']}")
@@ -106,6 +119,10 @@ def _pretrain_in(cfg, run_config: RunConfig, run_dir: Path, resume) -> int:
         if "figure" in written:
             print(f"reconstruction figure:            {written['figure']}")
         print(f"config:                           {run_dir / CONFIG_FILE}")
+        if heldout is not None and result.eval_metrics:
+            from medtune.pretrain.heldout import describe_heldout
+
+            print(describe_heldout(result.eval_metrics, len(heldout)))
     distributed.barrier(accelerator)
     return 0
 
@@ -113,10 +130,24 @@ def _pretrain_in(cfg, run_config: RunConfig, run_dir: Path, resume) -> int:
 # --------------------------------------------------------------------------- building
 
 
-def _build_dataset(cfg, run_dir: Path, show_progress: bool):
-    from medtune.data.config import build_pretrain_data
+def _build_datasets(cfg, run_dir: Path, show_progress: bool):
+    """The training samples, the data plan and the held-out samples (None without
+    ``heldout_samples`` or held-out cases): the fold's validation cases are held out."""
+    from medtune.data.config import build_pretrain_data, build_pretrain_holdout
+    from medtune.pretrain.heldout import spread_subset
 
-    dataset, plan = build_pretrain_data(cfg.data, run_dir, show_progress=show_progress)
+    heldout = None
+    if cfg.heldout_samples > 0:
+        dataset, plan, heldout = build_pretrain_holdout(cfg.data, run_dir, show_progress=show_progress)
+        if heldout is None:
+            why = "data.stream" if cfg.data.stream else f"no case to hold out (data.val_fraction {cfg.data.val_fraction})"
+            log.warning("%s: %s; held-out losses are not measured", cfg.data.root, why)
+        elif len(heldout) == 0:
+            heldout = None
+        else:
+            heldout = spread_subset(heldout, cfg.heldout_samples)
+    else:
+        dataset, plan = build_pretrain_data(cfg.data, run_dir, show_progress=show_progress)
     if len(dataset) == 0:
         raise DataError(f"{cfg.data.root}: no training samples (data.min_foreground too high?)")
     first = dataset[0]["image"]
@@ -125,7 +156,7 @@ def _build_dataset(cfg, run_dir: Path, show_progress: bool):
             f"{cfg.data.root}: cases have {first.shape[0]} modalities but backbone.in_chans is "
             f"{cfg.backbone.in_chans}"
         )
-    return dataset, plan
+    return dataset, plan, heldout
 
 
 def _build_objective(cfg):
@@ -164,14 +195,14 @@ def freeze_unused(objective, dataset, cfg) -> list[str]:
     return unused
 
 
-def _train(objective, dataset, cfg, run_dir: Path, resume, accelerator, on_start=None):
+def _train(objective, dataset, cfg, run_dir: Path, resume, accelerator, on_start=None, evaluate=None):
     from medtune.trainer import build_loader, train
 
     workers = cfg.train.num_workers if cfg.train.num_workers is not None else cfg.data.num_workers
     loader = build_loader(dataset, cfg.train, num_workers=workers)
     unit = "slices" if cfg.data.mode == "2d" else "crops"
     return train(objective, loader, cfg.train, run_dir, resume=resume, accelerator=accelerator, unit=unit,
-                 on_start=on_start)
+                 on_start=on_start, evaluate=evaluate)
 
 
 # --------------------------------------------------------------------------- outputs

@@ -39,7 +39,14 @@ class PretrainConfig:
     figure: bool = True
     """Write ``reconstruction.png`` (inputs, masks, targets, predictions) at the end."""
     figure_samples: int = 4
-    """How many samples (the dataset's first ones) the figure shows."""
+    """How many samples (held-out ones when there are) the figure shows."""
+    heldout_samples: int = 64
+    """Samples (slices or crops, evenly spread) of the held-out cases on which the
+    objective's losses are measured at each evaluation (``train.eval_every``) and at the
+    end; FreMAE also reports each band's loss against a zero prediction
+    (``eval/high_ratio``; near 1: the band is not learned). The held-out cases are the
+    finetuning validation split (``data.val_fraction``, by hashed case id) and
+    pretraining does not train on them. 0: pretrain on every case, measure nothing."""
 
     def __post_init__(self) -> None:
         check_consistency(self)
@@ -65,6 +72,8 @@ def check_consistency(cfg: PretrainConfig) -> None:
         )
     if cfg.figure_samples < 1:
         raise ConfigError(f"figure_samples must be >= 1, got {cfg.figure_samples}")
+    if cfg.heldout_samples < 0:
+        raise ConfigError(f"heldout_samples must be >= 0, got {cfg.heldout_samples}")
 
 
 def load_pretrain_config(path: str | Path | None, overrides: list[str] | None = None) -> PretrainConfig:

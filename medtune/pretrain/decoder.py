@@ -22,6 +22,16 @@ to the modality count.
 Backbones whose stages all have the same stride (plain ViT: 16) first go through a
 simple feature pyramid (as in ViTDet / UperNet-on-ViT): the last four stage maps are
 resampled to strides ``s/4, s/2, s, 2s`` with transposed convs, identity and max-pool.
+
+With ``image_channels`` set (FreMAE's default) the decoder also reads the masked input
+through :class:`InputPath`, a full-resolution residual conv block, as FreMIM's
+``encoder1`` (its ``enc0`` is the shallowest map of both heads). Its map is a level of
+stride 1: the top-down path ends by fusing it, the bottom-up path starts from it.
+(A backbone whose first stage is already at stride 1, e.g. SwinUNETR with patch size 1,
+needs none.) Without it the full-resolution head sees only maps of stride 4 and coarser (16 for a
+ViT, before the pyramid), from which the per-pixel detail of the visible pixels cannot
+be recovered, and the high band is not learned (its loss stays at that of a zero
+prediction).
 """
 
 from __future__ import annotations
@@ -110,6 +120,22 @@ def pyramid_strides(feature_strides: Sequence[int]) -> list[int]:
     return strides
 
 
+class InputPath(nn.Module):
+    """Full-resolution residual conv block of the masked input (as MONAI's
+    ``UnetrBasicBlock`` that FreMIM's ``encoder1`` is, with BatchNorm and ReLU):
+    ``ReLU(BN(conv3x3(ReLU(BN(conv3x3(x))))) + BN(conv1x1(x)))``, ``(B, M, *S) -> (B, width, *S)``."""
+
+    def __init__(self, spatial_dims: int, cin: int, width: int) -> None:
+        super().__init__()
+        conv, norm = conv_layer(spatial_dims), batch_norm_layer(spatial_dims)
+        self.conv1 = ConvNormAct(spatial_dims, cin, width, kernel=3)
+        self.conv2 = nn.Sequential(conv(width, width, 3, padding=1, bias=False), norm(width))
+        self.shortcut = nn.Sequential(conv(cin, width, 1, bias=False), norm(width))
+
+    def forward(self, image: Tensor) -> Tensor:
+        return F.relu(self.conv2(self.conv1(image)) + self.shortcut(image), inplace=True)
+
+
 class TopDownBlock(nn.Module):
     """Upsample the deeper map to the skip's resolution (transposed convs), concatenate,
     fuse with a 1x1 conv (as FreMIM's decoder: spatial mixing comes from the upsampling)."""
@@ -153,10 +179,17 @@ class MultiStageDecoder(nn.Module):
         low_pool: the low-band prediction has size ``S / low_pool``.
         filter_per_channel: the global filters hold one transfer function per channel
             (FreMIM) or one shared by all channels (far fewer parameters for 3D crops).
+        image_channels: channels of the masked input read by the :class:`InputPath`
+            (a level of stride 1; none is added when the first stage has stride 1);
+            None: no input path, the heads read the stages only.
 
-    Shapes: ``forward(stages)`` with ``stages[i]`` ``(B, C_i, *S/stride_i)`` returns
-    ``(high, low)``: ``(B, M, *S)`` and ``(B, M, *S/low_pool)``.
+    Shapes: ``forward(stages, image_size, image)`` with ``stages[i]``
+    ``(B, C_i, *S/stride_i)`` and ``image`` the masked input ``(B, image_channels, *S)``
+    (ignored without an input path) returns ``(high, low)``: ``(B, M, *S)`` and
+    ``(B, M, *S/low_pool)``.
     """
+
+    takes_image = True
 
     def __init__(
         self,
@@ -168,6 +201,7 @@ class MultiStageDecoder(nn.Module):
         width: int = 32,
         low_pool: int = 4,
         filter_per_channel: bool = True,
+        image_channels: int | None = None,
     ) -> None:
         super().__init__()
         if len(feature_channels) != len(feature_strides):
@@ -189,6 +223,10 @@ class MultiStageDecoder(nn.Module):
             resample_stage(spatial_dims, feature_channels[index], width, stride / target)
             for (index, stride), target in zip(sources, self.level_strides)
         )
+        self.input_path = None
+        if image_channels is not None and self.level_strides[0] > 1:
+            self.input_path = InputPath(spatial_dims, int(image_channels), width)
+            self.level_strides = [1, *self.level_strides]
 
         strides = self.level_strides
         self.top_down = nn.ModuleList(
@@ -213,9 +251,15 @@ class MultiStageDecoder(nn.Module):
         self.low_filter = GlobalFilter(filter_channels, self.low_size, spatial_dims)
         self.low_head = conv_layer(spatial_dims)(width, out_channels, 1)
 
-    def pyramid(self, stages: Sequence[Tensor]) -> list[Tensor]:
-        """Stage maps -> ``width``-channel maps at :attr:`level_strides`, shallow to deep."""
-        return [lateral(stages[index]) for lateral, index in zip(self.lateral, self.source_index)]
+    def pyramid(self, stages: Sequence[Tensor], image: Tensor | None = None) -> list[Tensor]:
+        """Stage maps (and the masked ``image`` through the input path) -> ``width``-channel
+        maps at :attr:`level_strides`, shallow to deep."""
+        levels = [lateral(stages[index]) for lateral, index in zip(self.lateral, self.source_index)]
+        if self.input_path is not None:
+            if image is None:
+                raise ValueError("this decoder has an input path: pass the masked image")
+            levels.insert(0, self.input_path(image))  # (B, width, *S)
+        return levels
 
     def forward_top_down(self, levels: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """Deep -> shallow -> full resolution.
@@ -246,13 +290,16 @@ class MultiStageDecoder(nn.Module):
         x = F.interpolate(x, size=tuple(low_size), mode=mode, align_corners=True)  # (B, width, *S/4)
         return self.low_head(self.low_filter(x))
 
-    def forward(self, stages: Sequence[Tensor], image_size: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, stages: Sequence[Tensor], image_size: Sequence[int] | None = None, image: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """``image_size``: the input's ``S`` when it differs from the size the decoder was
-        built for (the global filters then resample their transfer functions)."""
-        levels = self.pyramid(stages)
+        built for (the global filters then resample their transfer functions); ``image``:
+        the masked input the input path reads."""
+        levels = self.pyramid(stages, image)
         low_size = self.low_size if image_size is None else tuple(s // self.low_pool for s in image_size)
         high, fused = self.forward_top_down(levels)
         return high, self.forward_bottom_up(levels, fused, low_size)
 
 
-__all__ = ["MultiStageDecoder", "ConvNormAct", "Upsample2x", "pyramid_strides", "conv_layer"]
+__all__ = ["MultiStageDecoder", "InputPath", "ConvNormAct", "Upsample2x", "pyramid_strides", "conv_layer"]

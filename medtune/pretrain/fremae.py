@@ -7,7 +7,9 @@ The steps, named as in the paper:
 2. ``forward_encoder``: the backbone's stage maps of the masked input.
 3. ``forward_decoder``: the multi-stage supervision decoder; a top-down path predicts a
    full-resolution image, a bottom-up path a 1/4-resolution image. ``decoder="light"``
-   (:mod:`medtune.pretrain.decoder`) reads the stages of any backbone; ``"unetr"``
+   (:mod:`medtune.pretrain.decoder`) reads the stages of any backbone and, by default
+   (``image_path``), the masked input through a full-resolution conv block, as the
+   official network's ``encoder1``; ``"unetr"``
    (:mod:`medtune.pretrain.unetr_decoder`) is the official whole network: SwinUNETR's
    UNETR blocks (which also read the masked input) feed the two heads, and are saved
    for finetuning (:meth:`FreMAE.transferable_decoder`).
@@ -170,10 +172,9 @@ class FreMAE(nn.Module):
         self, stages: list[Tensor], image_size: tuple[int, ...], masked: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """High-band prediction ``(B, M, *S)`` and low-band prediction ``(B, M, *S/low_pool)``
-        (the ``unetr`` decoder also reads the ``masked`` input ``(B, M, *S)``)."""
-        if getattr(self.decoder, "takes_image", False):
-            return self.decoder(stages, image_size, masked)
-        return self.decoder(stages, image_size)
+        (the decoder's full-resolution path, if it has one, reads the ``masked`` input
+        ``(B, M, *S)``)."""
+        return self.decoder(stages, image_size, masked)
 
     def transferable_decoder(self) -> nn.Module | None:
         """The decoder blocks a segmenter takes over (``unetr``: SwinUNETR's UNETR trunk,
@@ -204,6 +205,14 @@ class FreMAE(nn.Module):
             loss_high = focal_frequency_loss(self.high_spectrum(pred_high), target_high, self.focal_alpha)
             loss_low = focal_frequency_loss(self.low_spectrum(pred_low), target_low, self.focal_alpha)
         return self.high_weight * loss_high + self.low_weight * loss_low, loss_high, loss_low
+
+    def zero_prediction_losses(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """High- and low-band losses of a model that predicts zeros, the baseline a
+        prediction must beat to have learned a band (a loss near it: nothing learned)."""
+        zeros_high = torch.zeros_like(images)
+        zeros_low = average_pool(zeros_high, self.low_pool, self.spatial_dims)
+        _, zero_high, zero_low = self.forward_loss(images, zeros_high, zeros_low)
+        return zero_high, zero_low
 
     # ------------------------------------------------------------------ API
 
@@ -270,6 +279,9 @@ def build_fremae_decoder(cfg: "FreMAEConfig", backbone: nn.Module, image_size: t
 
         if cfg.mask_mode != "pixel":
             raise ConfigError("objective.decoder 'unetr' reads the masked image: it needs mask_mode 'pixel'")
+        if not cfg.image_path:
+            raise ConfigError("objective.decoder 'unetr' always reads the masked image (encoder1): "
+                              "image_path false applies to decoder 'light' only")
         return UnetrFrequencyDecoder(
             backbone.feature_channels,
             backbone.feature_strides,
@@ -289,6 +301,7 @@ def build_fremae_decoder(cfg: "FreMAEConfig", backbone: nn.Module, image_size: t
         width=cfg.decoder_width,
         low_pool=cfg.low_pool,
         filter_per_channel=cfg.filter_per_channel,
+        image_channels=int(backbone.in_chans) if cfg.image_path else None,
     )
 
 

@@ -103,6 +103,10 @@ class FreMAEConfig(ObjectiveConfig):
     # global filters with one transfer function per channel (official) or one shared by
     # all channels (far fewer parameters in 3D)
     filter_per_channel: bool = True
+    # "light": a full-resolution conv block of the masked input feeds both heads (the
+    # official network's encoder1); without it the high-band head sees only maps of
+    # stride 4 and coarser and does not learn the high band. "unetr" always has it
+    image_path: bool = True
 
     def __post_init__(self) -> None:
         check_mask_ratio(self.mask_ratio)

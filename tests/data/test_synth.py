@@ -115,7 +115,7 @@ def test_synth_defaults_are_what_the_demo_configs_are_made_for():
     assert referring["image_size"] == 32
     assert SYNTH_KINDS.get("vqa").settings({}) == {"images": 240, "image_size": 64}
     assert vqa["data"]["format"] == "vqa_rad" and vqa["backbone"]["in_chans"] == 1
-    assert SYNTH_KINDS.get("brats").settings({"cases": 2}) == {"cases": 2, "shape": (64, 64, 48)}
+    assert SYNTH_KINDS.get("brats").settings({"cases": 2}) == {"cases": 2, "shape": (64, 64, 48), "anatomy": 0}
     demo = (REPO / "scripts" / "demo.sh").read_text()
     assert "data synth --kind referring" in demo and "data synth --kind vqa" in demo
 
@@ -128,6 +128,8 @@ def test_synth_refuses_bad_settings(tmp_path, capsys):
     assert "synth shapes: --image-size must be >= 24, got 16" in capsys.readouterr().err
     assert main(["data", "synth", "--out", out, "--shape", "16", "4", "8"]) == 2
     assert "synth brats: --shape must be >= 8" in capsys.readouterr().err
+    assert main(["data", "synth", "--out", out, "--anatomy", "2"]) == 2
+    assert "synth brats: --anatomy must be <= 1, got 2" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     (tmp_path / "file").write_text("x")
     assert main(["data", "synth", "--kind", "vqa", "--out", str(tmp_path / "file"), "--images", "1"]) == 2
@@ -136,3 +138,34 @@ def test_synth_refuses_bad_settings(tmp_path, capsys):
         write_synthetic("mnist", tmp_path / "m")
     with pytest.raises(ConfigError, match="takes 3 integer"):
         write_synthetic("brats", tmp_path / "m", shape=(16, 16))
+
+
+def test_brats_anatomy_adds_structure_and_keeps_the_tumour():
+    """``anatomy``: CSF, grey and white matter fractions (summing to 1, each the majority
+    somewhere), a bias field around 1, partial-volume edges; the label is drawn as without it."""
+    import numpy as np
+
+    from medtune.data.synth import anatomy, synthesize_case
+    from medtune.data.synth.brats import smooth_noise
+
+    shape = (32, 32, 16)
+    plain_image, plain_label = synthesize_case(np.random.default_rng([0, 1]), shape)
+    image, label = synthesize_case(np.random.default_rng([0, 1]), shape, anatomy=True)
+    assert np.array_equal(label, plain_label) and image.shape == plain_image.shape == (4, *shape)
+    brain = plain_image[0] > 0
+    assert np.array_equal(image[0] > 0, brain) and not np.allclose(image[:, brain], plain_image[:, brain])
+
+    grid = [g.astype(np.float32) for g in np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")]
+    centre, radii = [(n - 1) / 2 for n in shape], [0.42 * n for n in shape]
+    radial = np.sqrt(sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)))
+    fractions = anatomy.healthy_fractions(np.random.default_rng(0), grid, radial, centre, radii, smooth_noise)
+    inside = radial < 1
+    assert np.allclose(sum(fractions.values()), 1.0, atol=1e-5)
+    for tissue in ("csf", "grey", "white"):
+        assert (fractions[tissue][inside] > 0.5).mean() > 0.02, tissue
+    bias = anatomy.bias_field(np.random.default_rng(0), grid, 4)
+    assert bias.shape == (4, *shape) and 0.5 < bias.min() and bias.max() < 2.0 and abs(bias.mean() - 1) < 0.15
+    edge = np.zeros((1, 8, 8, 8), dtype=np.float32)
+    edge[:, 4:] = 1.0
+    blurred = anatomy.partial_volume(edge)
+    assert 0.0 < blurred[0, 3, 4, 4] < 0.5 < blurred[0, 4, 4, 4] < 1.0  # the edge voxels mix both sides

@@ -91,10 +91,17 @@ def test_pretrain_writes_a_loadable_run_folder(finished_run, synth_brats, tiny_p
         assert torch.equal(whole[f"backbone.{key}"], tensor), key
     assert any(key.startswith("decoder.") for key in whole)
 
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in lines if "loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
     assert {"loss_high", "loss_low", "mask_ratio", "lr", "samples_per_s"} <= set(records[0])
+    # the held-out case's band losses next to a zero prediction, once at the end
+    (heldout,) = [r for r in lines if "eval/loss" in r]
+    assert heldout["step"] == 3
+    for band in ("high", "low"):
+        ratio = heldout[f"eval/loss_{band}"] / heldout[f"eval/zero_{band}"]
+        assert heldout[f"eval/{band}_ratio"] == pytest.approx(ratio) and heldout[f"eval/zero_{band}"] > 0
 
 
 def test_rerun_refuses_a_finished_run_and_keeps_its_weights(pretrain, finished_run, synth_brats, capsys):
@@ -112,10 +119,14 @@ def test_resume_latest_continues_a_run(pretrain, tiny_pretrain_overrides, synth_
     assert main(["pretrain", "--config", str(DEMO_CONFIG), "--data", str(synth_brats), "--output", str(run_dir),
                  "--resume", "latest", "--set", *tiny_pretrain_overrides, "train.max_steps=4"]) == 0
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "eval/loss" in r] == [2, 4]  # the end of each part
     second = load_file(str(run_dir / "backbone.safetensors"))
     assert not torch.equal(first["model.patch_embed.proj.weight"], second["model.patch_embed.proj.weight"])
-    assert "backbone.safetensors" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "backbone.safetensors" in out
+    last = out.strip().splitlines()[-1]  # the run's last line: held-out bands against a zero prediction
+    assert last.startswith("held-out loss on ") and "high band" in last and "zero prediction" in last
 
 
 @pytest.mark.slow
@@ -273,11 +284,12 @@ def test_two_process_accelerate_launch(synth_brats, tiny_pretrain_overrides, tmp
     state = run_dir / "state" / "step_0000003"
     assert sorted(p.name for p in state.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    records = [r for r in records if "loss" in r]
     # an epoch is the dataset cut into batches of 2, shared by the 2 processes
-    from medtune.data.config import build_pretrain_dataset
+    from medtune.data.config import build_pretrain_holdout
 
     data_root = f"data.root={json.dumps(str(synth_brats))}"
     cfg = load_pretrain_config(DEMO_CONFIG, [*tiny_pretrain_overrides, data_root])
-    slices = len(build_pretrain_dataset(cfg.data, run_dir, show_progress=False))
+    slices = len(build_pretrain_holdout(cfg.data, run_dir, show_progress=False)[0])  # one case held out
     assert records[-1]["epoch"] == pytest.approx(3 / ((slices // 2) // 2))

@@ -173,7 +173,7 @@ def test_fremae_pixel_loss_variant_uses_the_same_model(swinunetr):
     data = blobs(2, (32, 32))
     images = data["image"]
     with torch.no_grad():
-        pred_high, pred_low = pixel.forward_decoder(pixel.forward_encoder(images), (32, 32))
+        pred_high, pred_low = pixel.forward_decoder(pixel.forward_encoder(images), (32, 32), images)
         total, high, low = pixel.forward_loss(images, pred_high, pred_low)
     assert float(high) == pytest.approx(float(((pred_high - images) ** 2).mean()), rel=1e-5)
     assert float(total) == pytest.approx(float(high + 1.3 * low), rel=1e-5)

@@ -1,7 +1,9 @@
 """Generated datasets, one module per kind, each reachable by name.
 
 - ``brats`` (:func:`brats.synthesize_brats`): BraTS-2020-style cases, four contrasts and
-  a label map per case as NIfTI, for segmentation and pretraining.
+  a label map per case as NIfTI, for segmentation and pretraining; ``anatomy=1`` adds a
+  folded cortex, ventricles, tissue textures, a bias field and partial-volume edges
+  (:mod:`~medtune.data.synth.anatomy`), structure a pretraining can learn.
 - ``shapes`` (:func:`shapes.synthesize_referring`): PNG images of 2-3 coloured shapes, a
   mask per shape and ``referring.jsonl`` with one referring expression per shape.
 - ``referring``: the same generator and files as ``shapes``. ``shapes`` names the image
@@ -79,6 +81,7 @@ class SynthOption:
         minimum: smallest allowed value (of every number).
         help: what it sets, the same words for every kind that has it.
         metavar: the value's name in ``--help``, one per number.
+        maximum: largest allowed value (of every number), or None.
     """
 
     name: str
@@ -87,6 +90,7 @@ class SynthOption:
     minimum: int
     help: str
     metavar: str | tuple[str, ...] = "N"
+    maximum: int | None = None
 
     @property
     def flag(self) -> str:
@@ -105,6 +109,8 @@ class SynthOption:
             raise ConfigError(f"synth {kind}: {self.flag} takes {self.nargs or 1} integer(s), got {value!r}")
         if min(numbers) < self.minimum:
             raise ConfigError(f"synth {kind}: {self.flag} must be >= {self.minimum}, got {value!r}")
+        if self.maximum is not None and max(numbers) > self.maximum:
+            raise ConfigError(f"synth {kind}: {self.flag} must be <= {self.maximum}, got {value!r}")
         return tuple(numbers) if self.nargs is not None else numbers[0]
 
 
@@ -160,6 +166,8 @@ for _kind in (
         (
             SynthOption("cases", "cases", 4, 1, "number of cases"),
             SynthOption("shape", "shape", (64, 64, 48), 8, "volume shape", ("H", "W", "D")),
+            SynthOption("anatomy", "anatomy", 0, 0, "1: folded cortex, ventricles, a texture per tissue, "
+                        "bias field and partial-volume edges (0: plain grey/white mix)", "0|1", maximum=1),
         ),
     ),
     SynthKind(

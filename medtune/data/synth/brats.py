@@ -5,7 +5,9 @@ background, four MRI contrasts (flair, t1, t1ce, t2) with smooth tissue texture 
 noise, and a tumour made of nested regions: edema (2) around a core whose rim enhances
 (4) and whose inside is necrotic (1). Every fourth case has no enhancing tumour, as
 some BraTS LGG cases. Everything is vectorised numpy: a 64x64x48 case takes a few
-tens of milliseconds plus the gzip write.
+tens of milliseconds plus the gzip write (about a second with ``anatomy``: the folded
+cortex, ventricles, textures, bias field and partial-volume edges of
+:mod:`medtune.data.synth.anatomy`).
 """
 
 from __future__ import annotations
@@ -50,9 +52,13 @@ def _ellipsoid_distance(grid: list[np.ndarray], centre: Sequence[float], radii: 
 
 
 def synthesize_case(
-    rng: np.random.Generator, shape: Sequence[int], with_enhancing: bool = True
+    rng: np.random.Generator, shape: Sequence[int], with_enhancing: bool = True, anatomy: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic case.
+
+    ``anatomy``: healthy tissue with a folded cortex, ventricles, a texture per tissue,
+    a bias field and partial-volume edges (:mod:`medtune.data.synth.anatomy`) instead of
+    a plain grey/white mix; the tumour and its label are drawn the same way.
 
     Returns:
         image ``(4, H, W, D)`` float32 in modality order (flair, t1, t1ce, t2), exactly
@@ -83,6 +89,9 @@ def synthesize_case(
         label[rim] = 4
     label[~brain] = 0
 
+    if anatomy:
+        return _anatomical_image(rng, grid, centre, radii, boundary_noise, brain, label), label
+
     # Tissue map: grey/white matter mixed by a smooth field, then the tumour classes.
     white_weight = 1.0 / (1.0 + np.exp(-2.5 * smooth_noise(rng, shape, cells=8)))
     texture = smooth_noise(rng, shape, cells=12)
@@ -109,14 +118,49 @@ def synthesize_case(
     return image.astype(np.float32), label
 
 
+def _tumour_classes(label: np.ndarray) -> np.ndarray:
+    """Index of each voxel's tumour tissue (0 edema, 1 necrosis, 2 enhancing), -1 elsewhere."""
+    class_of = np.full(label.shape, -1, dtype=np.int64)
+    for index, value in enumerate((2, 1, 4)):
+        class_of[label == value] = index
+    return class_of
+
+
+def _anatomical_image(rng, grid, centre, radii, boundary_noise, brain, label) -> np.ndarray:
+    """``(4, H, W, D)`` image of :func:`synthesize_case` with ``anatomy=True``."""
+    from medtune.data.synth import anatomy
+
+    shape = label.shape
+    contrast = {name: np.asarray(v, dtype=np.float32) for name, v in _TISSUE_CONTRAST.items()}
+    contrast["csf"] = np.asarray(anatomy.CSF_CONTRAST, dtype=np.float32)
+    radial = _ellipsoid_distance(grid, centre, radii) + boundary_noise
+    fractions = anatomy.healthy_fractions(rng, grid, radial, centre, radii, smooth_noise)
+    intensity = anatomy.textured_intensity(rng, fractions, contrast, smooth_noise)
+    class_of = _tumour_classes(label)
+    in_tumour = class_of >= 0
+    tumour_tissue = np.stack([contrast["edema"], contrast["necrosis"], contrast["enhancing"]])  # (3, 4)
+    texture = anatomy.tumour_texture(rng, shape)
+    intensity[:, in_tumour] = tumour_tissue[class_of[in_tumour]].T * (1.0 + texture[in_tumour])[None]
+    intensity = anatomy.partial_volume(intensity) * anatomy.bias_field(rng, grid, len(intensity))
+    intensity += 0.04 * rng.standard_normal(intensity.shape).astype(np.float32)
+    scale = rng.uniform(300, 600, size=4).astype(np.float32)[:, None, None, None]
+    image = np.clip(intensity, 0.02, None) * scale
+    image[:, ~brain] = 0.0
+    return image.astype(np.float32)
+
+
 def synthesize_brats(
     out_dir: str | Path,
     cases: int = 4,
     shape: Sequence[int] = (64, 64, 48),
     seed: int = 0,
     prefix: str = "BraTS20_Training",
+    anatomy: int = 0,
 ) -> list[Path]:
     """Write ``cases`` synthetic BraTS-2020-style cases under ``out_dir``.
+
+    ``anatomy`` 1: anatomy-like healthy tissue (see :func:`synthesize_case`); 0: the
+    plain grey/white mix.
 
     Files: ``<out_dir>/<prefix>_001/<prefix>_001_{flair,t1,t1ce,t2,seg}.nii.gz`` with a
     1 mm identity affine; images int16, labels uint8 in {0, 1, 2, 4}. Cases with index
@@ -129,12 +173,14 @@ def synthesize_brats(
         raise ValueError(f"cases must be >= 1, got {cases}")
     if len(shape) != 3 or min(shape) < 8:
         raise ValueError(f"shape must be 3 sizes >= 8, got {tuple(shape)}")
+    if anatomy not in (0, 1):
+        raise ValueError(f"anatomy must be 0 or 1, got {anatomy}")
     out_dir = Path(out_dir)
     affine = np.eye(4)
     folders = []
     for i in range(cases):
         rng = np.random.default_rng([seed, i])
-        image, label = synthesize_case(rng, shape, with_enhancing=(i % 4 != 3))
+        image, label = synthesize_case(rng, shape, with_enhancing=(i % 4 != 3), anatomy=bool(anatomy))
         case_id = f"{prefix}_{i + 1:03d}"
         folder = out_dir / case_id
         folder.mkdir(parents=True, exist_ok=True)

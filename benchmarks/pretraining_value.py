@@ -1,0 +1,349 @@
+"""Is pretraining worth it? Each pretraining objective against none, downstream, at the same budget.
+
+    python benchmarks/pretraining_value.py                 # full: 3 seeds (see FULL for the budget)
+    python benchmarks/pretraining_value.py --quick         # CI size: 1 seed, a few minutes
+    python benchmarks/pretraining_value.py --work DIR --seeds 0 1 2 --arms none fremae
+
+Protocol, every step a medtune command or library call (run in this process):
+
+1. data (``medtune data synth --kind brats --anatomy 1``): an *unlabeled* pool (its label
+   files deleted) and a separate *labeled* set, 2 training cases and the rest for
+   validation (``data.val_fraction`` picked so that exactly 2 cases train). The volumes
+   carry structure a pretraining can learn: a folded cortex, ventricles, a texture per
+   tissue, a bias field, partial-volume edges, four contrasts, and a tumour;
+2. for each seed and objective (``fremae``, ``mae``, ``simmim``, ``mfm``): ``medtune pretrain``
+   of the demo's backbone (a 4-block ViT-Tiny on 64 px slices) on the unlabeled pool, every
+   objective with the same steps, batch and optimizer, its own published masking;
+3. for each seed and arm (``none`` = random initialisation, or a pretraining run):
+   ``medtune finetune`` of the demo's segmentation recipe on the 2 labeled cases,
+   (a) Med-Tuning adapters on the frozen backbone, (b) full finetuning; the validation
+   Dice per region at the last step (no checkpoint picked on the validation cases);
+4. a representation probe: the frozen backbone's stage maps, upsampled to the pixels, a
+   ridge-regression (linear) voxel classifier fitted on the labeled training slices and
+   scored (Dice per region) on the validation slices;
+5. tables: Dice per region, mean +- std over seeds, and the gain of the mean over ``none``.
+
+The (seed, arm) chains run side by side (``--jobs``, default 2 processes), one torch
+thread each.
+Finished runs and probe scores under ``--work`` are reused when the script is run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+OBJECTIVES = ("fremae", "mae", "simmim", "mfm")
+ARMS = ("none", *OBJECTIVES)
+LABELED_TRAIN_CASES = 2
+
+# The budgets. "full": about 30 minutes on 2 idle CPU cores, estimated from step times
+# measured on an idle machine (finetuning 0.3 s/step, FreMAE pretraining 0.3 s/step, one
+# thread each); not yet timed end to end (the machine it was written on was shared).
+FULL = dict(unlabeled=16, labeled=6, shape=(64, 64, 32), seeds=(0, 1, 2), pretrain_steps=200,
+            finetune_steps=200, batch=16, probe_pixels=20000)
+QUICK = dict(unlabeled=6, labeled=4, shape=(64, 64, 32), seeds=(0,), pretrain_steps=40,
+             finetune_steps=80, batch=8, probe_pixels=8000)
+
+# Each objective's own settings at 64 px (the published ones scaled from 128-224 px).
+OBJECTIVE_SECTIONS = {
+    "fremae": {"name": "fremae", "radius": 5, "decoder_width": 32},  # r 10 at 128 px
+    "mae": {"name": "mae", "mask_ratio": 0.75, "decoder_dim": 128, "decoder_depth": 2},
+    "simmim": {"name": "simmim", "mask_ratio": 0.6, "mask_block": 16},  # 32 px blocks at 192 px
+    "mfm": {"name": "mfm"},  # radius 16 at 224 px, scaled with the image side
+}
+IMG_SIZE = 64
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=REPO / "checkpoints" / "pretraining_value",
+                        help="folder for the data, the runs and the tables (default checkpoints/pretraining_value)")
+    parser.add_argument("--quick", action="store_true", help="CI size: 1 seed, tiny budgets")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; --quick: 0)")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS, help="arms to run (default all)")
+    parser.add_argument("--pretrain-steps", type=int, default=None, help="override the pretraining steps")
+    parser.add_argument("--finetune-steps", type=int, default=None, help="override the finetuning steps")
+    parser.add_argument("--fremae", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra objective settings of the FreMAE arm (e.g. mask_ratio=0.5), for investigations")
+    parser.add_argument("--jobs", type=int, default=2, help="(seed, arm) chains run side by side (default 2 processes)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: these tiny models only lose time to more threads, "
+                        "and far more so on a shared machine)")
+    return parser.parse_args()
+
+
+def medtune(*argv: str) -> None:
+    from medtune.cli import main
+
+    print("$ medtune " + " ".join(argv), flush=True)
+    code = main(list(argv))
+    if code != 0:
+        sys.exit(f"medtune {argv[0]} failed (exit {code})")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def make_data(work: Path, budget: dict) -> tuple[Path, Path, float]:
+    """The unlabeled pool and the labeled set; returns their folders and the labeled
+    set's ``val_fraction`` that leaves exactly 2 training cases."""
+    from medtune.data.cases import find_cases
+    from medtune.data.config import split_cases
+
+    shape = [str(n) for n in budget["shape"]]
+    unlabeled, labeled = work / "data" / "unlabeled", work / "data" / "labeled"
+    if not unlabeled.exists():
+        medtune("data", "synth", "--kind", "brats", "--anatomy", "1", "--cases", str(budget["unlabeled"]),
+                "--shape", *shape, "--seed", "1", "--out", str(unlabeled))
+        for label_file in unlabeled.rglob("*_seg.nii.gz"):
+            label_file.unlink()  # unlabeled: pretraining never sees a label
+    if not labeled.exists():
+        medtune("data", "synth", "--kind", "brats", "--anatomy", "1", "--cases", str(budget["labeled"]),
+                "--shape", *shape, "--seed", "2", "--out", str(labeled))
+    count = budget["labeled"]
+    val_fraction = (count - LABELED_TRAIN_CASES) / count
+    train, _ = split_cases(find_cases(labeled, require_labels=True), val_fraction)
+    if len(train) != LABELED_TRAIN_CASES:
+        sys.exit(f"val_fraction {val_fraction} leaves {len(train)} training cases, not {LABELED_TRAIN_CASES}")
+    return unlabeled, labeled, val_fraction
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def pretrain_recipe(objective: str, budget: dict, seed: int, extra: dict) -> dict:
+    """The demo's pretraining recipe with this objective's section and the shared budget."""
+    recipe = yaml.safe_load((REPO / "configs" / "demo_pretrain.yaml").read_text())
+    steps = budget["pretrain_steps"]
+    recipe["objective"] = {**OBJECTIVE_SECTIONS[objective], **(extra if objective == "fremae" else {})}
+    recipe["train"].update(max_steps=steps, batch_size=budget["batch"], save_every=steps, log_every=max(1, steps // 10),
+                           seed=seed)
+    recipe["train"]["schedule"]["warmup_steps"] = max(1, steps // 10)
+    recipe["figure"] = objective == "fremae"
+    return recipe
+
+
+def pretrain(work: Path, unlabeled: Path, objective: str, seed: int, budget: dict, extra: dict) -> Path:
+    run = work / "pretrain" / f"{objective}-seed{seed}"
+    if not (run / "backbone.safetensors").is_file():
+        shutil.rmtree(run, ignore_errors=True)
+        recipe_file = work / "recipes" / f"pretrain-{objective}-seed{seed}.yaml"
+        recipe_file.parent.mkdir(parents=True, exist_ok=True)
+        recipe_file.write_text(yaml.safe_dump(pretrain_recipe(objective, budget, seed, extra)))
+        medtune("pretrain", "--config", str(recipe_file), "--data", str(unlabeled), "--output", str(run))
+    return run
+
+
+def finetune(work: Path, labeled: Path, val_fraction: float, arm: str, mode: str, seed: int, budget: dict) -> dict:
+    """Validation Dice per region at the last step of one finetuning run."""
+    run = work / "finetune" / f"{mode}-{arm}-seed{seed}"
+    if not (run / "summary.json").is_file():
+        shutil.rmtree(run, ignore_errors=True)
+        steps = budget["finetune_steps"]
+        backbone = [] if arm == "none" else ["--backbone", str(work / "pretrain" / f"{arm}-seed{seed}")]
+        sets = [
+            f"data.val_fraction={val_fraction}", f"train.max_steps={steps}", f"train.seed={seed}",
+            f"train.eval_every={steps}", f"train.save_every={steps}", f"train.log_every={max(1, steps // 5)}",
+            f"train.schedule.warmup_steps={max(1, steps // 10)}",
+        ]
+        if mode == "full":  # the whole backbone trains: a lower learning rate
+            sets += ['adapter={"method": "full"}', "train.optim.lr=5.0e-4"]
+        medtune("finetune", "--config", str(REPO / "configs" / "demo_finetune.yaml"), "--data", str(labeled),
+                *backbone, "--output", str(run), "--set", *sets)
+    summary = json.loads((run / "summary.json").read_text())
+    return {k[len("Dice_"):]: v for k, v in summary["final"].items() if k.startswith("Dice_")}
+
+
+# --------------------------------------------------------------------------- probe
+
+
+def probe(work: Path, labeled: Path, val_fraction: float, arm: str, seed: int, budget: dict) -> dict:
+    """Dice per region of a ridge-regression voxel classifier on the frozen backbone's
+    upsampled stage maps (fitted on the training slices, scored on the validation slices)."""
+    import numpy as np
+    import torch
+
+    from medtune.config import from_dict
+    from medtune.data.config import DataConfig, build_labeled_dataset, label_spec_for
+    from medtune.data.datasets import SliceDataset
+    from medtune.models import BackboneConfig, create_backbone, load_pretrained
+
+    if arm == "none":
+        recipe = yaml.safe_load((REPO / "configs" / "demo_finetune.yaml").read_text())
+        torch.manual_seed(seed)
+        backbone = create_backbone(from_dict(BackboneConfig, recipe["backbone"]))
+    else:
+        run = work / "pretrain" / f"{arm}-seed{seed}"
+        config = json.loads((run / "config.json").read_text())
+        backbone = create_backbone(from_dict(BackboneConfig, config["backbone"]))
+        load_pretrained(backbone, run / "backbone.safetensors")
+    backbone.eval()
+    data = DataConfig(root=str(labeled), mode="2d", img_size=IMG_SIZE, val_fraction=val_fraction, num_workers=0,
+                      cache_dir=str(work / "data" / ".probe-cache"))
+    spec = label_spec_for(data)
+    train = build_labeled_dataset(data, "train", show_progress=False)
+    val = build_labeled_dataset(data, "val", show_progress=False)
+    val = SliceDataset(val.cache, IMG_SIZE, with_label=True, label_spec=spec)
+
+    def stage_maps(items) -> tuple[torch.Tensor, tuple[int, int]]:
+        image = torch.stack([torch.as_tensor(item["image"]) for item in items])  # (B, M, s, s)
+        with torch.no_grad():
+            return torch.cat(backbone.forward_stages(image), 1), tuple(image.shape[2:])  # (B, C, s/16, s/16)
+
+    def upsampled(maps: torch.Tensor, size) -> torch.Tensor:
+        return torch.nn.functional.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+
+    def batches(dataset):
+        for start in range(0, len(dataset), 16):
+            yield [dataset[i] for i in range(start, min(start + 16, len(dataset)))]
+
+    def labels_of(dataset) -> tuple[np.ndarray, np.ndarray]:
+        y = np.concatenate([np.asarray(item["label"]).ravel() for item in (dataset[i] for i in range(len(dataset)))])
+        fg = np.concatenate([np.asarray(item["foreground"]).ravel() for item in (dataset[i] for i in range(len(dataset)))])
+        return y, fg
+
+    # fit: class-balanced brain pixels of the training slices (tumour classes are a few percent)
+    y, fg = labels_of(train)
+    rng = np.random.default_rng(seed)
+    per_class = budget["probe_pixels"] // len(spec.values)
+    chosen = np.sort(np.concatenate([
+        rng.choice(pool, size=min(per_class, len(pool)), replace=False)
+        for pool in (np.flatnonzero(fg & (y == k)) for k in range(len(spec.values))) if len(pool)
+    ]))
+    features, offset = [], 0
+    for items in batches(train):
+        maps, size = stage_maps(items)
+        flat = upsampled(maps, size).permute(0, 2, 3, 1).reshape(-1, maps.shape[1]).numpy()  # (B*s*s, C)
+        inside = chosen[(chosen >= offset) & (chosen < offset + len(flat))] - offset
+        features.append(flat[inside])
+        offset += len(flat)
+    x = np.concatenate(features)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    design = (x - mean) / std
+    targets = np.eye(len(spec.values))[y[chosen]]
+    weights = np.linalg.solve(design.T @ design + 10.0 * np.eye(design.shape[1]), design.T @ (targets - targets.mean(0)))
+    # score: the classifier is linear, so it runs on the stage maps and its logits are upsampled
+    w = torch.from_numpy((weights / std[:, None]).T.astype(np.float32))  # (K, C)
+    b = torch.from_numpy((targets.mean(0) - (mean / std) @ weights).astype(np.float32))  # (K,)
+    predicted = []
+    for items in batches(val):
+        maps, size = stage_maps(items)
+        logits = torch.einsum("kc,bchw->bkhw", w, maps) + b.view(1, -1, 1, 1)
+        predicted.append(upsampled(logits, size).argmax(1).reshape(-1).numpy())
+    y, fg = labels_of(val)
+    predicted = np.where(fg, np.concatenate(predicted), 0)
+    truth_regions = spec.region_masks(spec.to_values(y))
+    predicted_regions = spec.region_masks(spec.to_values(predicted))
+    scores = {}
+    for name, truth, guess in zip(spec.region_names, truth_regions, predicted_regions):
+        total = truth.sum() + guess.sum()
+        scores[name] = 1.0 if total == 0 else float(2 * (truth & guess).sum() / total)
+    scores["mean"] = sum(scores.values()) / len(spec.region_names)
+    return scores
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def table(title: str, results: dict[str, list[dict]]) -> str:
+    """Dice per region, mean +- std over seeds, and the mean's gain over ``none`` (points)."""
+    keys = [k for k in next(iter(results.values()))[0] if k != "mean"] + ["mean"]
+    lines = [title, f"{'arm':8s}" + "".join(f"{k:>16s}" for k in keys) + f"{'gain vs none':>15s}"]
+    base = statistics.mean(r["mean"] for r in results["none"]) if "none" in results else None
+    for arm, runs in results.items():
+        cells = []
+        for key in keys:
+            values = [r[key] for r in runs]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):9.3f} +- {spread:.3f}")
+        mean = statistics.mean(r["mean"] for r in runs)
+        gain = "" if base is None or arm == "none" else f"{100 * (mean - base):+.1f}"
+        lines.append(f"{arm:8s}" + "".join(f"{c:>16s}" for c in cells) + f"{gain:>15s}")
+    return "\n".join(lines)
+
+
+def heldout_bands(work: Path, seeds: list[int]) -> str:
+    """FreMAE's held-out band ratios (the run's last evaluation) per seed."""
+    lines = []
+    for seed in seeds:
+        metrics = work / "pretrain" / f"fremae-seed{seed}" / "metrics.jsonl"
+        if metrics.is_file():
+            last = [json.loads(line) for line in metrics.read_text().splitlines() if "eval/high_ratio" in line][-1]
+            lines.append(f"  seed {seed}: high band {last['eval/high_ratio']:.3f} x zero prediction, "
+                         f"low band {last['eval/low_ratio']:.3f} x")
+    return "FreMAE held-out band loss / zero-prediction loss:\n" + "\n".join(lines) if lines else ""
+
+
+def run_arm(work: Path, arm: str, seed: int, budget: dict, extra: dict, threads: int) -> dict:
+    """One arm of one seed (its pretraining, both finetunings, the probe), in one process."""
+    import logging
+
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    unlabeled, labeled, val_fraction = make_data(work, budget)
+    if arm != "none":
+        pretrain(work, unlabeled, arm, seed, budget, extra)
+    results = {mode: finetune(work, labeled, val_fraction, arm, mode, seed, budget) for mode in ("med-tuning", "full")}
+    scores = work / "probe" / f"{arm}-seed{seed}-{budget['probe_pixels']}px.json"
+    if not scores.is_file():
+        scores.parent.mkdir(parents=True, exist_ok=True)
+        scores.write_text(json.dumps(probe(work, labeled, val_fraction, arm, seed, budget)))
+    results["probe"] = json.loads(scores.read_text())
+    return results
+
+
+def main() -> int:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    args = parse_args()
+    budget = dict(QUICK if args.quick else FULL)
+    if args.pretrain_steps:
+        budget["pretrain_steps"] = args.pretrain_steps
+    if args.finetune_steps:
+        budget["finetune_steps"] = args.finetune_steps
+    seeds = args.seeds if args.seeds is not None else list(budget["seeds"])
+    extra = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.fremae)}
+    arms = [a for a in ARMS if a in args.arms]
+    start = time.perf_counter()
+    args.work.mkdir(parents=True, exist_ok=True)
+    make_data(args.work, budget)  # once, before the seeds share it
+    jobs = [(args.work, arm, seed, budget, extra, args.threads) for seed in seeds for arm in arms]
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = list(pool.map(run_arm, *zip(*jobs)))
+    else:
+        done = [run_arm(*job) for job in jobs]
+    results = {mode: {arm: [r[mode] for job, r in zip(jobs, done) if job[1] == arm] for arm in arms}
+               for mode in ("med-tuning", "full", "probe")}
+    minutes = (time.perf_counter() - start) / 60
+    scale = "quick" if args.quick else "full"
+    report = "\n\n".join(part for part in [
+        f"pretraining value ({scale}: {len(seeds)} seed(s), pretraining {budget['pretrain_steps']} steps of "
+        f"{budget['batch']} slices on {budget['unlabeled']} unlabeled cases, finetuning {budget['finetune_steps']} "
+        f"steps on {LABELED_TRAIN_CASES} labeled cases; Dice per region on {budget['labeled'] - LABELED_TRAIN_CASES} "
+        f"validation cases; gain in Dice points)",
+        table("(a) Med-Tuning on the frozen backbone: validation Dice at the last step", results["med-tuning"]),
+        table("(b) full finetuning: validation Dice at the last step", results["full"]),
+        table("probe: linear voxel classifier on frozen features, validation Dice", results["probe"]),
+        heldout_bands(args.work, seeds),
+        f"wall time {minutes:.1f} min ({args.jobs} process(es), {args.threads} torch thread(s) each)",
+    ] if part)
+    print("\n" + report)
+    (args.work / f"pretraining_value_{scale}.txt").write_text(report + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
