@@ -20,7 +20,7 @@ demo: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH bash scripts/demo.sh $(DEMO_DIR)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -n 2
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/pretrain_throughput.py

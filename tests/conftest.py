@@ -14,6 +14,18 @@ if TYPE_CHECKING:  # medtune.models imports timm: only the tests that build a mo
     from medtune.models import BackboneConfig
 
 
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (``make test`` runs 2 workers on 2 cores) each worker computes
+    with one thread: two workers of two threads each would oversubscribe the cores, and
+    tiny models then run many times slower."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """Accelerate keeps process-wide state (the process group, the gradient state); every
