@@ -1,7 +1,7 @@
 """FreMAE's downstream protocol: the whole SwinUNETR finetuned from a FreMAE run and from scratch.
 
     python benchmarks/pretrained_vs_scratch.py --work checkpoints/pvs --data /data/BraTS2020
-    python benchmarks/pretrained_vs_scratch.py --work /tmp/pvs --tiny      # minutes on a CPU
+    python benchmarks/pretrained_vs_scratch.py --work runs/pvs --tiny      # minutes on a CPU
 
 Each step is one medtune command (run in this process, the same as typing it):
 
