@@ -191,14 +191,18 @@ def msd_path_outside_the_dataset(world, tmp):
     return ["pretrain", *world["pretrain"], "--data", str(msd), "--output", str(tmp / "p")]
 
 
-def boolean_step_count(world, tmp):
+def _finetune(world, tmp, *flags: str) -> list[str]:
+    """The tiny finetuning command on the shared dataset into a fresh folder, plus ``flags``."""
     return ["finetune", "--config", str(world["recipe"]), "--data", str(world["data"]), "--output", str(tmp / "r"),
-            "--set", "train.max_steps=true"]
+            *flags]
+
+
+def boolean_step_count(world, tmp):
+    return _finetune(world, tmp, "--set", "train.max_steps=true")
 
 
 def nan_learning_rate(world, tmp):
-    return ["finetune", "--config", str(world["recipe"]), "--data", str(world["data"]), "--output", str(tmp / "r"),
-            "--set", "train.optim.lr=.nan"]
+    return _finetune(world, tmp, "--set", "train.optim.lr=.nan")
 
 
 def two_dimensional_images(world, tmp):
@@ -222,8 +226,7 @@ def pickle_that_runs_code(world, tmp):
             return (os.system, ("echo this must never run",))
 
     (tmp / "weights.pt").write_bytes(pickle.dumps({"model.cls_token": Payload()}))
-    return ["finetune", "--config", str(world["recipe"]), "--data", str(world["data"]), "--output", str(tmp / "r"),
-            "--backbone", str(tmp / "weights.pt")]
+    return _finetune(world, tmp, "--backbone", str(tmp / "weights.pt"))
 
 
 def truncated_state(world, tmp):
@@ -301,8 +304,7 @@ def split_naming_missing_cases(world, tmp):
     cases = sorted(p.name for p in world["data"].iterdir() if p.is_dir())
     split = tmp / "splits_final.json"
     split.write_text(json.dumps([{"train": [cases[0], "BraTS20_Training_404"], "val": ["BraTS20_Training_405"]}]))
-    return ["finetune", "--config", str(world["recipe"]), "--data", str(world["data"]), "--output", str(tmp / "r"),
-            "--split", str(split), "--fold", "0"]
+    return _finetune(world, tmp, "--split", str(split), "--fold", "0")
 
 
 def adapter_export_of_full_finetuning(world, tmp):
@@ -334,18 +336,15 @@ def onnx_export_of_vqa(world, tmp):
 
 
 def backbone_missing_from_the_hub_cache(world, tmp):
-    return ["finetune", "--config", str(world["recipe"]), "--data", str(world["data"]), "--output", str(tmp / "r"),
-            "--backbone", "hf-hub:medtune-test/not-in-any-cache"]
+    return _finetune(world, tmp, "--backbone", "hf-hub:medtune-test/not-in-any-cache")
 
 
 def unknown_loss_term(world, tmp):
-    return ["finetune", "--config", str(world["recipe"]), "--data", str(world["data"]), "--output", str(tmp / "r"),
-            "--set", "loss={dice_ce: 1.0, focal: 0.5}"]
+    return _finetune(world, tmp, "--set", "loss={dice_ce: 1.0, focal: 0.5}")
 
 
 def negative_loss_weight(world, tmp):
-    return ["finetune", "--config", str(world["recipe"]), "--data", str(world["data"]), "--output", str(tmp / "r"),
-            "--set", "loss.pne=-0.1"]
+    return _finetune(world, tmp, "--set", "loss.pne=-0.1")
 
 
 def _segment3d(world, tmp, model: dict, crop: list[int], loss: dict) -> list[str]:

@@ -111,9 +111,7 @@ class AccelerateDeepSpeed(Engine):
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
             yield accelerator.unwrap_model(model)
 
-    def full_state_dict(self, accelerator, model):
-        state = accelerator.get_state_dict(model)
-        return dict(state) if accelerator.is_main_process else None
+    full_state_dict = AccelerateFSDP.full_state_dict  # Accelerate gathers either engine's shards
 
 
 class PreshardedFSDP2(Engine):
