@@ -217,7 +217,7 @@ def test_tasks_are_named_only_by_the_registry():
         node for node in ast.walk(syntax_tree(MODULES["medtune.finetune"]))
         if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "register_path"
     ]
-    assert [ast.literal_eval(call.args[0]) for call in registered] == ["segmentation", "segment3d", "referring", "vqa"]
+    assert [ast.literal_eval(call.args[0]) for call in registered] == ["segmentation", "segment3d", "referring", "vqa", "dynamic"]
 
 
 def test_every_task_folder_has_the_same_inner_shape():

@@ -12,6 +12,11 @@ Whole 3D networks (``segment3d``) on ``(--img-size, --img-size, --slices)`` crop
 
     medtune params --networks transbtsv2,cga_unet,unetr,swinunetr --img-size 128 --slices 128
 
+A trained dynamic (Med-DANet) run: average GFLOPs per volume of a dataset, next to its
+static whole-slice model (every case predicted, FLOPs counted):
+
+    medtune params --dynamic RUN --data DATA
+
 Self-distillation overhead, next to the plain model:
 
     medtune params ... --self-distill                 # volumetric masked-input branch, per method
@@ -78,6 +83,12 @@ def add_arguments(parser: argparse.ArgumentParser, argv: list[str] = ()) -> None
         help="instead: parameters and training FLOPs of a referring-segmentation model "
         "(YAML recipe or run folder) without and with the CM-MaskSD branches",
     )
+    parser.add_argument(
+        "--dynamic", default=None, metavar="RUN",
+        help="instead: a trained dynamic (Med-DANet) run's GFLOPs per volume of --data, counted, "
+        "next to its static whole-slice model",
+    )
+    parser.add_argument("--data", default=None, metavar="DIR", help="with --dynamic: the cases to count on")
 
 
 def _options(items: list[str]) -> dict:
@@ -121,6 +132,14 @@ def _referring_overhead(source: str, fmt: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.dynamic:
+        from medtune.finetune.dynamic.costs import DYNAMIC_HEADERS, DynamicCost, dynamic_costs
+
+        if not args.data:
+            raise ConfigError("--dynamic RUN needs --data DIR (the cases whose volumes are counted)")
+        rows = dynamic_costs(args.dynamic, args.data, progress=args.format == "markdown")
+        sys.stdout.write(format_rows(rows, DynamicCost, DYNAMIC_HEADERS, args.format) + "\n")
+        return 0
     if args.referring:
         sys.stdout.write(_referring_overhead(args.referring, args.format) + "\n")
         return 0

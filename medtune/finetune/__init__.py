@@ -1,4 +1,4 @@
-"""Finetuning tasks: segmentation, segment3d, referring segmentation, VQA; one interface, one registry.
+"""Finetuning tasks: segmentation, segment3d, referring segmentation, VQA, dynamic inference; one interface, one registry.
 
 A task is one folder here plus one registry line below (see :mod:`medtune.finetune.base`
 for the interface and a toy task). ``medtune finetune``, ``predict``, ``evaluate`` and
@@ -24,6 +24,7 @@ TASKS.register_path("segmentation", "medtune.finetune.segmentation.task:TASK")
 TASKS.register_path("segment3d", "medtune.finetune.segment3d.task:TASK")
 TASKS.register_path("referring", "medtune.finetune.referring.task:TASK")
 TASKS.register_path("vqa", "medtune.finetune.vqa.task:TASK")
+TASKS.register_path("dynamic", "medtune.finetune.dynamic.task:TASK")
 
 _EXPORTS = {
     "finetune": "medtune.finetune.runner",

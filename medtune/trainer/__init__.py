@@ -37,6 +37,7 @@ from __future__ import annotations
 from medtune.trainer.config import OptimConfig, ScheduleConfig, TrainConfig, TrainResult
 from medtune.trainer.loop import train
 from medtune.trainer.setup import (
+    LrGroup,
     build_loader,
     build_optimizer,
     higher_is_better,
@@ -48,7 +49,7 @@ from medtune.trainer.setup import (
 )
 
 __all__ = [
-    "OptimConfig", "ScheduleConfig", "TrainConfig", "TrainResult", "build_loader", "build_optimizer",
+    "LrGroup", "OptimConfig", "ScheduleConfig", "TrainConfig", "TrainResult", "build_loader", "build_optimizer",
     "higher_is_better", "lower_is_better", "lr_factor", "make_accelerator", "resolve_mixed_precision",
     "train", "unused_parameters",
 ]

@@ -30,7 +30,14 @@ from medtune.distributed import barrier
 from medtune.errors import CheckpointError, ConfigError, DataError, MedtuneError
 from medtune.trainer.config import TrainConfig, TrainResult
 from medtune.trainer.engines import engine_for
-from medtune.trainer.setup import _loss_of, build_loader, build_optimizer, lr_factor, make_accelerator
+from medtune.trainer.setup import (
+    _loss_of,
+    build_loader,
+    build_optimizer,
+    group_lr_factors,
+    make_accelerator,
+    split_lr_groups,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +115,19 @@ def train(
         log.info("compiling the model with torch.compile (mode %s) on its first steps", cfg.compile_mode)
     if not engine.sharded:
         _use_sync_batchnorm(accelerator, model)
+    lr_groups = model.lr_groups() if callable(getattr(model, "lr_groups", None)) else []
+    if lr_groups and engine.sharded:
+        raise ConfigError(f"{type(model).__name__} trains parts at their own learning rates, which the "
+                          f"{engine.kind} engine does not support; train it with DDP (one or more processes)")
+    param_groups: list = []
+
+    def make_optimizer(params):
+        param_groups[:] = split_lr_groups(model, params, lr_groups) if lr_groups else [params]
+        return build_optimizer(param_groups if lr_groups else params, cfg.optim)
+
     model, optimizer, loader, scheduler = engine.prepare(
-        accelerator, model, lambda params: build_optimizer(params, cfg.optim), train_loader,
-        lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg.max_steps, cfg.schedule)),
+        accelerator, model, make_optimizer, train_loader,
+        lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, group_lr_factors(param_groups, cfg.max_steps, cfg.schedule)),
     )
     batches_per_epoch = len(loader)
 

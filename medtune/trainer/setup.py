@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -67,12 +68,59 @@ def resolve_mixed_precision(requested: str) -> str:
     return "no"
 
 
-def build_optimizer(params: Sequence[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """Adam or AdamW over ``params`` as configured (fused kernels when ``cfg.fused`` and
-    every parameter is floating point)."""
+@dataclass
+class LrGroup:
+    """A model's parameters with their own learning rate: those whose names start with
+    ``prefix`` train at ``scale`` x the run's lr, and their schedule (warmup, then decay to
+    the run's last step) starts again at optimizer step ``restart`` (0: the run's own).
+    A model asks for them with a method ``lr_groups() -> list[LrGroup]``."""
+
+    prefix: str
+    scale: float = 1.0
+    restart: int = 0
+
+
+def split_lr_groups(model: nn.Module, params: Sequence[nn.Parameter], groups: Sequence[LrGroup]) -> list[dict]:
+    """``params`` as optimizer parameter groups: the run's group first, then one per
+    :class:`LrGroup` that holds any of them (in order; a parameter goes to the first match)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    buckets: list[list[nn.Parameter]] = [[] for _ in range(len(groups) + 1)]
+    for param in params:
+        name = names.get(id(param), "")
+        index = next((i + 1 for i, g in enumerate(groups) if name.startswith(g.prefix)), 0)
+        buckets[index].append(param)
+    return [{"params": bucket, "group": group} for bucket, group in zip(buckets, [None, *groups]) if bucket]
+
+
+def group_lr_factors(param_groups: Sequence[dict], total_steps: int, schedule) -> list[Callable[[int], float]]:
+    """One ``LambdaLR`` factor per group of :func:`split_lr_groups` (plain parameter
+    lists have one group: the run's schedule)."""
+    def factor(group: LrGroup | None) -> Callable[[int], float]:
+        if group is None:
+            return lambda step: lr_factor(step, total_steps, schedule)
+        start = group.restart
+
+        def restarted(step: int) -> float:
+            if step < start:
+                return group.scale * lr_factor(step, max(start, 1), schedule)
+            return group.scale * lr_factor(step - start, max(total_steps - start, 1), schedule)
+
+        return restarted
+
+    return [factor(g.get("group")) if isinstance(g, dict) else factor(None) for g in param_groups]
+
+
+def build_optimizer(params: Sequence[nn.Parameter] | Sequence[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """Adam or AdamW over ``params`` (tensors, or groups of :func:`split_lr_groups`) as
+    configured (fused kernels when ``cfg.fused`` and every parameter is floating point)."""
     optim_cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
     params = list(params)
-    fused = True if cfg.fused and all(p.is_floating_point() for p in params) else None
+    if params and isinstance(params[0], dict):
+        tensors = [p for g in params for p in g["params"]]
+        params = [{"params": g["params"]} for g in params]
+    else:
+        tensors = params
+    fused = True if cfg.fused and all(p.is_floating_point() for p in tensors) else None
     return optim_cls(
         params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad, fused=fused
     )
