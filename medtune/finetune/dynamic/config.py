@@ -34,6 +34,7 @@ from medtune.trainer import TrainConfig
 
 FORMS = ("v1", "v2")
 SLICE_FITS = ("pad", "resize")
+DECISION_LOSSES = ("gumbel", "oracle")
 
 
 def _default_data() -> DataConfig:
@@ -52,10 +53,16 @@ class DynamicModelConfig:
     bits: list[int] = field(default_factory=lambda: [8, 16])  # v2: weight bits per stage to pick from
     decision: str = "shufflenet_v2_x0_5"  # the Decision Network: torchvision ShuffleNetV2 0.5x or a timm model
     locator: str = "shufflenet_v2_x0_5"  # v2: the Crop Position Network (same choices)
+    # weight of a smooth-L1 telling the Crop Position Network where the foreground is (0: official,
+    # it learns only through the crop and paste)
+    locator_loss: float = 1.0
     tau: float = 1.0  # Gumbel-softmax temperature of the decision
     phases: list[float] = field(default_factory=lambda: [150.0, 150.0, 50.0])  # relative lengths (official epochs)
     bits_cost: float = 0.1  # phase 2: weight of the paths' relative FLOPs at the selected bits
     decision_cost: float = 1.0  # phase 3: weight of the decided path's relative FLOPs
+    # phase 3: "gumbel" (official: the Gumbel straight-through mixture's loss + cost) or "oracle"
+    # (cross-entropy to each slice's cheapest good path: least per-slice CE + decision_cost x cost)
+    decision_loss: str = "gumbel"
     decision_lr_scale: float = 10.0  # the Decision Network's lr x this, its schedule restarted in phase 3 (official)
     slice_fit: str = "pad"  # prediction on slices of another size: "pad" (zero, up) or "resize" (bilinear)
 
@@ -74,6 +81,8 @@ class DynamicModelConfig:
             raise ValueError(f"model.phases needs 3 non-negative fractions, got {self.phases}")
         if self.slice_fit not in SLICE_FITS:
             raise ValueError(f"model.slice_fit must be one of {', '.join(SLICE_FITS)}, got '{self.slice_fit}'")
+        if self.decision_loss not in DECISION_LOSSES:
+            raise ValueError(f"model.decision_loss must be one of {', '.join(DECISION_LOSSES)}, got '{self.decision_loss}'")
         if self.tau <= 0:
             raise ValueError(f"model.tau must be > 0, got {self.tau}")
 

@@ -13,12 +13,18 @@ Training runs in three phases within one run (``model.phases``, fractions of the
 run's steps; the clock is a buffer counted in training batches, so a resumed run
 continues in its phase):
 
-1. the segmenter(s) (and the crop network) learn every path: the mean of the paths' losses;
+1. the segmenter(s) (and the crop network) learn every path: the mean of the paths' losses
+   (with ``locator_loss`` > 0 the Crop Position Network is also told where the slice's
+   foreground is: a smooth-L1 to the position centring the crop on it; 0: it learns only
+   through the crop and paste, as the official);
 2. (V2) the bit selectors join: the paths run at the selected bits (straight-through),
    plus ``bits_cost`` x the paths' relative FLOPs;
 3. only the Decision Network learns: a Gumbel-softmax choice (hard one-hot forward,
    straight-through backward) mixes the paths' class probabilities, and the loss is
-   the criterion of the mixture + ``decision_cost`` x the chosen paths' relative FLOPs.
+   the criterion of the mixture + ``decision_cost`` x the chosen paths' relative FLOPs
+   (``decision_loss: gumbel``, the official); or (``decision_loss: oracle``) each slice's
+   target is its cheapest good path (least cross-entropy + ``decision_cost`` x relative
+   FLOPs, from the frozen paths) and the Decision Network learns it by cross-entropy.
 
 Costs are counted (:func:`medtune.checkpoints.counting.flop_counter`) per path and per
 encoder stage at the training slice size, and scaled by ``bits / 32`` where a stage is
@@ -277,6 +283,22 @@ class DynamicSegmenter(VolumeSegmenter):
         probs, bits, _ = self.path_probabilities(path, x, quantize)
         return probs.clamp_min(PROBABILITY_FLOOR).log(), bits
 
+    def locator_target(self, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the crop should go: ``(positions (N, 2), has_foreground (N,))``, the
+        normalised position whose crop is centred on the slice's foreground (its centre of
+        mass, the crop kept inside the slice)."""
+        foreground = (label > 0).to(torch.float32)  # (N, H, W)
+        size = label.shape[-2:]
+        mass = foreground.sum((1, 2))
+        ys = torch.arange(size[0], dtype=torch.float32, device=label.device)
+        xs = torch.arange(size[1], dtype=torch.float32, device=label.device)
+        centre = torch.stack([(foreground.sum(2) * ys).sum(1), (foreground.sum(1) * xs).sum(1)], 1)
+        centre = centre / mass.clamp_min(1)[:, None] + 0.5  # pixel centres
+        room = torch.tensor([size[0] - self.crop_size, size[1] - self.crop_size], dtype=torch.float32,
+                            device=label.device)
+        target = ((centre - self.crop_size / 2) / room.clamp_min(1)).clamp(0, 1)
+        return target, mass > 0
+
     def _train_paths(self, x: torch.Tensor, label: torch.Tensor, phase: int) -> dict[str, torch.Tensor]:
         quantize = self.quantized(phase)
         losses, costs, logs = [], [], {}
@@ -285,6 +307,12 @@ class DynamicSegmenter(VolumeSegmenter):
                 continue
             logits, bits = self._path_logits_on_slice(path, x, quantize)
             loss = self.criterion({"logits": logits}, label)["loss"]
+            if path == CROP and self.config.locator_loss > 0:
+                target, has = self.locator_target(label)
+                if bool(has.any()):
+                    located = F.smooth_l1_loss(self.crop_position(x)[has], target[has], beta=0.05)
+                    loss = loss + self.config.locator_loss * located
+                    logs["loss_locator"] = located.detach()
             losses.append(loss)
             logs[f"loss_{path}"] = loss.detach()
             if quantize:
@@ -308,13 +336,32 @@ class DynamicSegmenter(VolumeSegmenter):
                 path_probs, bits, _ = self.path_probabilities(path, x, quantize)
                 probs.append(path_probs)
                 costs.append(self.relative_cost(path, bits, x.shape[0]) if path != SKIP else x.new_zeros(x.shape[0]))
-        choice = straight_through_choice(self.decision(x), self.tau, sample=True)  # (N, P)
+        costs = torch.stack(costs, 1)  # (N, P) relative FLOPs of each path on each slice
+        logits = self.decision(x)
+        if self.config.decision_loss == "oracle":
+            return self._train_decision_on_targets(logits, probs, costs, label)
+        choice = straight_through_choice(logits, self.tau, sample=True)  # (N, P)
         mixed = sum(choice[:, p, None, None, None] * probs[p] for p in range(len(self.paths)))
         out = self.criterion({"logits": mixed.clamp_min(PROBABILITY_FLOOR).log()}, label)
-        cost = (choice * torch.stack(costs, 1).to(choice.dtype)).sum(1).mean()
+        cost = (choice * costs.to(choice.dtype)).sum(1).mean()
         logs = {f"chose_{path}": choice[:, p].detach().mean() for p, path in enumerate(self.paths)}
         return {"loss": out["loss"] + self.config.decision_cost * cost, "loss_decision": out["loss"].detach(),
                 "relative_flops": cost.detach(), "phase": torch.tensor(3.0), **logs}
+
+    def _train_decision_on_targets(self, logits: torch.Tensor, probs: list[torch.Tensor], costs: torch.Tensor,
+                                   label: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``decision_loss: oracle``: each slice's target is the path with the least
+        per-slice cross-entropy + ``decision_cost`` x relative FLOPs (computed from the
+        frozen paths), and the Decision Network learns it by cross-entropy."""
+        per_slice = torch.stack([
+            F.nll_loss(p.clamp_min(PROBABILITY_FLOOR).log(), label, reduction="none").flatten(1).mean(1) for p in probs
+        ], 1)  # (N, P)
+        target = (per_slice + self.config.decision_cost * costs.to(per_slice.dtype)).argmin(1)
+        loss = F.cross_entropy(logits, target)
+        picked = F.one_hot(target, len(self.paths)).float()
+        logs = {f"chose_{path}": picked[:, p].mean() for p, path in enumerate(self.paths)}
+        return {"loss": loss, "loss_decision": loss.detach(), "decision_accuracy": (logits.argmax(1) == target).float().mean(),
+                "relative_flops": (picked * costs.float()).sum(1).mean(), "phase": torch.tensor(3.0), **logs}
 
     # ------------------------------------------------------------------ inference
 

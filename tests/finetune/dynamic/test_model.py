@@ -158,3 +158,15 @@ def test_the_decision_network_trains_at_its_own_rate_restarted_in_phase_three():
     assert decision(50) == pytest.approx(10 * lr_factor(50, 80, schedule))
     assert decision(80) == pytest.approx(10 * 1 / 10)  # warmup again
     assert decision(95) == pytest.approx(10 * lr_factor(15, 20, schedule))
+
+
+def test_the_crop_network_is_told_where_the_foreground_is_by_hand():
+    model = tiny()  # 16 px crops of 32 px slices: 16 px of room on each axis
+    label = torch.zeros(3, 32, 32, dtype=torch.long)
+    label[0, 20:24, 4:8] = 1  # centre (22, 6): crop origin (14, -2), kept inside the slice: (14, 0)
+    label[1, 0:2, 30:32] = 2  # a corner: origin (-7, 23) -> (0, 16)
+    target, has = model.locator_target(label)
+    assert torch.allclose(target, torch.tensor([[14 / 16, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+    assert has.tolist() == [True, True, False]
+    out = model.train()({"image": torch.randn(3, 4, 32, 32), "label": label})
+    assert out["loss_locator"] > 0  # phase 1 trains the crop network on it
