@@ -2,7 +2,7 @@
 (``medtune params --dynamic RUN --data DIR``).
 
 Every case is predicted as ``medtune predict`` does (the run's data plan, the run's
-``slice_fit``) with FLOP counting on; the static row is the same segmenter's whole-slice
+``slice_fit``): FLOPs counted, seconds measured on a pass without counting; the static row is the same segmenter's whole-slice
 path at full precision on every slice of the foreground box.
 """
 
