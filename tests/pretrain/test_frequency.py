@@ -177,3 +177,30 @@ def test_global_filter_any_size_2d_and_3d():
 def test_mfm_radius_scales_with_size():
     assert mfm_radius((224, 224)) == pytest.approx(16.0)
     assert mfm_radius((64, 64, 32)) == pytest.approx(16.0 * 32 / 224)
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (7, 5), (9, 6), (6, 7, 5), (4, 4, 4)])
+@pytest.mark.parametrize("kind", ["square", "square_official", "circle"])
+@pytest.mark.parametrize("keep", ["low", "high"])
+def test_band_focal_loss_equals_the_full_spectrum_loss(shape, kind, keep):
+    """One real FFT of the difference over the half spectrum, each half bin counted as
+    often as it and its mirror lie in the band: the loss and its gradient are those of
+    focal_frequency_loss on the band-filtered full spectra, odd sides and the asymmetric
+    official square included."""
+    from medtune.pretrain.frequency import band_focal_loss, half_band_count
+
+    gen = torch.Generator().manual_seed(0)
+    pred = torch.randn(2, 3, *shape, generator=gen, dtype=torch.float64).requires_grad_()
+    target = torch.randn(2, 3, *shape, generator=gen, dtype=torch.float64)
+    mask = band_mask(shape, 2, kind, keep)
+    spatial_dims = len(shape)
+    full = focal_frequency_loss(
+        apply_band(spectrum(pred, spatial_dims), mask), apply_band(spectrum(target, spatial_dims), mask), 1.5
+    )
+    (full_grad,) = torch.autograd.grad(full, pred)
+    pred32 = pred.detach().float().requires_grad_()
+    half = band_focal_loss(pred32, target.float(), 2, kind, keep, alpha=1.5)
+    (half_grad,) = torch.autograd.grad(half, pred32)
+    assert float(half.detach()) == pytest.approx(float(full.detach()), rel=1e-5)
+    assert torch.allclose(half_grad.double(), full_grad, rtol=1e-4, atol=1e-5 * float(full_grad.abs().max()))
+    assert float(half_band_count(shape, 2, kind, keep).sum()) == int(mask.sum())
