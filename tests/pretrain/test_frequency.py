@@ -204,3 +204,29 @@ def test_band_focal_loss_equals_the_full_spectrum_loss(shape, kind, keep):
     assert float(half.detach()) == pytest.approx(float(full.detach()), rel=1e-5)
     assert torch.allclose(half_grad.double(), full_grad, rtol=1e-4, atol=1e-5 * float(full_grad.abs().max()))
     assert float(half_band_count(shape, 2, kind, keep).sum()) == int(mask.sum())
+
+
+@pytest.mark.parametrize(("stored", "size"), [((8, 8), (8, 8)), ((7, 5), (7, 5)), ((8, 8), (12, 10)), ((6, 7, 5), (6, 7, 5))])
+def test_global_filter_equals_its_full_complex_formula(stored, size):
+    """The real-FFT global filter gives |IFFT(FFT(x) W + B)| + x and its gradients, for
+    any W, B (not only symmetric ones), odd sides, 3D and resampled filters."""
+    from medtune.pretrain.frequency import GlobalFilter, spatial_axes
+
+    torch.manual_seed(0)
+    channels = 3
+    layer = GlobalFilter(channels, stored, len(stored))
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    x = torch.randn(2, channels, *size, requires_grad=True)
+    weight, bias = layer._filter_for(size)
+    axes = spatial_axes(len(size))
+    freq = torch.fft.fftn(x.to(torch.complex64), dim=axes, norm="ortho")
+    expected = torch.fft.ifftn(freq * weight + bias, dim=axes, norm="ortho").abs() + x
+    got = layer(x)
+    assert torch.allclose(got, expected, atol=1e-5)
+    inputs = [x, layer.weight, layer.bias]
+    expected_grads = torch.autograd.grad((expected * expected.cos()).sum(), inputs)
+    grads = torch.autograd.grad((got * got.cos()).sum(), inputs)
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert torch.allclose(grad, expected_grad, rtol=1e-4, atol=1e-5 * float(expected_grad.abs().max()))
