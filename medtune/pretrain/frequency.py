@@ -339,24 +339,10 @@ class GlobalFilter(nn.Module):
         return resized[0], resized[1]
 
     def forward(self, x: Tensor) -> Tensor:
-        # |IFFT(FFT(x) W + B)| with real FFTs: x is real, so FFT(x) is Hermitian. Split W
-        # into its even and odd parts under k -> -k; IFFT(FFT(x) W_even) is real and
-        # IFFT(FFT(x) W_odd) is i times the real IFFT of the Hermitian -i FFT(x) W_odd, so
-        # both come from the half spectrum; IFFT(B) does not depend on x (one (C, *S) FFT).
-        size = tuple(x.shape[-self.spatial_dims :])
         axes = spatial_axes(self.spatial_dims)
-        weight, bias = self._filter_for(size)  # (C, *S)
-        filter_axes = tuple(range(1, 1 + self.spatial_dims))
-        mirrored = torch.roll(torch.flip(weight, filter_axes), (1,) * self.spatial_dims, filter_axes)  # W(-k)
-        half = size[-1] // 2 + 1
-        even = 0.5 * (weight + mirrored)[..., :half]
-        odd = 0.5 * (weight - mirrored)[..., :half]
-        transfer = torch.stack([torch.complex(even, torch.zeros_like(even)), torch.complex(torch.zeros_like(odd), -odd)])
-        freq = torch.fft.rfftn(x.float(), dim=axes, norm="ortho")  # (B, C, *S[:-1], half)
-        parts = torch.fft.irfftn(freq * transfer.unsqueeze(1), s=size, dim=axes, norm="ortho")  # (2, B, C, *S)
-        offset = torch.fft.ifftn(bias.to(torch.complex64), dim=filter_axes, norm="ortho")  # IFFT(B) (C, *S)
-        # complex abs, not hypot: its gradient at 0 (ReLU maps give exact zeros) is 0, not NaN
-        filtered = torch.complex(parts[0] + offset.real, parts[1] + offset.imag).abs()
+        weight, bias = self._filter_for(tuple(x.shape[-self.spatial_dims :]))
+        freq = torch.fft.fftn(fft_input(x), dim=axes, norm="ortho")  # (B, C, *S) complex
+        filtered = torch.fft.ifftn(freq * weight + bias, dim=axes, norm="ortho").abs()
         return (filtered + x.float()).to(x.dtype)
 
 
