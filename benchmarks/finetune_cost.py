@@ -186,7 +186,9 @@ def main() -> None:
                    "memory_ratio": r["peak_bytes"] / max(full["peak_bytes"], 1), "trainable": r["trainable"],
                    "gflop_step": None if r["flops"] is None else r["flops"] / 1e9, "gflop_s": achieved,
                    "of_peak": None if achieved is None else achieved / peak, "batch": args.batch,
-                   "backbone": args.backbone, "device": args.device}
+                   "backbone": args.backbone,
+                   "device": torch.cuda.get_device_name() if args.device.startswith("cuda")
+                   else f"cpu, {torch.get_num_threads()} threads"}
             with open(args.json, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
         print(

@@ -132,7 +132,7 @@ print("|---|---|---:|---:|---:|---:|---:|---:|")
 for r in rows:
     rate = f"{r['slices_s']:.1f} slices/s" if "slices_s" in r else f"{r['step_s']:.3f} s/step"
     print(f"| {r['benchmark']} | {r['row']} | {rate} | {r['ratio']:.2f}x {r['vs']} | {number(r['gflop_step'], '.1f')} "
-          f"| {number(r['gflop_s'], '.0f')} | {number(None if r['of_peak'] is None else 100 * r['of_peak'], '.1f', '%')} "
+          f"| {number(r['gflop_s'], '.1f')} | {number(None if r['of_peak'] is None else 100 * r['of_peak'], '.1f', '%')} "
           f"| {number(r['peak_mib'], '.0f')} |")
 print(f"\n| command | status | seconds |\n|---|---|---:|")
 for line in open(status_path):
