@@ -31,6 +31,11 @@ Run::
     python benchmarks/finetune_cost.py                      # CPU defaults (ViT-B, 64 px, 16 slices)
     python benchmarks/finetune_cost.py --device cuda --img-size 128 --slices 64 --batch 2
     python benchmarks/finetune_cost.py --methods full,full+compile,med-tuning,med-tuning+compile
+    python benchmarks/finetune_cost.py --device cuda --bf16 --img-size 128 --slices 32 --batch 2
+
+``--bf16`` trains under bf16 autocast (as ``mixed_precision: bf16``) and compares with the
+measured bf16 matmul peak; ``--json FILE`` appends one JSON object per method (as
+``benchmarks/gpu_suite.sh`` collects).
 """
 
 from __future__ import annotations
@@ -78,7 +83,9 @@ def measure(args: argparse.Namespace, method: str) -> dict:
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        model(batch)["loss"].backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            loss = model(batch)["loss"]
+        loss.backward()
         optimizer.step()
 
     if variant == "compile":
@@ -132,6 +139,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (as mixed_precision: bf16)")
+    parser.add_argument("--json", default=None, help="append one JSON object per method to this file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:  # one method in a fresh process (clean peak RSS)
@@ -150,27 +159,43 @@ def main() -> None:
     for r in results:  # a compiled step does the eager step's math
         r["flops"] = counted.get(r["method"].removesuffix("+compile"))
 
+    import torch
+
     from medtune.checkpoints.counting import matmul_peak_gflops
 
-    peak = matmul_peak_gflops(args.device)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    peak = matmul_peak_gflops(args.device, dtype)
     print(
         f"# {args.backbone}{f' depth {args.depth}' if args.depth else ''}, batch {args.batch} x "
-        f"{args.in_chans}x{args.img_size}x{args.img_size}x{args.slices}, device {args.device}, "
+        f"{args.in_chans}x{args.img_size}x{args.img_size}x{args.slices}, device {args.device}"
+        f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}"
+        f"{', bf16 autocast' if args.bf16 else ''}, "
         f"memory = {'CUDA max_memory_allocated' if args.device.startswith('cuda') else 'peak RSS delta'}"
     )
     print(f"{'method':<18} {'trainable':>12} {'step s':>8} {'x full':>7} {'peak MB':>9} {'x full':>7} "
           f"{'GFLOP':>8} {'GFLOP/s':>8} {'of peak':>7}")
     for r in results:
-        if r["flops"] is None:
+        achieved = None if r["flops"] is None else r["flops"] / r["step_s"] / 1e9
+        if achieved is None:
             rate = f"{'-':>8} {'-':>8} {'-':>7}"
         else:
-            achieved = r["flops"] / r["step_s"] / 1e9
             rate = f"{r['flops'] / 1e9:>8.1f} {achieved:>8.1f} {100 * achieved / peak:>6.1f}%"
+        if args.json:
+            row = {"benchmark": "finetune_cost", "row": r["method"], "step_s": r["step_s"], "vs": full["method"],
+                   "ratio": r["step_s"] / full["step_s"], "peak_mib": r["peak_bytes"] / 2**20,
+                   "memory_ratio": r["peak_bytes"] / max(full["peak_bytes"], 1), "trainable": r["trainable"],
+                   "gflop_step": None if r["flops"] is None else r["flops"] / 1e9, "gflop_s": achieved,
+                   "of_peak": None if achieved is None else achieved / peak, "batch": args.batch,
+                   "backbone": args.backbone,
+                   "device": torch.cuda.get_device_name() if args.device.startswith("cuda")
+                   else f"cpu, {torch.get_num_threads()} threads"}
+            with open(args.json, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
         print(
             f"{r['method']:<18} {r['trainable']:>12,} {r['step_s']:>8.3f} {r['step_s'] / full['step_s']:>7.2f} "
             f"{r['peak_bytes'] / 2**20:>9.1f} {r['peak_bytes'] / max(full['peak_bytes'], 1):>7.2f} {rate}"
         )
-    print(f"peak: {peak:.1f} GFLOP/s float32 matmul measured on this machine ({args.device}); FLOPs counted by "
+    print(f"peak: {peak:.1f} GFLOP/s {str(dtype).removeprefix('torch.')} matmul measured on this machine ({args.device}); FLOPs counted by "
           "medtune's flop_counter on the eager step (a compiled row: its eager method's count)")
     by_name = {r["method"]: r for r in results}
     if "med-tuning" in by_name and "med-tuning+gc" in by_name:

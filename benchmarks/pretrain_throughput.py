@@ -18,11 +18,19 @@ with this machine's measured matmul GFLOP/s (float32, or bfloat16 with ``--bf16`
     python benchmarks/pretrain_throughput.py            # ~1-2 min on 2 cores
     python benchmarks/pretrain_throughput.py --backbone swinunetr --img-size 64 --batch 8
     python benchmarks/pretrain_throughput.py --compile   # eager and torch.compile rows
+    python benchmarks/pretrain_throughput.py --device cuda --bf16 --backbone vit_base_patch16_224 \
+        --img-size 128 --depth 12 --batch 64              # GPU rows (also peak memory)
+
+On a GPU the timings wait for the device (``torch.cuda.synchronize``) before and after
+each timed run of steps, not after every step, and each row also gets its peak memory
+(``torch.cuda.max_memory_allocated`` during one step, minus what was allocated before it).
+``--json FILE`` appends one JSON object per row (as ``benchmarks/gpu_suite.sh`` collects).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from typing import Callable
@@ -64,6 +72,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (as mixed_precision=bf16 trains)")
+    parser.add_argument("--json", default=None, help="append one JSON object per row to this file")
     parser.add_argument("--profile", action="store_true", help="also print the FreMAE step's costliest ops")
     parser.add_argument("--compile", action="store_true",
                         help="also time each variant compiled with torch.compile (rows '<variant>+compile', as train.compile)")
@@ -93,23 +102,40 @@ def make_batch(args: argparse.Namespace) -> dict[str, torch.Tensor]:
     return {k: v.to(args.device) for k, v in batch.items()}
 
 
-def make_step(objective: torch.nn.Module, batch: dict, args: argparse.Namespace) -> Callable[[], float]:
+def make_step(objective: torch.nn.Module, batch: dict, args: argparse.Namespace) -> Callable[[], torch.Tensor]:
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-4)
     device_type = torch.device(args.device).type
 
-    def step() -> float:
+    def step() -> torch.Tensor:
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.bf16):
             loss = objective(batch)["loss"]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())  # also waits for the GPU
+        return loss.detach()  # no .item(): a GPU keeps running ahead; timings synchronize
 
     return step
 
 
-def step_flops(step: Callable[[], float]) -> int:
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def step_peak_memory(step: Callable[[], torch.Tensor], device: str) -> float | None:
+    """MiB a step allocates at its peak on a GPU beyond what was allocated before it (None on a CPU)."""
+    if not device.startswith("cuda"):
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def step_flops(step: Callable[[], torch.Tensor]) -> int:
     with flop_counter() as counter:  # medtune's counter (convolution backward corrected)
         step()
     return counter.get_total_flops()
@@ -121,7 +147,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     batch = make_batch(args)
 
-    steps: dict[str, Callable[[], float]] = {}
+    steps: dict[str, Callable[[], torch.Tensor]] = {}
     for variant in args.variants:
         for compiled in (False, True) if args.compile else (False,):
             name = f"{variant}+compile" if compiled else variant
@@ -137,6 +163,7 @@ def main() -> None:
             steps[name] = make_step(objective, batch, args)
             for _ in range(3):  # warm-up: allocations, first-call costs (compilation), cuDNN autotuning
                 steps[name]()
+            synchronize(args.device)
     if "fremae" not in steps:
         raise SystemExit("fremae could not be built; nothing to compare")
 
@@ -150,22 +177,33 @@ def main() -> None:
     for round_index in range(args.rounds):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:  # rotate the order every round
+            synchronize(args.device)
             start = time.perf_counter()
             for _ in range(args.steps):
                 steps[name]()
+            synchronize(args.device)
             rates[name].append(args.steps * args.batch / (time.perf_counter() - start))
 
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     peak = matmul_peak_gflops(args.device, dtype)
     flops = {name: step_flops(steps[name.removesuffix("+compile")]) for name in names}  # compiled: eager's math
+    memory = {name: step_peak_memory(steps[name], args.device) for name in names}
     width = max(13, *(len(name) for name in names))
-    print(f"{'variant':>{width}}  {'slices/s':>9}  {'vs fremae':>9}  {'GFLOP/step':>10}  {'GFLOP/s':>8}  {'of peak':>7}")
+    print(f"{'variant':>{width}}  {'slices/s':>9}  {'vs fremae':>9}  {'GFLOP/step':>10}  {'GFLOP/s':>8}  {'of peak':>7}"
+          f"  {'peak MiB':>8}")
     for name in names:
         ratio = statistics.median(r / f for r, f in zip(rates[name], rates["fremae"]))
         rate = statistics.median(rates[name])
         achieved = flops[name] * rate / args.batch / 1e9
+        mib = "-" if memory[name] is None else f"{memory[name]:.0f}"
         print(f"{name:>{width}}  {rate:9.1f}  {ratio:9.3f}  {flops[name] / 1e9:10.2f}  {achieved:8.1f}  "
-              f"{100 * achieved / peak:6.1f}%")
+              f"{100 * achieved / peak:6.1f}%  {mib:>8}")
+        if args.json:
+            row = {"benchmark": "pretrain_throughput", "row": name, "slices_s": rate, "vs": "fremae", "ratio": ratio,
+                   "gflop_step": flops[name] / 1e9, "gflop_s": achieved, "of_peak": achieved / peak,
+                   "peak_mib": memory[name], "batch": args.batch, "backbone": args.backbone, "device": where}
+            with open(args.json, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
     print(f"peak: {peak:.1f} GFLOP/s {str(dtype).removeprefix('torch.')} matmul measured on this machine; FLOPs "
           "counted by medtune's flop_counter (matmuls, convolutions, attention; not FFTs or elementwise ops)")
     if "fremae-pixel" in rates:
@@ -176,7 +214,7 @@ def main() -> None:
         print_profile(steps["fremae"], args.device)
 
 
-def print_profile(step: Callable[[], float], device: str, rows: int = 12) -> None:
+def print_profile(step: Callable[[], torch.Tensor], device: str, rows: int = 12) -> None:
     """The FreMAE step's costliest ops (self time), to see what the frequency loss costs."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -184,6 +222,7 @@ def print_profile(step: Callable[[], float], device: str, rows: int = 12) -> Non
     with profile(activities=activities) as prof:
         for _ in range(3):
             step()
+        synchronize(device)
     key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=rows))
 

@@ -37,8 +37,8 @@ from medtune.errors import ConfigError, DataError
 from medtune.pretrain.decoder import MultiStageDecoder
 from medtune.pretrain.frequency import (
     apply_band,
+    band_focal_loss,
     band_mask,
-    focal_frequency_loss,
     inverse_spectrum,
     spectrum,
 )
@@ -201,9 +201,13 @@ class FreMAE(nn.Module):
             loss_high = F.mse_loss(pred_high.float(), images.float())
             loss_low = F.mse_loss(pred_low.float(), average_pool(images, self.low_pool, self.spatial_dims).float())
         else:
-            target_high, target_low = self.band_targets(images)
-            loss_high = focal_frequency_loss(self.high_spectrum(pred_high), target_high, self.focal_alpha)
-            loss_low = focal_frequency_loss(self.low_spectrum(pred_low), target_low, self.focal_alpha)
+            # focal_frequency_loss of the band-filtered spectra (high_spectrum, low_spectrum),
+            # from one real FFT of each band's difference
+            pooled = average_pool(images, self.low_pool, self.spatial_dims)
+            loss_high = band_focal_loss(pred_high, images, self.radius, self.filter_kind, "high",
+                                        self.focal_alpha, self.spatial_dims)
+            loss_low = band_focal_loss(pred_low, pooled, self.radius, self.filter_kind, "low",
+                                       self.focal_alpha, self.spatial_dims)
         return self.high_weight * loss_high + self.low_weight * loss_low, loss_high, loss_low
 
     def zero_prediction_losses(self, images: Tensor) -> tuple[Tensor, Tensor]:

@@ -18,6 +18,13 @@ Conventions
   ``2r``-bin square (``-r <= k - n//2 < r``) for exact reproductions.
 - The circle (ball in 3D) keeps ``sum_k (k - n//2)^2 < r^2`` (strict, as MFM's official
   mask: 793 bins at r = 16 on a 224 x 224 grid).
+- The training loss (:func:`band_focal_loss`) gets the same value from half the work: the
+  spectra are linear, so it transforms the difference ``pred - target`` once, and that
+  difference is real, so its spectrum is Hermitian (``F(-k) = conj F(k)``, equal
+  distances at ``k`` and ``-k``) and the real FFT's half spectrum holds every distance;
+  each half bin is counted as often as it and its mirror lie in the band
+  (:func:`half_band_count`), which also serves bands that are not symmetric
+  (``square_official``).
 """
 
 from __future__ import annotations
@@ -211,6 +218,75 @@ def focal_frequency_loss(pred_spec: Tensor, target_spec: Tensor, alpha: float = 
     return (weight * squared_distance).mean()
 
 
+def half_band_count(
+    shape: Sequence[int],
+    radius: float,
+    kind: FilterKind = "square",
+    keep: BandKeep = "low",
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """How many bins of a band each bin of a real signal's half spectrum stands for.
+
+    ``rfftn`` keeps the bins ``k`` of the last axis up to ``n // 2``; a dropped bin is the
+    mirror ``-k`` of a kept one, with the conjugate value. A kept bin whose mirror was
+    dropped counts ``band(k) + band(-k)`` (0, 1 or 2), a kept bin whose mirror is kept too
+    (last-axis index 0, or ``n / 2`` for even ``n``) counts ``band(k)``; so a sum over the
+    band of any function of ``|F|`` equals the half spectrum's sum weighted by this count.
+
+    Args:
+        shape: spatial size ``S`` of the full spectrum; ``radius``, ``kind``, ``keep`` as
+            :func:`band_mask`.
+
+    Returns:
+        ``(*S[:-1], S[-1] // 2 + 1)`` float32 counts, in the unshifted (``rfftn``) order.
+    """
+    axes = tuple(range(len(shape)))
+    band = torch.fft.ifftshift(band_mask(shape, radius, kind, keep, device), dim=axes)  # bin k at index k mod n
+    mirror = torch.roll(torch.flip(band, axes), shifts=(1,) * len(shape), dims=axes)  # band(-k)
+    n = shape[-1]
+    half = n // 2 + 1
+    count = band[..., :half].float() + mirror[..., :half].float()
+    self_paired = [0, n // 2] if n % 2 == 0 else [0]
+    count[..., self_paired] = band[..., self_paired].float()
+    return count
+
+
+def band_focal_loss(
+    pred: Tensor,
+    target: Tensor,
+    radius: float,
+    kind: FilterKind = "square",
+    keep: BandKeep = "low",
+    alpha: float = 1.0,
+    spatial_dims: int | None = None,
+) -> Tensor:
+    """Focal frequency loss between the ``keep`` bands of two images' spectra.
+
+    Equals ``focal_frequency_loss(apply_band(spectrum(pred), m), apply_band(spectrum(target), m))``
+    with ``m = band_mask(S, radius, kind, keep)`` (to float rounding), from one real FFT of
+    ``pred - target`` over half the bins (weighted by :func:`half_band_count`): no target
+    spectrum, no shift, no (real, imag) stack.
+
+    Args:
+        pred, target: ``(B, C, *S)`` real images (``spatial_dims`` defaults to ``ndim - 2``);
+            computed in float32.
+
+    Returns:
+        scalar loss (the mean over the full spectrum's bins, samples and channels).
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"band_focal_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    spatial_dims = pred.ndim - 2 if spatial_dims is None else spatial_dims
+    axes = spatial_axes(spatial_dims)
+    difference = torch.fft.rfftn(pred.float() - target.float(), dim=axes, norm="ortho")  # (B, C, *S[:-1], n//2+1)
+    squared_distance = difference.real.square() + difference.imag.square()
+    count = half_band_count(pred.shape[-spatial_dims:], radius, kind, keep, pred.device)
+    with torch.no_grad():
+        # The focal weight's per-(sample, channel) peak runs over the band's bins only.
+        coefficient = _focal_weight_of_squared_distance(squared_distance * (count > 0), alpha) * count
+    return (coefficient * squared_distance).sum() / pred.numel()
+
+
 def frequency_distance(pred_spec: Tensor, target_spec: Tensor, gamma: float = 1.0, eps: float = 1e-12) -> Tensor:
     """MFM's frequency distance ``(|F_pred - F_true|^2 + eps)^(gamma / 2)`` per bin.
 
@@ -286,6 +362,8 @@ __all__ = [
     "low_band",
     "focal_weight",
     "focal_frequency_loss",
+    "half_band_count",
+    "band_focal_loss",
     "frequency_distance",
     "GlobalFilter",
     "mfm_radius",

@@ -177,3 +177,56 @@ def test_global_filter_any_size_2d_and_3d():
 def test_mfm_radius_scales_with_size():
     assert mfm_radius((224, 224)) == pytest.approx(16.0)
     assert mfm_radius((64, 64, 32)) == pytest.approx(16.0 * 32 / 224)
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (7, 5), (9, 6), (6, 7, 5), (4, 4, 4)])
+@pytest.mark.parametrize("kind", ["square", "square_official", "circle"])
+@pytest.mark.parametrize("keep", ["low", "high"])
+def test_band_focal_loss_equals_the_full_spectrum_loss(shape, kind, keep):
+    """One real FFT of the difference over the half spectrum, each half bin counted as
+    often as it and its mirror lie in the band: the loss and its gradient are those of
+    focal_frequency_loss on the band-filtered full spectra, odd sides and the asymmetric
+    official square included."""
+    from medtune.pretrain.frequency import band_focal_loss, half_band_count
+
+    gen = torch.Generator().manual_seed(0)
+    pred = torch.randn(2, 3, *shape, generator=gen, dtype=torch.float64).requires_grad_()
+    target = torch.randn(2, 3, *shape, generator=gen, dtype=torch.float64)
+    mask = band_mask(shape, 2, kind, keep)
+    spatial_dims = len(shape)
+    full = focal_frequency_loss(
+        apply_band(spectrum(pred, spatial_dims), mask), apply_band(spectrum(target, spatial_dims), mask), 1.5
+    )
+    (full_grad,) = torch.autograd.grad(full, pred)
+    pred32 = pred.detach().float().requires_grad_()
+    half = band_focal_loss(pred32, target.float(), 2, kind, keep, alpha=1.5)
+    (half_grad,) = torch.autograd.grad(half, pred32)
+    assert float(half.detach()) == pytest.approx(float(full.detach()), rel=1e-5)
+    assert torch.allclose(half_grad.double(), full_grad, rtol=1e-4, atol=1e-5 * float(full_grad.abs().max()))
+    assert float(half_band_count(shape, 2, kind, keep).sum()) == int(mask.sum())
+
+
+@pytest.mark.parametrize(("stored", "size"), [((8, 8), (8, 8)), ((7, 5), (7, 5)), ((8, 8), (12, 10)), ((6, 7, 5), (6, 7, 5))])
+def test_global_filter_equals_its_full_complex_formula(stored, size):
+    """The real-FFT global filter gives |IFFT(FFT(x) W + B)| + x and its gradients, for
+    any W, B (not only symmetric ones), odd sides, 3D and resampled filters."""
+    from medtune.pretrain.frequency import GlobalFilter, spatial_axes
+
+    torch.manual_seed(0)
+    channels = 3
+    layer = GlobalFilter(channels, stored, len(stored))
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    x = torch.randn(2, channels, *size, requires_grad=True)
+    weight, bias = layer._filter_for(size)
+    axes = spatial_axes(len(size))
+    freq = torch.fft.fftn(x.to(torch.complex64), dim=axes, norm="ortho")
+    expected = torch.fft.ifftn(freq * weight + bias, dim=axes, norm="ortho").abs() + x
+    got = layer(x)
+    assert torch.allclose(got, expected, atol=1e-5)
+    inputs = [x, layer.weight, layer.bias]
+    expected_grads = torch.autograd.grad((expected * expected.cos()).sum(), inputs)
+    grads = torch.autograd.grad((got * got.cos()).sum(), inputs)
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert torch.allclose(grad, expected_grad, rtol=1e-4, atol=1e-5 * float(expected_grad.abs().max()))
