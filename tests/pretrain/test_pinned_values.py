@@ -1,6 +1,7 @@
 """FreMAE's loss and gradients on fixed seeds, pinned as numbers: a change that is meant to
 be speed only (real FFTs, half spectra, fused band masks, layouts) must leave them equal
-(1e-5 relative). A change of the math updates the numbers in the same commit, saying why."""
+(losses 1e-5 relative; gradient norms 1e-4, the whole network's 1e-3 as its sums' order
+follows the thread count). A change of the math updates the numbers in the same commit, saying why."""
 
 from __future__ import annotations
 
@@ -80,10 +81,17 @@ def measure(case: str, fixtures: dict, filters_drawn: bool = False) -> tuple[flo
 @pytest.mark.parametrize("case", list(CASES))
 def test_loss_and_gradients_are_pinned(case, tiny_vit_config, tiny_swinunetr_options):
     values = measure(case, {"vit": tiny_vit_config, "swin": tiny_swinunetr_options})
-    assert values == pytest.approx(PINNED[case], rel=1e-5), f"{case}: {values}"
+    # losses at 1e-5; the whole network's gradient norm at 1e-3: its sums (convolution backward)
+    # run in an order that depends on the thread count (1 thread under `make test`'s workers
+    # moves it by 1.6e-4 against the pinning run's 2)
+    assert values[:3] == pytest.approx(PINNED[case][:3], rel=1e-5), f"{case}: {values}"
+    assert values[3] == pytest.approx(PINNED[case][3], rel=1e-3), f"{case}: {values}"
 
 
 @pytest.mark.parametrize("case", [case for case in CASES if case in PINNED_DRAWN_FILTERS])
 def test_global_filter_gradients_are_pinned(case, tiny_vit_config, tiny_swinunetr_options):
     values = measure(case, {"vit": tiny_vit_config, "swin": tiny_swinunetr_options}, filters_drawn=True)
-    assert values == pytest.approx(PINNED_DRAWN_FILTERS[case], rel=1e-5), f"{case}: {values}"
+    pinned = PINNED_DRAWN_FILTERS[case]
+    assert values[0] == pytest.approx(pinned[0], rel=1e-5), f"{case}: {values}"  # the loss
+    assert values[1] == pytest.approx(pinned[1], rel=1e-3), f"{case}: {values}"  # the whole gradient (threads)
+    assert values[2:] == pytest.approx(pinned[2:], rel=1e-4), f"{case}: {values}"  # the global filters' gradients
