@@ -54,8 +54,8 @@ LABELED_TRAIN_CASES = 2
 # The budgets. "full": about 30 minutes on 2 idle CPU cores, estimated from step times
 # measured on an idle machine (finetuning 0.3 s/step, FreMAE pretraining 0.3 s/step, one
 # thread each); not yet timed end to end on an idle machine. On a 2-core machine shared at
-# load 7-10 one (seed, arm) chain took 25-40 minutes (FreMAE pretraining 2.5-6 s/step,
-# finetuning 1-2 s/step), so the 15 chains of the full run need a quiet machine.
+# load 6-10 one seed of all five arms took 21 minutes in 4 processes (--jobs 4), and
+# FreMAE's pretraining steps cost 4-5x those of the other objectives.
 FULL = dict(unlabeled=16, labeled=6, shape=(64, 64, 32), seeds=(0, 1, 2), pretrain_steps=200,
             finetune_steps=200, batch=16, probe_pixels=20000)
 QUICK = dict(unlabeled=6, labeled=4, shape=(64, 64, 32), seeds=(0,), pretrain_steps=40,
