@@ -182,6 +182,11 @@ class MultiStageDecoder(nn.Module):
         image_channels: channels of the masked input read by the :class:`InputPath`
             (a level of stride 1; none is added when the first stage has stride 1);
             None: no input path, the heads read the stages only.
+        image_to_low: the input path also starts the bottom-up (low-band) path, as
+            FreMIM's ``enc0`` does; False: the bottom-up path starts at the shallowest
+            stage map, so the low band is predicted from the encoder's stages only (a conv
+            path from the masked input to a 4x-pooled image would otherwise solve the
+            low band around the encoder).
 
     Shapes: ``forward(stages, image_size, image)`` with ``stages[i]``
     ``(B, C_i, *S/stride_i)`` and ``image`` the masked input ``(B, image_channels, *S)``
@@ -202,6 +207,7 @@ class MultiStageDecoder(nn.Module):
         low_pool: int = 4,
         filter_per_channel: bool = True,
         image_channels: int | None = None,
+        image_to_low: bool = True,
     ) -> None:
         super().__init__()
         if len(feature_channels) != len(feature_strides):
@@ -242,11 +248,13 @@ class MultiStageDecoder(nn.Module):
         self.high_filter = GlobalFilter(filter_channels, self.image_size, spatial_dims)
         self.high_head = conv_layer(spatial_dims)(width, out_channels, 1)
 
-        # The bottom-up path stops at the deepest level of stride <= 2 * low_pool.
-        self.low_end_level = max([0] + [i for i, s in enumerate(strides) if s <= 2 * low_pool])
+        # The bottom-up path starts at the input path's level (or, without image_to_low,
+        # at the first stage's) and stops at the deepest level of stride <= 2 * low_pool.
+        self.low_start_level = 1 if self.input_path is not None and not image_to_low else 0
+        self.low_end_level = max([self.low_start_level] + [i for i, s in enumerate(strides) if s <= 2 * low_pool])
         self.bottom_up = nn.ModuleList(
             BottomUpBlock(spatial_dims, width, strides[i + 1] // strides[i])
-            for i in range(self.low_end_level)
+            for i in range(self.low_start_level, self.low_end_level)
         )
         self.low_filter = GlobalFilter(filter_channels, self.low_size, spatial_dims)
         self.low_head = conv_layer(spatial_dims)(width, out_channels, 1)
@@ -282,10 +290,10 @@ class MultiStageDecoder(nn.Module):
         takes the top-down map, which carries the deeper stages). Returns
         ``(B, M, *low_size)``.
         """
-        end = self.low_end_level
-        x = levels[0] if end > 0 else fused[0]
-        for i in range(1, end + 1):
-            x = self.bottom_up[i - 1](x, fused[i] if i == end else levels[i])  # (B, width, *S/stride_i)
+        start, end = self.low_start_level, self.low_end_level
+        x = levels[start] if end > start else fused[start]
+        for i in range(start + 1, end + 1):
+            x = self.bottom_up[i - 1 - start](x, fused[i] if i == end else levels[i])  # (B, width, *S/stride_i)
         mode = ("linear", "bilinear", "trilinear")[self.spatial_dims - 1]
         x = F.interpolate(x, size=tuple(low_size), mode=mode, align_corners=True)  # (B, width, *S/4)
         return self.low_head(self.low_filter(x))

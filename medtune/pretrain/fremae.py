@@ -306,6 +306,7 @@ def build_fremae_decoder(cfg: "FreMAEConfig", backbone: nn.Module, image_size: t
         low_pool=cfg.low_pool,
         filter_per_channel=cfg.filter_per_channel,
         image_channels=int(backbone.in_chans) if cfg.image_path else None,
+        image_to_low=cfg.image_path_low,
     )
 
 

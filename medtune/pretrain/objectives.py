@@ -107,6 +107,11 @@ class FreMAEConfig(ObjectiveConfig):
     # official network's encoder1); without it the high-band head sees only maps of
     # stride 4 and coarser and does not learn the high band. "unetr" always has it
     image_path: bool = True
+    # "light" with image_path: the input path also starts the bottom-up (low-band) path,
+    # as the official enc0; false: the low band is predicted from the encoder's stages
+    # only (the input path feeds the high-band head alone), so the decoder's convs of the
+    # masked input cannot solve the low band around the encoder
+    image_path_low: bool = True
 
     def __post_init__(self) -> None:
         check_mask_ratio(self.mask_ratio)

@@ -72,6 +72,34 @@ def test_light_decoder_reads_the_masked_input_at_full_resolution(which, tiny_vit
         assert build_objective(FreMAEConfig(radius=1, decoder_width=8), full).decoder.input_path is None
 
 
+@pytest.mark.parametrize("which", ["vit", "swinunetr2d"])
+def test_image_path_low_false_predicts_the_low_band_from_the_stages_only(which, tiny_vit_config,
+                                                                         tiny_swinunetr_options):
+    torch.manual_seed(0)
+    if which == "vit":
+        backbone = create_backbone(dataclasses.replace(tiny_vit_config, in_chans=2))
+    else:
+        backbone = swinunetr(tiny_swinunetr_options, 2, 32)
+    image = torch.randn(2, 2, 32, 32)
+    stages = [s.detach() for s in backbone.forward_stages(image)]
+    grads = {}
+    for image_path_low in (True, False):
+        config = FreMAEConfig(radius=1, decoder_width=8, image_path_low=image_path_low)
+        decoder = build_objective(config, backbone).decoder
+        assert decoder.low_start_level == (0 if image_path_low else 1)
+        assert len(decoder.bottom_up) == decoder.low_end_level - decoder.low_start_level
+        masked = image.clone().requires_grad_(True)
+        high, low = decoder(stages, (32, 32), masked)
+        assert low.shape == (2, 2, 8, 8)
+        (low_grad,) = torch.autograd.grad(low.square().sum(), masked, retain_graph=True, allow_unused=True)
+        (high_grad,) = torch.autograd.grad(high.square().sum(), masked)
+        grads[image_path_low] = low_grad is not None and float(low_grad.abs().sum()) > 0, float(high_grad.abs().sum())
+    assert grads[True][0] and grads[True][1] > 0  # both heads read the masked input
+    assert not grads[False][0] and grads[False][1] > 0  # the low head no longer does
+    default = FreMAEConfig()
+    assert default.image_path and default.image_path_low is True
+
+
 def test_unetr_decoder_has_its_own_input_path(tiny_swinunetr_options):
     backbone = swinunetr(tiny_swinunetr_options, 2, 32)
     with pytest.raises(ConfigError, match="image_path"):
