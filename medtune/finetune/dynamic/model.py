@@ -34,7 +34,6 @@ Eval mode decides by argmax (:mod:`.inference` predicts volumes and counts what 
 
 from __future__ import annotations
 
-import logging
 from typing import Sequence
 
 import torch
@@ -59,7 +58,6 @@ from medtune.finetune.segmentation.model import VolumeSegmenter
 from medtune.models.losses import Criterion
 from medtune.models.resunet import ResidualUNet, SegmentationHead
 
-log = logging.getLogger(__name__)
 
 PROBABILITY_FLOOR = 1e-6  # log(probabilities) as logits: pasted background is exactly 0 elsewhere
 
