@@ -69,6 +69,15 @@ def _log2_exact(ratio: float, what: str) -> int:
     return steps
 
 
+def channels_last(x: Tensor) -> Tensor:
+    """A 2D map ``(B, C, H, W)`` stored channels-last (others as they are): oneDNN's
+    convolutions, their gradients and BatchNorm run faster on it than on the default layout
+    (the full-resolution input path's forward and backward take about 2/3 of the time on a
+    CPU) and give the same values. 3D maps keep their layout: oneDNN picks other
+    algorithms for channels-last 3D convolutions, which move FreMAE's loss by 2e-5."""
+    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+
+
 class ConvNormAct(nn.Sequential):
     """Conv (kernel ``k``, stride ``s``) -> BatchNorm -> ReLU, for ``spatial_dims`` dims."""
 
@@ -262,11 +271,11 @@ class MultiStageDecoder(nn.Module):
     def pyramid(self, stages: Sequence[Tensor], image: Tensor | None = None) -> list[Tensor]:
         """Stage maps (and the masked ``image`` through the input path) -> ``width``-channel
         maps at :attr:`level_strides`, shallow to deep."""
-        levels = [lateral(stages[index]) for lateral, index in zip(self.lateral, self.source_index)]
+        levels = [lateral(channels_last(stages[index])) for lateral, index in zip(self.lateral, self.source_index)]
         if self.input_path is not None:
             if image is None:
                 raise ValueError("this decoder has an input path: pass the masked image")
-            levels.insert(0, self.input_path(image))  # (B, width, *S)
+            levels.insert(0, self.input_path(channels_last(image)))  # (B, width, *S)
         return levels
 
     def forward_top_down(self, levels: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
@@ -310,4 +319,4 @@ class MultiStageDecoder(nn.Module):
         return high, self.forward_bottom_up(levels, fused, low_size)
 
 
-__all__ = ["MultiStageDecoder", "InputPath", "ConvNormAct", "Upsample2x", "pyramid_strides", "conv_layer"]
+__all__ = ["MultiStageDecoder", "InputPath", "ConvNormAct", "Upsample2x", "pyramid_strides", "conv_layer", "channels_last"]
