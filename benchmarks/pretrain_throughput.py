@@ -7,6 +7,9 @@ backward, Adam step) of a pretraining objective:
 - ``fremae-pixel``: the same model and decoder with a plain pixel MSE on the same
   predictions (``objective.loss=pixel``); the ratio to ``fremae`` isolates the cost of
   the FFT targets and the focal frequency loss (target: at most 5 %);
+- ``fremae-fr16``: FreMAE with the light decoder's full-resolution maps 16 channels wide
+  instead of 32 (``objective.full_resolution_width=16``; the high band is learned less well
+  in the same steps, see docs/fidelity.md);
 - ``mae``, ``simmim``, ``mfm``: the baselines, for context.
 
 Variants are timed in interleaved rounds (every round runs each variant once, in a
@@ -52,6 +55,7 @@ from medtune.pretrain.objectives import (
 VARIANTS: dict[str, ObjectiveConfig] = {
     "fremae": FreMAEConfig(),
     "fremae-pixel": FreMAEConfig(loss="pixel"),
+    "fremae-fr16": FreMAEConfig(full_resolution_width=16),
     "mae": MAEConfig(),
     "simmim": SimMIMConfig(mask_block=16),
     "mfm": MFMConfig(),

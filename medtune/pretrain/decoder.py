@@ -147,27 +147,33 @@ class InputPath(nn.Module):
 
 class TopDownBlock(nn.Module):
     """Upsample the deeper map to the skip's resolution (transposed convs), concatenate,
-    fuse with a 1x1 conv (as FreMIM's decoder: spatial mixing comes from the upsampling)."""
+    fuse with a 1x1 conv (as FreMIM's decoder: spatial mixing comes from the upsampling).
 
-    def __init__(self, spatial_dims: int, width: int, factor: int) -> None:
+    ``out_width`` (default ``width``): channels of the skip, of the last upsampling step's
+    output and of the fused map (the full-resolution level may be narrower)."""
+
+    def __init__(self, spatial_dims: int, width: int, factor: int, out_width: int | None = None) -> None:
         super().__init__()
         steps = _log2_exact(factor, "top-down path")
-        self.upsample = nn.Sequential(*[Upsample2x(spatial_dims, width, width) for _ in range(steps)])
-        self.fuse = ConvNormAct(spatial_dims, 2 * width, width, kernel=1)
+        out_width = width if out_width is None else out_width
+        widths = [width] * steps + [out_width]
+        self.upsample = nn.Sequential(*[Upsample2x(spatial_dims, widths[i], widths[i + 1]) for i in range(steps)])
+        self.fuse = ConvNormAct(spatial_dims, 2 * out_width, out_width, kernel=1)
 
     def forward(self, deep: Tensor, skip: Tensor) -> Tensor:
         return self.fuse(torch.cat([skip, self.upsample(deep)], dim=1))
 
 
 class BottomUpBlock(nn.Module):
-    """Downsample the shallower map with stride-2 3x3 convs, concatenate the stage, fuse
-    with a 1x1 conv."""
+    """Downsample the shallower map (``in_width`` channels, default ``width``) with stride-2
+    3x3 convs, concatenate the stage, fuse with a 1x1 conv."""
 
-    def __init__(self, spatial_dims: int, width: int, factor: int) -> None:
+    def __init__(self, spatial_dims: int, width: int, factor: int, in_width: int | None = None) -> None:
         super().__init__()
         steps = _log2_exact(factor, "bottom-up path")
+        widths = [width if in_width is None else in_width] + [width] * steps
         self.downsample = nn.Sequential(
-            *[ConvNormAct(spatial_dims, width, width, kernel=3, stride=2) for _ in range(steps)]
+            *[ConvNormAct(spatial_dims, widths[i], widths[i + 1], kernel=3, stride=2) for i in range(steps)]
         )
         self.fuse = ConvNormAct(spatial_dims, 2 * width, width, kernel=1)
 
@@ -196,6 +202,10 @@ class MultiStageDecoder(nn.Module):
             stage map, so the low band is predicted from the encoder's stages only (a conv
             path from the masked input to a 4x-pooled image would otherwise solve the
             low band around the encoder).
+        full_resolution_width: channels of the full-resolution maps when there is an
+            input path (the input path, the top-down path's last upsampling and fused
+            map, the high-band filter and head); None: ``width``. A narrower one cuts the
+            convolutions at full resolution, most of a small backbone's step.
 
     Shapes: ``forward(stages, image_size, image)`` with ``stages[i]``
     ``(B, C_i, *S/stride_i)`` and ``image`` the masked input ``(B, image_channels, *S)``
@@ -217,6 +227,7 @@ class MultiStageDecoder(nn.Module):
         filter_per_channel: bool = True,
         image_channels: int | None = None,
         image_to_low: bool = True,
+        full_resolution_width: int | None = None,
     ) -> None:
         super().__init__()
         if len(feature_channels) != len(feature_strides):
@@ -239,13 +250,16 @@ class MultiStageDecoder(nn.Module):
             for (index, stride), target in zip(sources, self.level_strides)
         )
         self.input_path = None
+        full_width = width
         if image_channels is not None and self.level_strides[0] > 1:
-            self.input_path = InputPath(spatial_dims, int(image_channels), width)
+            full_width = width if full_resolution_width is None else int(full_resolution_width)
+            self.input_path = InputPath(spatial_dims, int(image_channels), full_width)
             self.level_strides = [1, *self.level_strides]
+        level_widths = [full_width] + [width] * (len(self.level_strides) - 1)
 
         strides = self.level_strides
         self.top_down = nn.ModuleList(
-            TopDownBlock(spatial_dims, width, strides[i + 1] // strides[i])
+            TopDownBlock(spatial_dims, width, strides[i + 1] // strides[i], level_widths[i])
             for i in range(len(strides) - 1)
         )
         # From the shallowest level to full resolution (full-resolution 3x3 convs would
@@ -253,19 +267,21 @@ class MultiStageDecoder(nn.Module):
         self.to_full_resolution = nn.Sequential(
             *[Upsample2x(spatial_dims, width, width) for _ in range(_log2_exact(strides[0], "full-resolution upsampling"))]
         )
-        filter_channels = width if filter_per_channel else 1
-        self.high_filter = GlobalFilter(filter_channels, self.image_size, spatial_dims)
-        self.high_head = conv_layer(spatial_dims)(width, out_channels, 1)
+        self.high_filter = GlobalFilter(full_width if filter_per_channel else 1, self.image_size, spatial_dims)
+        self.high_head = conv_layer(spatial_dims)(full_width, out_channels, 1)
 
         # The bottom-up path starts at the input path's level (or, without image_to_low,
         # at the first stage's) and stops at the deepest level of stride <= 2 * low_pool.
         self.low_start_level = 1 if self.input_path is not None and not image_to_low else 0
         self.low_end_level = max([self.low_start_level] + [i for i, s in enumerate(strides) if s <= 2 * low_pool])
+        if level_widths[self.low_end_level] != width:
+            raise ValueError(f"full_resolution_width {full_width} differs from width {width} but the "
+                             f"low-band head (low_pool {low_pool}) would read the full-resolution map")
         self.bottom_up = nn.ModuleList(
-            BottomUpBlock(spatial_dims, width, strides[i + 1] // strides[i])
+            BottomUpBlock(spatial_dims, width, strides[i + 1] // strides[i], level_widths[i])
             for i in range(self.low_start_level, self.low_end_level)
         )
-        self.low_filter = GlobalFilter(filter_channels, self.low_size, spatial_dims)
+        self.low_filter = GlobalFilter(width if filter_per_channel else 1, self.low_size, spatial_dims)
         self.low_head = conv_layer(spatial_dims)(width, out_channels, 1)
 
     def pyramid(self, stages: Sequence[Tensor], image: Tensor | None = None) -> list[Tensor]:

@@ -286,6 +286,9 @@ def build_fremae_decoder(cfg: "FreMAEConfig", backbone: nn.Module, image_size: t
         if not cfg.image_path:
             raise ConfigError("objective.decoder 'unetr' always reads the masked image (encoder1): "
                               "image_path false applies to decoder 'light' only")
+        if cfg.full_resolution_width is not None:
+            raise ConfigError("objective.full_resolution_width applies to decoder 'light' only "
+                              "(unetr's full-resolution maps have the backbone's feature_size)")
         return UnetrFrequencyDecoder(
             backbone.feature_channels,
             backbone.feature_strides,
@@ -307,6 +310,7 @@ def build_fremae_decoder(cfg: "FreMAEConfig", backbone: nn.Module, image_size: t
         filter_per_channel=cfg.filter_per_channel,
         image_channels=int(backbone.in_chans) if cfg.image_path else None,
         image_to_low=cfg.image_path_low,
+        full_resolution_width=cfg.full_resolution_width,
     )
 
 

@@ -112,6 +112,11 @@ class FreMAEConfig(ObjectiveConfig):
     # only (the input path feeds the high-band head alone), so the decoder's convs of the
     # masked input cannot solve the low band around the encoder
     image_path_low: bool = True
+    # "light" with image_path: channels of the decoder's full-resolution maps (the input
+    # path, the top-down path's last map, the high-band filter and head); null: decoder_width
+    # (the arrangement the held-out and downstream results were measured with). Narrower
+    # cuts most of a small backbone's step (see docs/fidelity.md)
+    full_resolution_width: int | None = None
 
     def __post_init__(self) -> None:
         check_mask_ratio(self.mask_ratio)
@@ -125,6 +130,8 @@ class FreMAEConfig(ObjectiveConfig):
             raise ValueError(f"objective.radius must be a number >= 0, got {self.radius}")
         if self.low_pool < 1 or self.decoder_width < 1:
             raise ValueError("objective.low_pool and decoder_width must be >= 1")
+        if self.full_resolution_width is not None and self.full_resolution_width < 1:
+            raise ValueError(f"objective.full_resolution_width must be >= 1 or null, got {self.full_resolution_width}")
 
 
 @dataclass

@@ -100,10 +100,30 @@ def test_image_path_low_false_predicts_the_low_band_from_the_stages_only(which, 
     assert default.image_path and default.image_path_low is True
 
 
+@pytest.mark.parametrize("image_path_low", [True, False])
+def test_full_resolution_width_narrows_the_full_resolution_maps(image_path_low, tiny_vit_config):
+    torch.manual_seed(0)
+    backbone = create_backbone(dataclasses.replace(tiny_vit_config, in_chans=2))
+    config = FreMAEConfig(radius=1, decoder_width=8, full_resolution_width=4, image_path_low=image_path_low)
+    decoder = build_objective(config, backbone).decoder
+    assert decoder.input_path.conv1[0].out_channels == 4 and decoder.high_head.in_channels == 4
+    assert decoder.high_filter.weight.shape[0] == 4 and decoder.low_filter.weight.shape[0] == 8
+    image = torch.randn(2, 2, 32, 32)
+    masked = image.clone().requires_grad_(True)
+    stages = [s.detach() for s in backbone.forward_stages(image)]
+    assert [level.shape[1] for level in decoder.pyramid(stages, masked)] == [4, 8, 8, 8, 8]
+    high, low = decoder(stages, (32, 32), masked)
+    assert high.shape == (2, 2, 32, 32) and low.shape == (2, 2, 8, 8)
+    (low_grad,) = torch.autograd.grad(low.square().sum(), masked, allow_unused=True)
+    assert (low_grad is not None) == image_path_low  # the bottom-up path starts at the narrow map, or not
+
+
 def test_unetr_decoder_has_its_own_input_path(tiny_swinunetr_options):
     backbone = swinunetr(tiny_swinunetr_options, 2, 32)
     with pytest.raises(ConfigError, match="image_path"):
         build_objective(FreMAEConfig(decoder="unetr", image_path=False), backbone)
+    with pytest.raises(ConfigError, match="full_resolution_width"):
+        build_objective(FreMAEConfig(decoder="unetr", full_resolution_width=16), backbone)
 
 
 def test_heldout_losses_weigh_samples_and_keep_the_rng(tiny_vit_config):
