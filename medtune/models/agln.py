@@ -117,6 +117,8 @@ class AGLNDecoder(nn.Module):
         align_corners: of every linear resize (official True).
     """
 
+    head_modules = ("classifier",)  # what forward_head adds to forward_decoder
+
     def __init__(self, in_channels: Sequence[int], in_strides: Sequence[int], num_classes: int,
                  spatial_dims: int = 2, channels: int = 128, descriptors: int | None = None,
                  fuse_channels: int | None = None, dropout: float = 0.1, norm: str = "batch",

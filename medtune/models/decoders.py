@@ -23,7 +23,9 @@ logits ``(B, K, *S)`` at the input resolution. Made by name through :data:`DECOD
 Every decoder splits its ``forward(features, out_size)`` into ``forward_decoder(features)``
 (``unetr``: ``forward_decoder(features, image)``)
 (the last feature map before the classifier, ``embedding_channels`` wide: the pixel
-embedding that contrastive losses read) and ``forward_head(map, out_size)`` (the logits).
+embedding that contrastive losses read) and ``forward_head(map, out_size)`` (the logits);
+``head_modules`` names the modules only ``forward_head`` uses (a model that puts its own
+heads on ``forward_decoder``, as the dynamic task's paths, drops them).
 """
 
 from __future__ import annotations
@@ -97,6 +99,8 @@ class UperNetDecoder(nn.Module):
         norm: "batch", "instance" or "group".
     """
 
+    head_modules = ("classifier",)  # what forward_head adds to forward_decoder
+
     def __init__(
         self,
         in_channels: Sequence[int],
@@ -166,6 +170,8 @@ class UNetDecoder(nn.Module):
         channels: decoder widths per level, shallow -> deep (default: min(C_i, 256)).
         norm: "batch", "instance" or "group".
     """
+
+    head_modules = ("head", "classifier")  # what forward_head adds to forward_decoder
 
     def __init__(
         self,

@@ -62,6 +62,7 @@ class ResidualUNet(nn.Module):
         super().__init__()
         conv = conv_layer(spatial_dims)
         self.spatial_dims, self.in_chans, self.width, self.dropout = spatial_dims, in_chans, width, dropout
+        self.norm = norm
         widths = [width * 2 ** i for i in range(len(blocks))]
         self.stride = 2 ** (len(blocks) - 1)
         self.stem = conv(in_chans, width, 3, padding=1, bias=False)

@@ -109,6 +109,7 @@ class UnetrDecoder(UnetrTrunk):
 
     takes_image = True  # the segmenter passes the input image (encoder1 reads it)
     takes_pretrained_blocks = True  # a FreMAE run's UNETR blocks load into it
+    head_modules = ("out",)  # what forward_head adds to forward_decoder
 
     def __init__(
         self, image_channels: int, feature_size: int, num_classes: int, spatial_dims: int, norm_name: str = "instance"

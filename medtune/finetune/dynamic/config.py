@@ -6,7 +6,13 @@
     data:    {root: ..., mode: 2d, img_size: 128, val_fraction: 0.2}   # training slices
     model:
       form: v2                   # v2: skip / crop / whole slice, stage-wise bits; v1: skip + a model bank
-      widths: [16]               # v2: the segmenter's width; v1: one segmenter per width (the bank)
+      segmenter: resunet         # resunet (official) or backbone: any medtune backbone + decoder (below)
+      widths: [16]               # resunet: v2: the segmenter's width; v1: one segmenter per width (the bank)
+      # segmenter: backbone: one backbone section per segmenter (v2: one; v1: the bank), as the
+      # segmentation task's backbone: minus in_chans / img_size / spatial_dims (the run's)
+      backbones: [{name: vit_tiny_patch16_224, pretrained: RUN, options: {dynamic_img_size: true}}]
+      decoder: auto              # segmenter: backbone: upernet, unet, agln, unetr or auto
+      adapter: {method: full}    # segmenter: backbone: the tuning method (full, lora, adaptformer, vpt ...)
       crop_size: 96              # v2: side of the crop path's crop (px), at most data.img_size
       bits: [8, 16]              # v2: weight bit widths the stage selectors pick from ([]: no quantization)
       decision: shufflenet_v2_x0_5   # the Decision Network (torchvision's ShuffleNetV2 0.5x, or a timm name)
@@ -26,6 +32,7 @@ relative to the whole-slice path in full precision; a stage at ``k`` bits costs
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from medtune.data.config import DataConfig
@@ -34,6 +41,8 @@ from medtune.trainer import TrainConfig
 
 FORMS = ("v1", "v2")
 SLICE_FITS = ("pad", "resize")
+SEGMENTERS = ("resunet", "backbone")
+RUN_BACKBONE_KEYS = ("in_chans", "img_size", "spatial_dims")  # set by the run, not the backbone section
 DECISION_LOSSES = ("gumbel", "oracle")
 
 
@@ -46,9 +55,18 @@ class DynamicModelConfig:
     """The dynamic segmenter: its paths, the networks that choose them, and the training phases."""
 
     form: str = "v2"  # "v2": skip / crop / whole slice with stage-wise bits; "v1": skip + a bank of widths
-    widths: list[int] = field(default_factory=lambda: [16])  # segmenter width(s): v2 one, v1 one per bank model
-    blocks: list[int] = field(default_factory=lambda: [1, 2, 2, 4])  # residual blocks per encoder stage
-    norm: str = "batch"  # the segmenter's normalisation (official: batch)
+    # the 2D segmenter: "resunet" (the TransBTS-style residual U-Net, official) or "backbone"
+    # (medtune backbone(s) + decoder: model.backbones, decoder, decoder_options, adapter)
+    segmenter: str = "resunet"
+    widths: list[int] = field(default_factory=lambda: [16])  # resunet width(s): v2 one, v1 one per bank model
+    blocks: list[int] = field(default_factory=lambda: [1, 2, 2, 4])  # resunet: residual blocks per encoder stage
+    norm: str = "batch"  # resunet: the normalisation (official: batch)
+    # segmenter backbone: BackboneConfig sections (v2: one; v1: one per bank model), without
+    # in_chans, img_size, spatial_dims (the run's in_chans, data.img_size, 2)
+    backbones: list[dict] = field(default_factory=list)
+    decoder: str = "auto"  # segmenter backbone: decoder name (auto: UperNet for a plain ViT, else U-Net)
+    decoder_options: dict = field(default_factory=dict)  # segmenter backbone: the decoder's options
+    adapter: dict = field(default_factory=lambda: {"method": "full"})  # segmenter backbone: the tuning method
     crop_size: int = 96  # v2: the crop path's crop side (px)
     bits: list[int] = field(default_factory=lambda: [8, 16])  # v2: weight bits per stage to pick from
     decision: str = "shufflenet_v2_x0_5"  # the Decision Network: torchvision ShuffleNetV2 0.5x or a timm model
@@ -69,10 +87,23 @@ class DynamicModelConfig:
     def __post_init__(self) -> None:
         if self.form not in FORMS:
             raise ValueError(f"model.form must be one of {', '.join(FORMS)}, got '{self.form}'")
-        if not self.widths or any(w < 1 for w in self.widths):
-            raise ValueError(f"model.widths must list positive widths, got {self.widths}")
-        if self.form == "v2" and len(self.widths) != 1:
-            raise ValueError(f"model.form v2 has one segmenter: model.widths needs one width, got {self.widths}")
+        if self.segmenter not in SEGMENTERS:
+            raise ValueError(f"model.segmenter must be one of {', '.join(SEGMENTERS)}, got '{self.segmenter}'")
+        if self.segmenter == "resunet":
+            if not self.widths or any(w < 1 for w in self.widths):
+                raise ValueError(f"model.widths must list positive widths, got {self.widths}")
+            if self.form == "v2" and len(self.widths) != 1:
+                raise ValueError(f"model.form v2 has one segmenter: model.widths needs one width, got {self.widths}")
+            if self.backbones:
+                raise ValueError("model.backbones is for model.segmenter: backbone (this run's is resunet)")
+        else:
+            if not self.backbones:
+                raise ValueError("model.segmenter backbone needs model.backbones: [{name: ...}, ...]")
+            if self.form == "v2" and len(self.backbones) != 1:
+                raise ValueError(f"model.form v2 has one segmenter: model.backbones needs one section, "
+                                 f"got {len(self.backbones)}")
+            if not isinstance(self.adapter, dict) or "method" not in self.adapter:
+                raise ValueError("model.adapter must be a section with a 'method' key (full, lora, ...)")
         if any(b not in (2, 4, 8, 16) for b in self.bits):
             raise ValueError(f"model.bits must be among 2, 4, 8, 16, got {self.bits}")
         if self.form == "v1" and self.bits:
@@ -88,10 +119,33 @@ class DynamicModelConfig:
 
     @property
     def paths(self) -> tuple[str, ...]:
-        """The choices of the Decision Network, in its output order."""
+        """The choices of the Decision Network, in its output order (V1 with backbones:
+        ``whole_<backbone name>``, numbered where a name repeats)."""
         if self.form == "v2":
             return ("skip", "crop", "whole")
-        return ("skip", *(f"whole_w{w}" for w in self.widths))
+        if self.segmenter == "resunet":
+            return ("skip", *(f"whole_w{w}" for w in self.widths))
+        names = [re.sub(r"[^A-Za-z0-9]+", "_", str(b.get("name", "backbone"))).strip("_") for b in self.backbones]
+        return ("skip", *(f"whole_{n}" if names.count(n) == 1 else f"whole_{n}_{i}" for i, n in enumerate(names)))
+
+    def backbone_configs(self, in_chans: int, img_size: int) -> list:
+        """``model.backbones`` as :class:`~medtune.models.BackboneConfig` s for slices of
+        ``img_size`` with ``in_chans`` channels (unknown keys name ``model.backbones[i].<key>``)."""
+        from medtune.config import from_dict
+        from medtune.errors import ConfigError
+        from medtune.models.backbones import BackboneConfig
+
+        configs = []
+        for i, section in enumerate(self.backbones):
+            where = f"model.backbones[{i}]"
+            if not isinstance(section, dict):
+                raise ConfigError(f"{where} must be a section ({{name: ..., ...}}), got {section!r}")
+            given = [key for key in RUN_BACKBONE_KEYS if key in section]
+            if given:
+                raise ConfigError(f"{where}.{given[0]} is the run's (in_chans, data.img_size, 2D slices): remove it")
+            configs.append(from_dict(BackboneConfig, {**section, "in_chans": in_chans, "img_size": img_size,
+                                                      "spatial_dims": 2}, where))
+        return configs
 
 
 @dataclass
@@ -114,10 +168,13 @@ class DynamicConfig:
                 f"model.crop_size {self.model.crop_size} is larger than the slice (data.img_size "
                 f"{self.data.img_size})"
             )
-        stride = 2 ** (len(self.model.blocks) - 1)
-        for key, side in (("data.img_size", self.data.img_size), ("model.crop_size", self.model.crop_size)):
-            if side % stride:
-                raise ValueError(f"{key} {side} must be a multiple of the segmenter's stride {stride}")
+        if self.model.segmenter == "resunet":  # (a backbone segmenter's stride is checked when it is built)
+            stride = 2 ** (len(self.model.blocks) - 1)
+            for key, side in (("data.img_size", self.data.img_size), ("model.crop_size", self.model.crop_size)):
+                if side % stride:
+                    raise ValueError(f"{key} {side} must be a multiple of the segmenter's stride {stride}")
+        else:
+            self.model.backbone_configs(self.in_chans, self.data.img_size)  # unknown keys fail here
 
     @property
     def slice_size(self) -> tuple[int, int]:

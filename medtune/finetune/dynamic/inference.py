@@ -209,7 +209,7 @@ def predict_volume(model, image: torch.Tensor | np.ndarray, *, slice_fit: str = 
     volume = torch.as_tensor(np.ascontiguousarray(image) if isinstance(image, np.ndarray) else image)
     volume = torch.nan_to_num(volume.to(device=param.device, dtype=torch.float32))
     size = tuple(volume.shape[1:3])
-    stride = model.segmenters[0].stride
+    stride = model.stride
     target = fitted_size(size, model.slice_size, stride, slice_fit)
     slices = volume.permute(3, 0, 1, 2)  # (d, M, h, w)
     model.cost_table(target)  # counted once per slice size, before the clock starts

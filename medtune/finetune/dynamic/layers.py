@@ -181,7 +181,7 @@ def run_at_bits(stage: nn.Module, x: torch.Tensor, choice: torch.Tensor | None, 
     the stage runs at every width and the outputs are mixed by ``choice`` (straight-through:
     the selector also gets the segmentation loss's gradient); otherwise (eval) each slice
     runs at its own width only, slices grouped by width. Outputs may be a tensor or a
-    tuple of tensors, ``(N, ...)`` each.
+    tuple (or list) of tensors, ``(N, ...)`` each; several come back as a tuple.
     """
     def at(inp: torch.Tensor, width: int):
         if width >= 32:
@@ -208,7 +208,7 @@ def run_at_bits(stage: nn.Module, x: torch.Tensor, choice: torch.Tensor | None, 
 
 
 def _apply(fn, parts):
-    if isinstance(parts[0], tuple):
+    if isinstance(parts[0], (tuple, list)):
         return tuple(fn(*items) for items in zip(*parts))
     return fn(*parts)
 

@@ -5,9 +5,14 @@ Paths (``model.form``):
 - ``v2`` (Med-DANet V2): ``skip`` (an empty prediction, no cost), ``crop`` (the Crop
   Position Network places a ``crop_size`` crop, the segmenter predicts it, the prediction
   is pasted back on a background canvas) and ``whole`` (the segmenter on the whole
-  slice). One residual U-Net serves both non-empty paths, each with its own head; before
-  each encoder stage a :class:`~.layers.BitSelector` picks the stage's weight bits.
-- ``v1`` (Med-DANet): ``skip`` and a model bank of residual U-Nets of different widths.
+  slice). One segmenter serves both non-empty paths, each with its own head; before
+  each of its quantization units a :class:`~.layers.BitSelector` picks the unit's weight
+  bits (the residual U-Net's 4 encoder stages; a backbone segmenter's whole backbone).
+- ``v1`` (Med-DANet): ``skip`` and a model bank of segmenters (residual U-Nets of different
+  widths, or backbones).
+
+The segmenter (``model.segmenter``, :mod:`.segmenters`) is the official residual U-Net or
+any medtune 2D backbone + decoder (e.g. a FreMAE-pretrained ViT).
 
 Training runs in three phases within one run (``model.phases``, fractions of the
 run's steps; the clock is a buffer counted in training batches, so a resumed run
@@ -54,9 +59,9 @@ from medtune.finetune.dynamic.layers import (
     straight_through_choice,
 )
 from medtune.finetune.dynamic.inference import predict_slices
+from medtune.finetune.dynamic.segmenters import build_path_segmenters
 from medtune.finetune.segmentation.model import VolumeSegmenter
 from medtune.models.losses import Criterion
-from medtune.models.resunet import ResidualUNet, SegmentationHead
 
 
 PROBABILITY_FLOOR = 1e-6  # log(probabilities) as logits: pasted background is exactly 0 elsewhere
@@ -96,6 +101,8 @@ class DynamicSegmenter(VolumeSegmenter):
         phase_ends: training batches (micro-batches) at which phases 1 and 2 end.
         grad_accum: micro-batches per optimizer step (the Decision Network's lr restarts
             at the optimizer step where phase 3 begins).
+        load_pretrained: load backbone segmenters' ``pretrained`` weights (False when a
+            checkpoint brings them anyway).
 
     ``forward(batch)``: ``batch["image"] (N, M, H, W)`` slices and ``batch["label"] (N, H, W)``
     -> ``{"loss", ...}``. ``forward_logits(volume (B, M, H, W, T))``: eval-mode decisions,
@@ -103,7 +110,8 @@ class DynamicSegmenter(VolumeSegmenter):
     """
 
     def __init__(self, model_cfg, in_chans: int, num_classes: int, slice_size: Sequence[int],
-                 criterion: Criterion, phase_ends: Sequence[int] = (0, 0), grad_accum: int = 1) -> None:
+                 criterion: Criterion, phase_ends: Sequence[int] = (0, 0), grad_accum: int = 1,
+                 load_pretrained: bool = True) -> None:
         super().__init__()
         self.config = model_cfg
         self.paths: tuple[str, ...] = tuple(model_cfg.paths)
@@ -116,11 +124,10 @@ class DynamicSegmenter(VolumeSegmenter):
         self.bits = tuple(int(b) for b in model_cfg.bits) if model_cfg.form == "v2" else ()
         self.tau = float(model_cfg.tau)
         self.decision = create_slice_classifier(model_cfg.decision, in_chans, len(self.paths))
-        unet = dict(spatial_dims=2, in_chans=in_chans, blocks=tuple(model_cfg.blocks), norm=model_cfg.norm)
-        self.segmenters = nn.ModuleList(ResidualUNet(width=w, **unet) for w in model_cfg.widths)
+        self.segmenters = nn.ModuleList(build_path_segmenters(model_cfg, in_chans, self.slice_size[0], load_pretrained))
+        self.check_sizes()
         self.heads = nn.ModuleDict({
-            path: SegmentationHead(2, self.segmenter_of(path).width, num_classes, model_cfg.norm)
-            for path in self.paths if path != SKIP
+            path: self.segmenter_of(path).make_head(num_classes) for path in self.paths if path != SKIP
         })
         self.locator = create_slice_classifier(model_cfg.locator, in_chans, 2) if CROP in self.paths else None
         if self.bits:
@@ -136,7 +143,29 @@ class DynamicSegmenter(VolumeSegmenter):
     def in_chans(self) -> int:
         return self._in_chans
 
-    def segmenter_of(self, path: str) -> ResidualUNet:
+    @property
+    def stride(self) -> int:
+        """Slice sides must be multiples of it (the segmenters' largest stride)."""
+        return max(int(s.stride) for s in self.segmenters)
+
+    def check_sizes(self) -> None:
+        """Refuse a training slice or crop size a segmenter cannot take (a backbone built
+        for one input size, a side that is not a multiple of the stride)."""
+        sides = [("data.img_size", self.slice_size[0])]
+        if CROP in self.paths:
+            sides.append(("model.crop_size", self.crop_size))
+        for i, segmenter in enumerate(self.segmenters):
+            fixed = getattr(segmenter, "fixed_size", None)
+            for key, side in sides:
+                if side % segmenter.stride:
+                    raise ConfigError(f"{key} {side} must be a multiple of the segmenter's stride {segmenter.stride}")
+                if fixed is not None and side != fixed:
+                    raise ConfigError(
+                        f"{getattr(segmenter, 'where', 'the segmenter')} takes only {fixed} px slices but {key} is "
+                        f"{side}: set its options.dynamic_img_size: true (ViT, Swin) or use a convolutional backbone"
+                    )
+
+    def segmenter_of(self, path: str) -> nn.Module:
         if path in (CROP, WHOLE):
             return self.segmenters[0]
         return self.segmenters[self.paths.index(path) - 1]
@@ -174,7 +203,7 @@ class DynamicSegmenter(VolumeSegmenter):
         else:
             run_stage = None
         features = segmenter.forward_stages(x, run_stage)
-        return self.heads[path](features), (torch.stack(chosen, 1) if chosen else None)
+        return self.heads[path](features, x.shape[-2:]), (torch.stack(chosen, 1) if chosen else None)
 
     def path_probabilities(self, path: str, x: torch.Tensor, quantize: bool):
         """Class probabilities of ``path`` on whole slices ``x (N, M, H, W)``:
@@ -217,7 +246,7 @@ class DynamicSegmenter(VolumeSegmenter):
                 if path == CROP:
                     self.locator(x)
                     x = x[..., : self.crop_size, : self.crop_size]
-                self.heads[path](segmenter.forward_stages(x, run_stage))
+                self.heads[path](segmenter.forward_stages(x, run_stage), x.shape[-2:])
         finally:
             self.train(was_training)
         return stage_flops, int(total.get_total_flops()) - sum(stage_flops)

@@ -64,7 +64,7 @@ class DynamicTask(SegmentationTask):
         cfg.train.find_unused_parameters = True
         criterion = build_criterion(cfg.loss, LossContext(2, 2))  # unknown terms fail before any data is read
         with torch.device("meta"):  # unknown networks too, at no cost
-            DynamicSegmenter(cfg.model, cfg.in_chans, 2, cfg.slice_size, criterion)
+            DynamicSegmenter(cfg.model, cfg.in_chans, 2, cfg.slice_size, criterion, load_pretrained=False)
         return cfg
 
     def input_channels(self, cfg: DynamicConfig) -> tuple[int, str]:
@@ -81,7 +81,7 @@ class DynamicTask(SegmentationTask):
         spec = label_spec_of(derived)
         criterion = build_criterion(cfg.loss, LossContext(spec.num_classes, 2))
         model = DynamicSegmenter(cfg.model, cfg.in_chans, spec.num_classes, cfg.slice_size, criterion,
-                                 phase_ends(cfg), cfg.train.grad_accum)
+                                 phase_ends(cfg), cfg.train.grad_accum, load_pretrained=pretrained)
         model.label_spec, model.roi_size = spec, (*cfg.slice_size, 1)
         plan = derived.get("data_plan")
         model.data_plan = DataPlan.from_json(plan) if plan else DataPlan.untouched(cfg.in_chans)
