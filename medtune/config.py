@@ -57,19 +57,32 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Set each ``a.b=value`` in the nested mapping ``data`` (in place, returned)."""
+    """Set each ``a.b=value`` in the nested mapping ``data`` (in place, returned); a number
+    indexes a list (``model.backbones.0.pretrained=RUN``)."""
     for text in overrides:
         path, value = parse_override(text)
         node = data
         for part in path[:-1]:
+            if isinstance(node, list):
+                node = node[_list_index(node, part, text)]
+                continue
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
-            if not isinstance(child, dict):
+            if not isinstance(child, (dict, list)):
                 raise ConfigError(f"override '{text}': '{part}' is not a section")
             node = child
-        node[path[-1]] = value
+        if isinstance(node, list):
+            node[_list_index(node, path[-1], text)] = value
+        else:
+            node[path[-1]] = value
     return data
+
+
+def _list_index(items: list, part: str, text: str) -> int:
+    if not str(part).isdigit() or int(part) >= len(items):
+        raise ConfigError(f"override '{text}': '{part}' is not an index of a list of {len(items)}")
+    return int(part)
 
 
 def _strip_optional(tp: Any) -> Any:

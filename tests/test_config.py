@@ -77,6 +77,15 @@ def test_overrides_apply_yaml_values(tmp_path: Path):
         apply_overrides({}, ["steps"])
 
 
+def test_overrides_index_lists_by_number():
+    data = {"model": {"backbones": [{"name": "a"}, {"name": "b"}], "bits": [8, 16]}}
+    apply_overrides(data, ["model.backbones.1.pretrained=runs/x", "model.bits.0=4"])
+    assert data == {"model": {"backbones": [{"name": "a"}, {"name": "b", "pretrained": "runs/x"}], "bits": [4, 16]}}
+    for bad in ("model.backbones.2.name=c", "model.backbones.first.name=c"):
+        with pytest.raises(ConfigError, match="is not an index of a list of 2"):
+            apply_overrides(data, [bad])
+
+
 @dataclass
 class Shape:
     """A tagged union: ``kind`` picks the dataclass."""

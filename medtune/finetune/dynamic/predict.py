@@ -5,7 +5,7 @@ prediction writes it), ``<case>.dynamic.json``::
 
     {"case": ..., "slice_fit": "pad", "slice_size": [h, w], "fitted_size": [H, W],
      "slices": [{"index": z, "choice": "skip" | "crop" | "whole" | "whole_w8" | "empty" | "outside",
-                 "bits": [16, 8, 8, 16] | null, "crop_origin": [y, x] | null,
+                 "bits": [16, 8, 8, 16] | null, "crop_origin": [y, x] | null,   # bits per quantized unit
                  "flops": counted, "decision_flops": counted, "path_flops": counted,
                  "cost_model_flops": ...}, ...],
      "dynamic": {"flops_counted", "cost_model_flops", "wall_s", ...},
@@ -16,7 +16,8 @@ prediction writes it), ``<case>.dynamic.json``::
 ``index`` counts slices of the training grid (the slice axis last); slices outside the
 case's foreground box are ``outside`` (nothing runs). FLOPs are counted with
 ``torch.utils.flop_counter`` on what ran; ``cost_model_flops`` scales each quantized
-encoder stage's counted FLOPs by ``bits / 32`` (the paper's cost model: it is not a
+unit's counted FLOPs (the residual U-Net's encoder stages; a backbone segmenter's whole
+backbone) by ``bits / 32`` (the paper's cost model: it is not a
 time). Wall times are measured on passes without FLOP counting (the FLOPs come from a second,
 counted pass of the same decisions). ``dynamic_summary.json`` sums the cases.
 """
@@ -40,7 +41,7 @@ REPORT_SUFFIX = ".dynamic.json"
 SUMMARY_FILE = "dynamic_summary.json"
 COST_MODEL_NOTE = (
     "flops_counted: torch.utils.flop_counter on the operations that ran (matmuls and convolutions; a "
-    "multiply-add = 2). cost_model_flops: the same, each quantized encoder stage scaled by bits/32 (the "
+    "multiply-add = 2). cost_model_flops: the same, each quantized unit (encoder stage, or backbone) scaled by bits/32 (the "
     "Med-DANet V2 cost model, not a measured time). wall_s: measured on a pass without FLOP counting."
 )
 

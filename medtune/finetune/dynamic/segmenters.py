@@ -108,7 +108,8 @@ class BackbonePathSegmenter(nn.Module):
         for name in getattr(self.decoder, "head_modules", ()):
             setattr(self.decoder, name, None)
         self.takes_image = bool(getattr(self.decoder, "takes_image", False))
-        self.stride = max(self.backbone.feature_strides)
+        # sides must divide by the backbone's deepest stride and the decoder's (UperNet pools a plain ViT's maps to 32)
+        self.stride = int(max(*self.backbone.feature_strides, *getattr(self.decoder, "strides", ())))
         self.fixed_size = self.backbone.img_size
         self.stage_channels = (self.backbone.in_chans,)
         self.where = where

@@ -126,3 +126,27 @@ def test_params_lists_the_dynamic_model_per_volume_next_to_the_static_one(run, s
     assert dynamic["volumes"] == static["volumes"] == 3
     assert dynamic["parameters"] > static["parameters"] > 0
     assert dynamic["gflops_per_volume"] > 0 and static["gflops_per_volume"] > 0
+
+
+def test_a_backbone_segmenter_run_trains_predicts_and_reloads(recipe, synth_brats, tmp_path):
+    """``model.segmenter: backbone`` through the CLI: a tiny ViT + U-Net decoder dynamic run, its
+    weights reloaded by ``predict`` (one bit width per slice: the backbone is one unit)."""
+    folder = tmp_path / "vit_run"
+    backbone = {"name": "vit_tiny_patch16_224", "options": {"depth": 4, "dynamic_img_size": True}}
+    overrides = ["model.segmenter=backbone", f"model.backbones=[{json.dumps(backbone)}]", "model.decoder=unet",
+                 "model.decoder_options={channels: [8, 8, 8, 8]}", "model.widths=[16]", "train.max_steps=3",
+                 "train.eval_every=3"]
+    assert main(["finetune", "--task", "dynamic", "--config", str(recipe), "--data", str(synth_brats),
+                 "--output", str(folder), "--set", *overrides]) == 0
+    out = tmp_path / "preds"
+    assert main(["predict", "--model", str(folder), "--input", str(synth_brats), "--output", str(out)]) == 0
+    case = sorted(p for p in synth_brats.iterdir() if p.is_dir())[0]
+    report = json.loads((out / f"{case.name}.dynamic.json").read_text())
+    assert {row["choice"] for row in report["slices"]} <= {"skip", "crop", "whole", "empty", "outside"}
+    ran = [row for row in report["slices"] if row["choice"] in ("crop", "whole")]
+    assert all(len(row["bits"]) == 1 and row["path_flops"] > 0 for row in ran)
+    assert report["static"]["flops_counted"] > 0  # the reloaded backbone + decoder ran every slice
+    from medtune.finetune.weights import load_trained
+
+    model = load_trained(folder).model
+    assert model.config.segmenter == "backbone" and len(model.selectors) == 1

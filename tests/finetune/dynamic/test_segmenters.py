@@ -120,7 +120,8 @@ def test_pretrained_backbone_weights_load_into_the_segmenter(tmp_path):
     ({"backbones": [{**VIT, "img_size": 32}]}, "model.backbones[0].img_size is the run's"),
     ({"backbones": [{**VIT, "colour": 1}]}, "model.backbones[0]"),
     ({"adapter": {"method": "med-tuning"}}, "mixes the slices of a volume"),
-    ({"crop_size": 40}, "model.crop_size 40 must be a multiple of the segmenter's stride 16"),
+    ({"crop_size": 48}, "model.crop_size 48 must be a multiple of the segmenter's stride 32"),  # UperNet's
+    ({"crop_size": 40, "decoder": "unet", "decoder_options": {}}, "model.crop_size 40 must be a multiple of the segmenter's stride 16"),
 ])
 def test_what_a_backbone_segmenter_cannot_take_is_refused_naming_the_key(model, message):
     with pytest.raises((ConfigError, ValueError), match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -130,3 +131,21 @@ def test_what_a_backbone_segmenter_cannot_take_is_refused_naming_the_key(model, 
 def test_the_resunet_segmenter_refuses_backbone_sections():
     with pytest.raises((ConfigError, ValueError), match="model.backbones is for model.segmenter: backbone"):
         from_dict(DynamicConfig, {"data": {"mode": "2d", "img_size": 64}, "model": {"backbones": [VIT]}})
+
+
+def test_the_fremae_vit_recipe_loads_with_its_backbone_run_set_on_the_command_line():
+    import yaml
+
+    from medtune.config import apply_overrides
+    from medtune.finetune.dynamic.task import TASK
+
+    from tests import REPO
+
+    raw = yaml.safe_load((REPO / "configs" / "meddanet_v2_fremae_vit_b16.yaml").read_text())
+    raw.pop("task")
+    apply_overrides(raw, ["model.backbones.0.pretrained=runs/mine"])
+    cfg = TASK.load_config(raw)  # builds the whole model on the meta device
+    (backbone,) = cfg.model.backbone_configs(cfg.in_chans, cfg.data.img_size)
+    assert (backbone.name, backbone.pretrained, backbone.img_size, backbone.in_chans) == (
+        "vit_base_patch16_224", "runs/mine", 128, 4)
+    assert cfg.model.segmenter == "backbone" and cfg.model.paths == ("skip", "crop", "whole")
