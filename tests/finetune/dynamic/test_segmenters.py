@@ -149,3 +149,15 @@ def test_the_fremae_vit_recipe_loads_with_its_backbone_run_set_on_the_command_li
     assert (backbone.name, backbone.pretrained, backbone.img_size, backbone.in_chans) == (
         "vit_base_patch16_224", "runs/mine", 128, 4)
     assert cfg.model.segmenter == "backbone" and cfg.model.paths == ("skip", "crop", "whole")
+
+
+def test_a_lora_backbone_trains_only_its_lora_tensors_at_the_selected_bits():
+    cfg = config(adapter={"method": "lora", "r": 4}, decoder="unet", decoder_options={"channels": [8, 8, 8, 8]},
+                 crop_size=16)
+    model = build(cfg, phase_ends=(0, 1)).train()  # phase 2 at once: the backbone runs at both widths
+    out = model({"image": torch.randn(2, 4, 64, 64), "label": torch.randint(0, 3, (2, 64, 64))})
+    out["loss"].backward()
+    backbone = {name: p for name, p in model.named_parameters() if ".backbone." in name}
+    trained = {name for name, p in backbone.items() if p.grad is not None}
+    assert out["phase"] == 2 and trained == {name for name, p in backbone.items() if p.requires_grad}
+    assert trained and all(".lora_" in name for name in trained)
