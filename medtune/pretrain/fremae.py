@@ -16,6 +16,8 @@ The steps, named as in the paper:
 4. ``forward_loss``: focal frequency loss between the *high band* of the full-resolution
    prediction and of the (unmasked) input, and between the *low band* of the 1/4
    prediction and of the input average-pooled 4x. Total = 1.0 L_high + 1.3 L_low.
+   ``target_norm`` (off by default, not in the paper) standardises each band's target
+   per (sample, modality), as MAE's normalised pixels.
 
 The targets cover the whole image, not only the masked pixels. One implementation
 serves 2D slices ``(B, M, H, W)`` and 3D crops ``(B, M, H, W, D)`` (spectra over all
@@ -41,6 +43,7 @@ from medtune.pretrain.frequency import (
     band_mask,
     inverse_spectrum,
     spectrum,
+    standardised_band_target,
 )
 from medtune.pretrain.mae import fill_mask_tokens, require_vit, vit_forward_visible
 from medtune.pretrain.masking import PatchMask, foreground_of, pixel_masking, random_masking, upsample_mask
@@ -116,6 +119,7 @@ class FreMAE(nn.Module):
         self.low_weight = cfg.low_weight
         self.loss_kind = cfg.loss
         self.focal_alpha = cfg.focal_alpha
+        self.target_norm = cfg.target_norm
 
         size = backbone_image_size(backbone)
         if size % self.low_pool:
@@ -182,10 +186,24 @@ class FreMAE(nn.Module):
         transferable = getattr(self.decoder, "transferable", None)
         return transferable() if callable(transferable) else None
 
+    def target_images(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The images whose bands the predictions are compared with: ``images``
+        ``(B, M, *S)`` for the high band and the pooled images ``(B, M, *S/low_pool)`` for
+        the low band; with ``target_norm`` each shifted and scaled per (sample, modality)
+        so that its band has mean 0 and variance 1."""
+        pooled = average_pool(images, self.low_pool, self.spatial_dims)
+        if not self.target_norm:
+            return images, pooled
+        return (
+            standardised_band_target(images, self.radius, self.filter_kind, "high", self.spatial_dims),
+            standardised_band_target(pooled, self.radius, self.filter_kind, "low", self.spatial_dims),
+        )
+
     def band_targets(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """High band of the image ``(B, M, *S, 2)`` and low band of the pooled image
-        ``(B, M, *S/low_pool, 2)``."""
-        return self.high_spectrum(images), self.low_spectrum(average_pool(images, self.low_pool, self.spatial_dims))
+        """High band of the target image ``(B, M, *S, 2)`` and low band of the pooled
+        target ``(B, M, *S/low_pool, 2)`` (see :meth:`target_images`)."""
+        target_high, target_low = self.target_images(images)
+        return self.high_spectrum(target_high), self.low_spectrum(target_low)
 
     def high_spectrum(self, x: Tensor) -> Tensor:
         mask = band_mask(x.shape[2:], self.radius, self.filter_kind, "high", x.device)
@@ -197,16 +215,16 @@ class FreMAE(nn.Module):
 
     def forward_loss(self, images: Tensor, pred_high: Tensor, pred_low: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Total, high-band and low-band losses for the unmasked ``images`` ``(B, M, *S)``."""
+        target_high, target_low = self.target_images(images)
         if self.loss_kind == "pixel":
-            loss_high = F.mse_loss(pred_high.float(), images.float())
-            loss_low = F.mse_loss(pred_low.float(), average_pool(images, self.low_pool, self.spatial_dims).float())
+            loss_high = F.mse_loss(pred_high.float(), target_high.float())
+            loss_low = F.mse_loss(pred_low.float(), target_low.float())
         else:
             # focal_frequency_loss of the band-filtered spectra (high_spectrum, low_spectrum),
             # from one real FFT of each band's difference
-            pooled = average_pool(images, self.low_pool, self.spatial_dims)
-            loss_high = band_focal_loss(pred_high, images, self.radius, self.filter_kind, "high",
+            loss_high = band_focal_loss(pred_high, target_high, self.radius, self.filter_kind, "high",
                                         self.focal_alpha, self.spatial_dims)
-            loss_low = band_focal_loss(pred_low, pooled, self.radius, self.filter_kind, "low",
+            loss_low = band_focal_loss(pred_low, target_low, self.radius, self.filter_kind, "low",
                                        self.focal_alpha, self.spatial_dims)
         return self.high_weight * loss_high + self.low_weight * loss_low, loss_high, loss_low
 

@@ -289,6 +289,42 @@ def band_focal_loss(
     return (coefficient * squared_distance).sum() / pred.numel()
 
 
+def standardised_band_target(
+    x: Tensor,
+    radius: float,
+    kind: FilterKind = "square",
+    keep: BandKeep = "low",
+    spatial_dims: int | None = None,
+    eps: float = 1e-6,
+) -> Tensor:
+    """``x`` shifted and scaled per (sample, channel) so that its ``keep`` band has no
+    zero-frequency bin and an energy of 1 per pixel, i.e. (for a symmetric band, whose
+    image is real) the band as an image has mean 0 and variance 1: the frequency
+    counterpart of MAE's normalised pixel targets (each slice's band counts alike,
+    whatever its contrast).
+
+    The band is linear, so the band of ``(x - mean(x)) / s`` is ``(band(x) - mean) / s``:
+    the mean only lives in the zero-frequency bin (inside the low band, never in the high
+    band). ``s^2`` is the band's energy without its zero bin over the pixel count (by
+    Parseval the band image's variance); ``eps`` (as MAE's 1e-6) keeps a flat slice finite.
+
+    Args:
+        x: ``(B, C, *S)`` real images (``spatial_dims`` defaults to ``ndim - 2``);
+            ``radius``, ``kind``, ``keep`` as :func:`band_mask`.
+
+    Returns:
+        ``(B, C, *S)`` float32, the target whose ``keep`` band is standardised.
+    """
+    spatial_dims = x.ndim - 2 if spatial_dims is None else spatial_dims
+    axes = spatial_axes(spatial_dims)
+    centred = x.float() - x.float().mean(dim=axes, keepdim=True)
+    half = torch.fft.rfftn(centred, dim=axes, norm="ortho")  # (B, C, *S[:-1], n//2+1)
+    count = half_band_count(x.shape[-spatial_dims:], radius, kind, keep, x.device)
+    energy = ((half.real.square() + half.imag.square()) * count).sum(dim=axes, keepdim=True)
+    variance = energy / x.shape[-spatial_dims:].numel()
+    return centred / (variance + eps).sqrt()
+
+
 def frequency_distance(pred_spec: Tensor, target_spec: Tensor, gamma: float = 1.0, eps: float = 1e-12) -> Tensor:
     """MFM's frequency distance ``(|F_pred - F_true|^2 + eps)^(gamma / 2)`` per bin.
 
@@ -416,6 +452,7 @@ __all__ = [
     "focal_frequency_loss",
     "half_band_count",
     "band_focal_loss",
+    "standardised_band_target",
     "frequency_distance",
     "GlobalFilter",
     "global_filter",

@@ -93,6 +93,10 @@ class FreMAEConfig(ObjectiveConfig):
     loss: str = "frequency"
     # exponent of the focal frequency weight log(1 + d^alpha)
     focal_alpha: float = 1.0
+    # loss "frequency". Standardise each band's target per (sample, modality): the band,
+    # as an image, gets mean 0 and variance 1 (MAE's normalised pixels in the frequency
+    # domain; not in FreMIM). false: the raw bands (the paper). See docs/fidelity.md
+    target_norm: bool = False
     # "light": medtune's multi-stage decoder over the backbone's stages, any backbone;
     # "unetr": the official whole network, MONAI SwinUNETR's UNETR blocks (swinunetr
     # backbones only) feeding the frequency heads; its blocks are saved for finetuning
@@ -126,6 +130,8 @@ class FreMAEConfig(ObjectiveConfig):
         check_one_of("decoder", self.decoder, ("light", "unetr"))
         check_one_of("filter_kind", self.filter_kind, FILTER_KINDS)
         check_one_of("loss", self.loss, ("frequency", "pixel"))
+        if self.target_norm and self.loss != "frequency":
+            raise ValueError("objective.target_norm standardises the frequency bands: it needs loss 'frequency'")
         if self.radius is None or self.radius < 0:
             raise ValueError(f"objective.radius must be a number >= 0, got {self.radius}")
         if self.low_pool < 1 or self.decoder_width < 1:

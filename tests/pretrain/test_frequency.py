@@ -230,3 +230,44 @@ def test_global_filter_equals_its_full_complex_formula(stored, size):
     grads = torch.autograd.grad((got * got.cos()).sum(), inputs)
     for grad, expected_grad in zip(grads, expected_grads):
         assert torch.allclose(grad, expected_grad, rtol=1e-4, atol=1e-5 * float(expected_grad.abs().max()))
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (7, 5), (6, 7, 5)])
+@pytest.mark.parametrize("kind", ["square", "square_official", "circle"])
+@pytest.mark.parametrize("keep", ["low", "high"])
+def test_standardised_band_target_gives_its_band_mean_0_variance_1(shape, kind, keep):
+    """The ``keep`` band of the standardised target (from the full shifted spectrum, not
+    the half-spectrum shortcut) has no zero-frequency bin and energy 1 per pixel, per
+    (sample, channel): as an image, mean 0 and variance 1 (for a symmetric band, whose
+    image is real); the target is the centred input scaled per (sample, channel), and a
+    scale and shift of a sample's channel does not change it."""
+    from medtune.pretrain.frequency import standardised_band_target
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, *shape, generator=gen) + 2.0
+    dims = len(shape)
+    axes = tuple(range(2, 2 + dims))
+    mask = band_mask(shape, 2, kind, keep)
+    target = standardised_band_target(x, 2, kind, keep, eps=0.0)
+    band = apply_band(spectrum(target, dims), mask)  # (2, 3, *S, 2)
+    centre = (slice(None), slice(None), *[n // 2 for n in shape])
+    assert float(band[centre].abs().max()) < 1e-4
+    assert torch.allclose(band.pow(2).flatten(2).sum(-1) / math.prod(shape), torch.ones(2, 3), atol=1e-4)
+    if kind != "square_official":
+        band_image = inverse_spectrum(band, dims)
+        assert torch.allclose(band_image.mean(axes), torch.zeros(2, 3), atol=1e-5)
+        assert torch.allclose(band_image.pow(2).mean(axes), torch.ones(2, 3), atol=1e-4)
+    # the target is the centred input, scaled per (sample, channel)
+    centred = x - x.mean(axes, keepdim=True)
+    scale = (centred * target).flatten(2).sum(-1) / centred.flatten(2).pow(2).sum(-1)  # (2, 3)
+    assert torch.allclose(target, centred * scale.view(2, 3, *[1] * dims), atol=1e-5)
+    a = torch.tensor([0.5, 3.0]).view(2, 1, *[1] * dims)
+    b = torch.tensor([1.0, -4.0, 0.3]).view(1, 3, *[1] * dims)
+    assert torch.allclose(standardised_band_target(a * x + b, 2, kind, keep, eps=0.0), target, atol=1e-4)
+
+
+def test_standardised_band_target_keeps_a_flat_image_finite():
+    from medtune.pretrain.frequency import standardised_band_target
+
+    flat = torch.full((1, 2, 8, 8), 5.0)
+    assert torch.equal(standardised_band_target(flat, 2, keep="high"), torch.zeros_like(flat))

@@ -379,3 +379,45 @@ def test_baseline_losses_by_hand(tiny_vit):
     expected = distance.pow(2)[removed.unsqueeze(1).expand_as(distance)].mean()
     assert float(squared.forward_loss(images, pred_image, removed)) == pytest.approx(float(expected), rel=1e-5)
 
+
+
+def test_fremae_target_norm_changes_the_targets_only(swinunetr):
+    """``target_norm`` off: the targets are the image and its pooled copy (the paper's
+    losses, pinned by hand above). On: the same model and predictions, each band's loss
+    against the standardised target, so a per-(sample, modality) scale and shift of the
+    image leaves the losses unchanged; the held-out zero-prediction baseline follows."""
+    from medtune.pretrain.frequency import band_focal_loss, standardised_band_target
+
+    torch.manual_seed(0)
+    backbone = swinunetr(2, 32)
+    plain = build_objective(FreMAEConfig(radius=2, decoder_width=8), backbone)
+    normed = build_objective(FreMAEConfig(radius=2, decoder_width=8, target_norm=True), backbone)
+    assert plain.state_dict().keys() == normed.state_dict().keys()
+    normed.load_state_dict(plain.state_dict())
+    images = blobs(2, (32, 32))["image"]
+    pooled = torch.nn.functional.avg_pool2d(images, 4)
+    target_high, target_low = plain.target_images(images)
+    assert torch.equal(target_high, images) and torch.equal(target_low, pooled)
+    with torch.no_grad():
+        pred_high, pred_low = plain.forward_decoder(plain.forward_encoder(images), (32, 32), images)
+        _, plain_high, plain_low = plain.forward_loss(images, pred_high, pred_low)
+        total, high, low = normed.forward_loss(images, pred_high, pred_low)
+        a = torch.tensor([2.0, 0.5]).view(2, 1, 1, 1)
+        b = torch.tensor([-1.0, 3.0]).view(1, 2, 1, 1)
+        _, high_affine, low_affine = normed.forward_loss(a * images + b, pred_high, pred_low)
+        zero_high, zero_low = normed.zero_prediction_losses(images)
+    assert float(plain_high) == pytest.approx(float(band_focal_loss(pred_high, images, 2, keep="high")), rel=1e-6)
+    expected_high = band_focal_loss(pred_high, standardised_band_target(images, 2, keep="high"), 2, keep="high")
+    expected_low = band_focal_loss(pred_low, standardised_band_target(pooled, 2, keep="low"), 2, keep="low")
+    assert float(high) == pytest.approx(float(expected_high), rel=1e-5)
+    assert float(low) == pytest.approx(float(expected_low), rel=1e-5)
+    assert float(total) == pytest.approx(float(high + 1.3 * low), rel=1e-5)
+    assert float(high) != pytest.approx(float(plain_high), rel=1e-2)
+    assert float(high_affine) == pytest.approx(float(high), rel=1e-4)
+    assert float(low_affine) == pytest.approx(float(low), rel=1e-4)
+    zero = torch.zeros_like(images)
+    assert float(zero_high) == pytest.approx(
+        float(band_focal_loss(zero, standardised_band_target(images, 2, keep="high"), 2, keep="high")), rel=1e-5)
+    assert float(zero_low) > 0
+    with pytest.raises(ValueError, match="target_norm"):
+        FreMAEConfig(target_norm=True, loss="pixel")
