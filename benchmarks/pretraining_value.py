@@ -88,6 +88,8 @@ def parse_args() -> argparse.Namespace:
                         help="extra objective settings of the FreMAE arm (e.g. mask_ratio=0.5), for investigations")
     parser.add_argument("--full-lr", type=float, default=FULL_LR,
                         help=f"learning rate of (b) full finetuning (default {FULL_LR:g}, Med-Tuning's)")
+    parser.add_argument("--full-layer-decay", type=float, default=None,
+                        help="layer-wise lr decay of (b) full finetuning (optim.layer_decay; default none)")
     parser.add_argument("--jobs", type=int, default=2, help="(seed, arm) chains run side by side (default 2 processes)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: these tiny models only lose time to more threads, "
@@ -171,6 +173,8 @@ def finetune(work: Path, labeled: Path, val_fraction: float, arm: str, mode: str
         ]
         if mode == "full":
             sets += ['adapter={"method": "full"}', f"train.optim.lr={budget['full_lr']}"]
+            if budget["full_layer_decay"] is not None:
+                sets.append(f"train.optim.layer_decay={budget['full_layer_decay']}")
         medtune("finetune", "--config", str(REPO / "configs" / "demo_finetune.yaml"), "--data", str(labeled),
                 *backbone, "--output", str(run), "--set", *sets)
     summary = json.loads((run / "summary.json").read_text())
@@ -180,7 +184,10 @@ def finetune(work: Path, labeled: Path, val_fraction: float, arm: str, mode: str
 def run_tag(mode: str, budget: dict) -> str:
     """A finetuning run's folder prefix: the mode, and full finetuning's learning rate when
     it is not the default (so a cached run is never reused at another rate)."""
-    return f"full-lr{budget['full_lr']:g}" if mode == "full" and budget["full_lr"] != FULL_LR else mode
+    if mode != "full":
+        return mode
+    tag = f"full-lr{budget['full_lr']:g}" if budget["full_lr"] != FULL_LR else mode
+    return tag if budget.get("full_layer_decay") is None else f"{tag}-ld{budget['full_layer_decay']:g}"
 
 
 def present_scores(work: Path, arm: str, mode: str, seed: int, budget: dict) -> dict:
@@ -380,6 +387,7 @@ def main() -> int:
     if args.finetune_steps:
         budget["finetune_steps"] = args.finetune_steps
     budget["full_lr"] = args.full_lr
+    budget["full_layer_decay"] = args.full_layer_decay
     seeds = args.seeds if args.seeds is not None else list(budget["seeds"])
     extra = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.fremae)}
     arms = [a for a in ARMS if a in args.arms]
@@ -405,7 +413,9 @@ def main() -> int:
               results["med-tuning"]),
         table("(a) the same runs, each region averaged over the validation cases that have it",
               results["med-tuning present"]),
-        table(f"(b) full finetuning (learning rate {budget['full_lr']:g}): validation Dice at the last step "
+        table(f"(b) full finetuning (learning rate {budget['full_lr']:g}"
+              + (f", layer decay {budget['full_layer_decay']:g}" if budget["full_layer_decay"] is not None else "")
+              + "): validation Dice at the last step "
               "(BraTS rules)", results["full"]),
         table("(b) the same runs, each region averaged over the validation cases that have it",
               results["full present"]),

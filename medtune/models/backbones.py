@@ -20,6 +20,7 @@ run folder's ``backbone.safetensors`` holds. Local pretrained weights are loaded
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -132,6 +133,21 @@ class Backbone(nn.Module):
         """Parameter names (ours, ``model.<...>``) timm exempts from weight decay."""
         names = getattr(self.model, "no_weight_decay", None)
         return {f"model.{name}" for name in names()} if callable(names) else set()
+
+    def layer_ids(self) -> dict[str, int]:
+        """Depth of each parameter, for layer-wise learning-rate decay: our names
+        (``model.<...>``) -> 0 (the stem) ... K (the last layer). timm networks group
+        their parameters with their own ``group_matcher(coarse=False)`` (as timm's
+        ``param_groups_layer_decay``: a ViT's final norm joins its last block; parameters
+        no rule matches, such as inserted prompts, join the last layer)."""
+        from timm.models import group_parameters
+
+        matcher = getattr(self.model, "group_matcher", None)
+        if not callable(matcher):
+            raise ConfigError(f"{type(self.model).__name__} defines no layers (no timm group_matcher), "
+                              "so optim.layer_decay cannot apply to it")
+        ids = group_parameters(self.model, matcher(coarse=False), reverse=True)
+        return {f"model.{name}": int(i) for name, i in ids.items()}
 
     def check_input(self, x: torch.Tensor) -> None:
         """Refuse an input whose rank, channels or size would give wrong stage shapes."""
@@ -412,6 +428,15 @@ class MonaiSwinBackbone(Backbone):
 
     def extract_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.model(x, self.normalize)
+
+    def layer_ids(self) -> dict[str, int]:
+        """The patch embedding is layer 0, Swin layer ``k`` (``layers{k}``, and its
+        ``layers{k}c`` convolution in SwinUNETR v2) is layer ``k``."""
+        ids = {}
+        for name, _ in self.model.named_parameters():
+            match = re.match(r"layers(\d+)", name)
+            ids[f"model.{name}"] = int(match.group(1)) if match else 0
+        return ids
 
 
 @BACKBONES.register("swinunetr")

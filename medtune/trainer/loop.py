@@ -35,6 +35,7 @@ from medtune.trainer.setup import (
     build_loader,
     build_optimizer,
     group_lr_factors,
+    layer_decay_groups,
     make_accelerator,
     split_lr_groups,
 )
@@ -116,6 +117,11 @@ def train(
     if not engine.sharded:
         _use_sync_batchnorm(accelerator, model)
     lr_groups = model.lr_groups() if callable(getattr(model, "lr_groups", None)) else []
+    if cfg.optim.layer_decay is not None and cfg.optim.layer_decay < 1.0:
+        decayed = layer_decay_groups(model, cfg.optim.layer_decay)
+        lr_groups = [*lr_groups, *decayed]  # the model's own groups match first
+        log.info("layer-wise lr decay %g: %d backbone layer groups, from %.3g x the lr (stem) to %g x",
+                 cfg.optim.layer_decay, len(decayed), min(g.scale for g in decayed), max(g.scale for g in decayed))
     if lr_groups and engine.sharded:
         raise ConfigError(f"{type(model).__name__} trains parts at their own learning rates, which the "
                           f"{engine.kind} engine does not support; train it with DDP (one or more processes)")

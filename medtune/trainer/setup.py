@@ -71,13 +71,36 @@ def resolve_mixed_precision(requested: str) -> str:
 @dataclass
 class LrGroup:
     """A model's parameters with their own learning rate: those whose names start with
-    ``prefix`` train at ``scale`` x the run's lr, and their schedule (warmup, then decay to
-    the run's last step) starts again at optimizer step ``restart`` (0: the run's own).
-    A model asks for them with a method ``lr_groups() -> list[LrGroup]``."""
+    ``prefix`` (or one of several prefixes) train at ``scale`` x the run's lr, and their
+    schedule (warmup, then decay to the run's last step) starts again at optimizer step
+    ``restart`` (0: the run's own). A model asks for them with a method
+    ``lr_groups() -> list[LrGroup]``."""
 
-    prefix: str
+    prefix: str | tuple[str, ...]
     scale: float = 1.0
     restart: int = 0
+
+
+def layer_decay_groups(model: nn.Module, decay: float) -> list[LrGroup]:
+    """``optim.layer_decay``'s groups: for every backbone in ``model`` with layers
+    ``0..K`` (:meth:`~medtune.models.backbones.Backbone.layer_ids`), layer ``i`` at
+    ``decay ** (K + 1 - i)`` x the lr; the rest of the model, as BEiT's and MAE's
+    classification head, stays at the lr. Each parameter is named exactly (a group's
+    prefixes are full parameter names)."""
+    from medtune.models.backbones import Backbone
+
+    backbones = [(name, m) for name, m in model.named_modules() if isinstance(m, Backbone)]
+    if not backbones:
+        raise ConfigError(f"optim.layer_decay: {type(model).__name__} holds no medtune backbone to decay")
+    groups = []
+    for prefix, backbone in backbones:
+        ids = backbone.layer_ids()
+        top = max(ids.values())
+        names: dict[int, list[str]] = {}
+        for name, _ in backbone.named_parameters():
+            names.setdefault(ids.get(name, top), []).append(f"{prefix}.{name}" if prefix else name)
+        groups += [LrGroup(tuple(names[i]), decay ** (top + 1 - i)) for i in sorted(names)]
+    return groups
 
 
 def split_lr_groups(model: nn.Module, params: Sequence[nn.Parameter], groups: Sequence[LrGroup]) -> list[dict]:
@@ -87,7 +110,7 @@ def split_lr_groups(model: nn.Module, params: Sequence[nn.Parameter], groups: Se
     buckets: list[list[nn.Parameter]] = [[] for _ in range(len(groups) + 1)]
     for param in params:
         name = names.get(id(param), "")
-        index = next((i + 1 for i, g in enumerate(groups) if name.startswith(g.prefix)), 0)
+        index = next((i + 1 for i, g in enumerate(groups) if name.startswith(g.prefix)), 0)  # str or tuple
         buckets[index].append(param)
     return [{"params": bucket, "group": group} for bucket, group in zip(buckets, [None, *groups]) if bucket]
 
