@@ -51,6 +51,7 @@ from medtune.pretrain.objectives import (
     SimMIMConfig,
     build_objective,
 )
+from medtune.trainer.setup import tune_host_allocator
 
 VARIANTS: dict[str, ObjectiveConfig] = {
     "fremae": FreMAEConfig(),
@@ -80,6 +81,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="also print the FreMAE step's costliest ops")
     parser.add_argument("--compile", action="store_true",
                         help="also time each variant compiled with torch.compile (rows '<variant>+compile', as train.compile)")
+    parser.add_argument("--host-allocator", choices=("tuned", "default"), default="tuned",
+                        help="glibc malloc as training sets it (train.tune_host_allocator, default) or the C "
+                        "library's defaults; benchmarks/host_allocator.py compares the two")
     return parser.parse_args()
 
 
@@ -147,6 +151,8 @@ def step_flops(step: Callable[[], torch.Tensor]) -> int:
 
 def main() -> None:
     args = parse_args()
+    if args.host_allocator == "tuned":
+        tune_host_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     batch = make_batch(args)

@@ -38,6 +38,7 @@ from medtune.trainer.setup import (
     layer_decay_groups,
     make_accelerator,
     split_lr_groups,
+    tune_host_allocator,
 )
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,8 @@ def train(
             f"{cfg.batch_size}; lower train.batch_size or add data"
         )
 
+    if cfg.tune_host_allocator:
+        tune_host_allocator()
     engine = engine_for(accelerator, model)
     if cfg.compile:  # in place, before any wrapper: the weights keep their names
         from torch._inductor import config as inductor_config
