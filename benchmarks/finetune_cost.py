@@ -141,9 +141,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (as mixed_precision: bf16)")
     parser.add_argument("--json", default=None, help="append one JSON object per method to this file")
+    parser.add_argument("--host-allocator", choices=("tuned", "default"), default="tuned",
+                        help="glibc malloc as training sets it (train.tune_host_allocator, default) or its defaults")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:  # one method in a fresh process (clean peak RSS)
+        if args.host_allocator == "tuned":
+            from medtune.trainer.setup import tune_host_allocator
+
+            tune_host_allocator()
         sys.stdout.write(json.dumps(measure(args, args.worker)) + "\n")
         return
 

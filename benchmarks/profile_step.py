@@ -37,6 +37,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="profiled steps (default 3)")
     parser.add_argument("--rows", type=int, default=12, help="operators shown (default 12)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--host-allocator", choices=("tuned", "default"), default="tuned",
+                        help="glibc malloc as training sets it (train.tune_host_allocator, default) or its defaults")
     return parser.parse_args()
 
 
@@ -113,6 +115,10 @@ def print_profile(step: Callable[[], None], args: argparse.Namespace) -> None:
 
 def main() -> None:
     args = parse_args()
+    if args.host_allocator == "tuned":
+        from medtune.trainer.setup import tune_host_allocator
+
+        tune_host_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
