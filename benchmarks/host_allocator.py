@@ -59,7 +59,9 @@ def main() -> int:
     for name in rates["default"]:
         default, tuned = rates["default"][name], rates["tuned"][name]
         ratio = statistics.median(t / d for t, d in zip(tuned, default))
-        print(f"{name:>10}  {statistics.median(default):9.1f}  {statistics.median(tuned):9.1f}  {ratio:13.2f}")
+        rounds = "  ".join(f"{d:.1f}/{t:.1f}" for d, t in zip(default, tuned))
+        print(f"{name:>10}  {statistics.median(default):9.1f}  {statistics.median(tuned):9.1f}  {ratio:13.2f}"
+              f"   per round {rounds}")
     return 0
 
 
