@@ -124,14 +124,12 @@ class LrGroup:
 
 
 def layer_decay_groups(model: nn.Module, decay: float) -> list[LrGroup]:
-    """``optim.layer_decay``'s groups: for every backbone in ``model`` with layers
-    ``0..K`` (:meth:`~medtune.models.backbones.Backbone.layer_ids`), layer ``i`` at
-    ``decay ** (K + 1 - i)`` x the lr; the rest of the model, as BEiT's and MAE's
-    classification head, stays at the lr. Each parameter is named exactly (a group's
-    prefixes are full parameter names)."""
-    from medtune.models.backbones import Backbone
-
-    backbones = [(name, m) for name, m in model.named_modules() if isinstance(m, Backbone)]
+    """``optim.layer_decay``'s groups: for every backbone in ``model`` (a module with a
+    ``layer_ids()`` method, as :meth:`medtune.models.backbones.Backbone.layer_ids`) with
+    layers ``0..K``, layer ``i`` at ``decay ** (K + 1 - i)`` x the lr; the rest of the
+    model, as BEiT's and MAE's classification head, stays at the lr. Each parameter is
+    named exactly (a group's prefixes are full parameter names)."""
+    backbones = [(name, m) for name, m in model.named_modules() if callable(getattr(m, "layer_ids", None))]
     if not backbones:
         raise ConfigError(f"optim.layer_decay: {type(model).__name__} holds no medtune backbone to decay")
     groups = []
