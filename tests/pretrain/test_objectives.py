@@ -380,7 +380,6 @@ def test_baseline_losses_by_hand(tiny_vit):
     assert float(squared.forward_loss(images, pred_image, removed)) == pytest.approx(float(expected), rel=1e-5)
 
 
-
 def test_fremae_target_norm_changes_the_targets_only(swinunetr):
     """``target_norm`` off: the targets are the image and its pooled copy (the paper's
     losses, pinned by hand above). On: the same model and predictions, each band's loss
