@@ -83,6 +83,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; --quick: 0)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS, help="arms to run (default all)")
     parser.add_argument("--pretrain-steps", type=int, default=None, help="override the pretraining steps")
+    parser.add_argument("--arm-steps", nargs="*", default=[], metavar="ARM=STEPS",
+                        help="pretraining steps of single arms (e.g. mae=1000 simmim=1000: an equal-time "
+                        "comparison with FreMAE's slower steps; the report prints each arm's samples/s)")
     parser.add_argument("--finetune-steps", type=int, default=None, help="override the finetuning steps")
     parser.add_argument("--fremae", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra objective settings of the FreMAE arm (e.g. mask_ratio=0.5), for investigations")
@@ -148,24 +151,37 @@ def pretrain_recipe(objective: str, budget: dict, seed: int, extra: dict) -> dic
     return recipe
 
 
+def pretrain_steps(arm: str, budget: dict) -> int:
+    """The pretraining steps of ``arm`` (``--arm-steps``, else the budget's)."""
+    return budget["arm_steps"].get(arm, budget["pretrain_steps"])
+
+
+def arm_label(arm: str, budget: dict) -> str:
+    """The arm's name in run folders and tables: the objective, with its pretraining steps
+    when they are not the scale's default (so a cached run is never reused at other steps)."""
+    steps = pretrain_steps(arm, budget)
+    return arm if arm == "none" or steps == budget["default_pretrain_steps"] else f"{arm}-{steps}"
+
+
 def pretrain(work: Path, unlabeled: Path, objective: str, seed: int, budget: dict, extra: dict) -> Path:
-    run = work / "pretrain" / f"{objective}-seed{seed}"
+    run = work / "pretrain" / f"{arm_label(objective, budget)}-seed{seed}"
     if not (run / "backbone.safetensors").is_file():
         shutil.rmtree(run, ignore_errors=True)
-        recipe_file = work / "recipes" / f"pretrain-{objective}-seed{seed}.yaml"
+        recipe_file = work / "recipes" / f"pretrain-{arm_label(objective, budget)}-seed{seed}.yaml"
         recipe_file.parent.mkdir(parents=True, exist_ok=True)
-        recipe_file.write_text(yaml.safe_dump(pretrain_recipe(objective, budget, seed, extra)))
+        recipe = pretrain_recipe(objective, {**budget, "pretrain_steps": pretrain_steps(objective, budget)}, seed, extra)
+        recipe_file.write_text(yaml.safe_dump(recipe))
         medtune("pretrain", "--config", str(recipe_file), "--data", str(unlabeled), "--output", str(run))
     return run
 
 
 def finetune(work: Path, labeled: Path, val_fraction: float, arm: str, mode: str, seed: int, budget: dict) -> dict:
     """Validation Dice per region at the last step of one finetuning run."""
-    run = work / "finetune" / f"{run_tag(mode, budget)}-{arm}-seed{seed}"
+    run = work / "finetune" / f"{run_tag(mode, budget)}-{arm_label(arm, budget)}-seed{seed}"
     if not (run / "summary.json").is_file():
         shutil.rmtree(run, ignore_errors=True)
         steps = budget["finetune_steps"]
-        backbone = [] if arm == "none" else ["--backbone", str(work / "pretrain" / f"{arm}-seed{seed}")]
+        backbone = [] if arm == "none" else ["--backbone", str(work / "pretrain" / f"{arm_label(arm, budget)}-seed{seed}")]
         sets = [
             f"data.val_fraction={val_fraction}", f"train.max_steps={steps}", f"train.seed={seed}",
             f"train.eval_every={steps}", f"train.save_every={steps}", f"train.log_every={max(1, steps // 5)}",
@@ -182,11 +198,15 @@ def finetune(work: Path, labeled: Path, val_fraction: float, arm: str, mode: str
 
 
 def run_tag(mode: str, budget: dict) -> str:
-    """A finetuning run's folder prefix: the mode, and full finetuning's learning rate when
-    it is not the default (so a cached run is never reused at another rate)."""
+    """A finetuning run's folder prefix: the mode, its steps when they are not the scale's
+    default, and full finetuning's learning rate and layer decay when they are not the
+    defaults (so a cached run is never reused under other settings)."""
+    tag = mode
+    if budget["finetune_steps"] != budget["default_finetune_steps"]:
+        tag += f"-{budget['finetune_steps']}steps"
     if mode != "full":
-        return mode
-    tag = f"full-lr{budget['full_lr']:g}" if budget["full_lr"] != FULL_LR else mode
+        return tag
+    tag += f"-lr{budget['full_lr']:g}" if budget["full_lr"] != FULL_LR else ""
     return tag if budget.get("full_layer_decay") is None else f"{tag}-ld{budget['full_layer_decay']:g}"
 
 
@@ -203,10 +223,10 @@ def present_scores(work: Path, arm: str, mode: str, seed: int, budget: dict) -> 
     from medtune.finetune.segmentation.metrics import dice_scores
     from medtune.finetune.weights import load_trained
 
-    scores = work / "scores" / f"{run_tag(mode, budget)}-{arm}-seed{seed}.json"
+    scores = work / "scores" / f"{run_tag(mode, budget)}-{arm_label(arm, budget)}-seed{seed}.json"
     if scores.is_file():
         return json.loads(scores.read_text())
-    run = work / "finetune" / f"{run_tag(mode, budget)}-{arm}-seed{seed}"
+    run = work / "finetune" / f"{run_tag(mode, budget)}-{arm_label(arm, budget)}-seed{seed}"
     loaded = load_trained(run, "last")
     model, cfg, spec = loaded.model, loaded.config, loaded.model.label_spec
     val = build_labeled_dataset(cfg.data, "val", run_dir=run, show_progress=False)
@@ -253,7 +273,7 @@ def probe(work: Path, labeled: Path, val_fraction: float, arm: str, seed: int, b
         torch.manual_seed(seed)
         backbone = create_backbone(from_dict(BackboneConfig, recipe["backbone"]))
     else:
-        run = work / "pretrain" / f"{arm}-seed{seed}"
+        run = work / "pretrain" / f"{arm_label(arm, budget)}-seed{seed}"
         config = json.loads((run / "config.json").read_text())
         backbone = create_backbone(from_dict(BackboneConfig, config["backbone"]))
         load_pretrained(backbone, run / "backbone.safetensors")
@@ -328,7 +348,7 @@ def probe(work: Path, labeled: Path, val_fraction: float, arm: str, seed: int, b
 def table(title: str, results: dict[str, list[dict]]) -> str:
     """Dice per region, mean +- std over seeds, and the mean's gain over ``none`` (points)."""
     keys = [k for k in next(iter(results.values()))[0] if k != "mean"] + ["mean"]
-    lines = [title, f"{'arm':8s}" + "".join(f"{k:>16s}" for k in keys) + f"{'gain vs none':>15s}"]
+    lines = [title, f"{'arm':12s}" + "".join(f"{k:>16s}" for k in keys) + f"{'gain vs none':>15s}"]
     base = statistics.mean(r["mean"] for r in results["none"]) if "none" in results else None
     for arm, runs in results.items():
         cells = []
@@ -338,20 +358,39 @@ def table(title: str, results: dict[str, list[dict]]) -> str:
             cells.append(f"{statistics.mean(values):9.3f} +- {spread:.3f}")
         mean = statistics.mean(r["mean"] for r in runs)
         gain = "" if base is None or arm == "none" else f"{100 * (mean - base):+.1f}"
-        lines.append(f"{arm:8s}" + "".join(f"{c:>16s}" for c in cells) + f"{gain:>15s}")
+        lines.append(f"{arm:12s}" + "".join(f"{c:>16s}" for c in cells) + f"{gain:>15s}")
     return "\n".join(lines)
 
 
-def heldout_bands(work: Path, seeds: list[int]) -> str:
+def heldout_bands(work: Path, seeds: list[int], budget: dict) -> str:
     """FreMAE's held-out band ratios (the run's last evaluation) per seed."""
     lines = []
     for seed in seeds:
-        metrics = work / "pretrain" / f"fremae-seed{seed}" / "metrics.jsonl"
+        metrics = work / "pretrain" / f"{arm_label('fremae', budget)}-seed{seed}" / "metrics.jsonl"
         if metrics.is_file():
             last = [json.loads(line) for line in metrics.read_text().splitlines() if "eval/high_ratio" in line][-1]
             lines.append(f"  seed {seed}: high band {last['eval/high_ratio']:.3f} x zero prediction, "
                          f"low band {last['eval/low_ratio']:.3f} x")
     return "FreMAE held-out band loss / zero-prediction loss:\n" + "\n".join(lines) if lines else ""
+
+
+def pretraining_cost(work: Path, arms: list[str], seeds: list[int], budget: dict) -> str:
+    """Each arm's pretraining steps, throughput (the mean of the logged samples/s over its
+    runs) and the time its steps take at that pace: what an equal-time comparison
+    (``--arm-steps``) is set from. The runs share the machine, so the pace is a guide."""
+    lines = []
+    for arm in arms:
+        paces = []
+        for seed in seeds:
+            metrics = work / "pretrain" / f"{arm_label(arm, budget)}-seed{seed}" / "metrics.jsonl"
+            if metrics.is_file():
+                paces += [row["samples_per_s"] for row in map(json.loads, metrics.read_text().splitlines())
+                          if "samples_per_s" in row]
+        if paces:
+            steps, pace = pretrain_steps(arm, budget), statistics.mean(paces)
+            lines.append(f"  {arm_label(arm, budget):12s} {steps:5d} steps  {pace:6.1f} samples/s  "
+                         f"{steps * budget['batch'] / pace / 60:5.1f} min per run")
+    return "pretraining cost (samples/s logged by the runs):\n" + "\n".join(lines) if lines else ""
 
 
 def run_arm(work: Path, arm: str, seed: int, budget: dict, extra: dict, threads: int) -> dict:
@@ -368,7 +407,7 @@ def run_arm(work: Path, arm: str, seed: int, budget: dict, extra: dict, threads:
     results = {mode: finetune(work, labeled, val_fraction, arm, mode, seed, budget) for mode in ("med-tuning", "full")}
     for mode in ("med-tuning", "full"):
         results[f"{mode} present"] = present_scores(work, arm, mode, seed, budget)
-    scores = work / "probe" / f"{arm}-seed{seed}-{budget['probe_pixels']}px.json"
+    scores = work / "probe" / f"{arm_label(arm, budget)}-seed{seed}-{budget['probe_pixels']}px.json"
     if not scores.is_file():
         scores.parent.mkdir(parents=True, exist_ok=True)
         scores.write_text(json.dumps(probe(work, labeled, val_fraction, arm, seed, budget)))
@@ -382,6 +421,14 @@ def main() -> int:
 
     args = parse_args()
     budget = dict(QUICK if args.quick else FULL)
+    budget["default_pretrain_steps"] = budget["pretrain_steps"]
+    budget["default_finetune_steps"] = budget["finetune_steps"]
+    budget["arm_steps"] = {}
+    for item in args.arm_steps:
+        arm, _, steps = item.partition("=")
+        if arm not in OBJECTIVES or not steps.isdigit() or int(steps) < 1:
+            sys.exit(f"--arm-steps {item!r}: expected OBJECTIVE=STEPS with OBJECTIVE one of {', '.join(OBJECTIVES)}")
+        budget["arm_steps"][arm] = int(steps)
     if args.pretrain_steps:
         budget["pretrain_steps"] = args.pretrain_steps
     if args.finetune_steps:
@@ -401,11 +448,13 @@ def main() -> int:
     else:
         done = [run_arm(*job) for job in jobs]
     modes = ("med-tuning", "med-tuning present", "full", "full present", "probe")
-    results = {mode: {arm: [r[mode] for job, r in zip(jobs, done) if job[1] == arm] for arm in arms} for mode in modes}
+    results = {mode: {arm_label(arm, budget): [r[mode] for job, r in zip(jobs, done) if job[1] == arm] for arm in arms}
+               for mode in modes}
     minutes = (time.perf_counter() - start) / 60
     scale = "quick" if args.quick else "full"
     report = "\n\n".join(part for part in [
-        f"pretraining value ({scale}: {len(seeds)} seed(s), pretraining {budget['pretrain_steps']} steps of "
+        f"pretraining value ({scale}: {len(seeds)} seed(s), pretraining {budget['pretrain_steps']} steps"
+        + "".join(f", {arm} {steps}" for arm, steps in budget["arm_steps"].items() if arm in arms) + " of "
         f"{budget['batch']} slices on {budget['unlabeled']} unlabeled cases, finetuning {budget['finetune_steps']} "
         f"steps on {LABELED_TRAIN_CASES} labeled cases; Dice per region on {budget['labeled'] - LABELED_TRAIN_CASES} "
         f"validation cases; gain in Dice points)",
@@ -420,7 +469,8 @@ def main() -> int:
         table("(b) the same runs, each region averaged over the validation cases that have it",
               results["full present"]),
         table("probe: linear voxel classifier on frozen features, validation Dice", results["probe"]),
-        heldout_bands(args.work, seeds),
+        heldout_bands(args.work, seeds, budget),
+        pretraining_cost(args.work, [a for a in arms if a != "none"], seeds, budget),
         f"wall time {minutes:.1f} min ({args.jobs} process(es), {args.threads} torch thread(s) each)",
     ] if part)
     print("\n" + report)
