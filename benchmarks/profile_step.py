@@ -39,6 +39,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--host-allocator", choices=("tuned", "default"), default="tuned",
                         help="glibc malloc as training sets it (train.tune_host_allocator, default) or its defaults")
+    parser.add_argument("--optimizer", choices=("fused", "loop"), default="fused",
+                        help="Adam as training builds it (optim.fused, default: one fused kernel over all "
+                        "tensors) or PyTorch's per-tensor loop (what this benchmark timed before)")
     return parser.parse_args()
 
 
@@ -82,7 +85,11 @@ def med_tuning_step(args: argparse.Namespace) -> Callable[[], None]:
 
 def training_step(module: torch.nn.Module, loss_of: Callable[[], torch.Tensor],
                   args: argparse.Namespace) -> Callable[[], None]:
-    optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+    from medtune.trainer.config import OptimConfig
+    from medtune.trainer.setup import build_optimizer
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, OptimConfig(name="adam", lr=1e-4, fused=args.optimizer == "fused"))
     device_type = torch.device(args.device).type
 
     def step() -> None:
