@@ -24,7 +24,9 @@ Seen (2026-11-25): on one H100, ViT-B/16, batch 2 x 4x128x128x32 (step s, peak m
 vs full): LoRA 1.43x / 0.84x, Med-Tuning 2.47x / 0.78x, Med-Tuning + checkpointing
 4.25x / 0.34x; batch 1 x 4x128x128x128: LoRA 0.90x / 0.92x, Med-Tuning 1.22x / 0.85x,
 Med-Tuning + checkpointing 1.70x / 0.35x. On 2 shared CPU cores, 4x64x64x16 (peak RSS
-delta): LoRA 0.75x / 0.35x, Med-Tuning 0.80x / 0.31x, + checkpointing 1.03x / 0.24x.
+delta), with the per-tensor Adam loop (``--optimizer loop``): LoRA 0.75x / 0.35x, Med-Tuning
+0.80x / 0.31x, + checkpointing 1.03x / 0.24x; with fused Adam, as training builds it
+(2026-12-02): Med-Tuning about 0.97x (benchmarks/README.md).
 
 Run::
 
