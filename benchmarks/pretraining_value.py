@@ -163,8 +163,18 @@ def arm_label(arm: str, budget: dict) -> str:
     return arm if arm == "none" or steps == budget["default_pretrain_steps"] else f"{arm}-{steps}"
 
 
+def pretrain_dir(work: Path, arm: str, seed: int, budget: dict) -> Path:
+    """The pretraining run of ``arm`` at ``seed``."""
+    return work / "pretrain" / f"{arm_label(arm, budget)}-seed{seed}"
+
+
+def finetune_name(mode: str, arm: str, seed: int, budget: dict) -> str:
+    """The name of a finetuning run (its folder under finetune/, its scores under scores/)."""
+    return f"{run_tag(mode, budget)}-{arm_label(arm, budget)}-seed{seed}"
+
+
 def pretrain(work: Path, unlabeled: Path, objective: str, seed: int, budget: dict, extra: dict) -> Path:
-    run = work / "pretrain" / f"{arm_label(objective, budget)}-seed{seed}"
+    run = pretrain_dir(work, objective, seed, budget)
     if not (run / "backbone.safetensors").is_file():
         shutil.rmtree(run, ignore_errors=True)
         recipe_file = work / "recipes" / f"pretrain-{arm_label(objective, budget)}-seed{seed}.yaml"
@@ -177,11 +187,11 @@ def pretrain(work: Path, unlabeled: Path, objective: str, seed: int, budget: dic
 
 def finetune(work: Path, labeled: Path, val_fraction: float, arm: str, mode: str, seed: int, budget: dict) -> dict:
     """Validation Dice per region at the last step of one finetuning run."""
-    run = work / "finetune" / f"{run_tag(mode, budget)}-{arm_label(arm, budget)}-seed{seed}"
+    run = work / "finetune" / finetune_name(mode, arm, seed, budget)
     if not (run / "summary.json").is_file():
         shutil.rmtree(run, ignore_errors=True)
         steps = budget["finetune_steps"]
-        backbone = [] if arm == "none" else ["--backbone", str(work / "pretrain" / f"{arm_label(arm, budget)}-seed{seed}")]
+        backbone = [] if arm == "none" else ["--backbone", str(pretrain_dir(work, arm, seed, budget))]
         sets = [
             f"data.val_fraction={val_fraction}", f"train.max_steps={steps}", f"train.seed={seed}",
             f"train.eval_every={steps}", f"train.save_every={steps}", f"train.log_every={max(1, steps // 5)}",
@@ -223,10 +233,10 @@ def present_scores(work: Path, arm: str, mode: str, seed: int, budget: dict) -> 
     from medtune.finetune.segmentation.metrics import dice_scores
     from medtune.finetune.weights import load_trained
 
-    scores = work / "scores" / f"{run_tag(mode, budget)}-{arm_label(arm, budget)}-seed{seed}.json"
+    scores = work / "scores" / f"{finetune_name(mode, arm, seed, budget)}.json"
     if scores.is_file():
         return json.loads(scores.read_text())
-    run = work / "finetune" / f"{run_tag(mode, budget)}-{arm_label(arm, budget)}-seed{seed}"
+    run = work / "finetune" / finetune_name(mode, arm, seed, budget)
     loaded = load_trained(run, "last")
     model, cfg, spec = loaded.model, loaded.config, loaded.model.label_spec
     val = build_labeled_dataset(cfg.data, "val", run_dir=run, show_progress=False)
@@ -273,7 +283,7 @@ def probe(work: Path, labeled: Path, val_fraction: float, arm: str, seed: int, b
         torch.manual_seed(seed)
         backbone = create_backbone(from_dict(BackboneConfig, recipe["backbone"]))
     else:
-        run = work / "pretrain" / f"{arm_label(arm, budget)}-seed{seed}"
+        run = pretrain_dir(work, arm, seed, budget)
         config = json.loads((run / "config.json").read_text())
         backbone = create_backbone(from_dict(BackboneConfig, config["backbone"]))
         load_pretrained(backbone, run / "backbone.safetensors")
@@ -366,7 +376,7 @@ def heldout_bands(work: Path, seeds: list[int], budget: dict) -> str:
     """FreMAE's held-out band ratios (the run's last evaluation) per seed."""
     lines = []
     for seed in seeds:
-        metrics = work / "pretrain" / f"{arm_label('fremae', budget)}-seed{seed}" / "metrics.jsonl"
+        metrics = pretrain_dir(work, "fremae", seed, budget) / "metrics.jsonl"
         if metrics.is_file():
             last = [json.loads(line) for line in metrics.read_text().splitlines() if "eval/high_ratio" in line][-1]
             lines.append(f"  seed {seed}: high band {last['eval/high_ratio']:.3f} x zero prediction, "
@@ -382,7 +392,7 @@ def pretraining_cost(work: Path, arms: list[str], seeds: list[int], budget: dict
     for arm in arms:
         paces = []
         for seed in seeds:
-            metrics = work / "pretrain" / f"{arm_label(arm, budget)}-seed{seed}" / "metrics.jsonl"
+            metrics = pretrain_dir(work, arm, seed, budget) / "metrics.jsonl"
             if metrics.is_file():
                 paces += [row["samples_per_s"] for row in map(json.loads, metrics.read_text().splitlines())
                           if "samples_per_s" in row]
