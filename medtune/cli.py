@@ -109,22 +109,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._module.run(args) or 0)
     except MedtuneError as exc:
-        return _error(str(exc))
+        return _error(str(exc), exc)
     except OSError as exc:
         if exc.filename is None:  # not about a file: a bug to see in full
             raise
         # a folder that is not writable, a full disk, a path that is a file: the user's to fix
-        return _error(f"{exc.strerror or type(exc).__name__}: {exc.filename}")
+        return _error(f"{exc.strerror or type(exc).__name__}: {exc.filename}", exc)
     except KeyboardInterrupt:
         _close_progress_bars()
         print("medtune: interrupted", file=sys.stderr)
         return 130
 
 
-def _error(message: str) -> int:
-    """One line on stderr, on a line of its own, and exit code 2."""
+def _error(message: str, exc: BaseException | None = None) -> int:
+    """One line on stderr, on a line of its own, and exit code 2.
+
+    An error that every rank of a launched run raised together is reported by every rank
+    before any exits (:func:`medtune.distributed.settle_shared_error`).
+    """
     _close_progress_bars()
     print(f"medtune: error: {message}", file=sys.stderr)
+    if exc is not None:
+        from medtune.distributed import settle_shared_error
+
+        settle_shared_error(exc)
     return 2
 
 

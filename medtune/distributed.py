@@ -126,7 +126,33 @@ def _pack_error(exc: BaseException) -> tuple[str, str]:
 
 def _raise_packed(packed: tuple[str, str]) -> None:
     name, message = packed
-    raise _KNOWN_ERRORS.get(name, MedtuneError)(message if name in _KNOWN_ERRORS else f"{message} (on rank 0: {name})")
+    error = _KNOWN_ERRORS.get(name, MedtuneError)(message if name in _KNOWN_ERRORS else f"{message} (on rank 0: {name})")
+    raise _shared(error)
+
+
+def _shared(exc: BaseException) -> BaseException:
+    """Mark an error that every rank raises at the same point (see :func:`settle_shared_error`)."""
+    try:
+        exc.medtune_on_every_rank = True  # type: ignore[attr-defined]
+    except AttributeError:  # an exception type without a __dict__: left unmarked
+        pass
+    return exc
+
+
+def settle_shared_error(exc: BaseException) -> None:
+    """After a rank has reported an error that every rank raised together (from :func:`agree`
+    or :func:`main_first`), wait for the others to report it too before exiting.
+
+    Without this, the first rank to exit makes the launcher stop the others, and their
+    report can be lost. Every rank raised the same error at the same point, so none is
+    left waiting.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if not getattr(exc, "medtune_on_every_rank", False) or dist is None:
+        return
+    if dist.is_available() and dist.is_initialized():
+        sys.stderr.flush()
+        dist.barrier()
 
 
 def agree(state: Any, decide: Callable[[], T]) -> T:
@@ -146,7 +172,7 @@ def agree(state: Any, decide: Callable[[], T]) -> T:
             failure, outcome = exc, ("error", _pack_error(exc))
     outcome = _broadcast(state, outcome)
     if failure is not None:
-        raise failure
+        raise _shared(failure)
     if outcome[0] == "error":
         _raise_packed(outcome[1])
     return outcome[1]
@@ -173,7 +199,7 @@ def main_first(state: Any, build: Callable[[], T], per_node: bool = False) -> T:
             failure = exc
     errors = [e for e in gather_rows(state, [None if failure is None else _pack_error(failure)]) if e is not None]
     if failure is not None:
-        raise failure
+        raise _shared(failure)
     if errors:
         _raise_packed(errors[0])
     return result if leader else build()
