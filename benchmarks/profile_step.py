@@ -32,6 +32,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vit-b", action="store_true", help="FreMAE on ViT-B/16 at 128 px (default: tiny ViT at 64 px)")
     parser.add_argument("--batch", type=int, default=None, help="FreMAE slices per step (default 16 tiny, 8 ViT-B)")
     parser.add_argument("--tiny", action="store_true", help="Med-Tuning on a 4-block ViT-Tiny, 1 x 4 x 32 x 32 x 8")
+    parser.add_argument("--adapter", default="med-tuning",
+                        help="the segmentation step's adapter (default med-tuning; full or lora to compare)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--repeats", type=int, default=3, help="profiled steps (default 3)")
@@ -72,14 +74,14 @@ def med_tuning_step(args: argparse.Namespace) -> Callable[[], None]:
         ("vit_tiny_patch16_224", 32, 8, {"depth": 4}) if args.tiny else ("vit_base_patch16_224", 64, 16, None)
     )
     torch.manual_seed(0)
-    model = build_segmenter(segmentation_config(name, 4, size, slices, "med-tuning", backbone_options=options),
+    model = build_segmenter(segmentation_config(name, 4, size, slices, args.adapter, backbone_options=options),
                             4, load_pretrained=False)
     model.to(args.device).train()
     data = {
         "image": torch.randn(1, 4, size, size, slices, device=args.device),
         "label": torch.randint(0, 4, (1, size, size, slices), device=args.device),
     }
-    print(f"med-tuning: {name} at 1 x 4 x {size} x {size} x {slices}")
+    print(f"segmentation ({args.adapter}): {name} at 1 x 4 x {size} x {size} x {slices}")
     return training_step(model, lambda: model(data)["loss"], args)
 
 
