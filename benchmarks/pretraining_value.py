@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -355,20 +356,46 @@ def probe(work: Path, labeled: Path, val_fraction: float, arm: str, seed: int, b
 # --------------------------------------------------------------------------- tables
 
 
+def paired_gain(base: list[float], arm: list[float]) -> tuple[float, float, int]:
+    """The gain of ``arm`` over ``base``, paired by seed: the mean of the per-seed
+    differences, the half-width of its 95% confidence interval (Student's t with n - 1
+    degrees of freedom; nan for one seed) and the number of seeds where ``arm`` is ahead.
+
+    Pairing takes out what a seed does to both arms alike (the finetuning's initialisation
+    and crop order); the interval says whether the seeds resolve a gain of a given size.
+    """
+    from scipy import stats
+
+    differences = [a - b for a, b in zip(arm, base, strict=True)]
+    mean = statistics.mean(differences)
+    count = len(differences)
+    if count < 2:
+        return mean, math.nan, sum(d > 0 for d in differences)
+    half_width = stats.t.ppf(0.975, count - 1) * statistics.stdev(differences) / math.sqrt(count)
+    return mean, float(half_width), sum(d > 0 for d in differences)
+
+
 def table(title: str, results: dict[str, list[dict]]) -> str:
-    """Dice per region, mean +- std over seeds, and the mean's gain over ``none`` (points)."""
+    """Dice per region, mean +- std over seeds, and the mean's gain over ``none`` (points)
+    with its 95% interval paired by seed and the seeds where the arm is ahead of ``none``."""
     keys = [k for k in next(iter(results.values()))[0] if k != "mean"] + ["mean"]
-    lines = [title, f"{'arm':12s}" + "".join(f"{k:>16s}" for k in keys) + f"{'gain vs none':>15s}"]
-    base = statistics.mean(r["mean"] for r in results["none"]) if "none" in results else None
+    lines = [title, f"{'arm':12s}" + "".join(f"{k:>16s}" for k in keys)
+             + f"{'gain vs none':>15s}{'95% CI (paired)':>18s}{'seeds ahead':>13s}"]
+    base = [r["mean"] for r in results["none"]] if "none" in results else None
     for arm, runs in results.items():
         cells = []
         for key in keys:
             values = [r[key] for r in runs]
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):9.3f} +- {spread:.3f}")
-        mean = statistics.mean(r["mean"] for r in runs)
-        gain = "" if base is None or arm == "none" else f"{100 * (mean - base):+.1f}"
-        lines.append(f"{arm:12s}" + "".join(f"{c:>16s}" for c in cells) + f"{gain:>15s}")
+        gain = interval = ahead = ""
+        if base is not None and arm != "none":
+            mean, half_width, wins = paired_gain(base, [r["mean"] for r in runs])
+            gain = f"{100 * mean:+.1f}"
+            low, high = 100 * (mean - half_width), 100 * (mean + half_width)
+            interval = "" if math.isnan(half_width) else f"{low:+.1f} .. {high:+.1f}"
+            ahead = f"{wins}/{len(runs)}"
+        lines.append(f"{arm:12s}" + "".join(f"{c:>16s}" for c in cells) + f"{gain:>15s}{interval:>18s}{ahead:>13s}")
     return "\n".join(lines)
 
 

@@ -53,3 +53,22 @@ def test_other_steps_rates_and_decays_get_their_own_folders(bench):
         for changes in ({}, {"finetune_steps": 400}, {"full_lr": 5e-4}, {"full_layer_decay": 0.9})
     }
     assert tags == {"full", "med-tuning", "full-400steps", "med-tuning-400steps", "full-lr0.0005", "full-ld0.9"}
+
+
+def test_paired_gain_by_hand(bench):
+    """Three seeds: differences 0.02, 0.04, -0.03 -> mean 0.01, sd 0.036056, t(0.975, 2) = 4.302653,
+    half-width 4.302653 * 0.036056 / sqrt(3) = 0.089567; two seeds ahead."""
+    mean, half_width, ahead = bench.paired_gain([0.50, 0.40, 0.60], [0.52, 0.44, 0.57])
+    assert mean == pytest.approx(0.01)
+    assert half_width == pytest.approx(0.089567, rel=1e-4)
+    assert ahead == 2
+    mean, half_width, ahead = bench.paired_gain([0.5], [0.6])
+    assert mean == pytest.approx(0.1) and half_width != half_width and ahead == 1  # one seed: no interval
+
+
+def test_the_table_prints_the_paired_interval(bench):
+    runs = {"none": [{"WT": 0.5, "mean": 0.50}, {"WT": 0.4, "mean": 0.40}, {"WT": 0.6, "mean": 0.60}],
+            "fremae": [{"WT": 0.52, "mean": 0.52}, {"WT": 0.44, "mean": 0.44}, {"WT": 0.57, "mean": 0.57}]}
+    lines = bench.table("title", runs).splitlines()
+    assert "95% CI (paired)" in lines[1] and "seeds ahead" in lines[1]
+    assert lines[3].split()[-5:] == ["+1.0", "-8.0", "..", "+10.0", "2/3"]
