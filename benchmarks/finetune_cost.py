@@ -26,7 +26,7 @@ vs full): LoRA 1.43x / 0.84x, Med-Tuning 2.47x / 0.78x, Med-Tuning + checkpointi
 Med-Tuning + checkpointing 1.70x / 0.35x. On 2 shared CPU cores, 4x64x64x16 (peak RSS
 delta), with the per-tensor Adam loop (``--optimizer loop``): LoRA 0.75x / 0.35x, Med-Tuning
 0.80x / 0.31x, + checkpointing 1.03x / 0.24x; with fused Adam, as training builds it
-(2026-12-02): Med-Tuning about 0.97x (benchmarks/README.md).
+(2026-12-02, idle machine, median of 7 pairs): Med-Tuning 0.78x (benchmarks/README.md).
 
 Run::
 
