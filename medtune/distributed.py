@@ -126,8 +126,8 @@ def _pack_error(exc: BaseException) -> tuple[str, str]:
 
 def _raise_packed(packed: tuple[str, str]) -> None:
     name, message = packed
-    error = _KNOWN_ERRORS.get(name, MedtuneError)(message if name in _KNOWN_ERRORS else f"{message} (on rank 0: {name})")
-    raise _shared(error)
+    known = _KNOWN_ERRORS.get(name)
+    raise _shared(known(message) if known else MedtuneError(f"{message} (on rank 0: {name})"))
 
 
 def _shared(exc: BaseException) -> BaseException:
