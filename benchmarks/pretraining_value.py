@@ -178,7 +178,7 @@ def pretrain(work: Path, unlabeled: Path, objective: str, seed: int, budget: dic
     run = pretrain_dir(work, objective, seed, budget)
     if not (run / "backbone.safetensors").is_file():
         shutil.rmtree(run, ignore_errors=True)
-        recipe_file = work / "recipes" / f"pretrain-{arm_label(objective, budget)}-seed{seed}.yaml"
+        recipe_file = work / "recipes" / f"pretrain-{run.name}.yaml"
         recipe_file.parent.mkdir(parents=True, exist_ok=True)
         recipe = pretrain_recipe(objective, {**budget, "pretrain_steps": pretrain_steps(objective, budget)}, seed, extra)
         recipe_file.write_text(yaml.safe_dump(recipe))
@@ -367,12 +367,11 @@ def paired_gain(base: list[float], arm: list[float]) -> tuple[float, float, int]
     from scipy import stats
 
     differences = [a - b for a, b in zip(arm, base, strict=True)]
-    mean = statistics.mean(differences)
-    count = len(differences)
+    count, ahead = len(differences), sum(d > 0 for d in differences)
     if count < 2:
-        return mean, math.nan, sum(d > 0 for d in differences)
+        return differences[0], math.nan, ahead
     half_width = stats.t.ppf(0.975, count - 1) * statistics.stdev(differences) / math.sqrt(count)
-    return mean, float(half_width), sum(d > 0 for d in differences)
+    return statistics.mean(differences), float(half_width), ahead
 
 
 def table(title: str, results: dict[str, list[dict]]) -> str:

@@ -50,12 +50,22 @@ try:
     report["error"] = None
 except DataError as exc:
     report["error"] = [type(exc).__name__, str(exc)]
+    report["error_marked"] = getattr(exc, "medtune_on_every_rank", False)
+    # an error every rank raised together: a rank that reported it waits for the others
+    # (rank 1 reports a second late) before exiting, so the launcher stops no rank mid-report
+    if rank == 1:
+        time.sleep(1.0)
+    start = time.perf_counter()
+    distributed.settle_shared_error(exc)
+    report["settle_waited"] = time.perf_counter() - start
+    distributed.settle_shared_error(ValueError("one rank's own error"))  # unmarked: returns at once
 
 # agree: an error while deciding reaches every rank too
 try:
     distributed.agree(state, lambda: (_ for _ in ()).throw(DataError("no such folder")))
 except DataError as exc:
     report["agree_error"] = str(exc)
+    report["agree_error_marked"] = getattr(exc, "medtune_on_every_rank", False)
 
 # split_gather: every row once, in order, on every rank
 report["rows"] = distributed.split_gather(state, 7, lambda idx: [(i, i * i, rank) for i in idx])
@@ -92,11 +102,13 @@ def test_two_process_toolkit(tmp_path):
         assert report["main_first"] == "rank 0"
         assert report["error"] == ["DataError", "case 7: broken label file"]
         assert report["agree_error"] == "no such folder"
+        assert report["error_marked"] and report["agree_error_marked"]  # raised on every rank together
         assert [row[:2] for row in report["rows"]] == [[i, i * i] for i in range(7)]
         assert [row[2] for row in report["rows"]] == [0, 1, 0, 1, 0, 1, 0]  # rank r scored r, r + 2, ...
         assert report["run_dir"] == str(Path("checkpoints") / "stem-20260100-000000")
         assert report["locked"]  # rank 0 holds the folder's lock (the folder is shared)
     assert not (tmp_path / "checkpoints" / "stem-20260100-000000").exists()  # left empty: removed
+    assert reports[0]["settle_waited"] > 0.7  # rank 0 waited for rank 1's late report
 
 
 def test_one_process_needs_no_launcher():
