@@ -77,8 +77,8 @@ class TrainConfig:
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode: "default", "reduce-overhead", "max-autotune"
     # keep freed CPU tensors' memory in the process (glibc malloc, Linux): without it every
-    # step maps and unmaps its large activations and pays the page faults again (the tiny
-    # FreMAE step on CPU: 1.3x the slices/s, benchmarks/host_allocator.py); see
+    # step maps and unmaps its large activations and pays the page faults again (FreMAE's
+    # step on CPU, tiny ViT and ViT-B: 1.3x the slices/s, benchmarks/host_allocator.py); see
     # medtune.trainer.setup.tune_host_allocator. false: the C library's defaults
     tune_host_allocator: bool = True
     # the run folder and the cache lie on a file system every node sees (true); false: each

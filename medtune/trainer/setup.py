@@ -21,10 +21,11 @@ log = logging.getLogger(__name__)
 
 
 # glibc's mallopt parameters (malloc.h) and the values tune_host_allocator sets
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-HOST_ALLOCATOR_SETTINGS = {  # parameter: (mallopt number, bytes)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
+HOST_ALLOCATOR_SETTINGS = {  # parameter: (mallopt number, value)
     "MALLOC_MMAP_THRESHOLD_": (_M_MMAP_THRESHOLD, 32 << 20),  # glibc's largest: blocks below come from the heap
-    "MALLOC_TRIM_THRESHOLD_": (_M_TRIM_THRESHOLD, 256 << 20),  # free heap top kept before returning it
+    "MALLOC_MMAP_MAX_": (_M_MMAP_MAX, 0),  # no block gets a mapping of its own: larger ones too
+    "MALLOC_TRIM_THRESHOLD_": (_M_TRIM_THRESHOLD, 1 << 30),  # free heap top kept before returning it
     "MALLOC_TOP_PAD_": (_M_TOP_PAD, 64 << 20),  # extra heap grown at once
 }
 _host_allocator_tuned = False
@@ -34,13 +35,17 @@ def tune_host_allocator() -> bool:
     """Make glibc's malloc keep freed memory for the next training step (once per process).
 
     By default glibc serves every block above a dynamic threshold (128 KiB, growing to at
-    most 32 MiB) with its own ``mmap`` and returns it with ``munmap`` when freed; a CPU
-    training step allocates and frees the same activations every step, so each step
-    faults and zeroes their pages again. This sets the mmap threshold to 32 MiB, the trim
-    threshold to 256 MiB and the top pad to 64 MiB with ``mallopt`` (the process keeps up
-    to about 256 MiB of freed memory). A parameter the user set in the environment
-    (``MALLOC_MMAP_THRESHOLD_`` ...) is left as set. Returns whether anything was set:
-    false off Linux/glibc, or when called before in this process.
+    most 32 MiB) with its own ``mmap`` and returns it with ``munmap`` when freed, and gives
+    the heap's free top back to the system once it exceeds 128 KiB; a CPU training step
+    allocates and frees the same activations every step, so each step faults and zeroes
+    their pages again. This sets, with ``mallopt``, the mmap threshold to 32 MiB and the
+    number of mappings to 0 (every block, however large, comes from the heap: ViT-B's
+    32 MiB complex maps in FreMAE's step too), the trim threshold to 1 GiB and the top pad
+    to 64 MiB. The process then keeps its largest step's memory, and up to about 1 GiB of
+    free heap top besides. A parameter the user set in the environment
+    (``MALLOC_MMAP_THRESHOLD_`` ...) is left as set; a user's mmap threshold also keeps
+    the mappings (the number of mappings is then not set). Returns whether anything was
+    set: false off Linux/glibc, or when called before in this process.
     """
     global _host_allocator_tuned
     if _host_allocator_tuned:
@@ -55,8 +60,11 @@ def tune_host_allocator() -> bool:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # musl and others: no glibc mallopt
         return False
+    user_set = {name for name in HOST_ALLOCATOR_SETTINGS if name in os.environ}
+    if "MALLOC_MMAP_THRESHOLD_" in user_set:  # the user wants blocks above it mapped
+        user_set.add("MALLOC_MMAP_MAX_")
     done = [name for name, (param, value) in HOST_ALLOCATOR_SETTINGS.items()
-            if name not in os.environ and mallopt(param, value) == 1]
+            if name not in user_set and mallopt(param, value) == 1]
     if done:
         log.debug("host allocator: set %s", ", ".join(done))
     return bool(done)

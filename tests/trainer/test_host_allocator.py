@@ -18,8 +18,9 @@ try:
 except (OSError, AttributeError):
     GLIBC = False
 
-# a fresh process: is a 24 MiB malloc served from the heap ([heap] in /proc/self/maps)
-# or from a mapping of its own, before and after tune_host_allocator()?
+# a fresh process: are a 96 MiB malloc (above glibc's largest mmap threshold, and more than
+# the free heap top holds) and a 24 MiB one served from the heap ([heap] in /proc/self/maps)
+# or from mappings of their own, before and after tune_host_allocator()?
 SCRIPT = textwrap.dedent("""
     import ctypes
     from medtune.trainer.setup import tune_host_allocator
@@ -35,13 +36,14 @@ SCRIPT = textwrap.dedent("""
         libc.free(block)
         return low <= block < high
 
-    print(in_heap(24 << 20), tune_host_allocator(), in_heap(24 << 20), tune_host_allocator())
+    print(in_heap(96 << 20), in_heap(24 << 20), tune_host_allocator(), in_heap(96 << 20), in_heap(24 << 20),
+          tune_host_allocator())
 """)
 
 
 def run(env: dict) -> list[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO), **env}
-    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
         if name not in env or env[name] == "":
             env.pop(name, None)
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, check=True)
@@ -50,7 +52,12 @@ def run(env: dict) -> list[str]:
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's mallopt only")
 def test_tuning_moves_large_blocks_into_the_heap_once_and_respects_the_environment():
-    # glibc's default: 24 MiB gets its own mmap; tuned (32 MiB threshold): the heap; a second call does nothing
-    assert run({"MALLOC_MMAP_THRESHOLD_": ""}) == ["False", "True", "True", "False"]
-    # a threshold the user set is kept (the trim threshold and top pad are still set)
-    assert run({"MALLOC_MMAP_THRESHOLD_": "1000000"}) == ["False", "True", "False", "False"]
+    # glibc's default: both get their own mmap; tuned (32 MiB threshold, no mappings): both in
+    # the heap; a second call does nothing
+    unset = {"MALLOC_MMAP_THRESHOLD_": "", "MALLOC_MMAP_MAX_": ""}
+    assert run(unset) == ["False", "False", "True", "True", "True", "False"]
+    # a threshold the user set is kept, and with it the mappings above it (the trim
+    # threshold and top pad are still set)
+    assert run({**unset, "MALLOC_MMAP_THRESHOLD_": "1000000"}) == ["False", "False", "True", "False", "False", "False"]
+    # mappings the user allows are kept: 96 MiB is mapped, 24 MiB comes from the heap (threshold 32 MiB)
+    assert run({**unset, "MALLOC_MMAP_MAX_": "65536"}) == ["False", "False", "True", "False", "True", "False"]
