@@ -94,6 +94,9 @@ def parse_args() -> argparse.Namespace:
                         help=f"learning rate of (b) full finetuning (default {FULL_LR:g}, Med-Tuning's)")
     parser.add_argument("--full-layer-decay", type=float, default=None,
                         help="layer-wise lr decay of (b) full finetuning (optim.layer_decay; default none)")
+    parser.add_argument("--full-frozen-steps", type=int, default=0,
+                        help="(b) full finetuning keeps the backbone at lr 0 for its first N steps, then trains "
+                        "it on a restarted schedule (optim.freeze_backbone_steps, LP-FT; default 0)")
     parser.add_argument("--jobs", type=int, default=2, help="(seed, arm) chains run side by side (default 2 processes)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: these tiny models only lose time to more threads, "
@@ -202,6 +205,8 @@ def finetune(work: Path, labeled: Path, val_fraction: float, arm: str, mode: str
             sets += ['adapter={"method": "full"}', f"train.optim.lr={budget['full_lr']}"]
             if budget["full_layer_decay"] is not None:
                 sets.append(f"train.optim.layer_decay={budget['full_layer_decay']}")
+            if budget.get("full_frozen_steps"):
+                sets.append(f"train.optim.freeze_backbone_steps={budget['full_frozen_steps']}")
         medtune("finetune", "--config", str(REPO / "configs" / "demo_finetune.yaml"), "--data", str(labeled),
                 *backbone, "--output", str(run), "--set", *sets)
     summary = json.loads((run / "summary.json").read_text())
@@ -211,14 +216,16 @@ def finetune(work: Path, labeled: Path, val_fraction: float, arm: str, mode: str
 def run_tag(mode: str, budget: dict) -> str:
     """A finetuning run's folder prefix: the mode, its steps when they are not the scale's
     default, and full finetuning's learning rate and layer decay when they are not the
-    defaults (so a cached run is never reused under other settings)."""
+    defaults, and its frozen-backbone steps (so a cached run is never reused under other
+    settings)."""
     tag = mode
     if budget["finetune_steps"] != budget["default_finetune_steps"]:
         tag += f"-{budget['finetune_steps']}steps"
     if mode != "full":
         return tag
     tag += f"-lr{budget['full_lr']:g}" if budget["full_lr"] != FULL_LR else ""
-    return tag if budget.get("full_layer_decay") is None else f"{tag}-ld{budget['full_layer_decay']:g}"
+    tag += "" if budget.get("full_layer_decay") is None else f"-ld{budget['full_layer_decay']:g}"
+    return f"{tag}-frozen{budget['full_frozen_steps']}" if budget.get("full_frozen_steps") else tag
 
 
 def present_scores(work: Path, arm: str, mode: str, seed: int, budget: dict) -> dict:
@@ -471,6 +478,7 @@ def main() -> int:
         budget["finetune_steps"] = args.finetune_steps
     budget["full_lr"] = args.full_lr
     budget["full_layer_decay"] = args.full_layer_decay
+    budget["full_frozen_steps"] = args.full_frozen_steps
     seeds = args.seeds if args.seeds is not None else list(budget["seeds"])
     extra = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.fremae)}
     arms = [a for a in ARMS if a in args.arms]
@@ -500,6 +508,8 @@ def main() -> int:
               results["med-tuning present"]),
         table(f"(b) full finetuning (learning rate {budget['full_lr']:g}"
               + (f", layer decay {budget['full_layer_decay']:g}" if budget["full_layer_decay"] is not None else "")
+              + (f", backbone frozen for its first {budget['full_frozen_steps']} steps"
+                 if budget["full_frozen_steps"] else "")
               + "): validation Dice at the last step "
               "(BraTS rules)", results["full"]),
         table("(b) the same runs, each region averaged over the validation cases that have it",

@@ -1,5 +1,5 @@
 """benchmarks/pretraining_value.py reuses finished runs by folder name: a run made under other
-settings (pretraining or finetuning steps, (b)'s rate or layer decay) must never be found
+settings (pretraining or finetuning steps, (b)'s rate, layer decay or frozen steps) must never be found
 under the name of the default one."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def bench():
 def budget(bench, **changes) -> dict:
     values = dict(bench.FULL, default_pretrain_steps=bench.FULL["pretrain_steps"],
                   default_finetune_steps=bench.FULL["finetune_steps"], arm_steps={},
-                  full_lr=bench.FULL_LR, full_layer_decay=None)
+                  full_lr=bench.FULL_LR, full_layer_decay=None, full_frozen_steps=0)
     values.update(changes)
     return values
 
@@ -50,9 +50,11 @@ def test_other_steps_rates_and_decays_get_their_own_folders(bench):
     tags = {
         bench.run_tag(mode, budget(bench, **changes))
         for mode in ("full", "med-tuning")
-        for changes in ({}, {"finetune_steps": 400}, {"full_lr": 5e-4}, {"full_layer_decay": 0.9})
+        for changes in ({}, {"finetune_steps": 400}, {"full_lr": 5e-4}, {"full_layer_decay": 0.9},
+                        {"full_frozen_steps": 50}, {"full_layer_decay": 0.9, "full_frozen_steps": 50})
     }
-    assert tags == {"full", "med-tuning", "full-400steps", "med-tuning-400steps", "full-lr0.0005", "full-ld0.9"}
+    assert tags == {"full", "med-tuning", "full-400steps", "med-tuning-400steps", "full-lr0.0005", "full-ld0.9",
+                    "full-frozen50", "full-ld0.9-frozen50"}
 
 
 def test_paired_gain_by_hand(bench):

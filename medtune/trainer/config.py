@@ -26,6 +26,13 @@ class OptimConfig:
     # layer_decay^(K+1); everything outside the backbone (decoder, heads) at the lr.
     # null (or 1.0): one lr for all. Layers: see Backbone.layer_ids.
     layer_decay: float | None = None
+    # linear probing, then finetuning (LP-FT, Kumar et al., ICLR 2022): the backbone's
+    # parameters stay at lr 0 for the first N optimizer steps, so that a new decoder or head
+    # learns on the pretrained features before their gradients reach the backbone; from
+    # step N the backbone trains on the schedule started again (its own warmup and decay to
+    # the run's last step). The frozen steps still compute the backbone's gradients (Adam's
+    # moments gather them). 0: no freezing. Combines with layer_decay.
+    freeze_backbone_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.name not in ("adam", "adamw"):
@@ -36,6 +43,8 @@ class OptimConfig:
             raise ValueError(f"optim.betas must have two values, got {self.betas}")
         if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
             raise ValueError(f"optim.layer_decay must be in (0, 1] or null, got {self.layer_decay}")
+        if self.freeze_backbone_steps < 0:
+            raise ValueError(f"optim.freeze_backbone_steps must be >= 0, got {self.freeze_backbone_steps}")
 
 
 @dataclass

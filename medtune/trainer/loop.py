@@ -34,6 +34,7 @@ from medtune.trainer.setup import (
     _loss_of,
     build_loader,
     build_optimizer,
+    freeze_backbone_groups,
     group_lr_factors,
     layer_decay_groups,
     make_accelerator,
@@ -125,6 +126,13 @@ def train(
         lr_groups = [*lr_groups, *decayed]  # the model's own groups match first
         log.info("layer-wise lr decay %g: %d backbone layer groups, from %.3g x the lr (stem) to %g x",
                  cfg.optim.layer_decay, len(decayed), min(g.scale for g in decayed), max(g.scale for g in decayed))
+    if cfg.optim.freeze_backbone_steps:
+        if cfg.optim.freeze_backbone_steps >= cfg.max_steps:
+            raise ConfigError(f"optim.freeze_backbone_steps {cfg.optim.freeze_backbone_steps} leaves none of the "
+                              f"{cfg.max_steps} steps (train.max_steps) to the backbone")
+        lr_groups = freeze_backbone_groups(model, cfg.optim.freeze_backbone_steps, lr_groups)
+        log.info("the backbone stays at lr 0 for the first %d steps, then trains on a restarted schedule",
+                 cfg.optim.freeze_backbone_steps)
     if lr_groups and engine.sharded:
         raise ConfigError(f"{type(model).__name__} trains parts at their own learning rates, which the "
                           f"{engine.kind} engine does not support; train it with DDP (one or more processes)")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -123,12 +123,14 @@ class LrGroup:
     """A model's parameters with their own learning rate: those whose names start with
     ``prefix`` (or one of several prefixes) train at ``scale`` x the run's lr, and their
     schedule (warmup, then decay to the run's last step) starts again at optimizer step
-    ``restart`` (0: the run's own). A model asks for them with a method
-    ``lr_groups() -> list[LrGroup]``."""
+    ``restart`` (0: the run's own). Before ``restart`` they follow a schedule of their own
+    over those steps, or, ``frozen`` before it, stay at lr 0. A model asks for them with a
+    method ``lr_groups() -> list[LrGroup]``."""
 
     prefix: str | tuple[str, ...]
     scale: float = 1.0
     restart: int = 0
+    frozen: bool = False
 
 
 def layer_decay_groups(model: nn.Module, decay: float) -> list[LrGroup]:
@@ -149,6 +151,23 @@ def layer_decay_groups(model: nn.Module, decay: float) -> list[LrGroup]:
             names.setdefault(ids.get(name, top), []).append(f"{prefix}.{name}" if prefix else name)
         groups += [LrGroup(tuple(names[i]), decay ** (top + 1 - i)) for i in sorted(names)]
     return groups
+
+
+def freeze_backbone_groups(model: nn.Module, steps: int, groups: Sequence[LrGroup]) -> list[LrGroup]:
+    """``optim.freeze_backbone_steps``: ``groups`` (the model's own, then layer decay's)
+    with every backbone parameter at lr 0 for the first ``steps`` optimizer steps and its
+    schedule restarted at ``steps``. Layer-decay groups (one per backbone layer) are frozen
+    in place; without them one group at the run's lr holds the backbone. The model's own
+    groups are left as they are (they match first, so a backbone parameter in one of them
+    is not frozen)."""
+    if not any(callable(getattr(m, "layer_ids", None)) for m in model.modules()):
+        raise ConfigError(f"optim.freeze_backbone_steps: {type(model).__name__} holds no medtune backbone to freeze")
+    layers = layer_decay_groups(model, 1.0)  # every backbone parameter, named exactly
+    backbone = {name for group in layers for name in group.prefix}
+    decayed = [isinstance(g.prefix, tuple) and set(g.prefix) <= backbone for g in groups]
+    if any(decayed):
+        return [replace(g, restart=steps, frozen=True) if d else g for g, d in zip(groups, decayed)]
+    return [*groups, LrGroup(tuple(sorted(backbone)), 1.0, restart=steps, frozen=True)]
 
 
 def split_lr_groups(model: nn.Module, params: Sequence[nn.Parameter], groups: Sequence[LrGroup]) -> list[dict]:
@@ -173,7 +192,7 @@ def group_lr_factors(param_groups: Sequence[dict], total_steps: int, schedule) -
 
         def restarted(step: int) -> float:
             if step < start:
-                return group.scale * lr_factor(step, max(start, 1), schedule)
+                return 0.0 if group.frozen else group.scale * lr_factor(step, max(start, 1), schedule)
             return group.scale * lr_factor(step - start, max(total_steps - start, 1), schedule)
 
         return restarted

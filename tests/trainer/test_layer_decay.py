@@ -95,3 +95,63 @@ def test_swinunetr_layers_and_refusals():
         layer_decay_groups(nn.Linear(2, 2), 0.75)
     with pytest.raises(ValueError, match="optim.layer_decay must be in"):
         OptimConfig(layer_decay=1.5)
+
+
+def test_frozen_backbone_waits_then_trains_on_a_restarted_schedule(tmp_path):
+    """optim.freeze_backbone_steps (LP-FT): the backbone keeps its weights through the
+    frozen steps while the head trains, then moves by its own warmup's first rate."""
+    model = Classifier()
+    seen = []
+
+    def snapshot(m: nn.Module) -> dict:
+        seen.append({n: p.detach().clone() for n, p in m.named_parameters()})
+        return {"step": float(len(seen))}
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = TrainConfig(max_steps=4, batch_size=8, grad_clip=None, mixed_precision="no", log_every=1, eval_every=1,
+                      optim=OptimConfig(name="adam", lr=1e-3, freeze_backbone_steps=2),
+                      schedule=ScheduleConfig(name="constant", warmup_steps=2))
+    train(model, Images(), cfg, tmp_path, evaluate=snapshot)
+    assert len(seen) >= 4
+    backbone = [n for n in before if n.startswith("backbone.")]
+    assert len(backbone) > 10
+    for step in (0, 1):  # after optimizer steps 1 and 2: the backbone as it was, the head moved
+        for name in backbone:
+            assert torch.equal(seen[step][name], before[name]), (step, name)
+        assert not torch.equal(seen[step]["head.weight"], before["head.weight"])
+    # step 3 is the backbone's first: its warmup restarts at 1/2 of the lr (the head is past
+    # its warmup, at the full rate); Adam's first step after 3 gathered gradients moves most
+    # weights by about that rate
+    moved = (seen[2]["backbone.model.blocks.0.mlp.fc1.weight"] - seen[1]["backbone.model.blocks.0.mlp.fc1.weight"]).abs()
+    assert moved.median().item() == pytest.approx(0.5e-3, rel=0.02)
+    assert moved.max().item() <= 0.5e-3 * 1.05
+    assert not torch.equal(seen[3]["backbone.model.blocks.3.attn.qkv.weight"], seen[2]["backbone.model.blocks.3.attn.qkv.weight"])
+
+
+def test_frozen_backbone_factors_combine_with_layer_decay():
+    from medtune.trainer.setup import freeze_backbone_groups, group_lr_factors
+
+    model = Classifier()
+    groups = freeze_backbone_groups(model, 3, layer_decay_groups(model, 0.5))
+    assert all(g.frozen and g.restart == 3 for g in groups)  # the decayed layers, frozen in place
+    param_groups = split_lr_groups(model, list(model.parameters()), groups)
+    schedule = ScheduleConfig(name="constant", warmup_steps=2)
+    factors = group_lr_factors(param_groups, 10, schedule)
+    head = next(f for f, g in zip(factors, param_groups) if g["group"] is None)
+    top = next(f for f, g in zip(factors, param_groups) if g["group"] is not None and g["group"].scale == 0.5)
+    assert [head(s) for s in range(5)] == [0.5, 1.0, 1.0, 1.0, 1.0]
+    assert [top(s) for s in range(6)] == [0.0, 0.0, 0.0, 0.25, 0.5, 0.5]
+    # without layer decay: one group holds every backbone parameter at the run's lr
+    alone = freeze_backbone_groups(model, 3, [])
+    assert len(alone) == 1 and alone[0].scale == 1.0 and alone[0].frozen
+    assert set(alone[0].prefix) == {n for n, _ in model.named_parameters() if n.startswith("backbone.")}
+    with pytest.raises(ConfigError, match="no medtune backbone to freeze"):
+        freeze_backbone_groups(nn.Linear(2, 2), 3, [])
+    with pytest.raises(ValueError, match="freeze_backbone_steps must be >= 0"):
+        OptimConfig(freeze_backbone_steps=-1)
+
+
+def test_freezing_every_step_is_refused(tmp_path):
+    cfg = TrainConfig(max_steps=2, batch_size=8, mixed_precision="no", optim=OptimConfig(freeze_backbone_steps=2))
+    with pytest.raises(ConfigError, match="freeze_backbone_steps 2 leaves none of the 2 steps"):
+        train(Classifier(), Images(), cfg, tmp_path)
