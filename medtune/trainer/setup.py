@@ -133,15 +133,17 @@ class LrGroup:
     frozen: bool = False
 
 
-def layer_decay_groups(model: nn.Module, decay: float) -> list[LrGroup]:
+def layer_decay_groups(model: nn.Module, decay: float, option: str = "optim.layer_decay",
+                       verb: str = "decay") -> list[LrGroup]:
     """``optim.layer_decay``'s groups: for every backbone in ``model`` (a module with a
     ``layer_ids()`` method, as :meth:`medtune.models.backbones.Backbone.layer_ids`) with
     layers ``0..K``, layer ``i`` at ``decay ** (K + 1 - i)`` x the lr; the rest of the
     model, as BEiT's and MAE's classification head, stays at the lr. Each parameter is
-    named exactly (a group's prefixes are full parameter names)."""
+    named exactly (a group's prefixes are full parameter names). ``option`` and ``verb``
+    name the setting in the error when ``model`` holds no backbone."""
     backbones = [(name, m) for name, m in model.named_modules() if callable(getattr(m, "layer_ids", None))]
     if not backbones:
-        raise ConfigError(f"optim.layer_decay: {type(model).__name__} holds no medtune backbone to decay")
+        raise ConfigError(f"{option}: {type(model).__name__} holds no medtune backbone to {verb}")
     groups = []
     for prefix, backbone in backbones:
         ids = backbone.layer_ids()
@@ -156,13 +158,11 @@ def layer_decay_groups(model: nn.Module, decay: float) -> list[LrGroup]:
 def freeze_backbone_groups(model: nn.Module, steps: int, groups: Sequence[LrGroup]) -> list[LrGroup]:
     """``optim.freeze_backbone_steps``: ``groups`` (the model's own, then layer decay's)
     with every backbone parameter at lr 0 for the first ``steps`` optimizer steps and its
-    schedule restarted at ``steps``. Layer-decay groups (one per backbone layer) are frozen
-    in place; without them one group at the run's lr holds the backbone. The model's own
-    groups are left as they are (they match first, so a backbone parameter in one of them
-    is not frozen)."""
-    if not any(callable(getattr(m, "layer_ids", None)) for m in model.modules()):
-        raise ConfigError(f"optim.freeze_backbone_steps: {type(model).__name__} holds no medtune backbone to freeze")
-    layers = layer_decay_groups(model, 1.0)  # every backbone parameter, named exactly
+    schedule restarted at ``steps``. Groups made of backbone parameters only (layer decay's,
+    one per layer) are frozen in place; without them one group at the run's lr holds the
+    backbone. Other groups are left as they are (they match first, so a backbone parameter
+    in one of them is not frozen)."""
+    layers = layer_decay_groups(model, 1.0, "optim.freeze_backbone_steps", "freeze")  # every backbone parameter
     backbone = {name for group in layers for name in group.prefix}
     decayed = [isinstance(g.prefix, tuple) and set(g.prefix) <= backbone for g in groups]
     if any(decayed):
