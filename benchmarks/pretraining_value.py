@@ -16,7 +16,9 @@ Protocol, every step a medtune command or library call (run in this process):
    objective with the same steps, batch and optimizer, its own published masking;
 3. for each seed and arm (``none`` = random initialisation, or a pretraining run):
    ``medtune finetune`` of the demo's segmentation recipe on the 2 labeled cases,
-   (a) Med-Tuning adapters on the frozen backbone, (b) full finetuning; the validation
+   (a) Med-Tuning adapters on the frozen backbone, (b) full finetuning, with the demo's
+   UperNet decoder (``--decoder multistage``: FreMAE's light-decoder trunk, which the
+   FreMAE arm takes over from its pretraining run, every other arm from scratch); the validation
    Dice per region at the last step (no checkpoint picked on the validation cases), under
    the BraTS rules (a case without a region scores 1 for an empty prediction, else 0) and,
    from the same weights, averaged over the validation cases that have the region (the
@@ -97,6 +99,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--full-frozen-steps", type=int, default=0,
                         help="(b) full finetuning keeps the backbone at lr 0 for its first N steps, then trains "
                         "it on a restarted schedule (optim.freeze_backbone_steps, LP-FT; default 0)")
+    parser.add_argument("--decoder", choices=("upernet", "multistage"), default="upernet",
+                        help="the segmentation decoder of (a) and (b) (default upernet, the demo's); multistage: "
+                        "FreMAE's light-decoder trunk, which the FreMAE arm takes over from its pretraining run "
+                        "(the whole pretrained network finetunes, as FreMIM's), every other arm from scratch")
     parser.add_argument("--jobs", type=int, default=2, help="(seed, arm) chains run side by side (default 2 processes)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: these tiny models only lose time to more threads, "
@@ -201,6 +207,12 @@ def finetune(work: Path, labeled: Path, val_fraction: float, arm: str, mode: str
             f"train.eval_every={steps}", f"train.save_every={steps}", f"train.log_every={max(1, steps // 5)}",
             f"train.schedule.warmup_steps={max(1, steps // 10)}",
         ]
+        if budget["decoder"] != "upernet":  # the width FreMAE's decoder was pretrained with
+            width = OBJECTIVE_SECTIONS["fremae"]["decoder_width"]
+            sets += [f"model.decoder={budget['decoder']}", f'model.decoder_options={{"width": {width}}}']
+            if arm == "fremae" and not (pretrain_dir(work, arm, seed, budget) / "decoder.safetensors").is_file():
+                sys.exit(f"{pretrain_dir(work, arm, seed, budget)} has no decoder.safetensors (a run of an older "
+                         "medtune): delete it so that it is pretrained again")
         if mode == "full":
             sets += ['adapter={"method": "full"}', f"train.optim.lr={budget['full_lr']}"]
             if budget["full_layer_decay"] is not None:
@@ -214,11 +226,11 @@ def finetune(work: Path, labeled: Path, val_fraction: float, arm: str, mode: str
 
 
 def run_tag(mode: str, budget: dict) -> str:
-    """A finetuning run's folder prefix: the mode, its steps when they are not the scale's
-    default, and full finetuning's learning rate and layer decay when they are not the
-    defaults, and its frozen-backbone steps (so a cached run is never reused under other
-    settings)."""
-    tag = mode
+    """A finetuning run's folder prefix: the mode, the decoder when it is not UperNet, the
+    steps when they are not the scale's default, and full finetuning's learning rate and
+    layer decay when they are not the defaults, and its frozen-backbone steps (so a cached
+    run is never reused under other settings)."""
+    tag = mode if budget.get("decoder", "upernet") == "upernet" else f"{mode}-{budget['decoder']}"
     if budget["finetune_steps"] != budget["default_finetune_steps"]:
         tag += f"-{budget['finetune_steps']}steps"
     if mode != "full":
@@ -479,6 +491,7 @@ def main() -> int:
     budget["full_lr"] = args.full_lr
     budget["full_layer_decay"] = args.full_layer_decay
     budget["full_frozen_steps"] = args.full_frozen_steps
+    budget["decoder"] = args.decoder
     seeds = args.seeds if args.seeds is not None else list(budget["seeds"])
     extra = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.fremae)}
     arms = [a for a in ARMS if a in args.arms]
@@ -500,8 +513,9 @@ def main() -> int:
         f"pretraining value ({scale}: {len(seeds)} seed(s), pretraining {budget['pretrain_steps']} steps"
         + "".join(f", {arm} {steps}" for arm, steps in budget["arm_steps"].items() if arm in arms) + " of "
         f"{budget['batch']} slices on {budget['unlabeled']} unlabeled cases, finetuning {budget['finetune_steps']} "
-        f"steps on {LABELED_TRAIN_CASES} labeled cases; Dice per region on {budget['labeled'] - LABELED_TRAIN_CASES} "
-        f"validation cases; gain in Dice points)",
+        f"steps on {LABELED_TRAIN_CASES} labeled cases with decoder {budget['decoder']}"
+        + (" (the FreMAE arm's trunk pretrained)" if budget["decoder"] == "multistage" else "")
+        + f"; Dice per region on {budget['labeled'] - LABELED_TRAIN_CASES} validation cases; gain in Dice points)",
         table("(a) Med-Tuning on the frozen backbone: validation Dice at the last step (BraTS rules)",
               results["med-tuning"]),
         table("(a) the same runs, each region averaged over the validation cases that have it",

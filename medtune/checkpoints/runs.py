@@ -8,8 +8,9 @@ it through this module::
       config.json                 {"task": ..., <the run's config>, "derived": {...}}
       backbone.safetensors        pretraining: the encoder; finetuning: the base backbone before adapters
       pretrain.safetensors        pretraining: encoder + decoder (the whole objective)
-      decoder.safetensors         pretraining with a transferable decoder (FreMAE 'unetr'): the decoder
-                                  blocks a segmenter takes over (MONAI SwinUNETR names)
+      decoder.safetensors         pretraining with a transferable decoder (FreMAE): the decoder blocks a
+                                  segmenter takes over (decoder 'multistage' for FreMAE's light decoder,
+                                  'unetr' for its 'unetr' decoder, in MONAI SwinUNETR names)
       model.safetensors           finetuning: the whole model (last step)
       adapter.json                adapter methods: the adapter's config + the base weights' path and sha256
       adapter.safetensors         adapter methods: the trained backbone tensors only (backbone names)

@@ -58,11 +58,13 @@ def resize(x: torch.Tensor, size: Sequence[int], align_corners: bool = False) ->
 
 
 class ConvNormAct(nn.Sequential):
-    """Conv (no bias) -> norm -> ReLU; ``(B, C_in, *S) -> (B, C_out, *S)``."""
+    """Conv (no bias) -> norm -> ReLU; ``(B, C_in, *S) -> (B, C_out, *S/stride)``."""
 
-    def __init__(self, spatial_dims: int, in_ch: int, out_ch: int, kernel_size: int = 3, norm: str = "batch"):
+    def __init__(
+        self, spatial_dims: int, in_ch: int, out_ch: int, kernel_size: int = 3, norm: str = "batch", stride: int = 1
+    ):
         super().__init__(
-            conv_layer(spatial_dims)(in_ch, out_ch, kernel_size, padding=kernel_size // 2, bias=False),
+            conv_layer(spatial_dims)(in_ch, out_ch, kernel_size, stride=stride, padding=kernel_size // 2, bias=False),
             norm_layer(spatial_dims, norm, out_ch),
             nn.ReLU(inplace=True),
         )

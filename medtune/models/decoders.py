@@ -12,6 +12,10 @@
 - ``unetr`` (:mod:`medtune.models.unetr`): MONAI SwinUNETR's own decoder for
   ``swinunetr`` backbones; it also reads the input image, and takes over the UNETR blocks
   of a FreMAE run pretrained with ``objective.decoder: unetr``.
+- ``multistage`` (:mod:`medtune.models.multistage`): FreMAE's light-decoder trunk (pyramid,
+  full-resolution input path, top-down path) and a 1x1 classifier, for any backbone; it
+  reads the input image too, and takes over the trunk of a FreMAE run pretrained with
+  ``objective.decoder: light`` (the default).
 
 Each takes ``features = [(B, C_i, *S_i), ...]`` (shallow -> deep, as
 ``Backbone.forward_stages`` returns them) and the input's spatial size, and returns
@@ -21,7 +25,7 @@ logits ``(B, K, *S)`` at the input resolution. Made by name through :data:`DECOD
                              num_classes=4, spatial_dims=2)
 
 Every decoder splits its ``forward(features, out_size)`` into ``forward_decoder(features)``
-(``unetr``: ``forward_decoder(features, image)``)
+(``unetr``, ``multistage``: ``forward_decoder(features, image)``)
 (the last feature map before the classifier, ``embedding_channels`` wide: the pixel
 embedding that contrastive losses read) and ``forward_head(map, out_size)`` (the logits);
 ``head_modules`` names the modules only ``forward_head`` uses (a model that puts its own
@@ -231,6 +235,8 @@ def build_unet(in_channels, in_strides, num_classes, spatial_dims=2, **options) 
 
 # MONAI SwinUNETR's own decoder (swinunetr backbones; reads the input image too)
 DECODERS.register_path("unetr", "medtune.models.unetr:build_unetr_decoder")
+# FreMAE's light-decoder trunk + classifier (any backbone; reads the input image too)
+DECODERS.register_path("multistage", "medtune.models.multistage:build_multistage_decoder")
 DECODERS.register_path("agln", "medtune.models.agln:build_agln")
 
 
@@ -246,7 +252,8 @@ def create_decoder(
     """Decoder by registry name; ``"auto"`` = UperNet for equal strides (plain ViT), else U-Net.
 
     ``image_channels``: the input's channels, for decoders that also read the input image
-    (``unetr``; they have ``takes_image = True`` and are called ``decoder(features, size, image)``).
+    (``unetr``, ``multistage``; they have ``takes_image = True`` and are called
+    ``decoder(features, size, image)``).
     """
     if name == "auto":
         name = "upernet" if len(set(in_strides)) == 1 else "unet"

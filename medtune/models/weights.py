@@ -102,11 +102,15 @@ def pretrained_section(path: str | Path) -> dict[str, Any]:
     return {"pretrained": str(path)}
 
 
+# FreMAE's objective.decoder -> the segmentation decoder that takes its blocks
+SEGMENTATION_DECODER_OF = {"light": "multistage", "unetr": "unetr"}
+
+
 def pretrained_decoder_file(path: str | Path) -> Path | None:
     """A pretraining run folder's decoder blocks (``decoder.safetensors``), or None.
 
-    Only FreMAE runs with ``objective.decoder: unetr`` write it; a weight file given to
-    ``--backbone`` never brings a decoder.
+    FreMAE runs write it (the light decoder's trunk, or ``objective.decoder: unetr``'s
+    UNETR blocks); a weight file given to ``--backbone`` never brings a decoder.
     """
     path = Path(path)
     weight_file = path / DECODER_FILE
@@ -117,26 +121,35 @@ def load_pretrained_decoder(decoder: torch.nn.Module, path: str | Path) -> LoadR
     """Load a pretraining run's decoder blocks into a segmentation decoder that takes them.
 
     ``path`` is the backbone's ``pretrained`` source. Returns None when the run has no
-    decoder blocks, or when ``decoder`` cannot take them (then a warning names the
-    decoder that can: ``model.decoder: unetr``). Tensors the run has but the decoder
-    lacks, or of another shape, are a :class:`CheckpointError`; the decoder's own
-    tensors beyond the run's (SwinUNETR's ``decoder3``-``decoder1``, ``out``) stay as
-    initialised and are logged.
+    decoder blocks, or when ``decoder`` cannot take them (then the log names the decoder
+    that can: ``model.decoder: multistage`` for FreMAE's light decoder, ``unetr`` for its
+    ``unetr`` decoder). Tensors the run has but the decoder lacks, or of another shape
+    (a decoder built with other widths than the run's), are a :class:`CheckpointError`
+    naming the run's settings; the decoder's own tensors beyond the run's (the
+    classifier; SwinUNETR's ``decoder3``-``decoder1``, ``out``) stay as initialised and
+    are logged.
     """
     weight_file = pretrained_decoder_file(path)
     if weight_file is None:
         return None
+    objective = read_run_config(path).config.get("objective") or {}
+    name = SEGMENTATION_DECODER_OF.get(objective.get("decoder", "light"), "multistage")
     if not getattr(decoder, "takes_pretrained_blocks", False):
-        log.warning(
-            "%s: the run's pretrained decoder blocks are not used by decoder %s "
-            "(set model.decoder: unetr to finetune them too)", weight_file, type(decoder).__name__,
-        )
+        log.info("%s: the run's pretrained decoder blocks are not used by decoder %s "
+                 "(set model.decoder: %s to finetune them too)", weight_file, type(decoder).__name__, name)
         return None
-    report = load_state(decoder, load_weights(weight_file), strict=False, source=weight_file, quiet=True)
+    settings = (f"the run's objective.decoder {objective.get('decoder', 'light')!r} (segmentation decoder "
+                f"'{name}'), decoder_width {objective.get('decoder_width')}, full_resolution_width "
+                f"{objective.get('full_resolution_width')}, image_path {objective.get('image_path', True)}: "
+                "set model.decoder and model.decoder_options to match")
+    try:
+        report = load_state(decoder, load_weights(weight_file), strict=False, source=weight_file, quiet=True)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; {settings}") from None
     if report.unexpected or not report.loaded:
         raise CheckpointError(
             f"{weight_file}: decoder tensors that decoder {type(decoder).__name__} does not have: "
-            f"{', '.join(report.unexpected[:5]) or '<none matched>'}"
+            f"{', '.join(report.unexpected[:5]) or '<none matched>'}; {settings}"
         )
     log.info("%s: %s into the decoder (%s new: %s)", weight_file, report.summary(), len(report.missing),
              ", ".join(sorted({key.split(".", 1)[0] for key in report.missing})))

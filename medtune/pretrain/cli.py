@@ -12,7 +12,9 @@ The run folder (default ``checkpoints/<config stem>-<YYYYmmdd-HHMMSS>``) receive
 ``config.json`` (the resolved config), ``metrics.jsonl``, ``state/`` (resumable), and at
 the end ``backbone.safetensors`` (the encoder: what finetuning loads),
 ``pretrain.safetensors`` (encoder + decoder), ``decoder.safetensors`` when the decoder
-has blocks a segmenter takes over (FreMAE ``decoder: unetr``) and ``reconstruction.png``. A folder that
+has blocks a segmenter takes over (FreMAE: the light decoder's trunk for segmentation
+decoder ``multistage``, ``decoder: unetr``'s UNETR blocks for ``unetr``) and
+``reconstruction.png``. A folder that
 already holds a run is never overwritten unless ``--resume`` continues it.
 
 With ``heldout_samples`` (default 64) the cases of the finetuning validation split
@@ -242,8 +244,9 @@ def transferable_state(objective, state: dict) -> dict | None:
     blocks = transferable() if callable(transferable) else None
     if blocks is None:
         return None
-    prefix = next(f"{name}." for name, module in objective.named_modules() if module is blocks)
-    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    # the blocks may be a view of the objective's modules, so match tensors, not prefixes
+    names = {id(tensor): name for name, tensor in objective.state_dict(keep_vars=True).items()}
+    return {key: state[names[id(tensor)]] for key, tensor in blocks.state_dict(keep_vars=True).items()}
 
 
 def _save_figure(objective, dataset, cfg, path: Path) -> Path | None:

@@ -19,149 +19,34 @@ semantics (low frequencies); each supervision is attached where its information 
 Each path ends with a :class:`~medtune.pretrain.frequency.GlobalFilter` and a 1x1 conv
 to the modality count.
 
-Backbones whose stages all have the same stride (plain ViT: 16) first go through a
-simple feature pyramid (as in ViTDet / UperNet-on-ViT): the last four stage maps are
-resampled to strides ``s/4, s/2, s, 2s`` with transposed convs, identity and max-pool.
+The pyramid (a plain ViT's stride-16 maps resampled to strides 4-32), the input path and
+the top-down path are :class:`~medtune.models.multistage.MultiStageTrunk`, which a
+segmenter with decoder ``multistage`` takes over (:meth:`MultiStageDecoder.transferable`,
+written to the run's ``decoder.safetensors``); the two heads and the bottom-up path are
+pretraining-only.
 
 With ``image_channels`` set (FreMAE's default) the decoder also reads the masked input
-through :class:`InputPath`, a full-resolution residual conv block, as FreMIM's
-``encoder1`` (its ``enc0`` is the shallowest map of both heads). Its map is a level of
-stride 1: the top-down path ends by fusing it, the bottom-up path starts from it.
-(A backbone whose first stage is already at stride 1, e.g. SwinUNETR with patch size 1,
-needs none.) Without it the full-resolution head sees only maps of stride 4 and coarser (16 for a
-ViT, before the pyramid), from which the per-pixel detail of the visible pixels cannot
-be recovered, and the high band is not learned (its loss stays at that of a zero
-prediction).
+through :class:`~medtune.models.multistage.InputPath`, a full-resolution residual conv
+block, as FreMIM's ``encoder1`` (its ``enc0`` is the shallowest map of both heads). Its
+map is a level of stride 1: the top-down path ends by fusing it, the bottom-up path
+starts from it. (A backbone whose first stage is already at stride 1, e.g. SwinUNETR with
+patch size 1, needs none.) Without it the full-resolution head sees only maps of stride 4
+and coarser (16 for a ViT, before the pyramid), from which the per-pixel detail of the
+visible pixels cannot be recovered, and the high band is not learned (its loss stays at
+that of a zero prediction).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medtune.models.blocks import ConvNormAct, conv_layer
+from medtune.models.multistage import InputPath, MultiStageTrunk, log2_exact, pyramid_strides
 from medtune.pretrain.frequency import GlobalFilter
-
-
-def conv_layer(spatial_dims: int) -> type[nn.Module]:
-    return (nn.Conv1d, nn.Conv2d, nn.Conv3d)[spatial_dims - 1]
-
-
-def transposed_conv_layer(spatial_dims: int) -> type[nn.Module]:
-    return (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[spatial_dims - 1]
-
-
-def batch_norm_layer(spatial_dims: int) -> type[nn.Module]:
-    return (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[spatial_dims - 1]
-
-
-def max_pool_layer(spatial_dims: int) -> type[nn.Module]:
-    return (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)[spatial_dims - 1]
-
-
-def _log2_exact(ratio: float, what: str) -> int:
-    steps = round(math.log2(ratio)) if ratio > 0 else -1
-    if steps < 0 or 2**steps != ratio:
-        raise ValueError(f"{what}: stride ratio {ratio} is not a power of two")
-    return steps
-
-
-def channels_last(x: Tensor) -> Tensor:
-    """A 2D map ``(B, C, H, W)`` stored channels-last (others as they are): oneDNN's
-    convolutions, their gradients and BatchNorm run faster on it than on the default layout
-    (the full-resolution input path's forward and backward take about 2/3 of the time on a
-    CPU) and give the same values. 3D maps keep their layout: oneDNN picks other
-    algorithms for channels-last 3D convolutions, which move FreMAE's loss by 2e-5."""
-    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
-
-
-class ConvNormAct(nn.Sequential):
-    """Conv (kernel ``k``, stride ``s``) -> BatchNorm -> ReLU, for ``spatial_dims`` dims."""
-
-    def __init__(self, spatial_dims: int, cin: int, cout: int, kernel: int = 3, stride: int = 1):
-        super().__init__(
-            conv_layer(spatial_dims)(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False),
-            batch_norm_layer(spatial_dims)(cout),
-            nn.ReLU(inplace=True),
-        )
-
-
-class Upsample2x(nn.Sequential):
-    """Transposed conv, kernel 2 stride 2, then BatchNorm and ReLU: ``(B, C, *S) -> (B, C', *2S)``."""
-
-    def __init__(self, spatial_dims: int, cin: int, cout: int):
-        super().__init__(
-            transposed_conv_layer(spatial_dims)(cin, cout, 2, stride=2, bias=False),
-            batch_norm_layer(spatial_dims)(cout),
-            nn.ReLU(inplace=True),
-        )
-
-
-def resample_stage(spatial_dims: int, cin: int, cout: int, factor: float) -> nn.Module:
-    """Project ``cin -> cout`` and change the resolution by ``factor`` (a power of two):
-    transposed convs to upsample, max-pool to downsample."""
-    if factor >= 1:
-        steps = _log2_exact(factor, "simple pyramid")
-        layers: list[nn.Module] = [ConvNormAct(spatial_dims, cin, cout, kernel=1)]
-        layers += [Upsample2x(spatial_dims, cout, cout) for _ in range(steps)]
-        return nn.Sequential(*layers)
-    steps = _log2_exact(1 / factor, "simple pyramid")
-    return nn.Sequential(
-        max_pool_layer(spatial_dims)(2**steps), ConvNormAct(spatial_dims, cin, cout, kernel=1)
-    )
-
-
-def pyramid_strides(feature_strides: Sequence[int]) -> list[int]:
-    """Strides of the levels the decoder works on.
-
-    Hierarchical backbones: the stage strides themselves (sorted shallow to deep). Plain
-    backbones (all strides ``s`` equal): ``s/4, s/2, s, 2s`` (at least 1).
-    """
-    strides = list(feature_strides)
-    if len(set(strides)) == 1:
-        s = strides[0]
-        return [max(1, s // 4), max(1, s // 2), s, 2 * s]
-    if strides != sorted(strides):
-        raise ValueError(f"backbone feature_strides {strides} are not ordered shallow to deep")
-    return strides
-
-
-class InputPath(nn.Module):
-    """Full-resolution residual conv block of the masked input (as MONAI's
-    ``UnetrBasicBlock`` that FreMIM's ``encoder1`` is, with BatchNorm and ReLU):
-    ``ReLU(BN(conv3x3(ReLU(BN(conv3x3(x))))) + BN(conv1x1(x)))``, ``(B, M, *S) -> (B, width, *S)``."""
-
-    def __init__(self, spatial_dims: int, cin: int, width: int) -> None:
-        super().__init__()
-        conv, norm = conv_layer(spatial_dims), batch_norm_layer(spatial_dims)
-        self.conv1 = ConvNormAct(spatial_dims, cin, width, kernel=3)
-        self.conv2 = nn.Sequential(conv(width, width, 3, padding=1, bias=False), norm(width))
-        self.shortcut = nn.Sequential(conv(cin, width, 1, bias=False), norm(width))
-
-    def forward(self, image: Tensor) -> Tensor:
-        return F.relu(self.conv2(self.conv1(image)) + self.shortcut(image), inplace=True)
-
-
-class TopDownBlock(nn.Module):
-    """Upsample the deeper map to the skip's resolution (transposed convs), concatenate,
-    fuse with a 1x1 conv (as FreMIM's decoder: spatial mixing comes from the upsampling).
-
-    ``out_width`` (default ``width``): channels of the skip, of the last upsampling step's
-    output and of the fused map (the full-resolution level may be narrower)."""
-
-    def __init__(self, spatial_dims: int, width: int, factor: int, out_width: int | None = None) -> None:
-        super().__init__()
-        steps = _log2_exact(factor, "top-down path")
-        out_width = width if out_width is None else out_width
-        widths = [width] * steps + [out_width]
-        self.upsample = nn.Sequential(*[Upsample2x(spatial_dims, widths[i], widths[i + 1]) for i in range(steps)])
-        self.fuse = ConvNormAct(spatial_dims, 2 * out_width, out_width, kernel=1)
-
-    def forward(self, deep: Tensor, skip: Tensor) -> Tensor:
-        return self.fuse(torch.cat([skip, self.upsample(deep)], dim=1))
 
 
 class BottomUpBlock(nn.Module):
@@ -170,18 +55,18 @@ class BottomUpBlock(nn.Module):
 
     def __init__(self, spatial_dims: int, width: int, factor: int, in_width: int | None = None) -> None:
         super().__init__()
-        steps = _log2_exact(factor, "bottom-up path")
+        steps = log2_exact(factor, "bottom-up path")
         widths = [width if in_width is None else in_width] + [width] * steps
         self.downsample = nn.Sequential(
-            *[ConvNormAct(spatial_dims, widths[i], widths[i + 1], kernel=3, stride=2) for i in range(steps)]
+            *[ConvNormAct(spatial_dims, widths[i], widths[i + 1], kernel_size=3, stride=2) for i in range(steps)]
         )
-        self.fuse = ConvNormAct(spatial_dims, 2 * width, width, kernel=1)
+        self.fuse = ConvNormAct(spatial_dims, 2 * width, width, kernel_size=1)
 
     def forward(self, shallow: Tensor, stage: Tensor) -> Tensor:
         return self.fuse(torch.cat([stage, self.downsample(shallow)], dim=1))
 
 
-class MultiStageDecoder(nn.Module):
+class MultiStageDecoder(MultiStageTrunk):
     """Top-down high-band head and bottom-up low-band head over the encoder's stages.
 
     Args:
@@ -229,44 +114,11 @@ class MultiStageDecoder(nn.Module):
         image_to_low: bool = True,
         full_resolution_width: int | None = None,
     ) -> None:
-        super().__init__()
-        if len(feature_channels) != len(feature_strides):
-            raise ValueError("feature_channels and feature_strides differ in length")
-        self.spatial_dims = spatial_dims
+        super().__init__(feature_channels, feature_strides, spatial_dims, width, image_channels, full_resolution_width)
         self.image_size = tuple(int(s) for s in image_size)
         self.low_pool = low_pool
         self.low_size = tuple(s // low_pool for s in self.image_size)
-        self.plain = len(set(feature_strides)) == 1
-        self.level_strides = pyramid_strides(feature_strides)
-        if self.plain:
-            # The last four maps (the last one repeated if there are fewer) -> s/4 .. 2s.
-            picks = [max(0, len(feature_channels) - 4 + i) for i in range(4)]
-            sources = [(p, feature_strides[p]) for p in picks]
-        else:
-            sources = list(enumerate(feature_strides))
-        self.source_index = [index for index, _ in sources]
-        self.lateral = nn.ModuleList(
-            resample_stage(spatial_dims, feature_channels[index], width, stride / target)
-            for (index, stride), target in zip(sources, self.level_strides)
-        )
-        self.input_path = None
-        full_width = width
-        if image_channels is not None and self.level_strides[0] > 1:
-            full_width = width if full_resolution_width is None else int(full_resolution_width)
-            self.input_path = InputPath(spatial_dims, int(image_channels), full_width)
-            self.level_strides = [1, *self.level_strides]
-        level_widths = [full_width] + [width] * (len(self.level_strides) - 1)
-
-        strides = self.level_strides
-        self.top_down = nn.ModuleList(
-            TopDownBlock(spatial_dims, width, strides[i + 1] // strides[i], level_widths[i])
-            for i in range(len(strides) - 1)
-        )
-        # From the shallowest level to full resolution (full-resolution 3x3 convs would
-        # dominate the step time; transposed convs keep it a light head).
-        self.to_full_resolution = nn.Sequential(
-            *[Upsample2x(spatial_dims, width, width) for _ in range(_log2_exact(strides[0], "full-resolution upsampling"))]
-        )
+        full_width, level_widths, strides = self.full_width, self.level_widths, self.level_strides
         self.high_filter = GlobalFilter(full_width if filter_per_channel else 1, self.image_size, spatial_dims)
         self.high_head = conv_layer(spatial_dims)(full_width, out_channels, 1)
 
@@ -283,30 +135,6 @@ class MultiStageDecoder(nn.Module):
         )
         self.low_filter = GlobalFilter(width if filter_per_channel else 1, self.low_size, spatial_dims)
         self.low_head = conv_layer(spatial_dims)(width, out_channels, 1)
-
-    def pyramid(self, stages: Sequence[Tensor], image: Tensor | None = None) -> list[Tensor]:
-        """Stage maps (and the masked ``image`` through the input path) -> ``width``-channel
-        maps at :attr:`level_strides`, shallow to deep."""
-        levels = [lateral(channels_last(stages[index])) for lateral, index in zip(self.lateral, self.source_index)]
-        if self.input_path is not None:
-            if image is None:
-                raise ValueError("this decoder has an input path: pass the masked image")
-            levels.insert(0, self.input_path(channels_last(image)))  # (B, width, *S)
-        return levels
-
-    def forward_top_down(self, levels: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        """Deep -> shallow -> full resolution.
-
-        Returns the high-band prediction ``(B, M, *S)`` and the path's map at every
-        level ``[(B, width, *S/stride_i), ...]``.
-        """
-        x = levels[-1]
-        fused = [x]
-        for i in range(len(levels) - 2, -1, -1):
-            x = self.top_down[i](x, levels[i])  # (B, width, *S/stride_i)
-            fused.insert(0, x)
-        x = self.to_full_resolution(x)  # (B, width, *S)
-        return self.high_head(self.high_filter(x)), fused
 
     def forward_bottom_up(self, levels: list[Tensor], fused: list[Tensor], low_size: Sequence[int]) -> Tensor:
         """Shallow -> stride ``2 * low_pool``, resized to ``low_size = S / low_pool``.
@@ -331,8 +159,14 @@ class MultiStageDecoder(nn.Module):
         the masked input the input path reads."""
         levels = self.pyramid(stages, image)
         low_size = self.low_size if image_size is None else tuple(s // self.low_pool for s in image_size)
-        high, fused = self.forward_top_down(levels)
+        full, fused = self.forward_trunk(levels)  # (B, full_width, *S), the top-down map of every level
+        high = self.high_head(self.high_filter(full))  # (B, M, *S)
         return high, self.forward_bottom_up(levels, fused, low_size)
 
+    def transferable(self) -> nn.Module:
+        """The part a segmenter takes over (decoder ``multistage``): the trunk (the pyramid,
+        the input path and the top-down path); the heads are pretraining-only."""
+        return self.trunk()
 
-__all__ = ["MultiStageDecoder", "InputPath", "ConvNormAct", "Upsample2x", "pyramid_strides", "conv_layer", "channels_last"]
+
+__all__ = ["BottomUpBlock", "InputPath", "MultiStageDecoder", "pyramid_strides"]

@@ -9,10 +9,11 @@ The steps, named as in the paper:
    full-resolution image, a bottom-up path a 1/4-resolution image. ``decoder="light"``
    (:mod:`medtune.pretrain.decoder`) reads the stages of any backbone and, by default
    (``image_path``), the masked input through a full-resolution conv block, as the
-   official network's ``encoder1``; ``"unetr"``
-   (:mod:`medtune.pretrain.unetr_decoder`) is the official whole network: SwinUNETR's
-   UNETR blocks (which also read the masked input) feed the two heads, and are saved
-   for finetuning (:meth:`FreMAE.transferable_decoder`).
+   official network's ``encoder1``; its trunk is saved for finetuning (segmentation
+   decoder ``multistage``); ``"unetr"`` (:mod:`medtune.pretrain.unetr_decoder`) is the
+   official whole network: SwinUNETR's UNETR blocks (which also read the masked input)
+   feed the two heads, and are saved for finetuning (decoder ``unetr``;
+   :meth:`FreMAE.transferable_decoder`).
 4. ``forward_loss``: focal frequency loss between the *high band* of the full-resolution
    prediction and of the (unmasked) input, and between the *low band* of the 1/4
    prediction and of the input average-pooled 4x. Total = 1.0 L_high + 1.3 L_low.
@@ -181,8 +182,9 @@ class FreMAE(nn.Module):
         return self.decoder(stages, image_size, masked)
 
     def transferable_decoder(self) -> nn.Module | None:
-        """The decoder blocks a segmenter takes over (``unetr``: SwinUNETR's UNETR trunk,
-        MONAI names), or None (the light decoder is pretraining-only)."""
+        """The decoder blocks a segmenter takes over: ``unetr``: SwinUNETR's UNETR trunk
+        (MONAI names; segmentation decoder ``unetr``); ``light``: the multi-stage trunk
+        (pyramid, input path, top-down path; segmentation decoder ``multistage``)."""
         transferable = getattr(self.decoder, "transferable", None)
         return transferable() if callable(transferable) else None
 

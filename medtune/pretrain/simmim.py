@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from medtune.errors import ConfigError, DataError
-from medtune.pretrain.decoder import conv_layer
+from medtune.models.blocks import conv_layer
 from medtune.pretrain.masking import block_masking, upsample_mask
 
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medtune.models.unetr import UnetrTrunk, check_swinunetr_stages
-from medtune.pretrain.decoder import batch_norm_layer, conv_layer, transposed_conv_layer
+from medtune.models.blocks import conv_layer, conv_transpose_layer, norm_layer
 from medtune.pretrain.frequency import GlobalFilter
 
 
@@ -45,9 +45,9 @@ class UpFuse(nn.Module):
     def __init__(self, spatial_dims: int, cin: int, cout: int) -> None:
         super().__init__()
         self.project = conv_layer(spatial_dims)(cin, cout, 1)
-        self.upsample = transposed_conv_layer(spatial_dims)(cout, cout, 2, stride=2)
+        self.upsample = conv_transpose_layer(spatial_dims)(cout, cout, 2, stride=2)
         self.fuse = conv_layer(spatial_dims)(2 * cout, cout, 1)
-        self.norm = batch_norm_layer(spatial_dims)(cout)
+        self.norm = norm_layer(spatial_dims, "batch", cout)
 
     def forward(self, deep: Tensor, skip: Tensor) -> Tensor:
         up = self.upsample(self.project(deep))
@@ -64,7 +64,7 @@ class DownFuse(nn.Module):
         self.project = conv(cin, cout, 1)
         self.downsample = conv(cout, cout, 3, stride=2, padding=1)
         self.fuse = conv(2 * cout, cout, 1)
-        self.norm = batch_norm_layer(spatial_dims)(cout)
+        self.norm = norm_layer(spatial_dims, "batch", cout)
 
     def forward(self, shallow: Tensor, stage: Tensor) -> Tensor:
         down = self.downsample(self.project(shallow))
