@@ -99,10 +99,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--full-frozen-steps", type=int, default=0,
                         help="(b) full finetuning keeps the backbone at lr 0 for its first N steps, then trains "
                         "it on a restarted schedule (optim.freeze_backbone_steps, LP-FT; default 0)")
-    parser.add_argument("--decoder", choices=("upernet", "multistage"), default="upernet",
+    parser.add_argument("--decoder", choices=("upernet", "multistage", "multistage-scratch"), default="upernet",
                         help="the segmentation decoder of (a) and (b) (default upernet, the demo's); multistage: "
                         "FreMAE's light-decoder trunk, which the FreMAE arm takes over from its pretraining run "
-                        "(the whole pretrained network finetunes, as FreMIM's), every other arm from scratch")
+                        "(the whole pretrained network finetunes, as FreMIM's), every other arm from scratch; "
+                        "multistage-scratch: the same decoder, every arm's from scratch (only encoders transfer)")
     parser.add_argument("--jobs", type=int, default=2, help="(seed, arm) chains run side by side (default 2 processes)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: these tiny models only lose time to more threads, "
@@ -202,6 +203,8 @@ def finetune(work: Path, labeled: Path, val_fraction: float, arm: str, mode: str
         shutil.rmtree(run, ignore_errors=True)
         steps = budget["finetune_steps"]
         backbone = [] if arm == "none" else ["--backbone", str(pretrain_dir(work, arm, seed, budget))]
+        if backbone and budget["decoder"] == "multistage-scratch":  # a weight file brings no decoder blocks
+            backbone[1] = str(pretrain_dir(work, arm, seed, budget) / "backbone.safetensors")
         sets = [
             f"data.val_fraction={val_fraction}", f"train.max_steps={steps}", f"train.seed={seed}",
             f"train.eval_every={steps}", f"train.save_every={steps}", f"train.log_every={max(1, steps // 5)}",
@@ -209,8 +212,8 @@ def finetune(work: Path, labeled: Path, val_fraction: float, arm: str, mode: str
         ]
         if budget["decoder"] != "upernet":  # the width FreMAE's decoder was pretrained with
             width = OBJECTIVE_SECTIONS["fremae"]["decoder_width"]
-            sets += [f"model.decoder={budget['decoder']}", f'model.decoder_options={{"width": {width}}}']
-            if arm == "fremae" and not (pretrain_dir(work, arm, seed, budget) / "decoder.safetensors").is_file():
+            sets += ["model.decoder=multistage", f'model.decoder_options={{"width": {width}}}']
+            if arm == "fremae" and budget["decoder"] == "multistage" and not (pretrain_dir(work, arm, seed, budget) / "decoder.safetensors").is_file():
                 sys.exit(f"{pretrain_dir(work, arm, seed, budget)} has no decoder.safetensors (a run of an older "
                          "medtune): delete it so that it is pretrained again")
         if mode == "full":
