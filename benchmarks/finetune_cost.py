@@ -6,7 +6,10 @@ the mean step time (forward + backward + Adam step, after one warm-up step) and 
 peak training memory, with ratios to full finetuning. ``med-tuning+gc`` is Med-Tuning
 with ``model.gradient_checkpointing`` (backbone blocks recomputed in backward); a
 ``+compile`` suffix (``full+compile``, ``med-tuning+compile``) times the method compiled
-with torch.compile as ``train.compile: true`` does (the warm-up step compiles).
+with torch.compile as ``train.compile: true`` does (the warm-up step compiles). A ``@DECODER``
+suffix (``full@multistage``) builds that segmentation decoder instead of the default
+(``auto``: UperNet on a plain ViT), e.g. to time FreMAE's light-decoder trunk with its
+full-resolution input path against UperNet.
 
 How memory is measured:
 
@@ -33,6 +36,7 @@ Run::
     python benchmarks/finetune_cost.py                      # CPU defaults (ViT-B, 64 px, 16 slices)
     python benchmarks/finetune_cost.py --device cuda --img-size 128 --slices 64 --batch 2
     python benchmarks/finetune_cost.py --methods full,full+compile,med-tuning,med-tuning+compile
+    python benchmarks/finetune_cost.py --methods full,full@multistage,med-tuning,med-tuning@multistage
     python benchmarks/finetune_cost.py --device cuda --bf16 --img-size 128 --slices 32 --batch 2
 
 ``--bf16`` trains under bf16 autocast (as ``mixed_precision: bf16``) and compares with the
@@ -69,12 +73,13 @@ def measure(args: argparse.Namespace, method: str) -> dict:
 
     torch.manual_seed(0)
     device = torch.device(args.device)
+    method, _, decoder = method.partition("@")
     adapter, _, variant = method.partition("+")
     if variant not in ("", "gc", "compile"):
         sys.exit(f"unknown variant '+{variant}' in {method} (known: +gc, +compile)")
     cfg = segmentation_config(
         args.backbone, args.in_chans, args.img_size, args.slices, adapter,
-        backbone_options={"depth": args.depth} if args.depth else None,
+        backbone_options={"depth": args.depth} if args.depth else None, decoder=decoder or "auto",
     )
     cfg.model.gradient_checkpointing = variant == "gc"
     model = build_segmenter(cfg, args.num_classes, load_pretrained=False)
@@ -123,7 +128,7 @@ def measure(args: argparse.Namespace, method: str) -> dict:
             step()
         flops = counter.get_total_flops()
     return {
-        "method": method,
+        "method": method + (f"@{decoder}" if decoder else ""),
         "step_s": seconds,
         "peak_bytes": int(peak),
         "trainable": sum(p.numel() for p in params),
@@ -170,7 +175,7 @@ def main() -> None:
     full = next((r for r in results if r["method"] == "full"), results[0])
     counted = {r["method"]: r["flops"] for r in results if r["flops"] is not None}
     for r in results:  # a compiled step does the eager step's math
-        r["flops"] = counted.get(r["method"].removesuffix("+compile"))
+        r["flops"] = counted.get(r["method"].replace("+compile", ""))
 
     import torch
 
@@ -185,7 +190,7 @@ def main() -> None:
         f"{', bf16 autocast' if args.bf16 else ''}, "
         f"memory = {'CUDA max_memory_allocated' if args.device.startswith('cuda') else 'peak RSS delta'}"
     )
-    print(f"{'method':<18} {'trainable':>12} {'step s':>8} {'x full':>7} {'peak MB':>9} {'x full':>7} "
+    print(f"{'method':<22} {'trainable':>12} {'step s':>8} {'x full':>7} {'peak MB':>9} {'x full':>7} "
           f"{'GFLOP':>8} {'GFLOP/s':>8} {'of peak':>7}")
     for r in results:
         achieved = None if r["flops"] is None else r["flops"] / r["step_s"] / 1e9
@@ -205,7 +210,7 @@ def main() -> None:
             with open(args.json, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
         print(
-            f"{r['method']:<18} {r['trainable']:>12,} {r['step_s']:>8.3f} {r['step_s'] / full['step_s']:>7.2f} "
+            f"{r['method']:<22} {r['trainable']:>12,} {r['step_s']:>8.3f} {r['step_s'] / full['step_s']:>7.2f} "
             f"{r['peak_bytes'] / 2**20:>9.1f} {r['peak_bytes'] / max(full['peak_bytes'], 1):>7.2f} {rate}"
         )
     print(f"peak: {peak:.1f} GFLOP/s {str(dtype).removeprefix('torch.')} matmul measured on this machine ({args.device}); FLOPs counted by "
