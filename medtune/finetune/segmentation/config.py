@@ -36,7 +36,9 @@ class SegmentationModelConfig:
     """Decoder and loss of the slice-wise segmenter."""
 
     # "upernet", "unet", "agln", "unetr" (MONAI SwinUNETR's decoder; swinunetr backbones, takes a
-    # FreMAE 'unetr' run's blocks) or "auto" (UperNet for plain ViT, U-Net otherwise)
+    # FreMAE 'unetr' run's blocks), "multistage" (FreMAE's light-decoder trunk with a full-resolution
+    # path of the input, any backbone; takes a light FreMAE run's trunk: set its width to the run's
+    # objective.decoder_width) or "auto" (UperNet for plain ViT, U-Net otherwise)
     decoder: str = "auto"
     decoder_options: dict = field(default_factory=dict)  # extra decoder kwargs (channels, norm, ...)
     lambda_dice: float = 1.0  # weight of the softmax Dice part of the dice_ce loss term
