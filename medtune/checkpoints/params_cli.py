@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser, argv: list[str] = ()) -> None
         "--option", action="append", default=[], metavar="KEY=VALUE",
         help="backbone option, e.g. --option depth=4 (repeatable)",
     )
-    parser.add_argument("--decoder", default="auto", help="decoder registry name (default auto; upernet, unet, agln)")
+    parser.add_argument("--decoder", default="auto", help="decoder registry name (default auto; upernet, unet, agln, unetr, multistage)")
     parser.add_argument(
         "--decoder-option", action="append", default=[], metavar="KEY=VALUE",
         help="decoder option, e.g. --decoder-option channels=64 (repeatable)",

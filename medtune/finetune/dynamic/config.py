@@ -11,7 +11,7 @@
       # segmenter: backbone: one backbone section per segmenter (v2: one; v1: the bank), as the
       # segmentation task's backbone: minus in_chans / img_size / spatial_dims (the run's)
       backbones: [{name: vit_tiny_patch16_224, pretrained: RUN, options: {dynamic_img_size: true}}]
-      decoder: auto              # segmenter: backbone: upernet, unet, agln, unetr or auto
+      decoder: auto              # segmenter: backbone: upernet, unet, agln, unetr, multistage or auto
       adapter: {method: full}    # segmenter: backbone: the tuning method (full, lora, adaptformer, vpt ...)
       crop_size: 96              # v2: side of the crop path's crop (px), at most data.img_size
       bits: [8, 16]              # v2: weight bit widths the stage selectors pick from ([]: no quantization)
