@@ -102,7 +102,7 @@ class BackbonePathSegmenter(nn.Module):
             )
         self.decoder = create_decoder(decoder, self.backbone.feature_channels, self.backbone.feature_strides, 1, 2,
                                       image_channels=self.backbone.in_chans, **(decoder_options or {}))
-        if backbone_cfg.pretrained:  # a FreMAE 'unetr' run also brings its decoder blocks
+        if backbone_cfg.pretrained:  # a FreMAE run also brings its decoder blocks (into multistage or unetr)
             load_pretrained_decoder(self.decoder, backbone_cfg.pretrained)
         self.features = int(self.decoder.embedding_channels)
         for name in getattr(self.decoder, "head_modules", ()):

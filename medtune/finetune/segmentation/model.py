@@ -257,7 +257,7 @@ def build_segmenter(cfg, num_classes: int, *, load_pretrained: bool = True) -> S
         image_channels=backbone.in_chans,
         **cfg.model.decoder_options,
     )
-    if backbone_cfg.pretrained:  # a FreMAE 'unetr' run also brings its decoder blocks
+    if backbone_cfg.pretrained:  # a FreMAE run also brings its decoder blocks (into multistage or unetr)
         load_pretrained_decoder(decoder, backbone_cfg.pretrained)
     self_distill = None
     if cfg.self_distill is not None:
