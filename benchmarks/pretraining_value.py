@@ -26,7 +26,8 @@ Protocol, every step a medtune command or library call (run in this process):
    4 validation cases is 8 points of the mean over regions, on a single voxel);
 4. a representation probe: the frozen backbone's stage maps, upsampled to the pixels, a
    ridge-regression (linear) voxel classifier fitted on the labeled training slices and
-   scored (Dice per region) on the validation slices;
+   scored (Dice per region) on the validation slices; beside it, as a reference, the same
+   classifier on each pixel's own intensities and their products (no backbone, no context);
 5. tables: Dice per region, mean +- std over seeds, and the gain of the mean over ``none``.
 
 The (seed, arm) chains run side by side (``--jobs``, default 2 processes), one torch
@@ -290,9 +291,33 @@ def present_scores(work: Path, arm: str, mode: str, seed: int, budget: dict) -> 
 # --------------------------------------------------------------------------- probe
 
 
+INTENSITY = "intensity"  # the probe's reference: each pixel's own intensities, no backbone
+
+
+class PixelIntensities:
+    """The probe's reference in place of a backbone: each pixel's M intensities and their
+    pairwise products, at full resolution (a quadratic classifier once the probe's linear one
+    reads them)."""
+
+    def eval(self) -> "PixelIntensities":
+        return self
+
+    def forward_stages(self, image):  # (B, M, s, s) -> [(B, M + M(M+1)/2, s, s)]
+        import torch
+
+        m = image.shape[1]
+        products = [image[:, i:i + 1] * image[:, j:j + 1] for i in range(m) for j in range(i, m)]
+        return [torch.cat([image, *products], 1)]
+
+
 def probe(work: Path, labeled: Path, val_fraction: float, arm: str, seed: int, budget: dict) -> dict:
     """Dice per region of a ridge-regression voxel classifier on the frozen backbone's
-    upsampled stage maps (fitted on the training slices, scored on the validation slices)."""
+    upsampled stage maps (fitted on the training slices, scored on the validation slices).
+
+    ``arm`` :data:`INTENSITY`: the same classifier on each pixel's own M intensities and their
+    pairwise products (no backbone, no spatial context): how much of the task a pixel's
+    intensities alone decide, i.e. what a decoder with a full-resolution path of the input
+    can reach without any representation."""
     import numpy as np
     import torch
 
@@ -301,7 +326,9 @@ def probe(work: Path, labeled: Path, val_fraction: float, arm: str, seed: int, b
     from medtune.data.datasets import SliceDataset
     from medtune.models import BackboneConfig, create_backbone, load_pretrained
 
-    if arm == "none":
+    if arm == INTENSITY:
+        backbone = PixelIntensities()
+    elif arm == "none":
         recipe = yaml.safe_load((REPO / "configs" / "demo_finetune.yaml").read_text())
         torch.manual_seed(seed)
         backbone = create_backbone(from_dict(BackboneConfig, recipe["backbone"]))
@@ -420,6 +447,14 @@ def table(title: str, results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def intensity_reference(scores: dict) -> str:
+    """The probe's reference line (:data:`INTENSITY`)."""
+    regions = "  ".join(f"{name} {value:.3f}" for name, value in scores.items() if name != "mean")
+    return ("probe's reference, no backbone: the same classifier on each pixel's own intensities and their "
+            f"products (no spatial context): {regions}  mean {scores['mean']:.3f}\n"
+            "(what a decoder with a full-resolution path of the input can reach without any representation)")
+
+
 def heldout_bands(work: Path, seeds: list[int], budget: dict) -> str:
     """FreMAE's held-out band ratios (the run's last evaluation) per seed."""
     lines = []
@@ -500,7 +535,7 @@ def main() -> int:
     arms = [a for a in ARMS if a in args.arms]
     start = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
-    make_data(args.work, budget)  # once, before the seeds share it
+    _, labeled, val_fraction = make_data(args.work, budget)  # once, before the seeds share it
     jobs = [(args.work, arm, seed, budget, extra, args.threads) for seed in seeds for arm in arms]
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -532,6 +567,7 @@ def main() -> int:
         table("(b) the same runs, each region averaged over the validation cases that have it",
               results["full present"]),
         table("probe: linear voxel classifier on frozen features, validation Dice", results["probe"]),
+        intensity_reference(probe(args.work, labeled, val_fraction, INTENSITY, 0, budget)),
         heldout_bands(args.work, seeds, budget),
         pretraining_cost(args.work, [a for a in arms if a != "none"], seeds, budget),
         f"wall time {minutes:.1f} min ({args.jobs} process(es), {args.threads} torch thread(s) each)",

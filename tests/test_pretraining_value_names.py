@@ -77,3 +77,16 @@ def test_the_table_prints_the_paired_interval(bench):
     lines = bench.table("title", runs).splitlines()
     assert "95% CI (paired)" in lines[1] and "seeds ahead" in lines[1]
     assert lines[3].split()[-5:] == ["+1.0", "-8.0", "..", "+10.0", "2/3"]
+
+
+def test_the_intensity_reference_reads_each_pixel_alone(bench):
+    """The probe's reference features: each pixel's M intensities and their M(M+1)/2 products."""
+    import torch
+
+    image = torch.tensor([[[[1.0, 2.0]], [[3.0, -1.0]]]])  # (1, 2, 1, 2)
+    (features,) = bench.PixelIntensities().eval().forward_stages(image)
+    expected = [[1.0, 2.0], [3.0, -1.0], [1.0, 4.0], [3.0, -2.0], [9.0, 1.0]]  # x0, x1, x0^2, x0 x1, x1^2
+    assert features.shape == (1, 5, 1, 2)
+    assert features[0, :, 0].tolist() == expected
+    line = bench.intensity_reference({"WT": 0.9936, "TC": 0.806, "ET": 0.9608, "mean": 0.92})
+    assert "WT 0.994  TC 0.806  ET 0.961  mean 0.920" in line
