@@ -105,6 +105,11 @@ def parse_args() -> argparse.Namespace:
                         "FreMAE's light-decoder trunk, which the FreMAE arm takes over from its pretraining run "
                         "(the whole pretrained network finetunes, as FreMIM's), every other arm from scratch; "
                         "multistage-scratch: the same decoder, every arm's from scratch (only encoders transfer)")
+    parser.add_argument("--anatomy", type=int, choices=(1, 2), default=1,
+                        help="the generated data (medtune data synth --anatomy): 1 (default) anatomy-like "
+                        "healthy tissue, each tumour class with its own contrast; 2: tumour contrasts that "
+                        "overlap healthy tissue and vary by case (a voxel's intensities no longer decide its "
+                        "class). A --work folder holds data of one level only")
     parser.add_argument("--jobs", type=int, default=2, help="(seed, arm) chains run side by side (default 2 processes)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: these tiny models only lose time to more threads, "
@@ -132,13 +137,19 @@ def make_data(work: Path, budget: dict) -> tuple[Path, Path, float]:
 
     shape = [str(n) for n in budget["shape"]]
     unlabeled, labeled = work / "data" / "unlabeled", work / "data" / "labeled"
+    level_file, level = work / "data" / "anatomy.txt", str(budget["anatomy"])
+    made = level_file.read_text().strip() if level_file.is_file() else ("1" if unlabeled.exists() else level)
+    if made != level:  # every run under work/ was made from that data
+        sys.exit(f"{work} holds data of --anatomy {made}: pass another --work for --anatomy {level}")
+    level_file.parent.mkdir(parents=True, exist_ok=True)
+    level_file.write_text(level + "\n")
     if not unlabeled.exists():
-        medtune("data", "synth", "--kind", "brats", "--anatomy", "1", "--cases", str(budget["unlabeled"]),
+        medtune("data", "synth", "--kind", "brats", "--anatomy", level, "--cases", str(budget["unlabeled"]),
                 "--shape", *shape, "--seed", "1", "--out", str(unlabeled))
         for label_file in unlabeled.rglob("*_seg.nii.gz"):
             label_file.unlink()  # unlabeled: pretraining never sees a label
     if not labeled.exists():
-        medtune("data", "synth", "--kind", "brats", "--anatomy", "1", "--cases", str(budget["labeled"]),
+        medtune("data", "synth", "--kind", "brats", "--anatomy", level, "--cases", str(budget["labeled"]),
                 "--shape", *shape, "--seed", "2", "--out", str(labeled))
     count = budget["labeled"]
     val_fraction = (count - LABELED_TRAIN_CASES) / count
@@ -530,6 +541,7 @@ def main() -> int:
     budget["full_layer_decay"] = args.full_layer_decay
     budget["full_frozen_steps"] = args.full_frozen_steps
     budget["decoder"] = args.decoder
+    budget["anatomy"] = args.anatomy
     seeds = args.seeds if args.seeds is not None else list(budget["seeds"])
     extra = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.fremae)}
     arms = [a for a in ARMS if a in args.arms]
@@ -548,7 +560,7 @@ def main() -> int:
     minutes = (time.perf_counter() - start) / 60
     scale = "quick" if args.quick else "full"
     report = "\n\n".join(part for part in [
-        f"pretraining value ({scale}: {len(seeds)} seed(s), pretraining {budget['pretrain_steps']} steps"
+        f"pretraining value ({scale}, data --anatomy {budget['anatomy']}: {len(seeds)} seed(s), pretraining {budget['pretrain_steps']} steps"
         + "".join(f", {arm} {steps}" for arm, steps in budget["arm_steps"].items() if arm in arms) + " of "
         f"{budget['batch']} slices on {budget['unlabeled']} unlabeled cases, finetuning {budget['finetune_steps']} "
         f"steps on {LABELED_TRAIN_CASES} labeled cases with decoder {budget['decoder']}"

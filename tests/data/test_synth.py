@@ -128,8 +128,8 @@ def test_synth_refuses_bad_settings(tmp_path, capsys):
     assert "synth shapes: --image-size must be >= 24, got 16" in capsys.readouterr().err
     assert main(["data", "synth", "--out", out, "--shape", "16", "4", "8"]) == 2
     assert "synth brats: --shape must be >= 8" in capsys.readouterr().err
-    assert main(["data", "synth", "--out", out, "--anatomy", "2"]) == 2
-    assert "synth brats: --anatomy must be <= 1, got 2" in capsys.readouterr().err
+    assert main(["data", "synth", "--out", out, "--anatomy", "3"]) == 2
+    assert "synth brats: --anatomy must be <= 2, got 3" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     (tmp_path / "file").write_text("x")
     assert main(["data", "synth", "--kind", "vqa", "--out", str(tmp_path / "file"), "--images", "1"]) == 2
@@ -138,6 +138,40 @@ def test_synth_refuses_bad_settings(tmp_path, capsys):
         write_synthetic("mnist", tmp_path / "m")
     with pytest.raises(ConfigError, match="takes 3 integer"):
         write_synthetic("brats", tmp_path / "m", shape=(16, 16))
+
+
+def test_brats_anatomy_2_moves_the_tumour_towards_healthy_tissue():
+    """``anatomy`` 2: the same label; each case's tumour contrasts lie between the class's own
+    and a healthy tissue's (fraction 0.4-0.9 of the way, per class and modality), so the
+    tumour's intensities come closer to the parenchyma's and differ between cases."""
+    import numpy as np
+
+    from medtune.data.synth import synthesize_case
+    from medtune.data.synth.anatomy import CSF_CONTRAST
+    from medtune.data.synth.brats import _TISSUE_CONTRAST, subtle_tumour_contrast
+
+    contrast = {k: np.asarray(v, dtype=np.float32) for k, v in {**_TISSUE_CONTRAST, "csf": CSF_CONTRAST}.items()}
+    own = np.stack([contrast["edema"], contrast["necrosis"], contrast["enhancing"]])
+    parenchyma = (contrast["grey"] + contrast["white"]) / 2
+    healthy = np.stack([parenchyma, contrast["csf"], parenchyma])
+    drawn = [subtle_tumour_contrast(np.random.default_rng(seed), contrast) for seed in range(2)]
+    for tumour in drawn:
+        moved = healthy != own  # (necrosis and CSF share t1ce's contrast: nothing to move there)
+        fraction = (tumour - own)[moved] / (healthy - own)[moved]
+        assert tumour.shape == (3, 4) and (0.4 <= fraction).all() and (fraction <= 0.9).all()
+        assert np.array_equal(tumour[~moved], own[~moved])
+    assert not np.allclose(drawn[0], drawn[1])  # case by case
+
+    shape = (32, 32, 16)
+    image1, label1 = synthesize_case(np.random.default_rng([0, 1]), shape, anatomy=1)
+    image2, label2 = synthesize_case(np.random.default_rng([0, 1]), shape, anatomy=2)
+    assert np.array_equal(label1, label2) and (image2[0] > 0).sum() == (image1[0] > 0).sum()
+
+    def gap(image):  # edema's mean against the healthy brain's, per modality, over the brain's spread
+        brain = (image[0] > 0) & (label1 == 0)
+        return np.abs(image[:, label1 == 2].mean(1) - image[:, brain].mean(1)) / image[:, brain].std(1)
+
+    assert gap(image2).mean() < 0.6 * gap(image1).mean()
 
 
 def test_brats_anatomy_adds_structure_and_keeps_the_tumour():

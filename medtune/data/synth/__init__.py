@@ -167,7 +167,8 @@ for _kind in (
             SynthOption("cases", "cases", 4, 1, "number of cases"),
             SynthOption("shape", "shape", (64, 64, 48), 8, "volume shape", ("H", "W", "D")),
             SynthOption("anatomy", "anatomy", 0, 0, "1: folded cortex, ventricles, a texture per tissue, "
-                        "bias field and partial-volume edges (0: plain grey/white mix)", "0|1", maximum=1),
+                        "bias field and partial-volume edges; 2: that, with tumour contrasts that overlap "
+                        "healthy tissue and vary by case (0: plain grey/white mix)", "0|1|2", maximum=2),
         ),
     ),
     SynthKind(

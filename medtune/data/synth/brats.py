@@ -52,13 +52,17 @@ def _ellipsoid_distance(grid: list[np.ndarray], centre: Sequence[float], radii: 
 
 
 def synthesize_case(
-    rng: np.random.Generator, shape: Sequence[int], with_enhancing: bool = True, anatomy: bool = False
+    rng: np.random.Generator, shape: Sequence[int], with_enhancing: bool = True, anatomy: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic case.
 
-    ``anatomy``: healthy tissue with a folded cortex, ventricles, a texture per tissue,
-    a bias field and partial-volume edges (:mod:`medtune.data.synth.anatomy`) instead of
-    a plain grey/white mix; the tumour and its label are drawn the same way.
+    ``anatomy`` 1 (or True): healthy tissue with a folded cortex, ventricles, a texture per
+    tissue, a bias field and partial-volume edges (:mod:`medtune.data.synth.anatomy`)
+    instead of a plain grey/white mix; the tumour and its label are drawn the same way.
+    ``anatomy`` 2: the same, and each case's tumour contrasts are drawn part of the way
+    towards healthy tissue's, by a random amount per class and modality
+    (:func:`subtle_tumour_contrast`): as in real scans, a voxel's intensities no longer
+    decide its class, its shape and surroundings have to.
 
     Returns:
         image ``(4, H, W, D)`` float32 in modality order (flair, t1, t1ce, t2), exactly
@@ -90,7 +94,8 @@ def synthesize_case(
     label[~brain] = 0
 
     if anatomy:
-        return _anatomical_image(rng, grid, centre, radii, boundary_noise, brain, label), label
+        image = _anatomical_image(rng, grid, centre, radii, boundary_noise, brain, label, subtle=int(anatomy) >= 2)
+        return image, label
 
     # Tissue map: grey/white matter mixed by a smooth field, then the tumour classes.
     white_weight = 1.0 / (1.0 + np.exp(-2.5 * smooth_noise(rng, shape, cells=8)))
@@ -126,8 +131,21 @@ def _tumour_classes(label: np.ndarray) -> np.ndarray:
     return class_of
 
 
-def _anatomical_image(rng, grid, centre, radii, boundary_noise, brain, label) -> np.ndarray:
-    """``(4, H, W, D)`` image of :func:`synthesize_case` with ``anatomy=True``."""
+def subtle_tumour_contrast(rng: np.random.Generator, contrast: dict[str, np.ndarray]) -> np.ndarray:
+    """``(3, 4)`` tumour contrasts (edema, necrosis, enhancing; per modality) of one case,
+    each moved from the class's own contrast towards a healthy tissue's (edema and
+    enhancing tumour towards the grey/white average, necrosis towards CSF) by a fraction
+    drawn uniformly in [0.4, 0.9] per class and modality: the classes overlap healthy
+    tissue and vary from case to case."""
+    own = np.stack([contrast["edema"], contrast["necrosis"], contrast["enhancing"]])
+    parenchyma = (contrast["grey"] + contrast["white"]) / 2
+    healthy = np.stack([parenchyma, contrast["csf"], parenchyma])
+    fraction = rng.uniform(0.4, 0.9, size=own.shape).astype(np.float32)
+    return own + fraction * (healthy - own)
+
+
+def _anatomical_image(rng, grid, centre, radii, boundary_noise, brain, label, subtle: bool = False) -> np.ndarray:
+    """``(4, H, W, D)`` image of :func:`synthesize_case` with ``anatomy`` 1, or 2 (``subtle``)."""
     from medtune.data.synth import anatomy
 
     shape = label.shape
@@ -140,6 +158,8 @@ def _anatomical_image(rng, grid, centre, radii, boundary_noise, brain, label) ->
     in_tumour = class_of >= 0
     tumour_tissue = np.stack([contrast["edema"], contrast["necrosis"], contrast["enhancing"]])  # (3, 4)
     texture = anatomy.tumour_texture(rng, shape)
+    if subtle:
+        tumour_tissue = subtle_tumour_contrast(rng, contrast)
     intensity[:, in_tumour] = tumour_tissue[class_of[in_tumour]].T * (1.0 + texture[in_tumour])[None]
     intensity = anatomy.partial_volume(intensity) * anatomy.bias_field(rng, grid, len(intensity))
     intensity += 0.04 * rng.standard_normal(intensity.shape).astype(np.float32)
@@ -159,8 +179,9 @@ def synthesize_brats(
 ) -> list[Path]:
     """Write ``cases`` synthetic BraTS-2020-style cases under ``out_dir``.
 
-    ``anatomy`` 1: anatomy-like healthy tissue (see :func:`synthesize_case`); 0: the
-    plain grey/white mix.
+    ``anatomy`` 1: anatomy-like healthy tissue (see :func:`synthesize_case`); 2: that, with
+    tumour contrasts that overlap healthy tissue and vary by case; 0: the plain grey/white
+    mix.
 
     Files: ``<out_dir>/<prefix>_001/<prefix>_001_{flair,t1,t1ce,t2,seg}.nii.gz`` with a
     1 mm identity affine; images int16, labels uint8 in {0, 1, 2, 4}. Cases with index
@@ -173,14 +194,14 @@ def synthesize_brats(
         raise ValueError(f"cases must be >= 1, got {cases}")
     if len(shape) != 3 or min(shape) < 8:
         raise ValueError(f"shape must be 3 sizes >= 8, got {tuple(shape)}")
-    if anatomy not in (0, 1):
-        raise ValueError(f"anatomy must be 0 or 1, got {anatomy}")
+    if anatomy not in (0, 1, 2):
+        raise ValueError(f"anatomy must be 0, 1 or 2, got {anatomy}")
     out_dir = Path(out_dir)
     affine = np.eye(4)
     folders = []
     for i in range(cases):
         rng = np.random.default_rng([seed, i])
-        image, label = synthesize_case(rng, shape, with_enhancing=(i % 4 != 3), anatomy=bool(anatomy))
+        image, label = synthesize_case(rng, shape, with_enhancing=(i % 4 != 3), anatomy=int(anatomy))
         case_id = f"{prefix}_{i + 1:03d}"
         folder = out_dir / case_id
         folder.mkdir(parents=True, exist_ok=True)
