@@ -156,10 +156,9 @@ def _anatomical_image(rng, grid, centre, radii, boundary_noise, brain, label, su
     intensity = anatomy.textured_intensity(rng, fractions, contrast, smooth_noise)
     class_of = _tumour_classes(label)
     in_tumour = class_of >= 0
-    tumour_tissue = np.stack([contrast["edema"], contrast["necrosis"], contrast["enhancing"]])  # (3, 4)
     texture = anatomy.tumour_texture(rng, shape)
-    if subtle:
-        tumour_tissue = subtle_tumour_contrast(rng, contrast)
+    tumour_tissue = (subtle_tumour_contrast(rng, contrast) if subtle  # (3, 4): per tumour class, per modality
+                     else np.stack([contrast["edema"], contrast["necrosis"], contrast["enhancing"]]))
     intensity[:, in_tumour] = tumour_tissue[class_of[in_tumour]].T * (1.0 + texture[in_tumour])[None]
     intensity = anatomy.partial_volume(intensity) * anatomy.bias_field(rng, grid, len(intensity))
     intensity += 0.04 * rng.standard_normal(intensity.shape).astype(np.float32)
