@@ -90,3 +90,10 @@ def test_the_intensity_reference_reads_each_pixel_alone(bench):
     assert features[0, :, 0].tolist() == expected
     line = bench.intensity_reference({"WT": 0.9936, "TC": 0.806, "ET": 0.9608, "mean": 0.92})
     assert "WT 0.994  TC 0.806  ET 0.961  mean 0.920" in line
+
+
+def test_a_work_folder_holds_data_of_one_anatomy_level(bench, tmp_path):
+    (tmp_path / "data" / "unlabeled").mkdir(parents=True)  # made before levels were recorded: level 1
+    with pytest.raises(SystemExit, match="holds data of --anatomy 1: pass another --work for --anatomy 2"):
+        bench.make_data(tmp_path, budget(bench, anatomy=2))
+    assert not (tmp_path / "data" / "anatomy.txt").exists()
