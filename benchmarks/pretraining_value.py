@@ -91,6 +91,10 @@ def parse_args() -> argparse.Namespace:
                         help="pretraining steps of single arms (e.g. mae=1000 simmim=1000: an equal-time "
                         "comparison with FreMAE's slower steps; the report prints each arm's samples/s)")
     parser.add_argument("--finetune-steps", type=int, default=None, help="override the finetuning steps")
+    parser.add_argument("--unlabeled", type=int, default=None, metavar="CASES",
+                        help="cases in the unlabeled pool (default 16; --quick: 6); a pool of another size is "
+                        "generated beside the default one (data/unlabeled-CASES) and its pretraining runs are "
+                        "named for it; the labeled set and the runs without pretraining are shared")
     parser.add_argument("--fremae", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra objective settings of the FreMAE arm (e.g. mask_ratio=0.5), for investigations")
     parser.add_argument("--full-lr", type=float, default=FULL_LR,
@@ -136,9 +140,10 @@ def make_data(work: Path, budget: dict) -> tuple[Path, Path, float]:
     from medtune.data.config import split_cases
 
     shape = [str(n) for n in budget["shape"]]
-    unlabeled, labeled = work / "data" / "unlabeled", work / "data" / "labeled"
+    unlabeled, labeled = unlabeled_dir(work, budget), work / "data" / "labeled"
     level_file, level = work / "data" / "anatomy.txt", str(budget["anatomy"])
-    made = level_file.read_text().strip() if level_file.is_file() else ("1" if unlabeled.exists() else level)
+    older = any((work / "data" / name).exists() for name in ("unlabeled", "labeled"))  # made before levels were recorded
+    made = level_file.read_text().strip() if level_file.is_file() else ("1" if older else level)
     if made != level:  # every run under work/ was made from that data
         sys.exit(f"{work} holds data of --anatomy {made}: pass another --work for --anatomy {level}")
     level_file.parent.mkdir(parents=True, exist_ok=True)
@@ -181,9 +186,19 @@ def pretrain_steps(arm: str, budget: dict) -> int:
 
 def arm_label(arm: str, budget: dict) -> str:
     """The arm's name in run folders and tables: the objective, with its pretraining steps
-    when they are not the scale's default (so a cached run is never reused at other steps)."""
+    and its unlabeled pool's size when they are not the scale's default (so a cached run is
+    never reused at other steps or on another pool)."""
+    if arm == "none":
+        return arm
     steps = pretrain_steps(arm, budget)
-    return arm if arm == "none" or steps == budget["default_pretrain_steps"] else f"{arm}-{steps}"
+    label = arm if steps == budget["default_pretrain_steps"] else f"{arm}-{steps}"
+    return label if budget["unlabeled"] == budget["default_unlabeled"] else f"{label}-u{budget['unlabeled']}"
+
+
+def unlabeled_dir(work: Path, budget: dict) -> Path:
+    """The unlabeled pool: ``data/unlabeled`` at the scale's default size, else ``data/unlabeled-CASES``."""
+    default = budget["unlabeled"] == budget["default_unlabeled"]
+    return work / "data" / ("unlabeled" if default else f"unlabeled-{budget['unlabeled']}")
 
 
 def pretrain_dir(work: Path, arm: str, seed: int, budget: dict) -> Path:
@@ -527,6 +542,11 @@ def main() -> int:
     budget = dict(QUICK if args.quick else FULL)
     budget["default_pretrain_steps"] = budget["pretrain_steps"]
     budget["default_finetune_steps"] = budget["finetune_steps"]
+    budget["default_unlabeled"] = budget["unlabeled"]
+    if args.unlabeled is not None:
+        if args.unlabeled < 1:
+            sys.exit(f"--unlabeled {args.unlabeled}: the pool needs at least one case")
+        budget["unlabeled"] = args.unlabeled
     budget["arm_steps"] = {}
     for item in args.arm_steps:
         arm, _, steps = item.partition("=")

@@ -23,7 +23,8 @@ def bench():
 def budget(bench, **changes) -> dict:
     values = dict(bench.FULL, default_pretrain_steps=bench.FULL["pretrain_steps"],
                   default_finetune_steps=bench.FULL["finetune_steps"], arm_steps={},
-                  full_lr=bench.FULL_LR, full_layer_decay=None, full_frozen_steps=0)
+                  default_unlabeled=bench.FULL["unlabeled"], full_lr=bench.FULL_LR, full_layer_decay=None,
+                  full_frozen_steps=0)
     values.update(changes)
     return values
 
@@ -97,3 +98,17 @@ def test_a_work_folder_holds_data_of_one_anatomy_level(bench, tmp_path):
     with pytest.raises(SystemExit, match="holds data of --anatomy 1: pass another --work for --anatomy 2"):
         bench.make_data(tmp_path, budget(bench, anatomy=2))
     assert not (tmp_path / "data" / "anatomy.txt").exists()
+
+
+def test_another_unlabeled_pool_gets_its_own_data_and_pretraining_runs(bench, tmp_path):
+    default = budget(bench)
+    larger = budget(bench, unlabeled=64, arm_steps={"fremae": 1000})
+    assert bench.unlabeled_dir(tmp_path, default) == tmp_path / "data" / "unlabeled"
+    assert bench.unlabeled_dir(tmp_path, larger) == tmp_path / "data" / "unlabeled-64"
+    assert [bench.arm_label(arm, default) for arm in bench.ARMS] == list(bench.ARMS)
+    labels = {arm: bench.arm_label(arm, larger) for arm in bench.ARMS}
+    # runs without pretraining are the same on any pool: shared; every pretrained arm is named for its pool
+    assert labels == {"none": "none", "fremae": "fremae-1000-u64", "mae": "mae-u64", "simmim": "simmim-u64",
+                      "mfm": "mfm-u64"}
+    assert bench.pretrain_dir(tmp_path, "fremae", 3, larger) == tmp_path / "pretrain" / "fremae-1000-u64-seed3"
+    assert bench.finetune_name("full", "fremae", 3, larger) == "full-fremae-1000-u64-seed3"
