@@ -3,6 +3,7 @@
     python benchmarks/pretraining_value.py                 # full: 3 seeds (see FULL for the budget)
     python benchmarks/pretraining_value.py --quick         # CI size: 1 seed, a few minutes
     python benchmarks/pretraining_value.py --work DIR --seeds 0 1 2 --arms none fremae
+    python benchmarks/pretraining_value.py --work DIR --anatomy 2 --unlabeled 64 --arm-steps fremae=1000
 
 Protocol, every step a medtune command or library call (run in this process):
 
