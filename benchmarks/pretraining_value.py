@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 import statistics
 import sys
@@ -97,7 +98,8 @@ def parse_args() -> argparse.Namespace:
                         "generated beside the default one (data/unlabeled-CASES) and its pretraining runs are "
                         "named for it; the labeled set and the runs without pretraining are shared")
     parser.add_argument("--fremae", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="extra objective settings of the FreMAE arm (e.g. mask_ratio=0.5), for investigations")
+                        help="extra objective settings of the FreMAE arm (e.g. mask_ratio=0.5), for investigations; "
+                        "its runs are named for them (fremae-mask_ratio_0.5-seed0)")
     parser.add_argument("--full-lr", type=float, default=FULL_LR,
                         help=f"learning rate of (b) full finetuning (default {FULL_LR:g}, Med-Tuning's)")
     parser.add_argument("--full-layer-decay", type=float, default=None,
@@ -187,12 +189,16 @@ def pretrain_steps(arm: str, budget: dict) -> int:
 
 def arm_label(arm: str, budget: dict) -> str:
     """The arm's name in run folders and tables: the objective, with its pretraining steps
-    and its unlabeled pool's size when they are not the scale's default (so a cached run is
-    never reused at other steps or on another pool)."""
+    and its unlabeled pool's size when they are not the scale's default, and FreMAE's
+    ``--fremae`` settings (so a cached run is never reused at other steps, on another pool
+    or with other settings)."""
     if arm == "none":
         return arm
     steps = pretrain_steps(arm, budget)
     label = arm if steps == budget["default_pretrain_steps"] else f"{arm}-{steps}"
+    if arm == "fremae":  # --fremae settings, e.g. fremae-mask_mode_patch-mask_ratio_0.75
+        label += "".join(f"-{key}_{re.sub(r'[^A-Za-z0-9.]+', '.', str(value)).strip('.')}"
+                         for key, value in sorted(budget.get("fremae_settings", {}).items()))
     return label if budget["unlabeled"] == budget["default_unlabeled"] else f"{label}-u{budget['unlabeled']}"
 
 
@@ -564,7 +570,10 @@ def main() -> int:
     budget["decoder"] = args.decoder
     budget["anatomy"] = args.anatomy
     seeds = args.seeds if args.seeds is not None else list(budget["seeds"])
+    if any("=" not in item for item in args.fremae):
+        sys.exit(f"--fremae {' '.join(args.fremae)}: expected KEY=VALUE items (e.g. mask_ratio=0.5)")
     extra = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.fremae)}
+    budget["fremae_settings"] = extra
     arms = [a for a in ARMS if a in args.arms]
     start = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)

@@ -112,3 +112,13 @@ def test_another_unlabeled_pool_gets_its_own_data_and_pretraining_runs(bench, tm
                       "mfm": "mfm-u64"}
     assert bench.pretrain_dir(tmp_path, "fremae", 3, larger) == tmp_path / "pretrain" / "fremae-1000-u64-seed3"
     assert bench.finetune_name("full", "fremae", 3, larger) == "full-fremae-1000-u64-seed3"
+
+
+def test_fremae_settings_name_the_fremae_runs_only(bench):
+    patch = budget(bench, fremae_settings={"mask_ratio": 0.75, "mask_mode": "patch"})
+    labels = {arm: bench.arm_label(arm, patch) for arm in bench.ARMS}
+    assert labels == {"none": "none", "fremae": "fremae-mask_mode_patch-mask_ratio_0.75", "mae": "mae",
+                      "simmim": "simmim", "mfm": "mfm"}
+    shapes = budget(bench, fremae_settings={"jitter_shape": [8, 8]}, arm_steps={"fremae": 1000})
+    assert bench.arm_label("fremae", shapes) == "fremae-1000-jitter_shape_8.8"
+    assert bench.arm_label("fremae", budget(bench, fremae_settings={})) == "fremae"
