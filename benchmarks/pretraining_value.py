@@ -170,11 +170,12 @@ def make_data(work: Path, budget: dict) -> tuple[Path, Path, float]:
 # --------------------------------------------------------------------------- runs
 
 
-def pretrain_recipe(objective: str, budget: dict, seed: int, extra: dict) -> dict:
+def pretrain_recipe(objective: str, budget: dict, seed: int) -> dict:
     """The demo's pretraining recipe with this objective's section and the shared budget."""
     recipe = yaml.safe_load((REPO / "configs" / "demo_pretrain.yaml").read_text())
     steps = budget["pretrain_steps"]
-    recipe["objective"] = {**OBJECTIVE_SECTIONS[objective], **(extra if objective == "fremae" else {})}
+    extra = budget.get("fremae_settings", {}) if objective == "fremae" else {}  # --fremae
+    recipe["objective"] = {**OBJECTIVE_SECTIONS[objective], **extra}
     recipe["train"].update(max_steps=steps, batch_size=budget["batch"], save_every=steps, log_every=max(1, steps // 10),
                            seed=seed)
     recipe["train"]["schedule"]["warmup_steps"] = max(1, steps // 10)
@@ -218,13 +219,13 @@ def finetune_name(mode: str, arm: str, seed: int, budget: dict) -> str:
     return f"{run_tag(mode, budget)}-{arm_label(arm, budget)}-seed{seed}"
 
 
-def pretrain(work: Path, unlabeled: Path, objective: str, seed: int, budget: dict, extra: dict) -> Path:
+def pretrain(work: Path, unlabeled: Path, objective: str, seed: int, budget: dict) -> Path:
     run = pretrain_dir(work, objective, seed, budget)
     if not (run / "backbone.safetensors").is_file():
         shutil.rmtree(run, ignore_errors=True)
         recipe_file = work / "recipes" / f"pretrain-{run.name}.yaml"
         recipe_file.parent.mkdir(parents=True, exist_ok=True)
-        recipe = pretrain_recipe(objective, {**budget, "pretrain_steps": pretrain_steps(objective, budget)}, seed, extra)
+        recipe = pretrain_recipe(objective, {**budget, "pretrain_steps": pretrain_steps(objective, budget)}, seed)
         recipe_file.write_text(yaml.safe_dump(recipe))
         medtune("pretrain", "--config", str(recipe_file), "--data", str(unlabeled), "--output", str(run))
     return run
@@ -460,7 +461,8 @@ def table(title: str, results: dict[str, list[dict]]) -> str:
     """Dice per region, mean +- std over seeds, and the mean's gain over ``none`` (points)
     with its 95% interval paired by seed and the seeds where the arm is ahead of ``none``."""
     keys = [k for k in next(iter(results.values()))[0] if k != "mean"] + ["mean"]
-    lines = [title, f"{'arm':12s}" + "".join(f"{k:>16s}" for k in keys)
+    width = max(12, *(len(arm) for arm in results))  # run labels grow with --arm-steps, --unlabeled, --fremae
+    lines = [title, f"{'arm':{width}s}" + "".join(f"{k:>18s}" for k in keys)
              + f"{'gain vs none':>15s}{'95% CI (paired)':>18s}{'seeds ahead':>13s}"]
     base = [r["mean"] for r in results["none"]] if "none" in results else None
     for arm, runs in results.items():
@@ -476,7 +478,7 @@ def table(title: str, results: dict[str, list[dict]]) -> str:
             low, high = 100 * (mean - half_width), 100 * (mean + half_width)
             interval = "" if math.isnan(half_width) else f"{low:+.1f} .. {high:+.1f}"
             ahead = f"{wins}/{len(runs)}"
-        lines.append(f"{arm:12s}" + "".join(f"{c:>16s}" for c in cells) + f"{gain:>15s}{interval:>18s}{ahead:>13s}")
+        lines.append(f"{arm:{width}s}" + "".join(f"{c:>18s}" for c in cells) + f"{gain:>15s}{interval:>18s}{ahead:>13s}")
     return "\n".join(lines)
 
 
@@ -519,7 +521,7 @@ def pretraining_cost(work: Path, arms: list[str], seeds: list[int], budget: dict
     return "pretraining cost (samples/s logged by the runs):\n" + "\n".join(lines) if lines else ""
 
 
-def run_arm(work: Path, arm: str, seed: int, budget: dict, extra: dict, threads: int) -> dict:
+def run_arm(work: Path, arm: str, seed: int, budget: dict, threads: int) -> dict:
     """One arm of one seed (its pretraining, both finetunings, the probe), in one process."""
     import logging
 
@@ -529,7 +531,7 @@ def run_arm(work: Path, arm: str, seed: int, budget: dict, extra: dict, threads:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     unlabeled, labeled, val_fraction = make_data(work, budget)
     if arm != "none":
-        pretrain(work, unlabeled, arm, seed, budget, extra)
+        pretrain(work, unlabeled, arm, seed, budget)
     results = {mode: finetune(work, labeled, val_fraction, arm, mode, seed, budget) for mode in ("med-tuning", "full")}
     for mode in ("med-tuning", "full"):
         results[f"{mode} present"] = present_scores(work, arm, mode, seed, budget)
@@ -572,13 +574,12 @@ def main() -> int:
     seeds = args.seeds if args.seeds is not None else list(budget["seeds"])
     if any("=" not in item for item in args.fremae):
         sys.exit(f"--fremae {' '.join(args.fremae)}: expected KEY=VALUE items (e.g. mask_ratio=0.5)")
-    extra = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.fremae)}
-    budget["fremae_settings"] = extra
+    budget["fremae_settings"] = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.fremae)}
     arms = [a for a in ARMS if a in args.arms]
     start = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
     _, labeled, val_fraction = make_data(args.work, budget)  # once, before the seeds share it
-    jobs = [(args.work, arm, seed, budget, extra, args.threads) for seed in seeds for arm in arms]
+    jobs = [(args.work, arm, seed, budget, args.threads) for seed in seeds for arm in arms]
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             done = list(pool.map(run_arm, *zip(*jobs)))

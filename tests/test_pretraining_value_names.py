@@ -78,6 +78,10 @@ def test_the_table_prints_the_paired_interval(bench):
     lines = bench.table("title", runs).splitlines()
     assert "95% CI (paired)" in lines[1] and "seeds ahead" in lines[1]
     assert lines[3].split()[-5:] == ["+1.0", "-8.0", "..", "+10.0", "2/3"]
+    # a long run label keeps every row's columns where the header has them
+    long = bench.table("title", {"none": runs["none"], "fremae-1000-mask_ratio_0.5-u64": runs["fremae"]}).splitlines()
+    assert len({len(line) for line in long[1:]}) == 1
+    assert long[1].index("mean") + len("mean") == long[3].rindex("0.066") + len("0.066")  # the mean's column
 
 
 def test_the_intensity_reference_reads_each_pixel_alone(bench):
