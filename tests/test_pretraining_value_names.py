@@ -126,3 +126,21 @@ def test_fremae_settings_name_the_fremae_runs_only(bench):
     shapes = budget(bench, fremae_settings={"jitter_shape": [8, 8]}, arm_steps={"fremae": 1000})
     assert bench.arm_label("fremae", shapes) == "fremae-1000-jitter_shape_8.8"
     assert bench.arm_label("fremae", budget(bench, fremae_settings={})) == "fremae"
+
+
+def test_finished_runs_keep_their_weights_and_lose_their_resumable_state(bench, tmp_path, monkeypatch):
+    def fake_medtune(command, *argv):  # what a finished run leaves: weights, summary, a resumable state
+        run = Path(argv[argv.index("--output") + 1])
+        (run / "state" / "step-5").mkdir(parents=True)
+        (run / "state" / "step-5" / "optimizer.bin").write_bytes(b"moments")
+        (run / "backbone.safetensors").write_bytes(b"weights")
+        (run / "summary.json").write_text('{"final": {"Dice_WT": 0.5, "Dice_mean": 0.5}}')
+
+    monkeypatch.setattr(bench, "medtune", fake_medtune)
+    plan = budget(bench, decoder="upernet")
+    run = bench.pretrain(tmp_path, tmp_path / "data" / "unlabeled", "fremae", 0, plan)
+    assert (run / "backbone.safetensors").read_bytes() == b"weights" and not (run / "state").exists()
+    assert bench.finetune(tmp_path, tmp_path / "data" / "labeled", 0.5, "fremae", "full", 0, plan) == {"WT": 0.5,
+                                                                                                      "mean": 0.5}
+    finetuned = tmp_path / "finetune" / "full-fremae-seed0"
+    assert (finetuned / "summary.json").is_file() and not (finetuned / "state").exists()
