@@ -75,6 +75,8 @@ OBJECTIVE_SECTIONS = {
     "mfm": {"name": "mfm"},  # radius 16 at 224 px, scaled with the image side
 }
 IMG_SIZE = 64
+# the backbone's blocks in configs/demo_pretrain.yaml and demo_finetune.yaml (--depth changes them)
+DEMO_DEPTH = 4
 # (b)'s learning rate: Med-Tuning's. At 5e-4 (the first choice) no arm's full finetuning
 # found the tumour core in 200 steps (TC 0 for none, FreMAE and MAE, seed 0), so (b) could
 # not tell the arms apart; at 2e-3 the randomly initialised arm reaches TC 0.50.
@@ -97,6 +99,9 @@ def parse_args() -> argparse.Namespace:
                         help="cases in the unlabeled pool (default 16; --quick: 6); a pool of another size is "
                         "generated beside the default one (data/unlabeled-CASES) and its pretraining runs are "
                         "named for it; the labeled set and the runs without pretraining are shared")
+    parser.add_argument("--depth", type=int, default=None, metavar="BLOCKS",
+                        help="the ViT-Tiny's blocks, in every arm (default 4, the demo's; 12 is timm's ViT-Tiny); "
+                        "every run, the arm without pretraining's too, is named for another depth (none-d12-seed0)")
     parser.add_argument("--fremae", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra objective settings of the FreMAE arm (e.g. mask_ratio=0.5), for investigations; "
                         "its runs are named for them (fremae-mask_ratio_0.5-seed0)")
@@ -176,6 +181,7 @@ def pretrain_recipe(objective: str, budget: dict, seed: int) -> dict:
     steps = budget["pretrain_steps"]
     extra = budget.get("fremae_settings", {}) if objective == "fremae" else {}  # --fremae
     recipe["objective"] = {**OBJECTIVE_SECTIONS[objective], **extra}
+    recipe["backbone"]["options"]["depth"] = budget.get("depth", DEMO_DEPTH)
     recipe["train"].update(max_steps=steps, batch_size=budget["batch"], save_every=steps, log_every=max(1, steps // 10),
                            seed=seed)
     recipe["train"]["schedule"]["warmup_steps"] = max(1, steps // 10)
@@ -190,17 +196,20 @@ def pretrain_steps(arm: str, budget: dict) -> int:
 
 def arm_label(arm: str, budget: dict) -> str:
     """The arm's name in run folders and tables: the objective, with its pretraining steps
-    and its unlabeled pool's size when they are not the scale's default, and FreMAE's
-    ``--fremae`` settings (so a cached run is never reused at other steps, on another pool
-    or with other settings)."""
+    and its unlabeled pool's size when they are not the scale's default, FreMAE's
+    ``--fremae`` settings, and the backbone's depth when it is not the demo's, for the arm
+    without pretraining too (so a cached run is never reused at other steps, on another
+    pool, with other settings or on another backbone)."""
+    depth = budget.get("depth", DEMO_DEPTH)
     if arm == "none":
-        return arm
+        return arm if depth == DEMO_DEPTH else f"{arm}-d{depth}"
     steps = pretrain_steps(arm, budget)
     label = arm if steps == budget["default_pretrain_steps"] else f"{arm}-{steps}"
     if arm == "fremae":  # --fremae settings, e.g. fremae-mask_mode_patch-mask_ratio_0.75
         label += "".join(f"-{key}_{re.sub(r'[^A-Za-z0-9.]+', '.', str(value)).strip('.')}"
                          for key, value in sorted(budget.get("fremae_settings", {}).items()))
-    return label if budget["unlabeled"] == budget["default_unlabeled"] else f"{label}-u{budget['unlabeled']}"
+    label += "" if budget["unlabeled"] == budget["default_unlabeled"] else f"-u{budget['unlabeled']}"
+    return label if depth == DEMO_DEPTH else f"{label}-d{depth}"
 
 
 def unlabeled_dir(work: Path, budget: dict) -> Path:
@@ -245,6 +254,7 @@ def finetune(work: Path, labeled: Path, val_fraction: float, arm: str, mode: str
             f"data.val_fraction={val_fraction}", f"train.max_steps={steps}", f"train.seed={seed}",
             f"train.eval_every={steps}", f"train.save_every={steps}", f"train.log_every={max(1, steps // 5)}",
             f"train.schedule.warmup_steps={max(1, steps // 10)}",
+            f"backbone.options.depth={budget.get('depth', DEMO_DEPTH)}",  # a pretraining run's backbone has it too
         ]
         if budget["decoder"] != "upernet":  # the width FreMAE's decoder was pretrained with
             width = OBJECTIVE_SECTIONS["fremae"]["decoder_width"]
@@ -375,6 +385,7 @@ def probe(work: Path, labeled: Path, val_fraction: float, arm: str, seed: int, b
         backbone = PixelIntensities()
     elif arm == "none":
         recipe = yaml.safe_load((REPO / "configs" / "demo_finetune.yaml").read_text())
+        recipe["backbone"]["options"]["depth"] = budget.get("depth", DEMO_DEPTH)
         torch.manual_seed(seed)
         backbone = create_backbone(from_dict(BackboneConfig, recipe["backbone"]))
     else:
@@ -582,6 +593,9 @@ def main() -> int:
     budget["full_frozen_steps"] = args.full_frozen_steps
     budget["decoder"] = args.decoder
     budget["anatomy"] = args.anatomy
+    if args.depth is not None and args.depth < 1:
+        sys.exit(f"--depth {args.depth}: the backbone needs at least one block")
+    budget["depth"] = DEMO_DEPTH if args.depth is None else args.depth
     seeds = args.seeds if args.seeds is not None else list(budget["seeds"])
     if any("=" not in item for item in args.fremae):
         sys.exit(f"--fremae {' '.join(args.fremae)}: expected KEY=VALUE items (e.g. mask_ratio=0.5)")
@@ -605,7 +619,7 @@ def main() -> int:
         f"pretraining value ({scale}, data --anatomy {budget['anatomy']}: {len(seeds)} seed(s), pretraining {budget['pretrain_steps']} steps"
         + "".join(f", {arm} {steps}" for arm, steps in budget["arm_steps"].items() if arm in arms) + " of "
         f"{budget['batch']} slices on {budget['unlabeled']} unlabeled cases, finetuning {budget['finetune_steps']} "
-        f"steps on {LABELED_TRAIN_CASES} labeled cases with decoder {budget['decoder']}"
+        f"steps on {LABELED_TRAIN_CASES} labeled cases with decoder {budget['decoder']}, a {budget['depth']}-block ViT-Tiny"
         + (" (the FreMAE arm's trunk pretrained)" if budget["decoder"] == "multistage" else "")
         + f"; Dice per region on {budget['labeled'] - LABELED_TRAIN_CASES} validation cases; gain in Dice points)",
         table("(a) Med-Tuning on the frozen backbone: validation Dice at the last step (BraTS rules)",

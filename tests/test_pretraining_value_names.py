@@ -144,3 +144,19 @@ def test_finished_runs_keep_their_weights_and_lose_their_resumable_state(bench, 
                                                                                                       "mean": 0.5}
     finetuned = tmp_path / "finetune" / "full-fremae-seed0"
     assert (finetuned / "summary.json").is_file() and not (finetuned / "state").exists()
+
+
+def test_another_depth_names_every_arm_and_reaches_every_recipe(bench):
+    """--depth changes the backbone of every arm, the one without pretraining too: each run is
+    named for it, and the pretraining recipe and the finetuning overrides carry it."""
+    import yaml
+
+    demo = yaml.safe_load((SCRIPT.parents[1] / "configs" / "demo_pretrain.yaml").read_text())
+    assert bench.DEMO_DEPTH == demo["backbone"]["options"]["depth"]
+    deep = budget(bench, depth=12, unlabeled=64, arm_steps={"fremae": 1000})
+    assert {arm: bench.arm_label(arm, deep) for arm in bench.ARMS} == {
+        "none": "none-d12", "fremae": "fremae-1000-u64-d12", "mae": "mae-u64-d12", "simmim": "simmim-u64-d12",
+        "mfm": "mfm-u64-d12"}
+    assert bench.arm_label("none", budget(bench, depth=bench.DEMO_DEPTH)) == "none"
+    assert bench.pretrain_recipe("fremae", deep, seed=0)["backbone"]["options"]["depth"] == 12
+    assert bench.pretrain_recipe("mae", budget(bench), seed=0)["backbone"]["options"]["depth"] == bench.DEMO_DEPTH
