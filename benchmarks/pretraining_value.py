@@ -479,14 +479,15 @@ def paired_gain(base: list[float], arm: list[float]) -> tuple[float, float, int]
     return statistics.mean(differences), float(half_width), ahead
 
 
-def table(title: str, results: dict[str, list[dict]]) -> str:
-    """Dice per region, mean +- std over seeds, and the mean's gain over ``none`` (points)
-    with its 95% interval paired by seed and the seeds where the arm is ahead of ``none``."""
+def table(title: str, results: dict[str, list[dict]], baseline: str = "none") -> str:
+    """Dice per region, mean +- std over seeds, and the mean's gain over the row ``baseline``
+    (the arm without pretraining's label, ``none-d12`` at another depth; points) with its 95%
+    interval paired by seed and the seeds where the arm is ahead of it."""
     keys = [k for k in next(iter(results.values()))[0] if k != "mean"] + ["mean"]
     width = max(12, *(len(arm) for arm in results))  # run labels grow with --arm-steps, --unlabeled, --fremae
     lines = [title, f"{'arm':{width}s}" + "".join(f"{k:>18s}" for k in keys)
              + f"{'gain vs none':>15s}{'95% CI (paired)':>18s}{'seeds ahead':>13s}"]
-    base = [r["mean"] for r in results["none"]] if "none" in results else None
+    base = [r["mean"] for r in results[baseline]] if baseline in results else None
     for arm, runs in results.items():
         cells = []
         for key in keys:
@@ -494,7 +495,7 @@ def table(title: str, results: dict[str, list[dict]]) -> str:
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):9.3f} +- {spread:.3f}")
         gain = interval = ahead = ""
-        if base is not None and arm != "none":
+        if base is not None and arm != baseline:
             mean, half_width, wins = paired_gain(base, [r["mean"] for r in runs])
             gain = f"{100 * mean:+.1f}"
             low, high = 100 * (mean - half_width), 100 * (mean + half_width)
@@ -614,6 +615,7 @@ def main() -> int:
     results = {mode: {arm_label(arm, budget): [r[mode] for job, r in zip(jobs, done) if job[1] == arm] for arm in arms}
                for mode in modes}
     minutes = (time.perf_counter() - start) / 60
+    none = arm_label("none", budget)  # the row the gains are over
     scale = "quick" if args.quick else "full"
     report = "\n\n".join(part for part in [
         f"pretraining value ({scale}, data --anatomy {budget['anatomy']}: {len(seeds)} seed(s), pretraining {budget['pretrain_steps']} steps"
@@ -623,18 +625,18 @@ def main() -> int:
         + (" (the FreMAE arm's trunk pretrained)" if budget["decoder"] == "multistage" else "")
         + f"; Dice per region on {budget['labeled'] - LABELED_TRAIN_CASES} validation cases; gain in Dice points)",
         table("(a) Med-Tuning on the frozen backbone: validation Dice at the last step (BraTS rules)",
-              results["med-tuning"]),
+              results["med-tuning"], none),
         table("(a) the same runs, each region averaged over the validation cases that have it",
-              results["med-tuning present"]),
+              results["med-tuning present"], none),
         table(f"(b) full finetuning (learning rate {budget['full_lr']:g}"
               + (f", layer decay {budget['full_layer_decay']:g}" if budget["full_layer_decay"] is not None else "")
               + (f", backbone frozen for its first {budget['full_frozen_steps']} steps"
                  if budget["full_frozen_steps"] else "")
               + "): validation Dice at the last step "
-              "(BraTS rules)", results["full"]),
+              "(BraTS rules)", results["full"], none),
         table("(b) the same runs, each region averaged over the validation cases that have it",
-              results["full present"]),
-        table("probe: linear voxel classifier on frozen features, validation Dice", results["probe"]),
+              results["full present"], none),
+        table("probe: linear voxel classifier on frozen features, validation Dice", results["probe"], none),
         intensity_reference(probe(args.work, labeled, val_fraction, INTENSITY, 0, budget)),
         heldout_bands(args.work, seeds, budget),
         pretraining_cost(args.work, [a for a in arms if a != "none"], seeds, budget),

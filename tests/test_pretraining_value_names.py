@@ -160,3 +160,13 @@ def test_another_depth_names_every_arm_and_reaches_every_recipe(bench):
     assert bench.arm_label("none", budget(bench, depth=bench.DEMO_DEPTH)) == "none"
     assert bench.pretrain_recipe("fremae", deep, seed=0)["backbone"]["options"]["depth"] == 12
     assert bench.pretrain_recipe("mae", budget(bench), seed=0)["backbone"]["options"]["depth"] == bench.DEMO_DEPTH
+
+
+def test_gains_are_over_the_baseline_row_at_another_depth(bench):
+    """At --depth 12 the arm without pretraining is the row none-d12: the gains are over it
+    (a table that looked for a row named none printed no gains at all)."""
+    runs = {"none-d12": [{"WT": 0.5, "mean": 0.50}, {"WT": 0.4, "mean": 0.40}],
+            "fremae-d12": [{"WT": 0.6, "mean": 0.60}, {"WT": 0.5, "mean": 0.50}]}
+    lines = bench.table("title", runs, bench.arm_label("none", budget(bench, depth=12))).splitlines()
+    assert lines[2].split() == ["none-d12", "0.450", "+-", "0.071", "0.450", "+-", "0.071"]  # no gain of its own
+    assert lines[3].split()[-5:] == ["+10.0", "+10.0", "..", "+10.0", "2/2"]
