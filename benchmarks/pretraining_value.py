@@ -99,6 +99,11 @@ def parse_args() -> argparse.Namespace:
                         help="cases in the unlabeled pool (default 16; --quick: 6); a pool of another size is "
                         "generated beside the default one (data/unlabeled-CASES) and its pretraining runs are "
                         "named for it; the labeled set and the runs without pretraining are shared")
+    parser.add_argument("--img-size", type=int, default=IMG_SIZE, metavar="PX",
+                        help=f"slice side in pixels, a multiple of 16 (default {IMG_SIZE}): the generated volumes "
+                        f"are the same anatomy sampled PX/{IMG_SIZE} times as finely on every axis, FreMAE's band "
+                        f"radius scales with the side, finetuning crops are PX x PX x 8. A --work folder holds "
+                        "data of one size")
     parser.add_argument("--depth", type=int, default=None, metavar="BLOCKS",
                         help="the ViT-Tiny's blocks, in every arm (default 4, the demo's; 12 is timm's ViT-Tiny); "
                         "every run, the arm without pretraining's too, is named for another depth (none-d12-seed0)")
@@ -141,21 +146,33 @@ def medtune(*argv: str) -> None:
 # --------------------------------------------------------------------------- data
 
 
+def volume_shape(budget: dict) -> tuple[int, ...]:
+    """The generated volumes' shape: the scale's, every axis times ``img_size / 64`` (the same
+    anatomy and tumours, sampled more finely)."""
+    size = budget.get("img_size", IMG_SIZE)
+    return tuple(n * size // IMG_SIZE for n in budget["shape"])
+
+
 def make_data(work: Path, budget: dict) -> tuple[Path, Path, float]:
     """The unlabeled pool and the labeled set; returns their folders and the labeled
     set's ``val_fraction`` that leaves exactly 2 training cases."""
     from medtune.data.cases import find_cases
     from medtune.data.config import split_cases
 
-    shape = [str(n) for n in budget["shape"]]
+    shape = [str(n) for n in volume_shape(budget)]
     unlabeled, labeled = unlabeled_dir(work, budget), work / "data" / "labeled"
-    level_file, level = work / "data" / "anatomy.txt", str(budget["anatomy"])
-    older = any((work / "data" / name).exists() for name in ("unlabeled", "labeled"))  # made before levels were recorded
-    made = level_file.read_text().strip() if level_file.is_file() else ("1" if older else level)
-    if made != level:  # every run under work/ was made from that data
-        sys.exit(f"{work} holds data of --anatomy {made}: pass another --work for --anatomy {level}")
-    level_file.parent.mkdir(parents=True, exist_ok=True)
-    level_file.write_text(level + "\n")
+    older = any((work / "data" / name).exists() for name in ("unlabeled", "labeled"))  # made before these were recorded
+    recorded = {"anatomy": (str(budget["anatomy"]), "1"),  # option: (this run's value, an older folder's)
+                "img-size": (str(budget.get("img_size", IMG_SIZE)), str(IMG_SIZE))}
+    for key, (value, before) in recorded.items():
+        record = work / "data" / f"{key.replace('-', '_')}.txt"
+        made = record.read_text().strip() if record.is_file() else (before if older else value)
+        if made != value:  # every run under work/ was made from that data
+            sys.exit(f"{work} holds data of --{key} {made}: pass another --work for --{key} {value}")
+    for key, (value, _) in recorded.items():
+        (work / "data").mkdir(parents=True, exist_ok=True)
+        (work / "data" / f"{key.replace('-', '_')}.txt").write_text(value + "\n")
+    level = str(budget["anatomy"])
     if not unlabeled.exists():
         medtune("data", "synth", "--kind", "brats", "--anatomy", level, "--cases", str(budget["unlabeled"]),
                 "--shape", *shape, "--seed", "1", "--out", str(unlabeled))
@@ -182,6 +199,11 @@ def pretrain_recipe(objective: str, budget: dict, seed: int) -> dict:
     extra = budget.get("fremae_settings", {}) if objective == "fremae" else {}  # --fremae
     recipe["objective"] = {**OBJECTIVE_SECTIONS[objective], **extra}
     recipe["backbone"]["options"]["depth"] = budget.get("depth", DEMO_DEPTH)
+    size = budget.get("img_size", IMG_SIZE)
+    recipe["data"]["img_size"] = recipe["backbone"]["img_size"] = size
+    if objective == "fremae" and "radius" not in extra and size != IMG_SIZE:  # the radius in bins scales with the side
+        radius = OBJECTIVE_SECTIONS["fremae"]["radius"] * size / IMG_SIZE
+        recipe["objective"]["radius"] = int(radius) if radius.is_integer() else radius
     recipe["train"].update(max_steps=steps, batch_size=budget["batch"], save_every=steps, log_every=max(1, steps // 10),
                            seed=seed)
     recipe["train"]["schedule"]["warmup_steps"] = max(1, steps // 10)
@@ -255,6 +277,8 @@ def finetune(work: Path, labeled: Path, val_fraction: float, arm: str, mode: str
             f"train.eval_every={steps}", f"train.save_every={steps}", f"train.log_every={max(1, steps // 5)}",
             f"train.schedule.warmup_steps={max(1, steps // 10)}",
             f"backbone.options.depth={budget.get('depth', DEMO_DEPTH)}",  # a pretraining run's backbone has it too
+            f"backbone.img_size={budget.get('img_size', IMG_SIZE)}",
+            f"data.crop_size=[{budget.get('img_size', IMG_SIZE)}, {budget.get('img_size', IMG_SIZE)}, 8]",
         ]
         if budget["decoder"] != "upernet":  # the width FreMAE's decoder was pretrained with
             width = OBJECTIVE_SECTIONS["fremae"]["decoder_width"]
@@ -386,6 +410,7 @@ def probe(work: Path, labeled: Path, val_fraction: float, arm: str, seed: int, b
     elif arm == "none":
         recipe = yaml.safe_load((REPO / "configs" / "demo_finetune.yaml").read_text())
         recipe["backbone"]["options"]["depth"] = budget.get("depth", DEMO_DEPTH)
+        recipe["backbone"]["img_size"] = budget.get("img_size", IMG_SIZE)
         torch.manual_seed(seed)
         backbone = create_backbone(from_dict(BackboneConfig, recipe["backbone"]))
     else:
@@ -394,12 +419,13 @@ def probe(work: Path, labeled: Path, val_fraction: float, arm: str, seed: int, b
         backbone = create_backbone(from_dict(BackboneConfig, config["backbone"]))
         load_pretrained(backbone, run / "backbone.safetensors")
     backbone.eval()
-    data = DataConfig(root=str(labeled), mode="2d", img_size=IMG_SIZE, val_fraction=val_fraction, num_workers=0,
+    size = budget.get("img_size", IMG_SIZE)
+    data = DataConfig(root=str(labeled), mode="2d", img_size=size, val_fraction=val_fraction, num_workers=0,
                       cache_dir=str(work / "data" / ".probe-cache"))
     spec = label_spec_for(data)
     train = build_labeled_dataset(data, "train", show_progress=False)
     val = build_labeled_dataset(data, "val", show_progress=False)
-    val = SliceDataset(val.cache, IMG_SIZE, with_label=True, label_spec=spec)
+    val = SliceDataset(val.cache, size, with_label=True, label_spec=spec)
 
     def stage_maps(items) -> tuple[torch.Tensor, tuple[int, int]]:
         image = torch.stack([torch.as_tensor(item["image"]) for item in items])  # (B, M, s, s)
@@ -597,6 +623,9 @@ def main() -> int:
     if args.depth is not None and args.depth < 1:
         sys.exit(f"--depth {args.depth}: the backbone needs at least one block")
     budget["depth"] = DEMO_DEPTH if args.depth is None else args.depth
+    if args.img_size < 16 or args.img_size % 16:
+        sys.exit(f"--img-size {args.img_size}: expected a multiple of the ViT's patch, 16")
+    budget["img_size"] = args.img_size
     seeds = args.seeds if args.seeds is not None else list(budget["seeds"])
     if any("=" not in item for item in args.fremae):
         sys.exit(f"--fremae {' '.join(args.fremae)}: expected KEY=VALUE items (e.g. mask_ratio=0.5)")
@@ -621,7 +650,7 @@ def main() -> int:
         f"pretraining value ({scale}, data --anatomy {budget['anatomy']}: {len(seeds)} seed(s), pretraining {budget['pretrain_steps']} steps"
         + "".join(f", {arm} {steps}" for arm, steps in budget["arm_steps"].items() if arm in arms) + " of "
         f"{budget['batch']} slices on {budget['unlabeled']} unlabeled cases, finetuning {budget['finetune_steps']} "
-        f"steps on {LABELED_TRAIN_CASES} labeled cases with decoder {budget['decoder']}, a {budget['depth']}-block ViT-Tiny"
+        f"steps on {LABELED_TRAIN_CASES} labeled cases with decoder {budget['decoder']}, a {budget['depth']}-block ViT-Tiny on {budget['img_size']} px slices"
         + (" (the FreMAE arm's trunk pretrained)" if budget["decoder"] == "multistage" else "")
         + f"; Dice per region on {budget['labeled'] - LABELED_TRAIN_CASES} validation cases; gain in Dice points)",
         table("(a) Med-Tuning on the frozen backbone: validation Dice at the last step (BraTS rules)",

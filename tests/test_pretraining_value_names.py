@@ -170,3 +170,25 @@ def test_gains_are_over_the_baseline_row_at_another_depth(bench):
     lines = bench.table("title", runs, bench.arm_label("none", budget(bench, depth=12))).splitlines()
     assert lines[2].split() == ["none-d12", "0.450", "+-", "0.071", "0.450", "+-", "0.071"]  # no gain of its own
     assert lines[3].split()[-5:] == ["+10.0", "+10.0", "..", "+10.0", "2/2"]
+
+
+def test_another_slice_size_scales_the_data_the_radius_and_every_recipe(bench, tmp_path):
+    """--img-size 128: the same anatomy sampled twice as finely (every axis doubled), FreMAE's
+    band radius doubled (5 bins at 64 px, the paper's 10 at 128 px), the backbone and the
+    slices at 128 px; a folder with 64 px data refuses it before writing anything."""
+    large = budget(bench, img_size=128)
+    assert bench.volume_shape(budget(bench)) == (64, 64, 32)
+    assert bench.volume_shape(large) == (128, 128, 64)
+    recipe = bench.pretrain_recipe("fremae", large, seed=0)
+    assert recipe["objective"]["radius"] == 10 and isinstance(recipe["objective"]["radius"], int)
+    assert recipe["data"]["img_size"] == recipe["backbone"]["img_size"] == 128
+    assert bench.pretrain_recipe("fremae", budget(bench, img_size=96), seed=0)["objective"]["radius"] == 7.5
+    assert bench.pretrain_recipe("fremae", budget(bench, img_size=128, fremae_settings={"radius": 4}),
+                                 seed=0)["objective"]["radius"] == 4  # --fremae radius=... wins
+    assert bench.pretrain_recipe("fremae", budget(bench), seed=0)["objective"]["radius"] == 5  # unchanged at 64 px
+    assert bench.pretrain_recipe("mae", large, seed=0)["backbone"]["img_size"] == 128
+
+    (tmp_path / "data" / "labeled").mkdir(parents=True)  # made before sizes were recorded: 64 px
+    with pytest.raises(SystemExit, match="holds data of --img-size 64: pass another --work for --img-size 128"):
+        bench.make_data(tmp_path, budget(bench, img_size=128, anatomy=1))
+    assert sorted(path.name for path in (tmp_path / "data").iterdir()) == ["labeled"]
