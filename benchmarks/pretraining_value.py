@@ -4,6 +4,7 @@
     python benchmarks/pretraining_value.py --quick         # CI size: 1 seed, a few minutes
     python benchmarks/pretraining_value.py --work DIR --seeds 0 1 2 --arms none fremae
     python benchmarks/pretraining_value.py --work DIR --anatomy 2 --unlabeled 64 --arm-steps fremae=1000
+    python benchmarks/pretraining_value.py --work DIR --anatomy 2 --img-size 128 --depth 12   # scale
 
 Protocol, every step a medtune command or library call (run in this process):
 
@@ -13,8 +14,9 @@ Protocol, every step a medtune command or library call (run in this process):
    carry structure a pretraining can learn: a folded cortex, ventricles, a texture per
    tissue, a bias field, partial-volume edges, four contrasts, and a tumour;
 2. for each seed and objective (``fremae``, ``mae``, ``simmim``, ``mfm``): ``medtune pretrain``
-   of the demo's backbone (a 4-block ViT-Tiny on 64 px slices) on the unlabeled pool, every
-   objective with the same steps, batch and optimizer, its own published masking;
+   of the demo's backbone (a 4-block ViT-Tiny on 64 px slices; ``--depth``, ``--img-size``)
+   on the unlabeled pool, every objective with the same steps, batch and optimizer, its own
+   published masking;
 3. for each seed and arm (``none`` = random initialisation, or a pretraining run):
    ``medtune finetune`` of the demo's segmentation recipe on the 2 labeled cases,
    (a) Med-Tuning adapters on the frozen backbone, (b) full finetuning, with the demo's
