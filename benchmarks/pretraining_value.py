@@ -151,8 +151,7 @@ def medtune(*argv: str) -> None:
 def volume_shape(budget: dict) -> tuple[int, ...]:
     """The generated volumes' shape: the scale's, every axis times ``img_size / 64`` (the same
     anatomy and tumours, sampled more finely)."""
-    size = budget.get("img_size", IMG_SIZE)
-    return tuple(n * size // IMG_SIZE for n in budget["shape"])
+    return tuple(n * budget["img_size"] // IMG_SIZE for n in budget["shape"])
 
 
 def make_data(work: Path, budget: dict) -> tuple[Path, Path, float]:
@@ -164,16 +163,17 @@ def make_data(work: Path, budget: dict) -> tuple[Path, Path, float]:
     shape = [str(n) for n in volume_shape(budget)]
     unlabeled, labeled = unlabeled_dir(work, budget), work / "data" / "labeled"
     older = any((work / "data" / name).exists() for name in ("unlabeled", "labeled"))  # made before these were recorded
-    recorded = {"anatomy": (str(budget["anatomy"]), "1"),  # option: (this run's value, an older folder's)
-                "img-size": (str(budget.get("img_size", IMG_SIZE)), str(IMG_SIZE))}
-    for key, (value, before) in recorded.items():
-        record = work / "data" / f"{key.replace('-', '_')}.txt"
+    recorded = {  # option: (its record, this run's value, an older folder's)
+        "anatomy": (work / "data" / "anatomy.txt", str(budget["anatomy"]), "1"),
+        "img-size": (work / "data" / "img_size.txt", str(budget["img_size"]), str(IMG_SIZE)),
+    }
+    for key, (record, value, before) in recorded.items():
         made = record.read_text().strip() if record.is_file() else (before if older else value)
         if made != value:  # every run under work/ was made from that data
             sys.exit(f"{work} holds data of --{key} {made}: pass another --work for --{key} {value}")
-    for key, (value, _) in recorded.items():
-        (work / "data").mkdir(parents=True, exist_ok=True)
-        (work / "data" / f"{key.replace('-', '_')}.txt").write_text(value + "\n")
+    (work / "data").mkdir(parents=True, exist_ok=True)
+    for record, value, _ in recorded.values():
+        record.write_text(value + "\n")
     level = str(budget["anatomy"])
     if not unlabeled.exists():
         medtune("data", "synth", "--kind", "brats", "--anatomy", level, "--cases", str(budget["unlabeled"]),
@@ -194,15 +194,21 @@ def make_data(work: Path, budget: dict) -> tuple[Path, Path, float]:
 # --------------------------------------------------------------------------- runs
 
 
+def scaled_backbone(recipe: dict, budget: dict) -> dict:
+    """A demo recipe (parsed YAML) with its backbone at the budget's depth and slice side (in
+    place, returned); the finetuning runs get the same through ``--set``."""
+    recipe["backbone"]["options"]["depth"] = budget["depth"]
+    recipe["backbone"]["img_size"] = budget["img_size"]
+    return recipe
+
+
 def pretrain_recipe(objective: str, budget: dict, seed: int) -> dict:
     """The demo's pretraining recipe with this objective's section and the shared budget."""
-    recipe = yaml.safe_load((REPO / "configs" / "demo_pretrain.yaml").read_text())
+    recipe = scaled_backbone(yaml.safe_load((REPO / "configs" / "demo_pretrain.yaml").read_text()), budget)
     steps = budget["pretrain_steps"]
     extra = budget.get("fremae_settings", {}) if objective == "fremae" else {}  # --fremae
     recipe["objective"] = {**OBJECTIVE_SECTIONS[objective], **extra}
-    recipe["backbone"]["options"]["depth"] = budget.get("depth", DEMO_DEPTH)
-    size = budget.get("img_size", IMG_SIZE)
-    recipe["data"]["img_size"] = recipe["backbone"]["img_size"] = size
+    size = recipe["data"]["img_size"] = budget["img_size"]
     if objective == "fremae" and "radius" not in extra and size != IMG_SIZE:  # the radius in bins scales with the side
         radius = OBJECTIVE_SECTIONS["fremae"]["radius"] * size / IMG_SIZE
         recipe["objective"]["radius"] = int(radius) if radius.is_integer() else radius
@@ -224,7 +230,7 @@ def arm_label(arm: str, budget: dict) -> str:
     ``--fremae`` settings, and the backbone's depth when it is not the demo's, for the arm
     without pretraining too (so a cached run is never reused at other steps, on another
     pool, with other settings or on another backbone)."""
-    depth = budget.get("depth", DEMO_DEPTH)
+    depth = budget["depth"]
     if arm == "none":
         return arm if depth == DEMO_DEPTH else f"{arm}-d{depth}"
     steps = pretrain_steps(arm, budget)
@@ -278,9 +284,9 @@ def finetune(work: Path, labeled: Path, val_fraction: float, arm: str, mode: str
             f"data.val_fraction={val_fraction}", f"train.max_steps={steps}", f"train.seed={seed}",
             f"train.eval_every={steps}", f"train.save_every={steps}", f"train.log_every={max(1, steps // 5)}",
             f"train.schedule.warmup_steps={max(1, steps // 10)}",
-            f"backbone.options.depth={budget.get('depth', DEMO_DEPTH)}",  # a pretraining run's backbone has it too
-            f"backbone.img_size={budget.get('img_size', IMG_SIZE)}",
-            f"data.crop_size=[{budget.get('img_size', IMG_SIZE)}, {budget.get('img_size', IMG_SIZE)}, 8]",
+            f"backbone.options.depth={budget['depth']}",  # as scaled_backbone; a pretraining run's has it too
+            f"backbone.img_size={budget['img_size']}",
+            f"data.crop_size=[{budget['img_size']}, {budget['img_size']}, 8]",
         ]
         if budget["decoder"] != "upernet":  # the width FreMAE's decoder was pretrained with
             width = OBJECTIVE_SECTIONS["fremae"]["decoder_width"]
@@ -410,9 +416,7 @@ def probe(work: Path, labeled: Path, val_fraction: float, arm: str, seed: int, b
     if arm == INTENSITY:
         backbone = PixelIntensities()
     elif arm == "none":
-        recipe = yaml.safe_load((REPO / "configs" / "demo_finetune.yaml").read_text())
-        recipe["backbone"]["options"]["depth"] = budget.get("depth", DEMO_DEPTH)
-        recipe["backbone"]["img_size"] = budget.get("img_size", IMG_SIZE)
+        recipe = scaled_backbone(yaml.safe_load((REPO / "configs" / "demo_finetune.yaml").read_text()), budget)
         torch.manual_seed(seed)
         backbone = create_backbone(from_dict(BackboneConfig, recipe["backbone"]))
     else:
@@ -421,7 +425,7 @@ def probe(work: Path, labeled: Path, val_fraction: float, arm: str, seed: int, b
         backbone = create_backbone(from_dict(BackboneConfig, config["backbone"]))
         load_pretrained(backbone, run / "backbone.safetensors")
     backbone.eval()
-    size = budget.get("img_size", IMG_SIZE)
+    size = budget["img_size"]
     data = DataConfig(root=str(labeled), mode="2d", img_size=size, val_fraction=val_fraction, num_workers=0,
                       cache_dir=str(work / "data" / ".probe-cache"))
     spec = label_spec_for(data)
@@ -622,8 +626,8 @@ def main() -> int:
     budget["full_frozen_steps"] = args.full_frozen_steps
     budget["decoder"] = args.decoder
     budget["anatomy"] = args.anatomy
-    if args.depth is not None and args.depth < 1:
-        sys.exit(f"--depth {args.depth}: the backbone needs at least one block")
+    if args.depth is not None and args.depth < 4:  # medtune's ViT gives its 4 stages from 4 blocks or more
+        sys.exit(f"--depth {args.depth}: the decoders take 4 stages from the ViT's blocks: at least 4")
     budget["depth"] = DEMO_DEPTH if args.depth is None else args.depth
     if args.img_size < 16 or args.img_size % 16:
         sys.exit(f"--img-size {args.img_size}: expected a multiple of the ViT's patch, 16")

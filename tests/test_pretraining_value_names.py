@@ -24,7 +24,7 @@ def budget(bench, **changes) -> dict:
     values = dict(bench.FULL, default_pretrain_steps=bench.FULL["pretrain_steps"],
                   default_finetune_steps=bench.FULL["finetune_steps"], arm_steps={},
                   default_unlabeled=bench.FULL["unlabeled"], full_lr=bench.FULL_LR, full_layer_decay=None,
-                  full_frozen_steps=0)
+                  full_frozen_steps=0, depth=bench.DEMO_DEPTH, img_size=bench.IMG_SIZE)
     values.update(changes)
     return values
 
@@ -192,3 +192,11 @@ def test_another_slice_size_scales_the_data_the_radius_and_every_recipe(bench, t
     with pytest.raises(SystemExit, match="holds data of --img-size 64: pass another --work for --img-size 128"):
         bench.make_data(tmp_path, budget(bench, img_size=128, anatomy=1))
     assert sorted(path.name for path in (tmp_path / "data").iterdir()) == ["labeled"]
+
+
+def test_a_depth_the_decoders_cannot_take_is_refused_before_anything_is_written(bench, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    monkeypatch.setattr("sys.argv", ["pretraining_value.py", "--work", str(work), "--depth", "2"])
+    with pytest.raises(SystemExit, match="--depth 2: the decoders take 4 stages from the ViT's blocks: at least 4"):
+        bench.main()
+    assert not work.exists()
