@@ -546,15 +546,21 @@ def intensity_reference(scores: dict) -> str:
 
 
 def heldout_bands(work: Path, seeds: list[int], budget: dict) -> str:
-    """FreMAE's held-out band ratios (the run's last evaluation) per seed."""
+    """FreMAE's held-out band ratios (the run's last evaluation) per seed, and with the
+    encoder's maps zeroed (runs of a medtune that measured it)."""
     lines = []
     for seed in seeds:
         metrics = pretrain_dir(work, "fremae", seed, budget) / "metrics.jsonl"
         if metrics.is_file():
             last = [json.loads(line) for line in metrics.read_text().splitlines() if "eval/high_ratio" in line][-1]
-            lines.append(f"  seed {seed}: high band {last['eval/high_ratio']:.3f} x zero prediction, "
-                         f"low band {last['eval/low_ratio']:.3f} x")
-    return "FreMAE held-out band loss / zero-prediction loss:\n" + "\n".join(lines) if lines else ""
+            line = f"  seed {seed}:"
+            for band in ("high", "low"):
+                line += f" {band} band {last[f'eval/{band}_ratio']:.3f} x"
+                blind = last.get(f"eval/{band}_ratio_no_encoder")
+                line += "," if blind is None else f" ({blind:.3f} x without the encoder),"
+            lines.append(line.rstrip(","))
+    return ("FreMAE held-out band loss / zero-prediction loss (without the encoder: its stage maps zeroed):\n"
+            + "\n".join(lines) if lines else "")
 
 
 def pretraining_cost(work: Path, arms: list[str], seeds: list[int], budget: dict) -> str:

@@ -5,6 +5,7 @@ under the name of the default one."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,18 @@ def test_a_depth_the_decoders_cannot_take_is_refused_before_anything_is_written(
     with pytest.raises(SystemExit, match="--depth 2: the decoders take 4 stages from the ViT's blocks: at least 4"):
         bench.main()
     assert not work.exists()
+
+
+def test_heldout_bands_print_the_ratios_without_the_encoder_where_measured(bench, tmp_path):
+    default = budget(bench)
+    for seed, blind in ((0, {"eval/high_ratio_no_encoder": 0.273, "eval/low_ratio_no_encoder": 0.561}), (1, {})):
+        run = bench.pretrain_dir(tmp_path, "fremae", seed, default)
+        run.mkdir(parents=True)
+        first = {"eval/high_ratio": 0.9, "eval/low_ratio": 0.9, "step": 100}
+        last = {"eval/high_ratio": 0.282, "eval/low_ratio": 0.308, **blind, "step": 200}
+        run.joinpath("metrics.jsonl").write_text("\n".join(json.dumps(r) for r in (first, {"loss": 1.0}, last)))
+    lines = bench.heldout_bands(tmp_path, [0, 1, 2], default).splitlines()  # seed 2: no run
+    assert lines[1:] == [
+        "  seed 0: high band 0.282 x (0.273 x without the encoder), low band 0.308 x (0.561 x without the encoder)",
+        "  seed 1: high band 0.282 x, low band 0.308 x",  # a run from before the measurement
+    ]

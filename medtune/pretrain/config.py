@@ -44,7 +44,9 @@ class PretrainConfig:
     """Samples (slices or crops, evenly spread) of the held-out cases on which the
     objective's losses are measured at each evaluation (``train.eval_every``) and at the
     end; FreMAE also reports each band's loss against a zero prediction
-    (``eval/high_ratio``; near 1: the band is not learned). The held-out cases are the
+    (``eval/high_ratio``; near 1: the band is not learned) and with the encoder's stage maps
+    zeroed (``eval/high_ratio_no_encoder``; as low as ``high_ratio``: the decoder learned the
+    band without the encoder). The held-out cases are the
     finetuning validation split (``data.val_fraction``, by hashed case id) and
     pretraining does not train on them. 0: pretrain on every case, measure nothing."""
 

@@ -241,11 +241,32 @@ class FreMAE(nn.Module):
     # ------------------------------------------------------------------ API
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
+        images, masked, stages = self._encode(batch)
+        return self._logs(images, masked, self.forward_decoder(stages, tuple(images.shape[2:]), masked.image))
+
+    @torch.no_grad()
+    def heldout_logs(self, batch: dict) -> dict[str, Tensor]:
+        """:meth:`forward`'s logs, plus each band's loss when the same decoder, on the same
+        masked input, gets the encoder's stage maps zeroed (``loss_high_no_encoder``,
+        ``loss_low_no_encoder``). The decoder's input path reads the masked input at full
+        resolution and can predict a band around the encoder: a band whose loss does not
+        rise without the encoder trains the decoder, not the encoder (docs/fidelity.md)."""
+        images, masked, stages = self._encode(batch)
+        size = tuple(images.shape[2:])
+        logs = self._logs(images, masked, self.forward_decoder(stages, size, masked.image))
+        blind = self.forward_decoder([torch.zeros_like(stage) for stage in stages], size, masked.image)
+        _, logs["loss_high_no_encoder"], logs["loss_low_no_encoder"] = self.forward_loss(images, *blind)
+        return logs
+
+    def _encode(self, batch: dict) -> tuple[Tensor, MaskedInput, list[Tensor]]:
+        """The batch's images, their masking and the encoder's stage maps."""
         images = self._images(batch)
         masked = self.mask_input(batch)
         stages = self.forward_encoder(masked.image if masked.patch_mask is None else images, masked.patch_mask)
-        pred_high, pred_low = self.forward_decoder(stages, tuple(images.shape[2:]), masked.image)
-        loss, loss_high, loss_low = self.forward_loss(images, pred_high, pred_low)
+        return images, masked, stages
+
+    def _logs(self, images: Tensor, masked: MaskedInput, predictions: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+        loss, loss_high, loss_low = self.forward_loss(images, *predictions)
         return {
             "loss": loss,
             "loss_high": loss_high.detach(),
