@@ -46,6 +46,8 @@ def heldout_losses(objective: nn.Module, dataset: Dataset, batch_size: int, seed
     """
     device = next(objective.parameters()).device
     devices = [device] if device.type == "cuda" else []
+    step = getattr(objective, "heldout_logs", objective)
+    zero_losses = getattr(objective, "zero_prediction_losses", None)
     sums: dict[str, float] = {}
     count = 0
     with torch.random.fork_rng(devices=devices):
@@ -53,9 +55,7 @@ def heldout_losses(objective: nn.Module, dataset: Dataset, batch_size: int, seed
         for start in range(0, len(dataset), batch_size):
             items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in default_collate(items).items()}
-            step = getattr(objective, "heldout_logs", None)
-            logs = {k: float(v) for k, v in (step(batch) if callable(step) else objective(batch)).items()}
-            zero_losses = getattr(objective, "zero_prediction_losses", None)
+            logs = {k: float(v) for k, v in step(batch).items()}
             if callable(zero_losses):
                 zero_high, zero_low = zero_losses(batch["image"])
                 logs.update(zero_high=float(zero_high), zero_low=float(zero_low))
