@@ -553,12 +553,11 @@ def heldout_bands(work: Path, seeds: list[int], budget: dict) -> str:
         metrics = pretrain_dir(work, "fremae", seed, budget) / "metrics.jsonl"
         if metrics.is_file():
             last = [json.loads(line) for line in metrics.read_text().splitlines() if "eval/high_ratio" in line][-1]
-            line = f"  seed {seed}:"
+            parts = []
             for band in ("high", "low"):
-                line += f" {band} band {last[f'eval/{band}_ratio']:.3f} x"
-                blind = last.get(f"eval/{band}_ratio_no_encoder")
-                line += "," if blind is None else f" ({blind:.3f} x without the encoder),"
-            lines.append(line.rstrip(","))
+                part, blind = f"{band} band {last[f'eval/{band}_ratio']:.3f} x", last.get(f"eval/{band}_ratio_no_encoder")
+                parts.append(part if blind is None else f"{part} ({blind:.3f} x without the encoder)")
+            lines.append(f"  seed {seed}: " + ", ".join(parts))
     return ("FreMAE held-out band loss / zero-prediction loss (without the encoder: its stage maps zeroed):\n"
             + "\n".join(lines) if lines else "")
 
