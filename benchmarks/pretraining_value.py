@@ -545,11 +545,12 @@ def intensity_reference(scores: dict) -> str:
             "(what a decoder with a full-resolution path of the input can reach without any representation)")
 
 
-def heldout_bands(work: Path, seeds: list[int], budget: dict) -> str:
+def heldout_bands(work: Path, arms: list[str], seeds: list[int], budget: dict) -> str:
     """FreMAE's held-out band ratios (the run's last evaluation) per seed, and with the
-    encoder's maps zeroed (runs of a medtune that measured it)."""
+    encoder's maps zeroed (runs of a medtune that measured it); nothing when FreMAE is not
+    one of ``arms`` (a work folder keeps the runs of earlier invocations)."""
     lines = []
-    for seed in seeds:
+    for seed in seeds if "fremae" in arms else []:
         metrics = pretrain_dir(work, "fremae", seed, budget) / "metrics.jsonl"
         if metrics.is_file():
             last = [json.loads(line) for line in metrics.read_text().splitlines() if "eval/high_ratio" in line][-1]
@@ -678,7 +679,7 @@ def main() -> int:
               results["full present"], none),
         table("probe: linear voxel classifier on frozen features, validation Dice", results["probe"], none),
         intensity_reference(probe(args.work, labeled, val_fraction, INTENSITY, 0, budget)),
-        heldout_bands(args.work, seeds, budget),
+        heldout_bands(args.work, arms, seeds, budget),
         pretraining_cost(args.work, [a for a in arms if a != "none"], seeds, budget),
         f"wall time {minutes:.1f} min ({args.jobs} process(es), {args.threads} torch thread(s) each)",
     ] if part)

@@ -211,8 +211,10 @@ def test_heldout_bands_print_the_ratios_without_the_encoder_where_measured(bench
         first = {"eval/high_ratio": 0.9, "eval/low_ratio": 0.9, "step": 100}
         last = {"eval/high_ratio": 0.282, "eval/low_ratio": 0.308, **blind, "step": 200}
         run.joinpath("metrics.jsonl").write_text("\n".join(json.dumps(r) for r in (first, {"loss": 1.0}, last)))
-    lines = bench.heldout_bands(tmp_path, [0, 1, 2], default).splitlines()  # seed 2: no run
+    lines = bench.heldout_bands(tmp_path, ["none", "fremae"], [0, 1, 2], default).splitlines()  # seed 2: no run
     assert lines[1:] == [
         "  seed 0: high band 0.282 x (0.273 x without the encoder), low band 0.308 x (0.561 x without the encoder)",
         "  seed 1: high band 0.282 x, low band 0.308 x",  # a run from before the measurement
     ]
+    # an invocation without the FreMAE arm prints none of the folder's FreMAE runs
+    assert bench.heldout_bands(tmp_path, ["none", "mae"], [0, 1, 2], default) == ""
