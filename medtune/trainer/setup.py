@@ -3,6 +3,7 @@ Accelerator, best-checkpoint rules, unused-parameter probe."""
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
@@ -273,7 +274,7 @@ def make_accelerator(cfg: TrainConfig, run_dir: str | Path | None = None, tracke
         project = ProjectConfiguration(
             project_dir=str(run_dir), logging_dir=str(Path(run_dir) / "logs"), save_on_each_node=not cfg.shared_filesystem
         )
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=cfg.grad_accum, sync_with_dataloader=False
@@ -284,6 +285,20 @@ def make_accelerator(cfg: TrainConfig, run_dir: str | Path | None = None, tracke
         project_config=project,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)],
     )
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        atexit.unregister(release_process_group)  # once, however many accelerators a process makes
+        atexit.register(release_process_group)
+    return accelerator
+
+
+def release_process_group() -> None:
+    """Destroy the default process group, if one is still up: registered to run at exit by
+    :func:`make_accelerator` in several processes. A process that exits with its gloo group
+    alive leaves its threads to the C++ runtime's teardown, which can abort the process
+    ("terminate called without an active exception", exit code -6) after its work is done;
+    seen on this project's CI in two 2-process tests that ended without destroying it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def higher_is_better(key: str) -> Callable[[Mapping[str, float], Mapping[str, float]], bool]:
