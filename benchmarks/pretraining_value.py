@@ -549,8 +549,10 @@ def heldout_bands(work: Path, arms: list[str], seeds: list[int], budget: dict) -
     """FreMAE's held-out band ratios (the run's last evaluation) per seed, and with the
     encoder's maps zeroed (runs of a medtune that measured it); nothing when FreMAE is not
     one of ``arms`` (a work folder keeps the runs of earlier invocations)."""
+    if "fremae" not in arms:
+        return ""
     lines = []
-    for seed in seeds if "fremae" in arms else []:
+    for seed in seeds:
         metrics = pretrain_dir(work, "fremae", seed, budget) / "metrics.jsonl"
         if metrics.is_file():
             last = [json.loads(line) for line in metrics.read_text().splitlines() if "eval/high_ratio" in line][-1]
