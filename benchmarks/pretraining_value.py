@@ -119,6 +119,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--full-frozen-steps", type=int, default=0,
                         help="(b) full finetuning keeps the backbone at lr 0 for its first N steps, then trains "
                         "it on a restarted schedule (optim.freeze_backbone_steps, LP-FT; default 0)")
+    parser.add_argument("--full-anchor-decay", type=float, default=0.0, metavar="LAMBDA",
+                        help="(b) full finetuning pulls the backbone back to its starting weights by lr x LAMBDA "
+                        "per step (optim.anchor_decay, decoupled L2-SP; the arm without pretraining to its "
+                        "random initialisation; default 0: off)")
     parser.add_argument("--decoder", choices=("upernet", "multistage", "multistage-scratch"), default="upernet",
                         help="the segmentation decoder of (a) and (b) (default upernet, the demo's); multistage: "
                         "FreMAE's light-decoder trunk, which the FreMAE arm takes over from its pretraining run "
@@ -300,6 +304,8 @@ def finetune(work: Path, labeled: Path, val_fraction: float, arm: str, mode: str
                 sets.append(f"train.optim.layer_decay={budget['full_layer_decay']}")
             if budget.get("full_frozen_steps"):
                 sets.append(f"train.optim.freeze_backbone_steps={budget['full_frozen_steps']}")
+            if budget.get("full_anchor_decay"):
+                sets.append(f"train.optim.anchor_decay={budget['full_anchor_decay']}")
         medtune("finetune", "--config", str(REPO / "configs" / "demo_finetune.yaml"), "--data", str(labeled),
                 *backbone, "--output", str(run), "--set", *sets)
         drop_resumable_state(run)
@@ -319,8 +325,8 @@ def drop_resumable_state(run: Path) -> None:
 def run_tag(mode: str, budget: dict) -> str:
     """A finetuning run's folder prefix: the mode, the decoder when it is not UperNet, the
     steps when they are not the scale's default, and full finetuning's learning rate and
-    layer decay when they are not the defaults, and its frozen-backbone steps (so a cached
-    run is never reused under other settings)."""
+    layer decay when they are not the defaults, its frozen-backbone steps and its L2-SP pull
+    (so a cached run is never reused under other settings)."""
     tag = mode if budget.get("decoder", "upernet") == "upernet" else f"{mode}-{budget['decoder']}"
     if budget["finetune_steps"] != budget["default_finetune_steps"]:
         tag += f"-{budget['finetune_steps']}steps"
@@ -328,7 +334,8 @@ def run_tag(mode: str, budget: dict) -> str:
         return tag
     tag += f"-lr{budget['full_lr']:g}" if budget["full_lr"] != FULL_LR else ""
     tag += "" if budget.get("full_layer_decay") is None else f"-ld{budget['full_layer_decay']:g}"
-    return f"{tag}-frozen{budget['full_frozen_steps']}" if budget.get("full_frozen_steps") else tag
+    tag += f"-frozen{budget['full_frozen_steps']}" if budget.get("full_frozen_steps") else ""
+    return f"{tag}-anchor{budget['full_anchor_decay']:g}" if budget.get("full_anchor_decay") else tag
 
 
 def present_scores(work: Path, arm: str, mode: str, seed: int, budget: dict) -> dict:
@@ -632,6 +639,7 @@ def main() -> int:
     budget["full_lr"] = args.full_lr
     budget["full_layer_decay"] = args.full_layer_decay
     budget["full_frozen_steps"] = args.full_frozen_steps
+    budget["full_anchor_decay"] = args.full_anchor_decay
     budget["decoder"] = args.decoder
     budget["anatomy"] = args.anatomy
     if args.depth is not None and args.depth < 4:  # medtune's ViT gives its 4 stages from 4 blocks or more
@@ -675,6 +683,8 @@ def main() -> int:
               + (f", layer decay {budget['full_layer_decay']:g}" if budget["full_layer_decay"] is not None else "")
               + (f", backbone frozen for its first {budget['full_frozen_steps']} steps"
                  if budget["full_frozen_steps"] else "")
+              + (f", L2-SP pull {budget['full_anchor_decay']:g} x the lr to the starting weights"
+                 if budget.get("full_anchor_decay") else "")
               + "): validation Dice at the last step "
               "(BraTS rules)", results["full"], none),
         table("(b) the same runs, each region averaged over the validation cases that have it",

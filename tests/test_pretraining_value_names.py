@@ -54,11 +54,13 @@ def test_other_steps_rates_and_decays_get_their_own_folders(bench):
         for mode in ("full", "med-tuning")
         for changes in ({}, {"finetune_steps": 400}, {"full_lr": 5e-4}, {"full_layer_decay": 0.9},
                         {"full_frozen_steps": 50}, {"full_layer_decay": 0.9, "full_frozen_steps": 50},
+                        {"full_anchor_decay": 10.0}, {"full_layer_decay": 0.9, "full_anchor_decay": 0.5},
                         {"decoder": "upernet"}, {"decoder": "multistage"},
                         {"decoder": "multistage-scratch", "finetune_steps": 50})
     }
     assert tags == {"full", "med-tuning", "full-400steps", "med-tuning-400steps", "full-lr0.0005", "full-ld0.9",
-                    "full-frozen50", "full-ld0.9-frozen50", "full-multistage", "med-tuning-multistage",
+                    "full-frozen50", "full-ld0.9-frozen50", "full-anchor10", "full-ld0.9-anchor0.5",
+                    "full-multistage", "med-tuning-multistage",
                     "full-multistage-scratch-50steps", "med-tuning-multistage-scratch-50steps"}
 
 

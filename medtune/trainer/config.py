@@ -33,6 +33,12 @@ class OptimConfig:
     # the run's last step). The frozen steps still compute the backbone's gradients (Adam's
     # moments gather them). 0: no freezing. Combines with layer_decay.
     freeze_backbone_steps: int = 0
+    # L2-SP (Li et al., ICML 2018), decoupled as AdamW's weight decay: after each optimizer
+    # step every trainable backbone parameter moves lr x anchor_decay of the way back to its
+    # value when training began (the pretrained weights, when finetuning starts from them),
+    # so that finetuning on few labels stays near what pretraining learned. At a constant
+    # push of Adam's size the weight settles about 1 / anchor_decay from its start. 0: off.
+    anchor_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.name not in ("adam", "adamw"):
@@ -45,6 +51,9 @@ class OptimConfig:
             raise ValueError(f"optim.layer_decay must be in (0, 1] or null, got {self.layer_decay}")
         if self.freeze_backbone_steps < 0:
             raise ValueError(f"optim.freeze_backbone_steps must be >= 0, got {self.freeze_backbone_steps}")
+        if self.anchor_decay < 0 or self.lr * self.anchor_decay > 1.0:
+            raise ValueError(f"optim.anchor_decay must be >= 0 with lr x anchor_decay <= 1 (a pull past the start), "
+                             f"got {self.anchor_decay} at lr {self.lr}")
 
 
 @dataclass

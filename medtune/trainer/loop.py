@@ -31,6 +31,7 @@ from medtune.errors import CheckpointError, ConfigError, DataError, MedtuneError
 from medtune.trainer.config import TrainConfig, TrainResult
 from medtune.trainer.engines import engine_for
 from medtune.trainer.setup import (
+    BackboneAnchor,
     _loss_of,
     build_loader,
     build_optimizer,
@@ -136,6 +137,14 @@ def train(
     if lr_groups and engine.sharded:
         raise ConfigError(f"{type(model).__name__} trains parts at their own learning rates, which the "
                           f"{engine.kind} engine does not support; train it with DDP (one or more processes)")
+    anchor = None
+    if cfg.optim.anchor_decay:
+        if engine.sharded:
+            raise ConfigError(f"optim.anchor_decay: the {engine.kind} engine shards the weights it would pull; "
+                              "train with DDP (one or more processes)")
+        anchor = BackboneAnchor(model, cfg.optim.anchor_decay)
+        log.info("L2-SP: %d backbone tensors pulled back to their starting weights at lr x %g per step",
+                 len(anchor.anchors), cfg.optim.anchor_decay)
     param_groups: list = []
 
     def make_optimizer(params):
@@ -194,6 +203,8 @@ def train(
                         grad_norm = engine.clip_grad_norm(accelerator, model, cfg.grad_clip)
                         _add(sums, counts, "grad_norm", grad_norm)
                     optimizer.step()
+                    if anchor is not None and not accelerator.optimizer_step_was_skipped:
+                        anchor.pull(optimizer)
                     optimizer.zero_grad(set_to_none=True)
             _add_logs(sums, counts, out)
             window_samples += _batch_len(batch)

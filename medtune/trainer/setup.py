@@ -171,6 +171,35 @@ def freeze_backbone_groups(model: nn.Module, steps: int, groups: Sequence[LrGrou
     return [*groups, LrGroup(tuple(sorted(backbone)), 1.0, restart=steps, frozen=True)]
 
 
+class BackboneAnchor:
+    """``optim.anchor_decay`` (decoupled L2-SP): every trainable backbone parameter of
+    ``model`` with a copy of its value now, the anchor. :meth:`pull` moves each parameter
+    ``lr x decay`` of the way back to its anchor, at the lr of the optimizer group that
+    holds it (layer decay's and a frozen backbone's lrs apply alike). Make it before the
+    optimizer's first step: a resumed run rebuilds the model as the fresh run did (the
+    same pretrained or seeded weights) before its state loads, so its anchors are the
+    fresh run's."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        layers = layer_decay_groups(model, 1.0, "optim.anchor_decay", "anchor")  # every backbone parameter
+        names = {name for group in layers for name in group.prefix}
+        self.decay = decay
+        self.anchors = {id(p): p.detach().clone() for name, p in model.named_parameters()
+                        if name in names and p.requires_grad}
+
+    @torch.no_grad()
+    def pull(self, optimizer: torch.optim.Optimizer) -> None:
+        """One pull after ``optimizer``'s step: ``p <- p + lr x decay x (anchor - p)``."""
+        for group in optimizer.param_groups:
+            weight = group["lr"] * self.decay
+            if weight == 0.0:
+                continue
+            for param in group["params"]:
+                anchor = self.anchors.get(id(param))
+                if anchor is not None:
+                    param.lerp_(anchor, weight)
+
+
 def split_lr_groups(model: nn.Module, params: Sequence[nn.Parameter], groups: Sequence[LrGroup]) -> list[dict]:
     """``params`` as optimizer parameter groups: the run's group first, then one per
     :class:`LrGroup` that holds any of them (in order; a parameter goes to the first match)."""
