@@ -96,6 +96,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--arm-steps", nargs="*", default=[], metavar="ARM=STEPS",
                         help="pretraining steps of single arms (e.g. mae=1000 simmim=1000: an equal-time "
                         "comparison with FreMAE's slower steps; the report prints each arm's samples/s)")
+    parser.add_argument("--pretrain-lr", type=float, default=None, metavar="LR",
+                        help="peak learning rate of every arm's pretraining (default: configs/demo_pretrain.yaml's); "
+                        "its runs are named for it (fremae-lr0.002-seed0)")
     parser.add_argument("--finetune-steps", type=int, default=None, help="override the finetuning steps")
     parser.add_argument("--unlabeled", type=int, default=None, metavar="CASES",
                         help="cases in the unlabeled pool (default 16; --quick: 6); a pool of another size is "
@@ -219,6 +222,8 @@ def pretrain_recipe(objective: str, budget: dict, seed: int) -> dict:
     recipe["train"].update(max_steps=steps, batch_size=budget["batch"], save_every=steps, log_every=max(1, steps // 10),
                            seed=seed)
     recipe["train"]["schedule"]["warmup_steps"] = max(1, steps // 10)
+    if budget.get("pretrain_lr") is not None:
+        recipe["train"]["optim"]["lr"] = budget["pretrain_lr"]
     recipe["figure"] = objective == "fremae"
     return recipe
 
@@ -229,8 +234,8 @@ def pretrain_steps(arm: str, budget: dict) -> int:
 
 
 def arm_label(arm: str, budget: dict) -> str:
-    """The arm's name in run folders and tables: the objective, with its pretraining steps
-    and its unlabeled pool's size when they are not the scale's default, FreMAE's
+    """The arm's name in run folders and tables: the objective, with its pretraining steps,
+    learning rate and unlabeled pool's size when they are not the scale's default, FreMAE's
     ``--fremae`` settings, and the backbone's depth when it is not the demo's, for the arm
     without pretraining too (so a cached run is never reused at other steps, on another
     pool, with other settings or on another backbone)."""
@@ -242,6 +247,7 @@ def arm_label(arm: str, budget: dict) -> str:
     if arm == "fremae":  # --fremae settings, e.g. fremae-mask_mode_patch-mask_ratio_0.75
         label += "".join(f"-{key}_{re.sub(r'[^A-Za-z0-9.]+', '.', str(value)).strip('.')}"
                          for key, value in sorted(budget.get("fremae_settings", {}).items()))
+    label += "" if budget.get("pretrain_lr") is None else f"-lr{budget['pretrain_lr']:g}"
     label += "" if budget["unlabeled"] == budget["default_unlabeled"] else f"-u{budget['unlabeled']}"
     return label if depth == DEMO_DEPTH else f"{label}-d{depth}"
 
@@ -640,6 +646,7 @@ def main() -> int:
     budget["full_layer_decay"] = args.full_layer_decay
     budget["full_frozen_steps"] = args.full_frozen_steps
     budget["full_anchor_decay"] = args.full_anchor_decay
+    budget["pretrain_lr"] = args.pretrain_lr
     budget["decoder"] = args.decoder
     budget["anatomy"] = args.anatomy
     if args.depth is not None and args.depth < 4:  # medtune's ViT gives its 4 stages from 4 blocks or more
@@ -670,7 +677,8 @@ def main() -> int:
     scale = "quick" if args.quick else "full"
     report = "\n\n".join(part for part in [
         f"pretraining value ({scale}, data --anatomy {budget['anatomy']}: {len(seeds)} seed(s), pretraining {budget['pretrain_steps']} steps"
-        + "".join(f", {arm} {steps}" for arm, steps in budget["arm_steps"].items() if arm in arms) + " of "
+        + "".join(f", {arm} {steps}" for arm, steps in budget["arm_steps"].items() if arm in arms)
+        + ("" if budget.get("pretrain_lr") is None else f" at learning rate {budget['pretrain_lr']:g}") + " of "
         f"{budget['batch']} slices on {budget['unlabeled']} unlabeled cases, finetuning {budget['finetune_steps']} "
         f"steps on {LABELED_TRAIN_CASES} labeled cases with decoder {budget['decoder']}, a {budget['depth']}-block ViT-Tiny on {budget['img_size']} px slices"
         + (" (the FreMAE arm's trunk pretrained)" if budget["decoder"] == "multistage" else "")

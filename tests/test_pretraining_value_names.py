@@ -49,6 +49,10 @@ def test_other_steps_rates_and_decays_get_their_own_folders(bench):
     longer = budget(bench, pretrain_steps=400)
     assert bench.arm_label("fremae", longer) == "fremae-400"
     assert bench.arm_label("none", longer) == "none"  # nothing pretrained: nothing to tell apart
+    faster = budget(bench, pretrain_lr=2e-3)
+    assert [bench.arm_label(arm, faster) for arm in ("none", "fremae", "mae")] == ["none", "fremae-lr0.002", "mae-lr0.002"]
+    assert bench.pretrain_recipe("mae", faster, 0)["train"]["optim"]["lr"] == 2e-3
+    assert bench.pretrain_recipe("mae", budget(bench), 0)["train"]["optim"]["lr"] == 5e-4  # the demo recipe's
     tags = {
         bench.run_tag(mode, budget(bench, **changes))
         for mode in ("full", "med-tuning")
