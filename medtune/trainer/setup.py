@@ -156,6 +156,12 @@ def layer_decay_groups(model: nn.Module, decay: float, option: str = "optim.laye
     return groups
 
 
+def backbone_parameter_names(model: nn.Module, option: str, verb: str) -> set[str]:
+    """The full names of every backbone parameter in ``model`` (layer decay's groups at
+    decay 1); ``option`` and ``verb`` name the setting in the error when it holds none."""
+    return {name for group in layer_decay_groups(model, 1.0, option, verb) for name in group.prefix}
+
+
 def freeze_backbone_groups(model: nn.Module, steps: int, groups: Sequence[LrGroup]) -> list[LrGroup]:
     """``optim.freeze_backbone_steps``: ``groups`` (the model's own, then layer decay's)
     with every backbone parameter at lr 0 for the first ``steps`` optimizer steps and its
@@ -163,8 +169,7 @@ def freeze_backbone_groups(model: nn.Module, steps: int, groups: Sequence[LrGrou
     one per layer) are frozen in place; without them one group at the run's lr holds the
     backbone. Other groups are left as they are (they match first, so a backbone parameter
     in one of them is not frozen)."""
-    layers = layer_decay_groups(model, 1.0, "optim.freeze_backbone_steps", "freeze")  # every backbone parameter
-    backbone = {name for group in layers for name in group.prefix}
+    backbone = backbone_parameter_names(model, "optim.freeze_backbone_steps", "freeze")
     decayed = [isinstance(g.prefix, tuple) and set(g.prefix) <= backbone for g in groups]
     if any(decayed):
         return [replace(g, restart=steps, frozen=True) if d else g for g, d in zip(groups, decayed)]
@@ -181,8 +186,7 @@ class BackboneAnchor:
     fresh run's."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
-        layers = layer_decay_groups(model, 1.0, "optim.anchor_decay", "anchor")  # every backbone parameter
-        names = {name for group in layers for name in group.prefix}
+        names = backbone_parameter_names(model, "optim.anchor_decay", "anchor")
         self.decay = decay
         self.anchors = {id(p): p.detach().clone() for name, p in model.named_parameters()
                         if name in names and p.requires_grad}
