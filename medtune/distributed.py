@@ -17,6 +17,7 @@ and message, so every rank prints the same one line and exits with 2).
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import threading
@@ -44,7 +45,29 @@ def processes():
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     if state.num_processes > 1:
         watch_launcher()
+    release_group_at_exit()
     return state
+
+
+def release_process_group() -> None:
+    """Destroy the default process group, if one is still up. A process that exits with its
+    gloo group alive leaves the group's threads to the C++ runtime's teardown, which can abort
+    the process ("terminate called without an active exception", exit code -6) after its work
+    is done; seen on this project's CI in 2-process tests that ended without destroying it."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def release_group_at_exit() -> None:
+    """Register :func:`release_process_group` to run at exit, once per process however often
+    it is called, where a process group is up (several processes); nothing otherwise."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        atexit.unregister(release_process_group)
+        atexit.register(release_process_group)
 
 
 WATCHDOG_SECONDS = 5.0

@@ -3,7 +3,6 @@ Accelerator, best-checkpoint rules, unused-parameter probe."""
 
 from __future__ import annotations
 
-import atexit
 import logging
 import math
 import os
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
 
+from medtune import distributed
 from medtune.errors import ConfigError, MedtuneError
 from medtune.trainer.config import OptimConfig, ScheduleConfig, TrainConfig
 
@@ -318,20 +318,8 @@ def make_accelerator(cfg: TrainConfig, run_dir: str | Path | None = None, tracke
         project_config=project,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)],
     )
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        atexit.unregister(release_process_group)  # once, however many accelerators a process makes
-        atexit.register(release_process_group)
+    distributed.release_group_at_exit()  # once, however many accelerators a process makes
     return accelerator
-
-
-def release_process_group() -> None:
-    """Destroy the default process group, if one is still up: registered to run at exit by
-    :func:`make_accelerator` in several processes. A process that exits with its gloo group
-    alive leaves its threads to the C++ runtime's teardown, which can abort the process
-    ("terminate called without an active exception", exit code -6) after its work is done;
-    seen on this project's CI in two 2-process tests that ended without destroying it."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 def higher_is_better(key: str) -> Callable[[Mapping[str, float], Mapping[str, float]], bool]:

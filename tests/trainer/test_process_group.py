@@ -1,5 +1,6 @@
 """The default process group is destroyed at exit (a gloo group left to the C++ runtime's
-teardown can abort a finished process)."""
+teardown can abort a finished process): registered by every process that makes an
+accelerator or calls ``distributed.processes()``."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import atexit
 import torch
 import torch.distributed as dist
 
+from medtune import distributed
+from medtune.distributed import release_process_group
 from medtune.trainer import TrainConfig, make_accelerator
-from medtune.trainer.setup import release_process_group
 
 
 def test_release_destroys_the_group_and_is_a_no_op_without_one(tmp_path):
@@ -30,4 +32,16 @@ def test_make_accelerator_registers_the_release_once_in_several_processes(monkey
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     make_accelerator(TrainConfig())
     make_accelerator(TrainConfig())
+    assert registered == [release_process_group]
+
+
+def test_processes_registers_the_release_where_a_group_is_up(monkeypatch):
+    registered: list = []
+    monkeypatch.setattr(atexit, "register", registered.append)
+    monkeypatch.setattr(atexit, "unregister", lambda f: registered.remove(f) if f in registered else None)
+    distributed.processes()
+    assert registered == []  # one process, no group
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    distributed.release_group_at_exit()
+    distributed.release_group_at_exit()
     assert registered == [release_process_group]
